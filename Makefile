@@ -1,0 +1,48 @@
+# pilus — see README.md. Every target works on a fresh Debian 12 machine as root.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PILUS   := $(VENV)/bin/pilus
+APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool iproute2 nftables iperf3 \
+            python3-venv python3-pip make gcc
+
+.PHONY: setup demo test test-unit test-bpf test-e2e bench lint clean
+
+setup: $(VENV)/.installed
+	@# apt part is idempotent and quick when everything is present
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "setup: installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf || true
+
+$(VENV)/.installed: pyproject.toml
+	@dpkg -s python3-venv >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv)
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	$(PY) -m pilus.demo
+
+test: setup
+	$(PY) -m pytest tests/unit tests/bpf tests/e2e
+
+test-unit: setup
+	$(PY) -m pytest tests/unit
+
+test-bpf: setup
+	$(PY) -m pytest tests/bpf
+
+test-e2e: setup
+	$(PY) -m pytest tests/e2e
+
+bench: setup
+	$(PY) -m bench.run
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+
+clean:
+	rm -rf build .pytest_cache

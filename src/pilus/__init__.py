@@ -1,0 +1,2 @@
+"""pilus: eBPF networking, observability and security."""
+__version__ = "0.1.0"
