@@ -1,0 +1,318 @@
+"""`pilus agent`: the composition root of one node.
+
+Components, in start order (stop runs in reverse):
+  lock        one agent per state dir (flock on <state-dir>/agent.lock)
+  kvstore     cluster state (identities); embedded SQLite shared by the cluster's agents
+  datapath    compile (cached) + load bpf_lxc.o, maps pinned under /sys/fs/bpf/pilus/<node>/
+  node        pilus_host router device, sysctls, masquerade; host/world ipcache entries
+  identities  label set -> numeric identity through the kvstore
+  ipam        host-scope allocator over the node's pod CIDR
+  endpoints   restore saved endpoints, then serve create/delete
+  events      ring buffer -> monitor subscribers
+  api         REST on <state-dir>/pilus.sock
+Constructors do no I/O; `start()` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from pilus import __version__
+from pilus.api.server import APIServer
+from pilus.datapath import Datapath, DatapathConfig
+from pilus.endpoint.manager import EndpointManager, NodeInfo
+from pilus.endpoint.model import EndpointStore
+from pilus.identity import reserved
+from pilus.identity.allocator import IdentityAllocator
+from pilus.ipam.hostscope import HostScopeIPAM
+from pilus.kvstore import open_store
+from pilus.metrics.collector import AgentCollector, Sample, datapath_samples
+from pilus.node import setup as node_setup
+from pilus.observer.monitor import EventHub
+
+log = logging.getLogger("pilus.agent")
+
+
+class AgentError(RuntimeError):
+    """A start-up problem the user can fix; printed as one line."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_name: str
+    state_dir: Path
+    pod_cidr: IPv4Network
+    cluster_name: str = "default"
+    kvstore: str = "embedded"
+    kvstore_path: Path | None = None
+    native_device: str | None = None
+    bpffs_root: Path = Path("/sys/fs/bpf/pilus")
+    mtu: int = 1500
+
+    @property
+    def socket_path(self) -> Path:
+        return self.state_dir / "pilus.sock"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pilus agent", description="Run the pilus node agent in this network namespace.")
+    p.add_argument("--node-name", required=True, help="this node's name (unique on the machine)")
+    p.add_argument("--state-dir", required=True, type=Path, help="directory for endpoints, compiled BPF and the API socket")
+    p.add_argument("--pod-cidr", required=True, type=_cidr, help="this node's pod CIDR, e.g. 10.200.1.0/24")
+    p.add_argument("--cluster-name", default="default", help="cluster name (identity label io.cilium.k8s.policy.cluster)")
+    p.add_argument("--kvstore", default="embedded", choices=["embedded"], help="kvstore backend")
+    p.add_argument("--kvstore-path", type=Path, help="embedded kvstore file (default <state-dir>/kvstore.db)")
+    p.add_argument("--native-device", help="underlay device whose address is the node IP (default: the default route's)")
+    p.add_argument("--bpffs-root", type=Path, default=Path("/sys/fs/bpf/pilus"), help="where maps are pinned")
+    p.add_argument("--mtu", type=int, default=1500, help="endpoint MTU")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    p.add_argument("--describe", action="store_true", help="print the components and settings, then exit")
+    return p
+
+
+def _cidr(text: str) -> IPv4Network:
+    try:
+        return IPv4Network(text, strict=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an IPv4 CIDR like 10.200.1.0/24 ({exc})") from None
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.started = time.monotonic()
+        self.router_ip = node_setup.router_ip_for(cfg.pod_cidr)
+        self.node_ip: IPv4Address = self.router_ip
+        self.store = open_store(cfg.kvstore, path=cfg.kvstore_path or cfg.state_dir / "kvstore.db")
+        self.datapath: Datapath | None = None
+        self.identities = IdentityAllocator(self.store, cfg.node_name)
+        self.ipam = HostScopeIPAM(cfg.pod_cidr, reserved=[self.router_ip])
+        self.endpoints: EndpointManager | None = None
+        self.events: EventHub | None = None
+        self.api = APIServer(self, cfg.socket_path)
+        self.registry = CollectorRegistry()
+        self.registry.register(AgentCollector(self.samples))
+        self._lock_fd: int | None = None
+        self._started: list[str] = []
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        node_ip, device = node_setup.detect_node_ip(cfg.native_device)
+        self.node_ip = node_ip or self.router_ip
+        self.datapath = Datapath(
+            DatapathConfig(
+                node_name=cfg.node_name, router_ip=self.router_ip, node_ip=self.node_ip, pod_cidr=cfg.pod_cidr
+            ),
+            cfg.state_dir,
+            bpffs_root=cfg.bpffs_root,
+        )
+        await asyncio.to_thread(self.datapath.load)
+        self._started.append("datapath")
+        node_setup.setup_node(
+            node_setup.NodeAddressing(cfg.pod_cidr, self.router_ip, self.node_ip, device)
+        )
+        self._program_node_ipcache()
+        await self.identities.start()
+        self._started.append("identities")
+        self.endpoints = EndpointManager(
+            NodeInfo(cfg.node_name, cfg.cluster_name, self.router_ip, cfg.pod_cidr, cfg.mtu),
+            self.datapath,
+            self.identities,
+            self.ipam,
+            EndpointStore(cfg.state_dir),
+        )
+        restored = await self.endpoints.restore()
+        self.events = EventHub(self.datapath.events())
+        await self.events.start()
+        self._started.append("events")
+        await self.api.start()
+        self._started.append("api")
+        log.info(
+            "agent %s ready: pod CIDR %s, router %s, node IP %s, %d endpoints restored",
+            cfg.node_name, cfg.pod_cidr, self.router_ip, self.node_ip, len(restored),
+        )
+
+    async def stop(self) -> None:
+        """Stop serving; the datapath (pinned maps, attached programs) keeps running."""
+        for name in reversed(self._started):
+            try:
+                if name == "api":
+                    await self.api.stop()
+                elif name == "events" and self.events:
+                    await self.events.stop()
+                elif name == "identities":
+                    await self.identities.stop()
+                elif name == "datapath" and self.datapath:
+                    self.datapath.close()
+            except Exception:
+                log.exception("stopping %s failed", name)
+        self._started.clear()
+        await self.store.close()
+
+    def _take_lock(self) -> None:
+        path = self.cfg.state_dir / "agent.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise AgentError(
+                f"another pilus agent (pid {holder}) is running on state dir {self.cfg.state_dir}: "
+                "stop it first or use another --state-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _program_node_ipcache(self) -> None:
+        assert self.datapath is not None
+        host = reserved.RESERVED_BY_NAME["host"]
+        self.datapath.ipcache.upsert(IPv4Network(f"{self.router_ip}/32"), host)
+        self.datapath.ipcache.upsert(IPv4Network(f"{self.node_ip}/32"), host)
+        self.datapath.ipcache.upsert(IPv4Network("0.0.0.0/0"), reserved.RESERVED_BY_NAME["world"])
+
+    # -- views for the API ---------------------------------------------------
+
+    async def identity_rows(self) -> list[dict]:
+        in_use: dict[int, int] = {}
+        for ep in self.endpoints.list() if self.endpoints else []:
+            in_use[ep.identity] = in_use.get(ep.identity, 0) + 1
+        rows = []
+        for ident in await self.identities.list():
+            rows.append({
+                "id": ident.id,
+                "labels": [str(label) for label in ident.labels],
+                "reserved": ident.id < reserved.MIN_GLOBAL_IDENTITY,
+                "endpoints": in_use.get(ident.id, 0),
+            })
+        return sorted(rows, key=lambda r: r["id"])
+
+    def samples(self) -> list[Sample]:
+        out = datapath_samples(self.datapath.metrics.items()) if self.datapath else []
+        states: dict[str, int] = {}
+        for ep in self.endpoints.list() if self.endpoints else []:
+            states[ep.state.value] = states.get(ep.state.value, 0) + 1
+        for state, count in sorted(states.items()):
+            out.append(Sample("pilus_endpoint_state", {"endpoint_state": state}, count, "gauge",
+                              "Endpoints on this node by state"))
+        if self.events:
+            out.append(Sample("pilus_events_received_total", {}, self.events.received, "counter",
+                              "Datapath events decoded by the agent"))
+            out.append(Sample("pilus_events_lost_total", {}, self.events.lost(), "counter",
+                              "Datapath events suppressed by the rate limit or a full ring"))
+        return out
+
+    async def status(self) -> dict:
+        dp = self.datapath
+        eps = self.endpoints.list() if self.endpoints else []
+        by_state: dict[str, int] = {}
+        for ep in eps:
+            by_state[ep.state.value] = by_state.get(ep.state.value, 0) + 1
+        try:
+            kv = await self.store.status()
+            kv["state"] = "Ok" if kv.get("ok", True) else "Failure"
+        except Exception as exc:
+            kv = {"state": "Failure", "error": str(exc)}
+        identities = [i for i in await self.identity_rows() if not i["reserved"]]
+        return {
+            "node": self.cfg.node_name,
+            "cluster": self.cfg.cluster_name,
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "router_ip": str(self.router_ip),
+            "node_ip": str(self.node_ip),
+            "pod_cidr": str(self.cfg.pod_cidr),
+            "agent": {"state": "Ok", "pid": os.getpid()},
+            "kvstore": kv,
+            "datapath": {
+                "state": "Ok" if dp else "Failure",
+                "programs": dp.programs() if dp else [],
+                "maps": dp.map_stats() if dp else [],
+            },
+            "ipam": self.ipam.stats(),
+            "endpoints": {"total": len(eps), "by_state": by_state},
+            "identities": {"allocated": len(identities)},
+            "events": {
+                "received": self.events.received if self.events else 0,
+                "lost": self.events.lost() if self.events else 0,
+            },
+        }
+
+
+def describe(cfg: AgentConfig) -> str:
+    lines = [f"pilus agent {__version__} for node {cfg.node_name}", "components (start order):"]
+    for line in (__doc__ or "").splitlines():
+        if line.startswith("  ") and line.strip():
+            lines.append(line)
+    lines.append("settings:")
+    for key, value in vars(cfg).items():
+        lines.append(f"  {key} = {value}")
+    return "\n".join(lines)
+
+
+async def _run(cfg: AgentConfig) -> int:
+    agent = Agent(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await agent.start()
+    except BaseException:
+        await agent.stop()
+        raise
+    await stop.wait()
+    log.info("stopping (the datapath keeps forwarding)")
+    await agent.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    cfg = AgentConfig(
+        node_name=args.node_name,
+        state_dir=args.state_dir,
+        pod_cidr=args.pod_cidr,
+        cluster_name=args.cluster_name,
+        kvstore=args.kvstore,
+        kvstore_path=args.kvstore_path,
+        native_device=args.native_device,
+        bpffs_root=args.bpffs_root,
+        mtu=args.mtu,
+    )
+    if args.describe:
+        print(describe(cfg))
+        return 0
+    try:
+        return asyncio.run(_run(cfg))
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:
+        from pilus.errors import user_message
+
+        message = user_message(exc)
+        if message is None:
+            raise
+        print(f"pilus agent: {message}", file=sys.stderr)
+        return 1

@@ -1,0 +1,256 @@
+"""Synchronous client of the agent's REST API (HTTP/1.1 over a UNIX socket).
+
+The CLI is a thin layer over this module: every method returns the decoded JSON
+of one documented endpoint (see ``openapi.yaml``); failures raise ``APIError``
+(the agent answered with 4xx/5xx) or ``AgentUnreachable`` (nobody answered).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote, urlencode
+
+API_PREFIX = "/v1"
+DEFAULT_TIMEOUT = 60.0
+
+
+class ClientError(Exception):
+    """Base class of the errors raised by :class:`Client`."""
+
+
+class APIError(ClientError):
+    """The agent answered with an error status; ``message`` is its one-line explanation."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class AgentUnreachable(ClientError):
+    """Nothing (or nothing we may talk to) is listening on the agent's socket."""
+
+    def __init__(self, socket_path: str, detail: str | None = None):
+        self.socket_path = socket_path
+        self.detail = detail
+        msg = (
+            detail
+            or f"cannot reach the pilus agent at {socket_path}: "
+            "is the cluster up? (pilus cluster up)"
+        )
+        super().__init__(msg)
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """An HTTPConnection whose transport is a UNIX stream socket."""
+
+    def __init__(self, socket_path: str, timeout: float | None = DEFAULT_TIMEOUT):
+        # the host only feeds the Host: header
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def _ref_path(ref: int | str) -> str:
+    """Path segment(s) of an endpoint reference: ``7`` or ``ns/name``."""
+    ref = str(ref)
+    if "/" in ref:
+        ns, name = ref.split("/", 1)
+        return f"{quote(ns, safe='')}/{quote(name, safe='')}"
+    return quote(ref, safe="")
+
+
+class Client:
+    """Client of one agent, addressed by the path of its UNIX socket."""
+
+    def __init__(self, socket_path: str, timeout: float | None = DEFAULT_TIMEOUT):
+        self.socket_path = str(socket_path)
+        self.timeout = timeout
+
+    # -- plumbing -------------------------------------------------------------
+
+    def _open(self, method: str, path: str, body: Any = None,
+              timeout: float | None = None) -> tuple[UnixHTTPConnection, http.client.HTTPResponse]:
+        conn = UnixHTTPConnection(self.socket_path, timeout=timeout)
+        headers = {"Accept": "application/json"}
+        payload = None
+        if body is not None:
+            payload = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            conn.request(method, API_PREFIX + path, body=payload, headers=headers)
+            resp = conn.getresponse()
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as e:
+            conn.close()
+            raise AgentUnreachable(self.socket_path) from e
+        except PermissionError as e:
+            conn.close()
+            raise AgentUnreachable(
+                self.socket_path,
+                f"permission denied on the pilus agent socket {self.socket_path}: run as root",
+            ) from e
+        except TimeoutError as e:
+            conn.close()
+            raise AgentUnreachable(
+                self.socket_path,
+                f"the pilus agent at {self.socket_path} did not answer {method} {path} "
+                f"within {timeout:g}s",
+            ) from e
+        except (http.client.HTTPException, ConnectionError, OSError) as e:
+            conn.close()
+            raise AgentUnreachable(
+                self.socket_path,
+                f"lost the connection to the pilus agent at {self.socket_path}: {e or type(e).__name__}",
+            ) from e
+        if resp.status >= 400:
+            try:
+                raw = resp.read()
+            except (http.client.HTTPException, OSError):
+                raw = b""
+            conn.close()
+            raise APIError(resp.status, _error_message(resp.status, resp.reason, raw))
+        return conn, resp
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        """Send one request to ``/v1<path>``; return the decoded JSON body (None if empty)."""
+        conn, resp = self._open(method, path, body, timeout=self.timeout)
+        try:
+            raw = resp.read()
+        except (http.client.HTTPException, OSError) as e:
+            raise AgentUnreachable(
+                self.socket_path,
+                f"lost the connection to the pilus agent at {self.socket_path}: {e}",
+            ) from e
+        finally:
+            conn.close()
+        if not raw.strip():
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise APIError(resp.status, f"the agent sent a response that is not JSON: {raw[:80]!r}") from e
+
+    # -- API --------------------------------------------------------------------
+
+    def healthz(self) -> dict:
+        return self.request("GET", "/healthz")
+
+    status = healthz
+
+    def list_endpoints(self) -> list[dict]:
+        return self.request("GET", "/endpoint") or []
+
+    def get_endpoint(self, ref: int | str) -> dict:
+        return self.request("GET", f"/endpoint/{_ref_path(ref)}")
+
+    def create_endpoint(self, name: str, labels: list[str],
+                        service_account: str | None = None) -> dict:
+        body: dict[str, Any] = {"name": name, "labels": list(labels)}
+        if service_account is not None:
+            body["service_account"] = service_account
+        return self.request("POST", "/endpoint", body)
+
+    def delete_endpoint(self, ref: int | str) -> dict:
+        return self.request("DELETE", f"/endpoint/{_ref_path(ref)}")
+
+    def list_identities(self) -> list[dict]:
+        return self.request("GET", "/identity") or []
+
+    def get_identity(self, ident: int | str) -> dict:
+        return self.request("GET", f"/identity/{quote(str(ident), safe='')}")
+
+    def bpf_ipcache(self) -> list[dict]:
+        return self.request("GET", "/bpf/ipcache") or []
+
+    def bpf_endpoints(self) -> list[dict]:
+        return self.request("GET", "/bpf/endpoint") or []
+
+    def bpf_ct(self) -> list[dict]:
+        return self.request("GET", "/bpf/ct") or []
+
+    def bpf_ct_flush(self) -> dict:
+        return self.request("DELETE", "/bpf/ct")
+
+    def bpf_metrics(self) -> list[dict]:
+        return self.request("GET", "/bpf/metrics") or []
+
+    def metrics(self) -> list[dict]:
+        return self.request("GET", "/metrics") or []
+
+    def openapi(self) -> str:
+        conn, resp = self._open("GET", "/openapi.yaml", timeout=self.timeout)
+        try:
+            return resp.read().decode()
+        finally:
+            conn.close()
+
+    def stream_monitor(self, type: str | None = None,  # noqa: A002 - mirrors the query
+                       endpoint: int | str | None = None) -> Iterator[dict]:
+        """Yield monitor events (dicts) as the agent streams them, until it closes.
+
+        Lines that are not JSON objects are skipped. Closing the generator closes
+        the connection.
+        """
+        query = {}
+        if type:
+            query["type"] = type
+        if endpoint is not None:
+            query["endpoint"] = str(endpoint)
+        path = "/monitor" + (f"?{urlencode(query)}" if query else "")
+        # connect with a timeout, then wait for events as long as it takes
+        conn, resp = self._open("GET", path, timeout=self.timeout)
+        if conn.sock is not None:
+            conn.sock.settimeout(None)
+        try:
+            while True:
+                try:
+                    line = resp.readline()
+                except (http.client.HTTPException, OSError) as e:
+                    raise AgentUnreachable(
+                        self.socket_path,
+                        f"lost the connection to the pilus agent at {self.socket_path}: {e}",
+                    ) from e
+                if not line:
+                    return
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict):
+                    yield event
+        finally:
+            conn.close()
+
+
+def _error_message(status: int, reason: str, raw: bytes) -> str:
+    text = raw.decode(errors="replace").strip()
+    if text:
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and body.get("error"):
+            return " ".join(str(body["error"]).split())
+        if body is None:
+            first = text.splitlines()[0]
+            return f"HTTP {status} {reason}: {first[:200]}"
+    return f"HTTP {status} {reason}".strip()

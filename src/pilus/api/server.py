@@ -1,0 +1,197 @@
+"""The agent's REST API (JSON) on a UNIX socket; described by openapi.yaml beside it.
+
+Handlers only translate HTTP to calls on the agent's components and errors to
+{"error": "..."} bodies with a status code; they hold no state of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from pilus.endpoint.manager import EndpointExists, EndpointNotFound
+from pilus.endpoint.model import EndpointNameError
+from pilus.identity.labels import LabelError
+from pilus.ipam.hostscope import IPAMExhausted
+
+if TYPE_CHECKING:
+    from pilus.agent import Agent
+
+log = logging.getLogger(__name__)
+
+# exception type -> HTTP status; the exception's text is the message users see
+_ERRORS: list[tuple[type[BaseException], int]] = [
+    (EndpointNotFound, 404),
+    (EndpointExists, 409),
+    (EndpointNameError, 400),
+    (LabelError, 400),
+    (IPAMExhausted, 503),
+]
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def _errors_as_json(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.content_type == "application/json":
+            raise
+        return _error(exc.status, exc.reason)
+    except Exception as exc:
+        for cls, status in _ERRORS:
+            if isinstance(exc, cls):
+                return _error(status, str(exc))
+        log.exception("API %s %s failed", request.method, request.path)
+        return _error(500, f"internal error: {exc}")
+
+
+class APIServer:
+    def __init__(self, agent: Agent, socket_path: Path) -> None:
+        self.agent = agent
+        self.socket_path = socket_path
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[_errors_as_json])
+        r = app.router
+        r.add_get("/v1/healthz", self.healthz)
+        r.add_get("/v1/openapi.yaml", self.openapi)
+        r.add_get("/v1/endpoint", self.endpoint_list)
+        r.add_post("/v1/endpoint", self.endpoint_create)
+        r.add_get("/v1/endpoint/{ref:.+}", self.endpoint_get)
+        r.add_delete("/v1/endpoint/{ref:.+}", self.endpoint_delete)
+        r.add_get("/v1/identity", self.identity_list)
+        r.add_get("/v1/identity/{id}", self.identity_get)
+        r.add_get("/v1/bpf/ipcache", self.bpf_ipcache)
+        r.add_get("/v1/bpf/endpoint", self.bpf_endpoint)
+        r.add_get("/v1/bpf/ct", self.bpf_ct)
+        r.add_delete("/v1/bpf/ct", self.bpf_ct_flush)
+        r.add_get("/v1/bpf/metrics", self.bpf_metrics)
+        r.add_get("/v1/metrics", self.metrics)
+        r.add_get("/v1/metrics/prometheus", self.metrics_prometheus)
+        r.add_get("/v1/monitor", self.monitor)
+        return app
+
+    async def start(self) -> None:
+        self.socket_path.unlink(missing_ok=True)
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        await web.UnixSite(self._runner, str(self.socket_path)).start()
+        os.chmod(self.socket_path, 0o660)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self.socket_path.unlink(missing_ok=True)
+
+    # -- handlers ----------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.agent.status())
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        text = resources.files("pilus.api").joinpath("openapi.yaml").read_text()
+        return web.Response(text=text, content_type="application/yaml")
+
+    async def endpoint_list(self, request: web.Request) -> web.Response:
+        return web.json_response([ep.to_json() for ep in self.agent.endpoints.list()])
+
+    async def endpoint_create(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError as exc:
+            return _error(400, f"request body is not JSON: {exc}")
+        name = body.get("name")
+        labels = body.get("labels", [])
+        if not isinstance(name, str) or not name:
+            return _error(400, "field 'name' is required: the endpoint name as ns/name")
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            return _error(400, "field 'labels' must be a list of strings like 'org=alliance'")
+        sa = body.get("service_account") or "default"
+        ep = await self.agent.endpoints.create(name, labels, service_account=sa)
+        return web.json_response(ep.to_json(), status=201)
+
+    async def endpoint_get(self, request: web.Request) -> web.Response:
+        return web.json_response(self.agent.endpoints.lookup(request.match_info["ref"]).to_json())
+
+    async def endpoint_delete(self, request: web.Request) -> web.Response:
+        ep = await self.agent.endpoints.delete(request.match_info["ref"])
+        return web.json_response({"deleted": ep.id})
+
+    async def identity_list(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.agent.identity_rows())
+
+    async def identity_get(self, request: web.Request) -> web.Response:
+        raw = request.match_info["id"]
+        if not raw.isdigit():
+            return _error(400, f"identity {raw!r} is not a number")
+        for row in await self.agent.identity_rows():
+            if row["id"] == int(raw):
+                return web.json_response(row)
+        return _error(404, f"identity {raw} not found")
+
+    async def bpf_ipcache(self, request: web.Request) -> web.Response:
+        rows = [
+            {"prefix": str(prefix), "identity": ident, "tunnel_endpoint": str(tep) if tep else None}
+            for prefix, ident, tep in self.agent.datapath.ipcache.items()
+        ]
+        return web.json_response(sorted(rows, key=lambda r: r["prefix"]))
+
+    async def bpf_endpoint(self, request: web.Request) -> web.Response:
+        rows = [
+            {"ip": str(i.ipv4), "ifindex": i.ifindex, "ep_id": i.ep_id, "identity": i.identity,
+             "mac": i.mac, "host_mac": i.host_mac, "flags": i.flags}
+            for i in self.agent.datapath.endpoints.items()
+        ]
+        return web.json_response(sorted(rows, key=lambda r: r["ep_id"]))
+
+    async def bpf_ct(self, request: web.Request) -> web.Response:
+        return web.json_response(self.agent.datapath.ct.items())
+
+    async def bpf_ct_flush(self, request: web.Request) -> web.Response:
+        return web.json_response({"flushed": self.agent.datapath.ct.flush()})
+
+    async def bpf_metrics(self, request: web.Request) -> web.Response:
+        return web.json_response(self.agent.datapath.metrics.items())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            [{"name": s.name, "labels": s.labels, "value": s.value} for s in self.agent.samples()]
+        )
+
+    async def metrics_prometheus(self, request: web.Request) -> web.Response:
+        from prometheus_client import generate_latest
+
+        return web.Response(body=generate_latest(self.agent.registry), content_type="text/plain")
+
+    async def monitor(self, request: web.Request) -> web.StreamResponse:
+        types_arg = request.query.get("type")
+        types = frozenset(types_arg.split(",")) if types_arg else None
+        if types and not types <= {"drop", "trace"}:
+            return _error(400, f"unknown event type {types_arg!r}: expected drop or trace")
+        endpoint = request.query.get("endpoint")
+        if endpoint is not None and not endpoint.isdigit():
+            return _error(400, f"endpoint {endpoint!r} is not an endpoint id")
+        sub = self.agent.events.subscribe(types, int(endpoint) if endpoint else None)
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        try:
+            while True:
+                event = await sub.queue.get()
+                await response.write(json.dumps(event).encode() + b"\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.agent.events.unsubscribe(sub)
+        return response

@@ -1,0 +1,271 @@
+"""Endpoint lifecycle: create, delete and restore pods on this node.
+
+Creating an endpoint walks the state table in `state.py`: allocate an IP and an
+identity, build the netns + veth + routes, then write the datapath maps and attach
+the programs. Any failure undoes every step already done, so a failed create
+leaves no namespace, link, map entry, IP or identity behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from pilus.datapath import Datapath, EndpointInfo, links
+from pilus.endpoint.model import Endpoint, EndpointStore, split_name
+from pilus.endpoint.state import State
+from pilus.identity.allocator import IdentityAllocator
+from pilus.identity.labels import endpoint_labels, parse_label
+from pilus.ipam.hostscope import HostScopeIPAM
+
+log = logging.getLogger(__name__)
+
+POD_IFNAME = "eth0"
+MAX_ENDPOINT_ID = 4095
+
+
+class EndpointExists(Exception):
+    pass
+
+
+class EndpointNotFound(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    cluster: str
+    router_ip: IPv4Address
+    pod_cidr: IPv4Network
+    mtu: int = 1500
+
+
+def lxc_name(node: str, namespace: str, pod: str) -> str:
+    """Host-side veth name: 'lxc' + 11 hex chars (15-char kernel limit)."""
+    return "lxc" + hashlib.sha1(f"{node}/{namespace}/{pod}".encode()).hexdigest()[:11]
+
+
+class _Undo:
+    """A stack of compensating actions, run in reverse when a create fails."""
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[str, Callable[[], object]]] = []
+
+    def push(self, what: str, fn: Callable[[], object]) -> None:
+        self._steps.append((what, fn))
+
+    async def run(self) -> None:
+        for what, fn in reversed(self._steps):
+            try:
+                result = fn()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception as exc:  # keep undoing the rest
+                log.warning("rollback step %s failed: %s", what, exc)
+
+
+class EndpointManager:
+    def __init__(
+        self,
+        node: NodeInfo,
+        datapath: Datapath,
+        identities: IdentityAllocator,
+        ipam: HostScopeIPAM,
+        store: EndpointStore,
+    ) -> None:
+        self.node = node
+        self.datapath = datapath
+        self.identities = identities
+        self.ipam = ipam
+        self.store = store
+        self.endpoints: dict[int, Endpoint] = {}
+        self._lock = asyncio.Lock()
+
+    # -- queries -------------------------------------------------------------
+
+    def list(self) -> list[Endpoint]:
+        return sorted(self.endpoints.values(), key=lambda ep: ep.id)
+
+    def lookup(self, ref: str) -> Endpoint:
+        if ref.isdigit():
+            ep = self.endpoints.get(int(ref))
+        else:
+            namespace, pod = split_name(ref)
+            ep = next(
+                (e for e in self.endpoints.values() if (e.namespace, e.pod_name) == (namespace, pod)),
+                None,
+            )
+        if ep is None:
+            raise EndpointNotFound(f"endpoint {ref!r} not found on node {self.node.name}")
+        return ep
+
+    # -- create ----------------------------------------------------------------
+
+    async def create(self, name: str, labels: list[str], service_account: str = "default") -> Endpoint:
+        namespace, pod = split_name(name)
+        user_labels = [str(parse_label(raw)) for raw in labels]  # LabelError on bad input
+        security = endpoint_labels(
+            namespace, user_labels, service_account=service_account, cluster=self.node.cluster
+        )
+        async with self._lock:
+            if any((e.namespace, e.pod_name) == (namespace, pod) for e in self.endpoints.values()):
+                raise EndpointExists(
+                    f"endpoint {namespace}/{pod} already exists on node {self.node.name}: "
+                    "delete it first or choose another name"
+                )
+            ep_id = self._next_id()
+            undo = _Undo()
+            try:
+                ip = self.ipam.allocate(owner=f"{namespace}/{pod}")
+                undo.push("release IP", lambda: self.ipam.release(ip))
+                ep = Endpoint(
+                    id=ep_id,
+                    namespace=namespace,
+                    pod_name=pod,
+                    user_labels=user_labels,
+                    service_account=service_account,
+                    ipv4=ip,
+                    netns=f"pilus-{self.node.name}-ep{ep_id}",
+                    interface_name=lxc_name(self.node.name, namespace, pod),
+                )
+                identity = await self.identities.allocate(security)
+                undo.push("release identity", lambda: self.identities.release(identity.id))
+                ep.identity = identity.id
+                ep.labels = [str(label) for label in identity.labels]
+                ep.set_state(State.REGENERATING)
+                undo.push("remove netns", lambda: links.delete_netns(ep.netns))
+                undo.push("remove veth", lambda: links.delete_link(ep.interface_name))
+                await asyncio.to_thread(self._plumb, ep)
+                undo.push("remove map entries", lambda: self._unprogram(ep))
+                await asyncio.to_thread(self._program, ep)
+                ep.set_state(State.READY)
+                self.store.save(ep)
+            except BaseException:
+                await undo.run()
+                raise
+            self.endpoints[ep.id] = ep
+            log.info("endpoint %d %s ready: %s identity %d", ep.id, ep.name, ep.ipv4, ep.identity)
+            return ep
+
+    def _next_id(self) -> int:
+        used = set(self.endpoints)
+        for candidate in range(1, MAX_ENDPOINT_ID + 1):
+            if candidate not in used:
+                return candidate
+        raise RuntimeError(f"node {self.node.name} has {MAX_ENDPOINT_ID} endpoints: delete some first")
+
+    def _plumb(self, ep: Endpoint) -> None:
+        """Network namespace, veth pair, addresses, routes and neighbours (blocking netlink)."""
+        router = str(self.node.router_ip)
+        links.create_netns(ep.netns)
+        for key in ("all", "default"):
+            links.set_sysctl(f"net.ipv6.conf.{key}.disable_ipv6", 1, netns=ep.netns)
+        veth = links.create_veth(ep.interface_name, POD_IFNAME, peer_netns=ep.netns, mtu=self.node.mtu)
+        ep.interface_index, ep.host_mac, ep.mac = veth.host_ifindex, veth.host_mac, veth.peer_mac
+        links.set_sysctl(f"net.ipv6.conf.{ep.interface_name}.disable_ipv6", 1)
+        links.set_sysctl(f"net.ipv4.conf.{ep.interface_name}.rp_filter", 0)
+        # pod side: /32, the router on-link, default via the router, router's MAC pinned
+        links.add_address(POD_IFNAME, f"{ep.ipv4}/32", netns=ep.netns)
+        links.add_route(f"{router}/32", dev=POD_IFNAME, scope="link", netns=ep.netns)
+        links.add_route("default", gateway=router, dev=POD_IFNAME, netns=ep.netns)
+        links.add_neigh(router, ep.host_mac, POD_IFNAME, netns=ep.netns)
+        # node side: a /32 route to the pod through its lxc device, its MAC pinned
+        links.add_route(f"{ep.ipv4}/32", dev=ep.interface_name, scope="link", src=router)
+        links.add_neigh(str(ep.ipv4), ep.mac, ep.interface_name)
+
+    def _endpoint_info(self, ep: Endpoint) -> EndpointInfo:
+        return EndpointInfo(
+            ipv4=ep.ipv4,
+            ifindex=ep.interface_index,
+            ep_id=ep.id,
+            identity=ep.identity,
+            mac=ep.mac,
+            host_mac=ep.host_mac,
+        )
+
+    def _program(self, ep: Endpoint) -> None:
+        """Datapath state for the endpoint: maps first, then the programs."""
+        self.datapath.endpoints.upsert(self._endpoint_info(ep))
+        self.datapath.ipcache.upsert(IPv4Network(f"{ep.ipv4}/32"), ep.identity)
+        self.datapath.attach_endpoint(ep.interface_index)
+
+    def _unprogram(self, ep: Endpoint) -> None:
+        self.datapath.detach_endpoint(ep.interface_index)
+        self.datapath.ipcache.delete(IPv4Network(f"{ep.ipv4}/32"))
+        self.datapath.endpoints.delete(ep.ipv4)
+
+    # -- delete ----------------------------------------------------------------
+
+    async def delete(self, ref: str) -> Endpoint:
+        async with self._lock:
+            ep = self.lookup(ref)
+            ep.set_state(State.DISCONNECTING)
+            await asyncio.to_thread(self._teardown, ep)
+            await self.identities.release(ep.identity)
+            self.ipam.release(ep.ipv4)
+            self.store.remove(ep.id)
+            ep.set_state(State.DISCONNECTED)
+            del self.endpoints[ep.id]
+            return ep
+
+    def _teardown(self, ep: Endpoint) -> None:
+        for step in (
+            lambda: self._unprogram(ep),
+            lambda: links.del_route(f"{ep.ipv4}/32"),
+            lambda: links.delete_link(ep.interface_name),
+            lambda: links.delete_netns(ep.netns),
+        ):
+            try:
+                step()
+            except Exception as exc:  # a half-gone endpoint is still deleted
+                log.warning("deleting endpoint %d: %s", ep.id, exc)
+
+    # -- restore ---------------------------------------------------------------
+
+    async def restore(self) -> list[Endpoint]:
+        """Take back the endpoints saved in the state dir after an agent restart.
+
+        The pinned maps and attached programs kept forwarding meanwhile; this
+        re-registers IPs and identities, re-attaches the freshly loaded programs
+        (atomic replace) and rewrites map entries, so nothing is torn down.
+        """
+        restored = []
+        for ep in self.store.load_all():
+            ep.state = State.RESTORING
+            if not links.netns_exists(ep.netns) or links.link_info(ep.interface_name) is None:
+                log.warning("endpoint %d %s lost its netns or veth; removing it", ep.id, ep.name)
+                self.store.remove(ep.id)
+                await asyncio.to_thread(self._teardown, ep)
+                continue
+            self.ipam.allocate_specific(ep.ipv4, owner=ep.name)
+            security = endpoint_labels(
+                ep.namespace, ep.user_labels, service_account=ep.service_account, cluster=self.node.cluster
+            )
+            identity = await self.identities.allocate(security)
+            ep.identity = identity.id
+            ep.labels = [str(label) for label in identity.labels]
+            ep.interface_index = links.link_info(ep.interface_name)["ifindex"]
+            await asyncio.to_thread(self._program, ep)
+            ep.set_state(State.READY)
+            self.store.save(ep)
+            self.endpoints[ep.id] = ep
+            restored.append(ep)
+        self._prune_maps()
+        return restored
+
+    def _prune_maps(self) -> None:
+        """Map entries of endpoints that no longer exist go (the 'prune' of reconcile)."""
+        live = {ep.ipv4 for ep in self.endpoints.values()}
+        for info in self.datapath.endpoints.items():
+            if info.ipv4 not in live:
+                self.datapath.endpoints.delete(info.ipv4)
+        pod_cidr = self.node.pod_cidr
+        for prefix, _identity, _tunnel in self.datapath.ipcache.items():
+            if prefix.prefixlen == 32 and prefix.network_address in pod_cidr:
+                if prefix.network_address not in live and prefix.network_address != self.node.router_ip:
+                    self.datapath.ipcache.delete(prefix)

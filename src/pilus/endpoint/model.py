@@ -1,0 +1,100 @@
+"""The endpoint model: what the agent knows about one pod, and how it is saved."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from pilus.endpoint.state import State, check_transition
+
+# Kubernetes DNS-1123 label: namespaces and pod names.
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class EndpointNameError(ValueError):
+    pass
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """'ns/name' or 'name' (namespace 'default') -> (namespace, pod name)."""
+    namespace, _, pod = name.rpartition("/")
+    namespace = namespace or "default"
+    for what, value in (("namespace", namespace), ("name", pod)):
+        if not _DNS_LABEL.match(value):
+            raise EndpointNameError(
+                f"endpoint {what} {value!r} is invalid: use 1-63 lowercase letters, digits "
+                "and '-', starting and ending with a letter or digit (e.g. default/xwing)"
+            )
+    return namespace, pod
+
+
+@dataclass
+class Endpoint:
+    id: int
+    namespace: str
+    pod_name: str
+    user_labels: list[str]
+    service_account: str
+    ipv4: IPv4Address
+    netns: str
+    interface_name: str
+    state: State = State.WAITING_FOR_IDENTITY
+    identity: int = 0
+    labels: list[str] = field(default_factory=list)  # security labels of the identity
+    interface_index: int = 0
+    mac: str = ""
+    host_mac: str = ""
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    @property
+    def name(self) -> str:
+        return f"{self.namespace}/{self.pod_name}"
+
+    def set_state(self, new: State) -> None:
+        if new is not self.state:
+            check_transition(self.state, new)
+            self.state = new
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["ipv4"] = str(self.ipv4)
+        out["state"] = self.state.value
+        out["name"] = self.name
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> Endpoint:
+        data = dict(data)
+        data.pop("name", None)
+        data["ipv4"] = IPv4Address(data["ipv4"])
+        data["state"] = State(data["state"])
+        return cls(**data)
+
+
+class EndpointStore:
+    """One JSON file per endpoint under <state-dir>/endpoints/, written atomically."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir / "endpoints"
+
+    def save(self, ep: Endpoint) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".{ep.id}.json.tmp"
+        tmp.write_text(json.dumps(ep.to_json(), indent=1))
+        os.replace(tmp, self.dir / f"{ep.id}.json")
+
+    def remove(self, ep_id: int) -> None:
+        (self.dir / f"{ep_id}.json").unlink(missing_ok=True)
+
+    def load_all(self) -> list[Endpoint]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(
+            (Endpoint.from_json(json.loads(p.read_text())) for p in self.dir.glob("*.json")),
+            key=lambda ep: ep.id,
+        )
