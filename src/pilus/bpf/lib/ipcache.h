@@ -1,0 +1,41 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+#ifndef __PILUS_IPCACHE_H
+#define __PILUS_IPCACHE_H
+
+#include "maps.h"
+
+static __always_inline struct remote_endpoint_info *ipcache_lookup4(__be32 addr)
+{
+	struct ipcache_key key = {
+		.prefixlen = IPCACHE_STATIC_PREFIX + 32,
+		.family = ENDPOINT_KEY_IPV4,
+	};
+
+	key.addr.ip4 = addr;
+	return bpf_map_lookup_elem(&pilus_ipcache, &key);
+}
+
+/* identity of an address; no match -> world */
+static __always_inline __u32 ipcache_identity4(__be32 addr)
+{
+	struct remote_endpoint_info *info = ipcache_lookup4(addr);
+
+	if (info && info->sec_identity)
+		return info->sec_identity;
+	return IDENTITY_WORLD;
+}
+
+static __always_inline struct endpoint_info *lookup_ip4_endpoint(__be32 addr)
+{
+	struct endpoint_key key = { .family = ENDPOINT_KEY_IPV4 };
+
+	key.addr.ip4 = addr;
+	return bpf_map_lookup_elem(&pilus_lxc, &key);
+}
+
+static __always_inline struct endpoint_info *lookup_ifindex_endpoint(__u32 ifindex)
+{
+	return bpf_map_lookup_elem(&pilus_lxc_if, &ifindex);
+}
+
+#endif

@@ -1,0 +1,183 @@
+"""Network probes run inside a namespace: `ip netns exec NS python -m pilus.testing.probe CMD ...`.
+
+Every client command prints one JSON line ({"ok": bool, ...}) and exits 0, so a
+caller can tell "connected" from "timed out" from "refused" by reading it. Servers
+print "ready" once listening and serve until killed. Used by the e2e tests, the
+demo and the benchmarks; all traffic stays between namespaces on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import sys
+import time
+
+
+def _out(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def _ready() -> None:
+    print("ready", flush=True)
+
+
+def tcp_server(port: str) -> None:
+    """Echo server; a connection's first bytes 'whoami' get the peer address back."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", int(port)))
+    srv.listen(64)
+    _ready()
+    while True:
+        conn, peer = srv.accept()
+        if os.fork() == 0:
+            srv.close()
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(f"{peer[0]}:{peer[1]}".encode() if data == b"whoami" else data)
+            os._exit(0)
+        conn.close()
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
+
+
+def udp_server(port: str) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", int(port)))
+    _ready()
+    while True:
+        data, peer = sock.recvfrom(65536)
+        print(json.dumps({"from": f"{peer[0]}:{peer[1]}", "data": data.decode(errors="replace")}), flush=True)
+        sock.sendto(data, peer)
+
+
+def tcp_connect(ip: str, port: str, message: str = "whoami", timeout: str = "2") -> None:
+    start = time.monotonic()
+    try:
+        with socket.create_connection((ip, int(port)), timeout=float(timeout)) as conn:
+            conn.sendall(message.encode())
+            reply = conn.recv(65536).decode(errors="replace")
+        _out(ok=True, reply=reply, rtt_ms=round((time.monotonic() - start) * 1000, 3))
+    except TimeoutError:
+        _out(ok=False, error="timeout")
+    except ConnectionRefusedError:
+        _out(ok=False, error="refused")
+    except OSError as exc:
+        _out(ok=False, error=exc.strerror or str(exc))
+
+
+def udp_send(ip: str, port: str, message: str = "ping", timeout: str = "2") -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(float(timeout))
+    try:
+        sock.sendto(message.encode(), (ip, int(port)))
+        data, peer = sock.recvfrom(65536)
+        _out(ok=True, reply=data.decode(errors="replace"), peer=f"{peer[0]}:{peer[1]}")
+    except TimeoutError:
+        _out(ok=False, error="timeout")
+    except OSError as exc:
+        _out(ok=False, error=exc.strerror or str(exc))
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def ping(ip: str, timeout: str = "2") -> None:
+    """One ICMP echo request/reply over a raw socket (needs CAP_NET_RAW)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    sock.settimeout(float(timeout))
+    ident, seq = os.getpid() & 0xFFFF, 1
+    header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+    payload = b"pilus-probe"
+    packet = struct.pack("!BBHHH", 8, 0, _checksum(header + payload), ident, seq) + payload
+    start = time.monotonic()
+    sock.sendto(packet, (ip, 0))
+    deadline = start + float(timeout)
+    try:
+        while time.monotonic() < deadline:
+            data, peer = sock.recvfrom(65536)
+            ihl = (data[0] & 0x0F) * 4
+            icmp_type, _code, _sum, rid, rseq = struct.unpack("!BBHHH", data[ihl:ihl + 8])
+            if icmp_type == 0 and rid == ident and rseq == seq and peer[0] == ip:
+                _out(ok=True, rtt_ms=round((time.monotonic() - start) * 1000, 3))
+                return
+        _out(ok=False, error="timeout")
+    except TimeoutError:
+        _out(ok=False, error="timeout")
+
+
+def spoof_udp(src: str, dst: str, port: str, message: str = "spoofed") -> None:
+    """Send one UDP datagram with a forged source address (IP_HDRINCL)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    data = message.encode()
+    udp = struct.pack("!HHHH", 40000, int(port), 8 + len(data), 0) + data
+    total = 20 + len(udp)
+    ip_header = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, total, 0x1234, 0, 64, socket.IPPROTO_UDP, 0,
+        socket.inet_aton(src), socket.inet_aton(dst),
+    )
+    ip_header = ip_header[:10] + struct.pack("!H", _checksum(ip_header)) + ip_header[12:]
+    sock.sendto(ip_header + udp, (dst, 0))
+    _out(ok=True, sent=len(ip_header) + len(udp))
+
+
+def tcp_stream(ip: str, port: str, seconds: str) -> None:
+    """Round trips on one TCP connection for N seconds; reports the longest gap."""
+    conn = socket.create_connection((ip, int(port)), timeout=10)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    end = time.monotonic() + float(seconds)
+    last = time.monotonic()
+    max_gap = 0.0
+    count = 0
+    try:
+        while time.monotonic() < end:
+            conn.sendall(b"x" * 64)
+            got = 0
+            while got < 64:
+                chunk = conn.recv(64 - got)
+                if not chunk:
+                    raise ConnectionError("connection closed by peer")
+                got += len(chunk)
+            now = time.monotonic()
+            max_gap = max(max_gap, now - last)
+            last = now
+            count += 1
+            time.sleep(0.005)
+        _out(ok=True, round_trips=count, max_gap_ms=round(max_gap * 1000, 1))
+    except OSError as exc:
+        _out(ok=False, error=str(exc), round_trips=count, max_gap_ms=round(max_gap * 1000, 1))
+
+
+COMMANDS = {
+    "tcp-server": tcp_server,
+    "udp-server": udp_server,
+    "tcp-connect": tcp_connect,
+    "udp-send": udp_send,
+    "ping": ping,
+    "spoof-udp": spoof_udp,
+    "tcp-stream": tcp_stream,
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: probe {{{'|'.join(COMMANDS)}}} ARGS...", file=sys.stderr)
+        return 2
+    COMMANDS[argv[0]](*argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,124 @@
+"""e2e fixtures: a real pilus cluster (node netns + agent under its supervisor), an
+"external" namespace on the underlay, and probes run inside namespaces. Everything
+is torn down at the end, also when a test fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from ipaddress import IPv4Network
+from pathlib import Path
+
+import pytest
+
+from pilus.api.client import Client
+
+CLUSTER = f"e2e{os.getpid() % 10000}"
+POD_CIDR = IPv4Network("10.201.0.0/16")
+UNDERLAY = IPv4Network("172.31.250.0/24")
+EXTERNAL_IP = "172.31.250.200"
+
+
+def probe(netns: str, *args: str, timeout: float = 15) -> dict:
+    """Run one probe in `netns` and return its JSON verdict."""
+    done = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, "-m", "pilus.testing.probe", *args],
+        capture_output=True, text=True, timeout=timeout,
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"probe {args} in {netns} failed: {done.stderr.strip()}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class Servers:
+    """Background probe servers; all killed at teardown."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, netns: str, kind: str, port: int) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", netns, sys.executable, "-m", "pilus.testing.probe", kind, str(port)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )
+        line = proc.stdout.readline().strip()
+        if line != "ready":
+            proc.kill()
+            raise AssertionError(f"{kind} in {netns} did not start: {line} {proc.stderr.read()}")
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, 9)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        self.procs.clear()
+
+
+@pytest.fixture
+def servers():
+    s = Servers()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    from pilus.cluster.manager import ClusterSpec, cluster_down, cluster_up
+
+    cluster_down(CLUSTER)  # leftovers of an interrupted earlier run
+    try:
+        info = cluster_up(ClusterSpec(name=CLUSTER, nodes=1, pod_cidr=POD_CIDR, underlay_cidr=UNDERLAY))
+        yield info
+    finally:
+        cluster_down(CLUSTER)
+
+
+@pytest.fixture(scope="session")
+def node(cluster) -> dict:
+    return cluster["nodes"][0]
+
+
+@pytest.fixture(scope="session")
+def api(node) -> Client:
+    return Client(node["socket"])
+
+
+@pytest.fixture(scope="session")
+def external(cluster):
+    """A namespace outside the cluster, on the underlay bridge, with no route to pods."""
+    from pilus.datapath import links
+
+    name = f"pilus-{CLUSTER}-ext"
+    host_if = f"plx{CLUSTER}"[:15]
+    links.delete_netns(name)
+    links.delete_link(host_if)
+    try:
+        links.create_netns(name)
+        links.create_veth(host_if, "eth0", peer_netns=name)
+        links.set_master(host_if, cluster["bridge"])
+        links.add_address("eth0", f"{EXTERNAL_IP}/{UNDERLAY.prefixlen}", netns=name)
+        yield name
+    finally:
+        links.delete_link(host_if)
+        links.delete_netns(name)
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def state_dir(node: dict) -> Path:
+    return Path(node["state_dir"])

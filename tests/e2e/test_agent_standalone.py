@@ -1,0 +1,97 @@
+"""An agent started by hand in a fresh namespace: bad input at start-up and at the API."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pilus.api.client import APIError, Client
+
+from .conftest import wait_for
+
+NODE = f"e2esa{os.getpid() % 10000}"
+NETNS = f"pilus-{NODE}"
+
+
+@pytest.fixture
+def agent(tmp_path):
+    from pilus.datapath import links, remove_pins
+
+    links.delete_netns(NETNS)
+    links.create_netns(NETNS)
+    state = tmp_path / "state"
+    cmd = ["ip", "netns", "exec", NETNS, sys.executable, "-m", "pilus", "agent",
+           "--node-name", NODE, "--state-dir", str(state), "--pod-cidr", "10.202.0.0/29"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = Client(str(state / "pilus.sock"))
+    created: list[int] = []
+    try:
+        assert wait_for(lambda: _healthy(client), timeout=60), "agent did not start"
+        yield cmd, client, created
+    finally:
+        for ep_id in created:
+            try:
+                client.delete_endpoint(ep_id)
+            except Exception:
+                pass
+        proc.terminate()
+        proc.wait(10)
+        for ns in links.list_netns(f"pilus-{NODE}-ep"):
+            links.delete_netns(ns)
+        links.delete_netns(NETNS)
+        remove_pins(NODE)
+
+
+def _healthy(client: Client) -> bool:
+    try:
+        return client.healthz()["agent"]["state"] == "Ok"
+    except Exception:
+        return False
+
+
+def test_second_agent_on_same_state_dir_is_refused(agent):
+    cmd, _client, _ = agent
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    line = done.stderr.strip().splitlines()[-1]
+    assert "another pilus agent" in line and "--state-dir" in line
+
+
+def test_exhausted_pod_cidr_is_a_clear_error_and_leaves_nothing(agent):
+    from pilus.datapath import links
+
+    _cmd, client, created = agent
+    # a /29 has 8 addresses: network, broadcast and the router leave 5 for pods
+    for i in range(5):
+        created.append(client.create_endpoint(f"default/pod{i}", [f"n={i}"])["id"])
+    netns_before = set(links.list_netns(f"pilus-{NODE}-ep"))
+    with pytest.raises(APIError) as err:
+        client.create_endpoint("default/pod5", ["n=5"])
+    assert err.value.status == 503
+    assert "exhausted" in str(err.value) and "10.202.0.0/29" in str(err.value)
+    assert set(links.list_netns(f"pilus-{NODE}-ep")) == netns_before
+    assert len(client.list_endpoints()) == 5
+
+
+def test_bad_pod_cidr_argument(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "pilus", "agent", "--node-name", "x", "--state-dir", str(tmp_path),
+         "--pod-cidr", "10.0.0.1/24"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    assert "expected an IPv4 CIDR" in done.stderr
+
+
+def test_missing_state_is_not_needed_for_describe(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "pilus", "agent", "--node-name", "x", "--state-dir", str(tmp_path / "s"),
+         "--pod-cidr", "10.0.0.0/24", "--describe"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0
+    assert "datapath" in done.stdout and not Path(tmp_path / "s").exists()

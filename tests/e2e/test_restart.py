@@ -1,0 +1,67 @@
+"""The datapath does not depend on the agent: kill -9 it during a TCP exchange; the
+supervisor restarts it, the exchange never stalls, and the endpoints are the same."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import wait_for
+
+PORT = 9090
+
+
+@pytest.fixture
+def pair(api):
+    a = api.create_endpoint("default/echo", ["app=echo"])
+    b = api.create_endpoint("default/talker", ["app=talker"])
+    yield a, b
+    for ep in (a, b):
+        try:
+            api.delete_endpoint(ep["id"])
+        except Exception:
+            pass
+
+
+def _agent_pid(api) -> int | None:
+    try:
+        return api.healthz()["agent"]["pid"]
+    except Exception:
+        return None
+
+
+def test_kill_agent_during_tcp_exchange(api, pair, servers):
+    echo, talker = pair
+    servers.start(echo["netns"], "tcp-server", PORT)
+    before = api.list_endpoints()
+    old_pid = _agent_pid(api)
+    assert old_pid
+    stream = subprocess.Popen(
+        ["ip", "netns", "exec", talker["netns"], sys.executable, "-m", "pilus.testing.probe",
+         "tcp-stream", echo["ipv4"], str(PORT), "8"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(1.5)
+        os.kill(old_pid, signal.SIGKILL)
+        new_pid = wait_for(lambda: (p := _agent_pid(api)) and p != old_pid and p, timeout=20)
+        assert new_pid, "the supervisor did not restart the agent"
+        out, _ = stream.communicate(timeout=30)
+    finally:
+        if stream.poll() is None:
+            stream.kill()
+    import json
+
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["ok"], result
+    assert result["round_trips"] > 100
+    # a stall would show as a gap of a TCP retransmission timeout (>= 200 ms) or more
+    assert result["max_gap_ms"] < 200, result
+    after = api.list_endpoints()
+    key = lambda eps: sorted((e["id"], e["name"], e["ipv4"], e["identity"], e["state"]) for e in eps)  # noqa: E731
+    assert key(after) == key(before)
