@@ -7,17 +7,17 @@ APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool iproute2 nftables iperf3 \
 
 .PHONY: setup demo test test-unit test-bpf test-e2e bench lint clean
 
-setup: $(VENV)/.installed
-	@# apt part is idempotent and quick when everything is present
+setup:
+	@# idempotent and quick when everything is present
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "setup: installing$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+	@$(MAKE) --no-print-directory $(VENV)/.installed
 	@mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf || true
 
 $(VENV)/.installed: pyproject.toml
-	@dpkg -s python3-venv >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv)
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
