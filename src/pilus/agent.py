@@ -113,7 +113,8 @@ class Agent:
         cfg = self.cfg
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock()
-        node_ip, device = node_setup.detect_node_ip(cfg.native_device)
+        # pyroute2's synchronous API runs its own event loop: netlink work goes to a thread
+        node_ip, device = await asyncio.to_thread(node_setup.detect_node_ip, cfg.native_device)
         self.node_ip = node_ip or self.router_ip
         self.datapath = Datapath(
             DatapathConfig(
@@ -124,8 +125,9 @@ class Agent:
         )
         await asyncio.to_thread(self.datapath.load)
         self._started.append("datapath")
-        node_setup.setup_node(
-            node_setup.NodeAddressing(cfg.pod_cidr, self.router_ip, self.node_ip, device)
+        await asyncio.to_thread(
+            node_setup.setup_node,
+            node_setup.NodeAddressing(cfg.pod_cidr, self.router_ip, self.node_ip, device),
         )
         self._program_node_ipcache()
         await self.identities.start()
@@ -183,10 +185,10 @@ class Agent:
 
     def _program_node_ipcache(self) -> None:
         assert self.datapath is not None
-        host = reserved.RESERVED_BY_NAME["host"]
+        host = reserved.HOST
         self.datapath.ipcache.upsert(IPv4Network(f"{self.router_ip}/32"), host)
         self.datapath.ipcache.upsert(IPv4Network(f"{self.node_ip}/32"), host)
-        self.datapath.ipcache.upsert(IPv4Network("0.0.0.0/0"), reserved.RESERVED_BY_NAME["world"])
+        self.datapath.ipcache.upsert(IPv4Network("0.0.0.0/0"), reserved.WORLD)
 
     # -- views for the API ---------------------------------------------------
 

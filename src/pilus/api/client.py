@@ -85,8 +85,9 @@ class Client:
 
     # -- plumbing -------------------------------------------------------------
 
-    def _open(self, method: str, path: str, body: Any = None,
-              timeout: float | None = None) -> tuple[UnixHTTPConnection, http.client.HTTPResponse]:
+    def _open(
+        self, method: str, path: str, body: Any = None, timeout: float | None = None
+    ) -> tuple[UnixHTTPConnection, http.client.HTTPResponse]:
         conn = UnixHTTPConnection(self.socket_path, timeout=timeout)
         headers = {"Accept": "application/json"}
         payload = None
@@ -116,7 +117,8 @@ class Client:
             conn.close()
             raise AgentUnreachable(
                 self.socket_path,
-                f"lost the connection to the pilus agent at {self.socket_path}: {e or type(e).__name__}",
+                f"lost the connection to the pilus agent at {self.socket_path}: "
+                f"{e or type(e).__name__}",
             ) from e
         if resp.status >= 400:
             try:
@@ -144,7 +146,9 @@ class Client:
         try:
             return json.loads(raw)
         except ValueError as e:
-            raise APIError(resp.status, f"the agent sent a response that is not JSON: {raw[:80]!r}") from e
+            raise APIError(
+                resp.status, f"the agent sent a response that is not JSON: {raw[:80]!r}"
+            ) from e
 
     # -- API --------------------------------------------------------------------
 
@@ -202,10 +206,12 @@ class Client:
 
     def stream_monitor(self, type: str | None = None,  # noqa: A002 - mirrors the query
                        endpoint: int | str | None = None) -> Iterator[dict]:
-        """Yield monitor events (dicts) as the agent streams them, until it closes.
+        """Open the event stream and return an iterator of events (dicts).
 
-        Lines that are not JSON objects are skipped. Closing the generator closes
-        the connection.
+        The request is made before this returns (so ``APIError``/``AgentUnreachable``
+        are raised here); the iterator then yields events as the agent sends them
+        until it closes the stream. Lines that are not JSON objects are skipped.
+        Closing the iterator closes the connection.
         """
         query = {}
         if type:
@@ -217,6 +223,10 @@ class Client:
         conn, resp = self._open("GET", path, timeout=self.timeout)
         if conn.sock is not None:
             conn.sock.settimeout(None)
+        return self._events(conn, resp)
+
+    def _events(self, conn: UnixHTTPConnection,
+                resp: http.client.HTTPResponse) -> Iterator[dict]:
         try:
             while True:
                 try:

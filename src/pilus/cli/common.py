@@ -85,7 +85,7 @@ def pick_node(info: dict, cluster: str, wanted: str | None) -> dict:
         return nodes[0]
     for n in nodes:
         # accept the full name (default-node2) and the short one (node2)
-        if wanted in (n.get("name"), f"{cluster}-{wanted}"):
+        if n.get("name") in (wanted, f"{cluster}-{wanted}"):
             return n
     names = ", ".join(str(n.get("name")) for n in nodes)
     raise CLIError(f"cluster '{cluster}' has no node named '{wanted}' (nodes: {names})")
@@ -123,7 +123,8 @@ def client(args: argparse.Namespace):
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_LABEL_KEY = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*:)?[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$")
+_LABEL_KEY = re.compile(
+    r"^([A-Za-z0-9][-A-Za-z0-9_.]*:)?[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 
 

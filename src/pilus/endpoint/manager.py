@@ -19,13 +19,27 @@ from pilus.datapath import Datapath, EndpointInfo, links
 from pilus.endpoint.model import Endpoint, EndpointStore, split_name
 from pilus.endpoint.state import State
 from pilus.identity.allocator import IdentityAllocator
-from pilus.identity.labels import endpoint_labels, parse_label
+from pilus.identity.labels import K8S, Label, LabelError, endpoint_labels, parse_label
 from pilus.ipam.hostscope import HostScopeIPAM
 
 log = logging.getLogger(__name__)
 
 POD_IFNAME = "eth0"
 MAX_ENDPOINT_ID = 4095
+
+
+def pod_labels(raw: list[str]) -> list[Label]:
+    """User-given pod labels: `key=value` or `k8s:key=value`; other sources are the agent's."""
+    out = []
+    for text in raw:
+        label = parse_label(text)
+        if label.source != K8S:
+            raise LabelError(
+                f"label {text!r}: endpoint labels are pod labels (source k8s), "
+                f"source {label.source!r} is set by pilus itself"
+            )
+        out.append(label)
+    return out
 
 
 class EndpointExists(Exception):
@@ -108,10 +122,8 @@ class EndpointManager:
 
     async def create(self, name: str, labels: list[str], service_account: str = "default") -> Endpoint:
         namespace, pod = split_name(name)
-        user_labels = [str(parse_label(raw)) for raw in labels]  # LabelError on bad input
-        security = endpoint_labels(
-            namespace, user_labels, service_account=service_account, cluster=self.node.cluster
-        )
+        user_labels = [str(label) for label in pod_labels(labels)]  # LabelError on bad input
+        security = self._security_labels(namespace, user_labels, service_account)
         async with self._lock:
             if any((e.namespace, e.pod_name) == (namespace, pod) for e in self.endpoints.values()):
                 raise EndpointExists(
@@ -151,6 +163,10 @@ class EndpointManager:
             self.endpoints[ep.id] = ep
             log.info("endpoint %d %s ready: %s identity %d", ep.id, ep.name, ep.ipv4, ep.identity)
             return ep
+
+    def _security_labels(self, namespace: str, user_labels: list[str], service_account: str):
+        pod = {label.key: label.value for label in pod_labels(user_labels)}
+        return endpoint_labels(namespace, pod, service_account=service_account, cluster=self.node.cluster)
 
     def _next_id(self) -> int:
         used = set(self.endpoints)
@@ -237,19 +253,18 @@ class EndpointManager:
         restored = []
         for ep in self.store.load_all():
             ep.state = State.RESTORING
-            if not links.netns_exists(ep.netns) or links.link_info(ep.interface_name) is None:
+            link = await asyncio.to_thread(links.link_info, ep.interface_name)
+            if link is None or not links.netns_exists(ep.netns):
                 log.warning("endpoint %d %s lost its netns or veth; removing it", ep.id, ep.name)
                 self.store.remove(ep.id)
                 await asyncio.to_thread(self._teardown, ep)
                 continue
             self.ipam.allocate_specific(ep.ipv4, owner=ep.name)
-            security = endpoint_labels(
-                ep.namespace, ep.user_labels, service_account=ep.service_account, cluster=self.node.cluster
-            )
+            security = self._security_labels(ep.namespace, ep.user_labels, ep.service_account)
             identity = await self.identities.allocate(security)
             ep.identity = identity.id
             ep.labels = [str(label) for label in identity.labels]
-            ep.interface_index = links.link_info(ep.interface_name)["ifindex"]
+            ep.interface_index = link["ifindex"]
             await asyncio.to_thread(self._program, ep)
             ep.set_state(State.READY)
             self.store.save(ep)

@@ -145,6 +145,4 @@ def open_store(backend: str = "embedded", *, path: Path | str | None = None, **o
         if path is None:
             raise KVStoreError("kvstore backend 'embedded' needs a path to its database file")
         return EmbeddedStore(Path(path), **opts)
-    raise KVStoreError(
-        f"unknown kvstore backend {backend!r} (choices: {', '.join(BACKENDS)})"
-    )
+    raise KVStoreError(f"unknown kvstore backend {backend!r} (choices: {', '.join(BACKENDS)})")

@@ -190,9 +190,7 @@ class EmbeddedStore:
 
     def _sweep_locked(self, c: sqlite3.Connection, rev: int, now: float) -> int:
         """Delete expired leases and their keys (inside a write transaction)."""
-        expired = [
-            r[0] for r in c.execute("SELECT id FROM leases WHERE expires_at <= ?", (now,))
-        ]
+        expired = [r[0] for r in c.execute("SELECT id FROM leases WHERE expires_at <= ?", (now,))]
         if not expired:
             return rev
         return self._drop_leases_locked(c, rev, expired)
@@ -409,12 +407,10 @@ class EmbeddedStore:
         c = self._conn
         c.execute("BEGIN")
         try:
-            rev, compacted = (
-                c.execute(
-                    "SELECT (SELECT value FROM meta WHERE name = 'revision'), "
-                    "(SELECT value FROM meta WHERE name = 'compacted')"
-                ).fetchone()
-            )
+            rev, compacted = c.execute(
+                "SELECT (SELECT value FROM meta WHERE name = 'revision'), "
+                "(SELECT value FROM meta WHERE name = 'compacted')"
+            ).fetchone()
             if after >= rev:
                 return after, []
             if after < compacted:
@@ -461,9 +457,7 @@ class EmbeddedStore:
     async def keepalive(self, lease_id: int) -> None:
         def op(c: sqlite3.Connection, rev: int, now: float) -> tuple[Any, int]:
             # the sweep at the start of the transaction removed it if it had expired
-            cur = c.execute(
-                "UPDATE leases SET expires_at = ? + ttl WHERE id = ?", (now, lease_id)
-            )
+            cur = c.execute("UPDATE leases SET expires_at = ? + ttl WHERE id = ?", (now, lease_id))
             if cur.rowcount == 0:
                 return LeaseNotFound(f"lease {lease_id} not found (expired or revoked)"), rev
             return None, rev

@@ -3,7 +3,9 @@
  * IPv4 connection tracking. One entry per connection, keyed by the tuple of
  * the original direction (the packet that created it). A packet matching the
  * key is CT_ESTABLISHED (tx side), one matching the reversed key is CT_REPLY
- * (rx side), anything else creates an entry (CT_NEW). Entries are refreshed
+ * (rx side), anything else creates an entry (CT_NEW). Monitor aggregation
+ * ("medium"): a trace is reported for the first packet of a connection, the
+ * first reply, and whenever a TCP SYN/FIN/RST is first seen in a direction. Entries are refreshed
  * by the datapath and expire by lifetime; deletion is left to LRU eviction and
  * the agent (flush/GC). The result is used for monitor aggregation now and is
  * where per-endpoint policy plugs in (policy only for CT_NEW).
@@ -75,7 +77,8 @@ static __always_inline int ct_process4(struct __sk_buff *skb, const struct pkt4 
 	__u8 proto = p->ip.protocol;
 	__u8 tcp_flags = proto == IPPROTO_TCP ? p->tcp_flags : 0;
 	bool is_reply = false;
-	__u8 seen, fresh;
+	__u8 seen;
+	__u16 fresh;
 
 	res->report = false;
 	ct_tuple4(p, &tuple, false);
@@ -120,10 +123,15 @@ static __always_inline int ct_process4(struct __sk_buff *skb, const struct pkt4 
 	}
 
 	if (is_reply) {
+		/* the first reply is reported too (Cilium: last_rx_report == 0) */
+		bool first = e->rx_packets == 0;
+
 		__sync_fetch_and_add(&e->rx_packets, 1);
 		__sync_fetch_and_add(&e->rx_bytes, skb->len);
 		seen = e->rx_flags_seen;
 		fresh = tcp_flags & CT_REPORT_FLAGS & ~seen;
+		if (first)
+			fresh |= 0x100;
 		if (tcp_flags & ~seen)
 			e->rx_flags_seen = seen | tcp_flags;
 		if (fresh)

@@ -7,10 +7,14 @@
 #include <stddef.h>
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
-#include <linux/if_arp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "common.h"
+
+/* from linux/if_arp.h (which drags in libc headers) */
+#define ARPHRD_ETHER  1
+#define ARPOP_REQUEST 1
+#define ARPOP_REPLY   2
 
 struct arp_eth {
 	__be16 ar_hrd;

@@ -8,12 +8,21 @@
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
-#include <linux/tcp.h>
-#include <linux/udp.h>
-#include <linux/icmp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "common.h"
+
+/* (linux/icmp.h drags in libc headers) */
+#define ICMP_ECHOREPLY 0
+#define ICMP_ECHO      8
+
+struct icmp_echo_hdr {
+	__u8   type;
+	__u8   code;
+	__sum16 checksum;
+	__be16 id;
+	__be16 sequence;
+};
 
 /* what the programs need to know about an IPv4 packet */
 struct pkt4 {
@@ -69,7 +78,7 @@ static __always_inline int pkt4_parse(struct __sk_buff *skb, struct pkt4 *p)
 		break;
 	}
 	case IPPROTO_ICMP: {
-		struct icmphdr ic;
+		struct icmp_echo_hdr ic;
 
 		if (bpf_skb_load_bytes(skb, p->l4_off, &ic, sizeof(ic)) < 0)
 			return DROP_CT_INVALID_HDR;
@@ -77,9 +86,9 @@ static __always_inline int pkt4_parse(struct __sk_buff *skb, struct pkt4 *p)
 		/* echo id in sport for requests, in dport for replies, so the
 		 * reverse of a reply's tuple is the request's tuple */
 		if (ic.type == ICMP_ECHO)
-			p->sport = ic.un.echo.id;
+			p->sport = ic.id;
 		else if (ic.type == ICMP_ECHOREPLY)
-			p->dport = ic.un.echo.id;
+			p->dport = ic.id;
 		break;
 	}
 	default:

@@ -1,0 +1,120 @@
+"""``pilus status``: one line per subsystem, like ``cilium-dbg status``."""
+
+from __future__ import annotations
+
+import argparse
+
+from pilus.cli import common, output
+
+
+def register(sub, parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("status", parents=[parent], help="show the agent's health",
+                       description="Health of the node's agent, one line per subsystem.")
+    p.add_argument("--brief", action="store_true",
+                   help="one line: OK, or the first subsystem that is not")
+    common.add_output_option(p)
+    p.set_defaults(func=cmd_status)
+
+
+def _state(section: dict | None) -> str:
+    return str((section or {}).get("state") or "Unknown")
+
+
+def _is_ok(state: str) -> bool:
+    return state.lower() in ("ok", "ready", "healthy")
+
+
+def _attached(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return "attached" if value else "not attached"
+    if isinstance(value, int):
+        return f"attached to {value} device" + ("" if value == 1 else "s") if value else \
+            "not attached"
+    return str(value)
+
+
+def format_status(h: dict) -> str:
+    lines: list[tuple[str, output.Cell]] = []
+    node_bits = [f"node IP {h['node_ip']}" if h.get("node_ip") else None,
+                 f"router IP {h['router_ip']}" if h.get("router_ip") else None]
+    node_extra = ", ".join(b for b in node_bits if b)
+    lines.append(("Node", f"{h.get('node', '-')}" + (f" ({node_extra})" if node_extra else "")))
+
+    kv = h.get("kvstore") or {}
+    kv_bits = [kv.get("backend"), kv.get("path")]
+    kv_text = " ".join(str(b) for b in kv_bits if b)
+    extra = []
+    if kv.get("revision") is not None:
+        extra.append(f"revision {kv['revision']}")
+    if kv.get("keys") is not None:
+        extra.append(f"{kv['keys']} keys")
+    lines.append(("KVStore", f"{_state(kv)}   {kv_text}"
+                  + (f" ({', '.join(extra)})" if extra else "")))
+
+    agent = h.get("agent") or {}
+    agent_extra = []
+    if agent.get("pid") is not None:
+        agent_extra.append(f"pid {agent['pid']}")
+    if h.get("uptime_s") is not None:
+        agent_extra.append(f"up {output.duration(h['uptime_s'])}")
+    lines.append(("Pilus", f"{_state(agent)}   {h.get('version', '-')}"
+                  + (f" ({', '.join(agent_extra)})" if agent_extra else "")))
+
+    dp = h.get("datapath") or {}
+    progs = dp.get("programs") or []
+    maps = dp.get("maps") or []
+    attached = sum(1 for p in progs if p.get("attached"))
+    lines.append(("Datapath", f"{_state(dp)}   {attached}/{len(progs)} programs attached, "
+                  f"{len(maps)} maps"))
+    if progs:
+        rows = [[p.get("name", "?"), p.get("hook", "?"), _attached(p.get("attached")),
+                 f"id {p['id']}" if p.get("id") is not None else ""] for p in progs]
+        lines.append(("Datapath programs", output.table([], rows, no_headers=True).splitlines()))
+    if maps:
+        rows = []
+        for m in maps:
+            fill = f"{output.or_dash(m.get('entries'))}/{output.or_dash(m.get('max_entries'))}"
+            rows.append([m.get("name", "?"), fill, m.get("type") or ""])
+        lines.append(("BPF maps", output.table([], rows, no_headers=True).splitlines()))
+
+    ipam = h.get("ipam") or {}
+    cidr = ipam.get("cidr") or h.get("pod_cidr") or "?"
+    total = ipam.get("total")
+    if total is None and ipam.get("available") is not None:
+        total = (ipam.get("allocated") or 0) + ipam["available"]
+    lines.append(("IPAM", f"IPv4: {output.or_dash(ipam.get('allocated'))}/"
+                  f"{output.or_dash(total)} allocated from {cidr}"))
+
+    eps = h.get("endpoints") or {}
+    by_state = eps.get("by_state") or {}
+    states = ", ".join(f"{n} {s}" for s, n in sorted(by_state.items()))
+    lines.append(("Endpoints", f"{output.or_dash(eps.get('total'))} total"
+                  + (f" ({states})" if states else "")))
+    lines.append(("Identities", f"{output.or_dash((h.get('identities') or {}).get('allocated'))} "
+                  "allocated"))
+    ev = h.get("events") or {}
+    lines.append(("Events", f"{output.or_dash(ev.get('received'))} received, "
+                  f"{output.or_dash(ev.get('lost'))} lost"))
+    return output.status_lines(lines)
+
+
+def format_brief(h: dict) -> str:
+    for name, section in (("Pilus", h.get("agent")), ("KVStore", h.get("kvstore")),
+                          ("Datapath", h.get("datapath"))):
+        state = _state(section)
+        if not _is_ok(state):
+            return f"{name}: {state}\n"
+    return "OK\n"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    health = common.client(args).healthz()
+    if args.output:
+        output.emit(output.dump(health, args.output))
+        return 0
+    if args.brief:
+        text = format_brief(health)
+        output.emit(text)
+        return 0 if text == "OK\n" else 1
+    output.emit(format_status(health))
+    return 0

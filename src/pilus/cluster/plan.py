@@ -1,0 +1,230 @@
+"""The pure part of a local cluster: names, addresses, the cluster.json document.
+
+No I/O here, so that it can be unit tested without root. Names follow
+docs/architecture.md ("Runtime layout on one machine").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any
+
+DEFAULT_STATE_ROOT = Path("/run/pilus")
+BPFFS_ROOT = Path("/sys/fs/bpf/pilus")
+MAX_NODES = 200  # underlay .11 ... .210 in a /24; also keeps names short
+
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+
+
+class ClusterError(Exception):
+    """A cluster operation failed; the message is one line and says what to do."""
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    name: str = "default"
+    nodes: int = 1
+    pod_cidr: IPv4Network = IPv4Network("10.200.0.0/16")
+    underlay_cidr: IPv4Network = IPv4Network("172.30.0.0/24")
+    state_root: Path = DEFAULT_STATE_ROOT
+    kvstore: str = "embedded"
+
+
+def validate(spec: ClusterSpec) -> None:
+    """Raise ClusterError when the spec cannot be built."""
+    if not _NAME_RE.match(spec.name):
+        raise ClusterError(
+            f"invalid cluster name {spec.name!r}: use 1-32 lowercase letters, digits and '-' "
+            "(not at the start or end)"
+        )
+    if not 1 <= spec.nodes <= MAX_NODES:
+        raise ClusterError(f"invalid node count {spec.nodes}: use 1 to {MAX_NODES}")
+    pod = IPv4Network(spec.pod_cidr)
+    und = IPv4Network(spec.underlay_cidr)
+    if pod.prefixlen > 23:
+        raise ClusterError(
+            f"pod CIDR {pod} is too small: nodes get /24s from it, use a /23 or larger"
+        )
+    if spec.nodes > 2 ** (24 - pod.prefixlen) - 1:
+        raise ClusterError(
+            f"pod CIDR {pod} has room for {2 ** (24 - pod.prefixlen) - 1} nodes "
+            f"(node i gets the i-th /24), not {spec.nodes}: use a larger pod CIDR"
+        )
+    if und.num_addresses < 10 + spec.nodes + 2:
+        raise ClusterError(
+            f"underlay CIDR {und} is too small for {spec.nodes} nodes "
+            f"(node i gets .(10+i)): use a /24"
+        )
+    if pod.overlaps(und):
+        raise ClusterError(f"pod CIDR {pod} overlaps the underlay CIDR {und}: pick disjoint ranges")
+    if spec.kvstore != "embedded":
+        raise ClusterError(
+            f"kvstore {spec.kvstore!r} is not supported by local clusters: use 'embedded'"
+        )
+
+
+# ---------------------------------------------------------------------- names
+
+
+def node_name(cluster: str, i: int) -> str:
+    return f"{cluster}-node{i}"
+
+
+def node_netns(node: str) -> str:
+    return f"pilus-{node}"
+
+
+def bridge_name(cluster: str) -> str:
+    return f"plbr-{cluster[:10]}"
+
+
+def _short(cluster: str) -> str:
+    """≤6 characters that identify the cluster in interface names."""
+    if len(cluster) <= 6:
+        return cluster
+    return cluster[:4] + hashlib.sha1(cluster.encode()).hexdigest()[:2]
+
+
+def host_veth_name(cluster: str, i: int) -> str:
+    """Machine-side end of node i's underlay veth (≤15 characters)."""
+    return f"plu{_short(cluster)}{i}"
+
+
+def host_veth_re(cluster: str) -> re.Pattern[str]:
+    return re.compile(rf"^plu{re.escape(_short(cluster))}\d+$")
+
+
+def node_netns_re(cluster: str) -> re.Pattern[str]:
+    """Node namespaces and endpoint namespaces (pilus-<node>-ep<id>) of the cluster."""
+    return re.compile(rf"^pilus-{re.escape(cluster)}-node\d+(-ep.+)?$")
+
+
+def node_name_re(cluster: str) -> re.Pattern[str]:
+    return re.compile(rf"^{re.escape(cluster)}-node\d+$")
+
+
+# ------------------------------------------------------------------ addresses
+
+
+def node_pod_cidr(pod_cidr: IPv4Network, i: int) -> IPv4Network:
+    """The i-th /24 of the cluster pod CIDR (10.200.<i>.0/24 for 10.200.0.0/16)."""
+    pod = IPv4Network(pod_cidr)
+    n = 2 ** (24 - pod.prefixlen)
+    if not 0 <= i < n:
+        raise ClusterError(f"pod CIDR {pod} has no /24 number {i}")
+    return IPv4Network((int(pod.network_address) + (i << 8), 24))
+
+
+def router_ip(node_cidr: IPv4Network) -> str:
+    return str(next(IPv4Network(node_cidr).hosts()))
+
+
+def bridge_ip(underlay: IPv4Network) -> str:
+    return str(IPv4Network(underlay).network_address + 1)
+
+
+def node_ip(underlay: IPv4Network, i: int) -> str:
+    return str(IPv4Network(underlay).network_address + 10 + i)
+
+
+# ----------------------------------------------------------------- cluster.json
+
+
+def cluster_dir(name: str, state_root: Path) -> Path:
+    return Path(state_root) / name
+
+
+def build_cluster_doc(spec: ClusterSpec, supervisor_pid: int | None = None) -> dict[str, Any]:
+    """The content of <state_root>/<name>/cluster.json."""
+    validate(spec)
+    cdir = cluster_dir(spec.name, spec.state_root)
+    und = IPv4Network(spec.underlay_cidr)
+    nodes = []
+    for i in range(1, spec.nodes + 1):
+        node = node_name(spec.name, i)
+        sdir = cdir / node
+        cidr = node_pod_cidr(spec.pod_cidr, i)
+        nodes.append(
+            {
+                "name": node,
+                "index": i,
+                "netns": node_netns(node),
+                "state_dir": str(sdir),
+                "socket": str(sdir / "pilus.sock"),
+                "node_ip": node_ip(und, i),
+                "underlay_device": "eth0",
+                "host_veth": host_veth_name(spec.name, i),
+                "pod_cidr": str(cidr),
+                "router_ip": router_ip(cidr),
+            }
+        )
+    return {
+        "name": spec.name,
+        "bridge": bridge_name(spec.name),
+        "bridge_ip": bridge_ip(und),
+        "underlay_cidr": str(und),
+        "pod_cidr": str(IPv4Network(spec.pod_cidr)),
+        "kvstore": spec.kvstore,
+        "kvstore_path": str(cdir / "kvstore.db"),
+        "state_root": str(spec.state_root),
+        "supervisor_pid": supervisor_pid,
+        "nodes": nodes,
+    }
+
+
+AGENT_PLACEHOLDERS = (
+    "node",
+    "state_dir",
+    "socket",
+    "pod_cidr",
+    "cluster",
+    "kvstore",
+    "kvstore_path",
+    "netns",
+    "python",
+)
+
+
+def agent_argv(doc: dict[str, Any], node: dict[str, Any], python: str) -> list[str]:
+    """The agent command line for one node (without the netns wrapper).
+
+    ``doc["agent_cmd"]`` (tests only) overrides it; its items may use the
+    placeholders of AGENT_PLACEHOLDERS in str.format style."""
+    values = {
+        "node": node["name"],
+        "state_dir": node["state_dir"],
+        "socket": node["socket"],
+        "pod_cidr": node["pod_cidr"],
+        "cluster": doc["name"],
+        "kvstore": doc["kvstore"],
+        "kvstore_path": doc["kvstore_path"],
+        "netns": node["netns"],
+        "python": python,
+    }
+    custom = doc.get("agent_cmd")
+    if custom:
+        return [str(x).format(**values) for x in custom]
+    return [
+        python,
+        "-m",
+        "pilus",
+        "agent",
+        "--node-name",
+        values["node"],
+        "--state-dir",
+        values["state_dir"],
+        "--pod-cidr",
+        values["pod_cidr"],
+        "--cluster-name",
+        values["cluster"],
+        "--kvstore",
+        values["kvstore"],
+        "--kvstore-path",
+        values["kvstore_path"],
+        "--native-device",
+        node.get("underlay_device", "eth0"),
+    ]

@@ -1,0 +1,296 @@
+"""Decode datapath notifications from the ring buffer; read them without blocking."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import struct
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from ipaddress import IPv4Address
+
+from . import abi
+from ._libbpf import check, check_ptr, lib, ring_buffer_sample_fn
+from .maps import proto_name, tcp_flag_names
+from .reasons import ct_state_desc, drop_reason_desc, trace_point_desc
+
+ETH_P_IP = 0x0800
+ETH_P_ARP = 0x0806
+
+
+@dataclass
+class PacketSummary:
+    """What the captured bytes say (Ethernet + IPv4 + L4)."""
+
+    ethertype: int | None = None
+    src_mac: str | None = None
+    dst_mac: str | None = None
+    src_ip: str | None = None
+    dst_ip: str | None = None
+    proto: str | int | None = None
+    sport: int | None = None
+    dport: int | None = None
+    tcp_flags: list[str] = field(default_factory=list)
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+    ttl: int | None = None
+    arp_op: int | None = None
+
+    def text(self) -> str:
+        if self.ethertype == ETH_P_ARP:
+            op = {1: "request", 2: "reply"}.get(self.arp_op or 0, str(self.arp_op))
+            return f"ARP {op} {self.src_ip} -> {self.dst_ip}"
+        if self.src_ip is None:
+            et = f"0x{self.ethertype:04x}" if self.ethertype is not None else "?"
+            return f"ethertype {et}"
+        p = self.proto
+        if p in ("TCP", "UDP"):
+            s = f"{self.src_ip}:{self.sport} -> {self.dst_ip}:{self.dport} {str(p).lower()}"
+            if p == "TCP" and self.tcp_flags:
+                s += " " + ",".join(self.tcp_flags)
+            return s
+        if p == "ICMP":
+            name = {
+                0: "EchoReply",
+                3: "DestinationUnreachable",
+                8: "EchoRequest",
+                11: "TimeExceeded",
+            }
+            t = name.get(self.icmp_type or 0, f"type {self.icmp_type}")
+            return f"{self.src_ip} -> {self.dst_ip} icmp {t}"
+        return f"{self.src_ip} -> {self.dst_ip} proto {p}"
+
+
+def parse_packet(data: bytes) -> PacketSummary:
+    s = PacketSummary()
+    if len(data) < 14:
+        return s
+    s.dst_mac = abi.bytes_to_mac(data[0:6])
+    s.src_mac = abi.bytes_to_mac(data[6:12])
+    s.ethertype = struct.unpack("!H", data[12:14])[0]
+    off = 14
+    if s.ethertype == ETH_P_ARP and len(data) >= off + 28:
+        s.arp_op = struct.unpack("!H", data[off + 6 : off + 8])[0]
+        s.src_ip = str(IPv4Address(data[off + 14 : off + 18]))
+        s.dst_ip = str(IPv4Address(data[off + 24 : off + 28]))
+        return s
+    if s.ethertype != ETH_P_IP or len(data) < off + 20:
+        return s
+    vihl = data[off]
+    ihl = (vihl & 0x0F) * 4
+    if vihl >> 4 != 4 or ihl < 20:
+        return s
+    s.ttl = data[off + 8]
+    proto = data[off + 9]
+    frag = struct.unpack("!H", data[off + 6 : off + 8])[0] & 0x1FFF
+    s.src_ip = str(IPv4Address(data[off + 12 : off + 16]))
+    s.dst_ip = str(IPv4Address(data[off + 16 : off + 20]))
+    s.proto = proto_name(proto)
+    l4 = off + ihl
+    if frag:
+        return s
+    if proto in (6, 17) and len(data) >= l4 + 4:
+        s.sport, s.dport = struct.unpack("!HH", data[l4 : l4 + 4])
+        if proto == 6 and len(data) >= l4 + 14:
+            s.tcp_flags = tcp_flag_names(data[l4 + 13])
+    elif proto == 1 and len(data) >= l4 + 2:
+        s.icmp_type, s.icmp_code = data[l4], data[l4 + 1]
+    return s
+
+
+@dataclass
+class _EventBase:
+    source_ep: int
+    src_identity: int
+    dst_identity: int
+    dst_ep: int
+    ifindex: int
+    hash: int
+    orig_len: int
+    cap_len: int
+    data: bytes
+    packet: PacketSummary
+
+    def _common(self) -> dict:
+        p = self.packet
+        return {
+            "source_ep": self.source_ep,
+            "dst_ep": self.dst_ep,
+            "src_identity": self.src_identity,
+            "dst_identity": self.dst_identity,
+            "ifindex": self.ifindex,
+            "hash": self.hash,
+            "orig_len": self.orig_len,
+            "cap_len": self.cap_len,
+            "src_ip": p.src_ip,
+            "dst_ip": p.dst_ip,
+            "proto": p.proto,
+            "sport": p.sport,
+            "dport": p.dport,
+            "tcp_flags": list(p.tcp_flags),
+            "icmp_type": p.icmp_type,
+            "icmp_code": p.icmp_code,
+            "src_mac": p.src_mac,
+            "dst_mac": p.dst_mac,
+            "summary": p.text(),
+        }
+
+
+@dataclass
+class DropEvent(_EventBase):
+    reason: int = 0
+    line: int = 0
+
+    @property
+    def reason_desc(self) -> str:
+        return drop_reason_desc(self.reason)
+
+    def to_dict(self) -> dict:
+        d = {"type": "drop", "reason": self.reason, "reason_desc": self.reason_desc}
+        d.update(self._common())
+        d["line"] = self.line
+        return d
+
+
+@dataclass
+class TraceEvent(_EventBase):
+    obs_point: int = 0
+    ct_reason: int = 0
+
+    @property
+    def observation_point(self) -> str:
+        return trace_point_desc(self.obs_point)
+
+    @property
+    def ct_state(self) -> str:
+        return ct_state_desc(self.ct_reason)
+
+    def to_dict(self) -> dict:
+        d = {
+            "type": "trace",
+            "observation_point": self.observation_point,
+            "obs_point": self.obs_point,
+            "ct_state": self.ct_state,
+        }
+        d.update(self._common())
+        return d
+
+
+@dataclass
+class UnknownEvent:
+    type: int
+    raw: bytes
+
+    def to_dict(self) -> dict:
+        return {"type": f"unknown-{self.type}", "len": len(self.raw)}
+
+
+Event = DropEvent | TraceEvent | UnknownEvent
+
+
+def decode(raw: bytes) -> Event:
+    """Decode one ring buffer record."""
+    if len(raw) < ctypes.sizeof(abi.NotifyCommonHdr):
+        raise ValueError(f"event record too short ({len(raw)} bytes)")
+    etype = raw[0]
+    if etype == abi.NOTIFY_DROP:
+        n = abi.DropNotify.from_raw(raw)
+    elif etype == abi.NOTIFY_TRACE:
+        n = abi.TraceNotify.from_raw(raw)
+    else:
+        return UnknownEvent(type=etype, raw=bytes(raw))
+    cap = min(n.hdr.len_cap, abi.TRACE_PAYLOAD_LEN)
+    data = bytes(n.data)[:cap]
+    common = dict(
+        source_ep=n.hdr.common.source,
+        src_identity=n.src_label,
+        dst_identity=n.dst_label,
+        dst_ep=n.dst_id,
+        ifindex=n.ifindex,
+        hash=n.hdr.common.hash,
+        orig_len=n.hdr.len_orig,
+        cap_len=cap,
+        data=data,
+        packet=parse_packet(data),
+    )
+    if etype == abi.NOTIFY_DROP:
+        return DropEvent(reason=n.hdr.common.subtype, line=n.line, **common)
+    return TraceEvent(obs_point=n.hdr.common.subtype, ct_reason=n.reason, **common)
+
+
+class EventReader:
+    """Non-blocking reader of pilus_events.
+
+    ``fileno()`` is an epoll fd that becomes readable when records arrive (for
+    ``loop.add_reader``); ``poll()`` drains what is there.
+    """
+
+    def __init__(self, ringbuf_fd: int, lost_fn: Callable[[], int] | None = None):
+        self._pending: list[Event] = []
+        self._decode_errors = 0
+
+        def _cb(_ctx, data, size):
+            try:
+                self._pending.append(decode(ctypes.string_at(data, size)))
+            except Exception:  # noqa: BLE001 - never raise through C
+                self._decode_errors += 1
+            return 0
+
+        self._cb = ring_buffer_sample_fn(_cb)  # keep a reference
+        self._rb = check_ptr(
+            lib.ring_buffer__new(ringbuf_fd, self._cb, None, None), "ring_buffer__new"
+        )
+        self._lost_fn = lost_fn
+
+    def fileno(self) -> int:
+        return check(lib.ring_buffer__epoll_fd(self._handle()), "ring_buffer__epoll_fd")
+
+    def _handle(self) -> int:
+        if not self._rb:
+            raise OSError(9, "event reader is closed")
+        return self._rb
+
+    def poll(self, timeout_ms: int = 0) -> list[Event]:
+        """Drain available records (wait up to ``timeout_ms`` if none; 0 = don't wait)."""
+        h = self._handle()
+        if timeout_ms > 0:
+            check(lib.ring_buffer__poll(h, timeout_ms), "ring_buffer__poll")
+        else:
+            check(lib.ring_buffer__consume(h), "ring_buffer__consume")
+        out, self._pending = self._pending, []
+        return out
+
+    def lost(self) -> int:
+        """Events the datapath could not emit (rate limited or ring full), all CPUs."""
+        return self._lost_fn() if self._lost_fn else 0
+
+    @property
+    def decode_errors(self) -> int:
+        return self._decode_errors
+
+    def close(self) -> None:
+        if self._rb:
+            lib.ring_buffer__free(self._rb)
+            self._rb = None
+
+    def __enter__(self) -> EventReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+__all__ = [
+    "DropEvent",
+    "TraceEvent",
+    "UnknownEvent",
+    "Event",
+    "EventReader",
+    "decode",
+    "parse_packet",
+    "asdict",
+]

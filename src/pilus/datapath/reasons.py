@@ -1,0 +1,139 @@
+"""Drop/forward reason texts (Cilium's pkg/monitor/api/drop.go) and trace points."""
+
+from __future__ import annotations
+
+#: metrics_key.reason / drop event subtype -> Cilium's human text
+DROP_REASONS: dict[int, str] = {
+    0: "Success",
+    2: "Invalid packet",
+    3: "Interface",
+    4: "Interface Decrypted",
+    5: "LB, sock cgroup: No backend slot entry found",
+    6: "LB, sock cgroup: No backend entry found",
+    7: "LB, sock cgroup: Reverse entry update failed",
+    8: "LB, sock cgroup: Reverse entry stale",
+    9: "Fragmented packet",
+    10: "Fragmented packet entry update failed",
+    11: "Missed tail call to custom program",
+    12: "Interface Encrypting",
+    13: "Interface Decrypting",
+    130: "Invalid source mac",
+    131: "Invalid destination mac",
+    132: "Invalid source ip",
+    133: "Policy denied",
+    134: "Invalid packet",
+    135: "CT: Truncated or invalid header",
+    136: "Fragmentation needed",
+    137: "CT: Unknown L4 protocol",
+    138: "CT: Can't create entry from packet",
+    139: "Unsupported L3 protocol",
+    140: "Missed tail call",
+    141: "Error writing to packet",
+    142: "Unknown L4 protocol",
+    143: "Unknown ICMPv4 code",
+    144: "Unknown ICMPv4 type",
+    145: "Unknown ICMPv6 code",
+    146: "Unknown ICMPv6 type",
+    147: "Error retrieving tunnel key",
+    148: "Error retrieving tunnel options",
+    149: "Invalid Geneve option",
+    150: "Unknown L3 target address",
+    151: "Stale or unroutable IP",
+    152: "No matching local container found",
+    153: "Error while correcting L3 checksum",
+    154: "Error while correcting L4 checksum",
+    155: "CT: Map insertion failed",
+    156: "Invalid IPv6 extension header",
+    157: "IP fragmentation not supported",
+    158: "Service backend not found",
+    159: "Unsupported protocol for service",
+    160: "No tunnel/encapsulation endpoint (datapath BUG!)",
+    161: "NAT 46/64 not enabled",
+    162: "Reached EDT horizon",
+    163: "Unknown connection tracking state",
+    164: "Local host is unreachable",
+    165: "No configuration available to perform policy decision",
+    166: "Unsupported L2 protocol",
+    167: "No mapping for NAT masquerade",
+    168: "Unsupported protocol for NAT masquerade",
+    169: "FIB lookup failed",
+    170: "Encapsulation traffic is prohibited",
+    171: "Invalid identity",
+    172: "Unknown sender",
+    173: "NAT not needed",
+    174: "Is a ClusterIP",
+    175: "First logical datagram fragment not found",
+    176: "Forbidden ICMPv6 message",
+    177: "Denied by LB src range check",
+    178: "Socket lookup failed",
+    179: "Socket assign failed",
+    180: "Proxy redirection not supported for protocol",
+    181: "Policy denied by denylist",
+    182: "VLAN traffic disallowed by VLAN filter",
+    183: "Incorrect VNI from VTEP",
+    184: "Failed to update or lookup TC buffer",
+    185: "No SID was found for the IP address",
+    186: "SRv6 state was removed during tail call",
+    187: "L3 translation from IPv4 to IPv6 failed (NAT46)",
+    188: "L3 translation from IPv6 to IPv4 failed (NAT64)",
+    189: "Authentication required",
+    190: "No conntrack map found",
+    191: "No nat map found",
+    192: "Invalid ClusterID",
+    193: "Unsupported packet protocol for DSR encapsulation",
+    194: "No egress gateway found",
+    195: "Traffic is unencrypted",
+    196: "TTL exceeded",
+    197: "No node ID found",
+    198: "Rate limited",
+    199: "IGMP handled",
+    200: "IGMP subscribed",
+    201: "Multicast handled",
+    202: "Host datapath not ready",
+    203: "Endpoint policy program not available",
+    204: "No Egress IP configured",
+    205: "Punt to proxy",
+    206: "No device",
+}
+
+#: trace observation point -> monitor string (Cilium's TraceObservationPoint text)
+TRACE_POINTS: dict[int, str] = {
+    0: "to-endpoint",
+    1: "to-proxy",
+    2: "to-host",
+    3: "to-stack",
+    4: "to-overlay",
+    5: "from-endpoint",
+    6: "from-proxy",
+    7: "from-host",
+    8: "from-stack",
+    9: "from-overlay",
+    10: "from-network",
+    11: "to-network",
+    12: "to-crypto",
+    13: "from-crypto",
+}
+
+#: trace reason (CT state) -> text
+CT_STATES: dict[int, str] = {
+    0: "new",
+    1: "established",
+    2: "reply",
+    3: "related",
+    4: "reopened",
+    5: "unknown",
+}
+
+DIRECTIONS: dict[int, str] = {1: "ingress", 2: "egress", 3: "service"}
+
+
+def drop_reason_desc(code: int) -> str:
+    return DROP_REASONS.get(code, f"Unknown reason {code}")
+
+
+def trace_point_desc(point: int) -> str:
+    return TRACE_POINTS.get(point, f"unknown-{point}")
+
+
+def ct_state_desc(reason: int) -> str:
+    return CT_STATES.get(reason & 0x7F, f"unknown-{reason}")

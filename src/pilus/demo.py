@@ -1,0 +1,278 @@
+"""A narrated tour of pilus (``make demo`` / ``python -m pilus.demo``), as root.
+
+It drives the real CLI (``python -m pilus ...``) and prints each command like a
+shell transcript: cluster up, three Star Wars endpoints, identities, a TCP
+service in the deathstar reached by tiefighter and xwing, a spoofed packet from
+xwing dropped by the datapath and seen by ``pilus monitor``, the maps, metrics
+and status, and finally ``pilus cluster down`` -- always, even on failure or
+Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+# PILUS_DEMO_CLUSTER: run the tour on another cluster name (e.g. next to a test cluster)
+CLUSTER = os.environ.get("PILUS_DEMO_CLUSTER") or "default"
+PORT = 80
+SPOOFED_SRC = "10.200.1.250"
+
+ENDPOINTS = [
+    ("default/deathstar", "org=empire,class=deathstar"),
+    ("default/tiefighter", "org=empire,class=tiefighter"),
+    ("default/xwing", "org=alliance,class=xwing"),
+]
+
+SERVER = f"""\
+import socket
+srv = socket.create_server(("", {PORT}))
+print("listening on port {PORT}", flush=True)
+while True:
+    conn, (peer, _) = srv.accept()
+    conn.recv(64)
+    conn.sendall(b"Ship landed\\n")
+    conn.close()
+    print("landing request from", peer, flush=True)
+"""
+
+CLIENT = f"""\
+import socket, sys
+with socket.create_connection((sys.argv[1], {PORT}), timeout=5) as s:
+    s.sendall(b"landing request\\n")
+    print(s.recv(64).decode().strip())
+"""
+
+SPOOF = """\
+import socket, struct, sys
+src, dst = sys.argv[1], sys.argv[2]
+udp = struct.pack("!HHHH", 1234, 80, 15, 0) + b"spoofed"
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                 socket.inet_aton(src), socket.inet_aton(dst))
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # IP_HDRINCL
+for _ in range(3):
+    s.sendto(ip + udp, (dst, 0))
+print(f"sent 3 UDP packets {src} -> {dst} (forged source)")
+"""
+
+_TTY = sys.stdout.isatty()
+
+
+class DemoError(Exception):
+    pass
+
+
+def bold(text: str) -> str:
+    return f"\033[1m{text}\033[0m" if _TTY else text
+
+
+def step(title: str) -> None:
+    print(f"\n{bold('==> ' + title)}", flush=True)
+
+
+def note(text: str) -> None:
+    print(f"    {text}", flush=True)
+
+
+def python3() -> str:
+    return "python3" if shutil.which("python3") else sys.executable
+
+
+def pilus_argv(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pilus", *args]
+
+
+def show(args: list[str]) -> None:
+    print(bold("$ ") + "pilus " + shlex.join(args), flush=True)
+
+
+def pilus(*args: str, capture: bool = False, timeout: float = 60,
+          check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``pilus ARGS`` as a shell transcript line; its output goes to ours."""
+    show(list(args))
+    res = subprocess.run(pilus_argv(list(args)), text=True, timeout=timeout,
+                         stdout=subprocess.PIPE if capture else None)
+    if check and res.returncode != 0:
+        raise DemoError(f"`pilus {shlex.join(args)}` failed with exit code {res.returncode}")
+    return res
+
+
+class Background:
+    """A pilus command running in the background, its output lines in a queue."""
+
+    def __init__(self, label: str, args: list[str]):
+        self.label = label
+        show(args)
+        note("(in the background)")
+        self.proc = subprocess.Popen(pilus_argv(args), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.err: queue.Queue[str] = queue.Queue()
+        for stream, q in ((self.proc.stdout, self.lines), (self.proc.stderr, self.err)):
+            threading.Thread(target=self._pump, args=(stream, q), daemon=True).start()
+
+    @staticmethod
+    def _pump(stream, q: queue.Queue) -> None:
+        for line in stream:
+            q.put(line.rstrip("\n"))
+
+    def wait_line(self, q: queue.Queue, pred, timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = q.get(timeout=0.1)
+            except queue.Empty:
+                if self.proc.poll() is not None and q.empty():
+                    return None
+                continue
+            print(f"    [{self.label}] {line}", flush=True)
+            if pred(line):
+                return line
+        return None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def endpoint_ip(name: str) -> str:
+    res = pilus("endpoint", "get", name, "-o", "json", capture=True)
+    ip = json.loads(res.stdout).get("ipv4")
+    if not ip:
+        raise DemoError(f"endpoint {name} has no IPv4 address")
+    note(f"{name} has IP {ip}")
+    return ip
+
+
+def connect(client: str, ip: str) -> None:
+    # the service may need a moment to listen
+    for attempt in range(10):
+        res = pilus("exec", client, "--", python3(), "-c", CLIENT, ip, check=False,
+                    timeout=30) if attempt == 0 else subprocess.run(
+            pilus_argv(["exec", client, "--", python3(), "-c", CLIENT, ip]),
+            text=True, timeout=30)
+        if res.returncode == 0:
+            return
+        time.sleep(0.5)
+    raise DemoError(f"{client} could not connect to {ip}:{PORT}")
+
+
+def run_demo(background: list[Background]) -> None:
+    step(f"Create a local cluster '{CLUSTER}': node namespaces, underlay, kvstore, one agent "
+         "per node")
+    pilus("cluster", "up", "--name", CLUSTER, timeout=300)
+    pilus("cluster", "status", "--name", CLUSTER)
+
+    step("Create three endpoints (pods); each gets an IP and an identity from its labels")
+    for name, labels in ENDPOINTS:
+        pilus("endpoint", "create", name, "--labels", labels)
+    pilus("endpoint", "list")
+
+    step("Identities: one per distinct set of security-relevant labels, plus reserved ones")
+    pilus("identity", "list")
+
+    step("Start a TCP service in the deathstar that answers 'Ship landed'")
+    deathstar_ip = endpoint_ip("default/deathstar")
+    server = Background("deathstar", ["exec", "default/deathstar", "--", python3(), "-c",
+                                      SERVER])
+    background.append(server)
+    if server.wait_line(server.lines, lambda s: "listening" in s, 15) is None:
+        raise DemoError("the service in the deathstar did not start")
+
+    step("tiefighter and xwing land on the deathstar (no policy yet: both allowed)")
+    for client in ("default/tiefighter", "default/xwing"):
+        connect(client, deathstar_ip)
+        server.wait_line(server.lines, lambda s: "landing request" in s, 3)
+
+    step("Watch drops with `pilus monitor`, then send packets with a forged source IP "
+         "from xwing")
+    mon = Background("monitor", ["monitor", "--type", "drop"])
+    background.append(mon)
+    if mon.wait_line(mon.err, lambda s: "Listening" in s, 15) is None:
+        raise DemoError("pilus monitor did not start")
+    pilus("exec", "default/xwing", "--", python3(), "-c", SPOOF, SPOOFED_SRC, deathstar_ip)
+    line = mon.wait_line(mon.lines, lambda s: "invalid source ip" in s.lower(), 10)
+    if line is None:
+        raise DemoError("no 'Invalid source ip' drop was reported by pilus monitor")
+    note("the datapath dropped the forged packets before they reached the deathstar")
+    mon.stop()
+
+    step("The datapath's view: ipcache (prefix -> identity)")
+    pilus("bpf", "ipcache", "list")
+
+    step("Metrics: the drops are counted by reason")
+    pilus("metrics", "list")
+
+    step("Agent status")
+    pilus("status")
+
+
+def cleanup(background: list[Background]) -> bool:
+    step(f"Clean up: stop background commands, take cluster '{CLUSTER}' down")
+    for bg in reversed(background):
+        try:
+            bg.stop()
+        except Exception as e:  # keep going: the cluster must go down
+            note(f"could not stop {bg.label}: {e}")
+    args = ["cluster", "down", "--name", CLUSTER]
+    show(args)
+    # own session: a second Ctrl-C on the terminal must not interrupt the teardown
+    res = subprocess.run(pilus_argv(args), start_new_session=True, timeout=300)
+    return res.returncode == 0
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print("the demo needs root (network namespaces, BPF): run `sudo make demo`",
+              file=sys.stderr)
+        return 1
+    root = Path(os.environ.get("PILUS_STATE_ROOT") or "/run/pilus")
+    if (root / CLUSTER / "cluster.json").exists():
+        # never tear down someone else's cluster
+        print(f"a pilus cluster named '{CLUSTER}' is already up: take it down with "
+              f"`pilus cluster down --name {CLUSTER}` (or set PILUS_DEMO_CLUSTER=<other name>)",
+              file=sys.stderr)
+        return 1
+    # every command of the tour talks to the demo's cluster
+    os.environ["PILUS_CLUSTER"] = CLUSTER
+    os.environ.pop("PILUS_SOCK", None)
+
+    background: list[Background] = []
+    rc = 0
+    try:
+        run_demo(background)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        rc = 130
+    except (DemoError, subprocess.TimeoutExpired) as e:
+        print(f"\ndemo failed: {e}", file=sys.stderr)
+        rc = 1
+    finally:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            if not cleanup(background):
+                print("cluster down failed: run `pilus cluster down` by hand", file=sys.stderr)
+                rc = rc or 1
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    if rc == 0:
+        step("Done")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

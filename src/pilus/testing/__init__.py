@@ -1,0 +1,1 @@
+"""Test helpers shipped with pilus (probes, conformance checks)."""

@@ -1,0 +1,139 @@
+"""Decoding raw ring buffer records into DropEvent / TraceEvent."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.l2 import ARP, Ether
+from scapy.packet import raw
+
+from pilus.datapath import abi
+from pilus.datapath.events import DropEvent, TraceEvent, UnknownEvent, decode, parse_packet
+from pilus.datapath.reasons import DROP_REASONS, drop_reason_desc
+
+
+def record(
+    kind,
+    subtype,
+    pkt: bytes,
+    *,
+    source=5,
+    src=1000,
+    dst=1001,
+    dst_id=6,
+    ifindex=101,
+    ct=0,
+    orig_len=None,
+    cap=None,
+):
+    cls = abi.DropNotify if kind == abi.NOTIFY_DROP else abi.TraceNotify
+    n = cls()
+    n.hdr.common.type = kind
+    n.hdr.common.subtype = subtype
+    n.hdr.common.source = source
+    n.hdr.common.hash = 0xDEADBEEF
+    n.hdr.len_orig = orig_len if orig_len is not None else len(pkt)
+    cap = min(len(pkt), abi.TRACE_PAYLOAD_LEN) if cap is None else cap
+    n.hdr.len_cap = cap
+    n.hdr.version = abi.NOTIFY_CAPTURE_VER
+    n.src_label, n.dst_label, n.dst_id, n.ifindex = src, dst, dst_id, ifindex
+    if kind == abi.NOTIFY_TRACE:
+        n.reason = ct
+    ctypes.memmove(n.data, pkt[:cap], cap)
+    return n.to_bytes()
+
+
+def tcp_syn():
+    return raw(
+        Ether(src="02:00:00:00:00:05", dst="02:00:00:00:01:05")
+        / IP(src="10.200.1.5", dst="10.200.1.6")
+        / TCP(sport=43512, dport=80, flags="S")
+    )
+
+
+def test_trace_record():
+    ev = decode(record(abi.NOTIFY_TRACE, abi.TRACE_TO_LXC, tcp_syn(), ct=abi.CT_NEW))
+    assert isinstance(ev, TraceEvent)
+    d = ev.to_dict()
+    assert d["type"] == "trace"
+    assert d["observation_point"] == "to-endpoint"
+    assert d["ct_state"] == "new"
+    assert (d["source_ep"], d["dst_ep"], d["src_identity"], d["dst_identity"], d["ifindex"]) == (
+        5,
+        6,
+        1000,
+        1001,
+        101,
+    )
+    assert d["hash"] == 0xDEADBEEF
+    assert d["src_ip"] == "10.200.1.5" and d["dst_ip"] == "10.200.1.6"
+    assert d["proto"] == "TCP" and d["sport"] == 43512 and d["dport"] == 80
+    assert d["tcp_flags"] == ["SYN"]
+    assert d["summary"] == "10.200.1.5:43512 -> 10.200.1.6:80 tcp SYN"
+    assert d["orig_len"] == d["cap_len"] == len(tcp_syn())
+
+
+def test_drop_record():
+    pkt = raw(Ether() / IP(src="10.200.1.99", dst="10.200.1.6") / UDP(sport=1, dport=53))
+    ev = decode(record(abi.NOTIFY_DROP, 132, pkt, dst_id=0))
+    assert isinstance(ev, DropEvent)
+    d = ev.to_dict()
+    assert d["type"] == "drop" and d["reason"] == 132
+    assert d["reason_desc"] == "Invalid source ip"
+    assert d["proto"] == "UDP" and d["summary"] == "10.200.1.99:1 -> 10.200.1.6:53 udp"
+    assert d["tcp_flags"] == [] and d["icmp_type"] is None
+
+
+def test_trace_points_and_states():
+    ev = decode(record(abi.NOTIFY_TRACE, abi.TRACE_TO_STACK, tcp_syn(), ct=abi.CT_REPLY))
+    assert ev.observation_point == "to-stack" and ev.ct_state == "reply"
+    ev = decode(record(abi.NOTIFY_TRACE, abi.TRACE_TO_LXC, tcp_syn(), ct=abi.CT_ESTABLISHED))
+    assert ev.ct_state == "established"
+
+
+def test_icmp_summary():
+    pkt = raw(Ether() / IP(src="10.200.1.5", dst="10.200.1.1") / ICMP(type=8, code=0, id=3))
+    d = decode(record(abi.NOTIFY_TRACE, abi.TRACE_TO_STACK, pkt)).to_dict()
+    assert d["proto"] == "ICMP" and d["icmp_type"] == 8 and d["icmp_code"] == 0
+    assert d["sport"] is None
+    assert d["summary"] == "10.200.1.5 -> 10.200.1.1 icmp EchoRequest"
+
+
+def test_truncated_capture_and_long_packet():
+    big = raw(Ether() / IP(src="1.2.3.4", dst="5.6.7.8") / UDP(sport=9, dport=10) / (b"x" * 1000))
+    d = decode(record(abi.NOTIFY_DROP, 134, big)).to_dict()
+    assert d["orig_len"] == len(big) and d["cap_len"] == abi.TRACE_PAYLOAD_LEN
+    assert d["sport"] == 9
+    # a capture that stops inside the IP header: no tuple, no crash
+    d = decode(record(abi.NOTIFY_DROP, 134, tcp_syn(), cap=20)).to_dict()
+    assert d["src_ip"] is None and d["summary"].startswith("ethertype 0x0800")
+
+
+def test_non_ip_capture():
+    pkt = raw(Ether() / ARP(op=1, psrc="10.200.1.5", pdst="10.200.1.1"))
+    d = decode(record(abi.NOTIFY_DROP, 172, pkt)).to_dict()
+    assert d["summary"] == "ARP request 10.200.1.5 -> 10.200.1.1"
+    assert d["reason_desc"] == "Unknown sender"
+
+
+def test_unknown_type_and_short_record():
+    assert isinstance(decode(bytes([9]) + bytes(40)), UnknownEvent)
+    with pytest.raises(ValueError):
+        decode(b"\x01\x02")
+    with pytest.raises(ValueError):
+        decode(bytes([abi.NOTIFY_DROP]) + bytes(20))
+
+
+def test_reason_table():
+    assert DROP_REASONS[133] == "Policy denied"
+    assert DROP_REASONS[181] == "Policy denied by denylist"
+    assert DROP_REASONS[139] == "Unsupported L3 protocol"
+    assert DROP_REASONS[150] == "Unknown L3 target address"
+    assert drop_reason_desc(250) == "Unknown reason 250"
+
+
+def test_parse_packet_tcp_flags_order():
+    pkt = raw(Ether() / IP(src="1.1.1.1", dst="2.2.2.2") / TCP(flags="FA"))
+    assert parse_packet(pkt).tcp_flags == ["FIN", "ACK"]
