@@ -24,13 +24,14 @@ def agent(tmp_path):
     links.delete_netns(NETNS)
     links.create_netns(NETNS)
     state = tmp_path / "state"
-    cmd = ["ip", "netns", "exec", NETNS, sys.executable, "-m", "pilus", "agent",
+    cmd = ["nsenter", f"--net=/run/netns/{NETNS}", "--", sys.executable, "-m", "pilus", "agent",
            "--node-name", NODE, "--state-dir", str(state), "--pod-cidr", "10.202.0.0/29"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = open(tmp_path / "agent.log", "w")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     client = Client(str(state / "pilus.sock"))
     created: list[int] = []
     try:
-        assert wait_for(lambda: _healthy(client), timeout=60), "agent did not start"
+        assert wait_for(lambda: _healthy(client), timeout=60), (tmp_path / "agent.log").read_text()
         yield cmd, client, created
     finally:
         for ep_id in created:
@@ -40,6 +41,7 @@ def agent(tmp_path):
                 pass
         proc.terminate()
         proc.wait(10)
+        log.close()
         for ns in links.list_netns(f"pilus-{NODE}-ep"):
             links.delete_netns(ns)
         links.delete_netns(NETNS)

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks (`make bench` runs `python -m bench.run`)."""
