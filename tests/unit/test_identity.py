@@ -52,9 +52,7 @@ class Cluster:
     def __init__(self, path: Path, n: int, **kw):
         self.path = path
         self.stores = [open_store(path=path, poll_interval=0.02) for _ in range(n)]
-        self.allocs = [
-            IdentityAllocator(s, f"node{i + 1}", **kw) for i, s in enumerate(self.stores)
-        ]
+        self.allocs = [IdentityAllocator(s, f"node{i + 1}", **kw) for i, s in enumerate(self.stores)]
 
     async def __aenter__(self):
         for a in self.allocs:
@@ -97,9 +95,7 @@ def test_reserved_table():
     assert reserved_by_labels(parse_labels("reserved:host,node:kubernetes.io/hostname=n1")).id == 1
     assert reserved_by_labels(parse_labels("app=web")) is None
     assert reserved_by_id(11) is None and reserved_by_name("nope") is None
-    assert (
-        LOCAL_IDENTITY_FLAG == 1 << 24 and is_local(LOCAL_IDENTITY_FLAG | 5) and not is_local(300)
-    )
+    assert LOCAL_IDENTITY_FLAG == 1 << 24 and is_local(LOCAL_IDENTITY_FLAG | 5) and not is_local(300)
     assert (MIN_GLOBAL_IDENTITY, MAX_GLOBAL_IDENTITY) == (256, 65535)
 
 
@@ -187,9 +183,7 @@ def test_two_allocators_agree(tmp_path):
             want = sorted((i.id, i.labels.sorted_key()) for i in r1)
 
             async def caches_agree():
-                views = [
-                    sorted((i, lbls.sorted_key()) for i, lbls in a._by_id.items()) for a in c.allocs
-                ]
+                views = [sorted((i, lbls.sorted_key()) for i, lbls in a._by_id.items()) for a in c.allocs]
                 return views[0] == views[1] == want
 
             await eventually(caches_agree)
@@ -261,18 +255,15 @@ def test_release_and_gc(tmp_path):
 
 def test_dead_node_identities_are_collected(tmp_path):
     async def main():
-        async with Cluster(tmp_path / "kv.db", 2, lease_ttl=0.4) as c:
+        async with Cluster(tmp_path / "kv.db", 2, lease_ttl=0.8) as c:
             a1, a2 = c.allocs
             ident = await a1.allocate(parse_labels("app=lonely"))
             kept = await a2.allocate(parse_labels("app=kept"))
             await a1.stop()  # "crash": no revoke, no more keepalives
             assert await a2.gc() == 0  # node1's slave key is still leased
-            await asyncio.sleep(0.6)
+            await asyncio.sleep(1.0)
             assert await a2.gc() == 1
-            assert (
-                await a2.get(ident.id) is None
-                or (await c.stores[1].get(f"{PREFIX}/id/{ident.id}")) is None
-            )
+            assert await a2.get(ident.id) is None or (await c.stores[1].get(f"{PREFIX}/id/{ident.id}")) is None
             assert (await a2.get(kept.id)) == kept  # kept alive by node2's keepalive
 
     run(main())

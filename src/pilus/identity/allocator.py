@@ -90,8 +90,7 @@ class IdentityAllocator:
             raise IdentityError(f"node name {node_name!r} must be non-empty and without '/'")
         if not MIN_GLOBAL_IDENTITY <= min_id <= max_id <= MAX_GLOBAL_IDENTITY:
             raise IdentityError(
-                f"identity range {min_id}..{max_id} must lie within "
-                f"{MIN_GLOBAL_IDENTITY}..{MAX_GLOBAL_IDENTITY}"
+                f"identity range {min_id}..{max_id} must lie within {MIN_GLOBAL_IDENTITY}..{MAX_GLOBAL_IDENTITY}"
             )
         self.store = store
         self.node_name = node_name
@@ -257,9 +256,7 @@ class IdentityAllocator:
             id_ = self._pick_free(taken)
             if id_ is None:
                 # the cache may be stale: look at the store before giving up
-                fresh = {
-                    self._id_of(kv.key) for kv in await self.store.list_prefix(self._id_prefix)
-                }
+                fresh = {self._id_of(kv.key) for kv in await self.store.list_prefix(self._id_prefix)}
                 taken = {i for i in fresh if i is not None}
                 id_ = self._pick_free(taken, use_cache=False)
                 if id_ is None:

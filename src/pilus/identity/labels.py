@@ -56,9 +56,7 @@ ANY = "any"
 CILIUM_GENERATED = "cilium-generated"
 KVSTORE = "kvstore"
 NODE = "node"
-SOURCES = frozenset(
-    {K8S, RESERVED, CIDR, FQDN, CONTAINER, UNSPEC, ANY, CILIUM_GENERATED, KVSTORE, NODE}
-)
+SOURCES = frozenset({K8S, RESERVED, CIDR, FQDN, CONTAINER, UNSPEC, ANY, CILIUM_GENERATED, KVSTORE, NODE})
 
 LABEL_NAMESPACE = "io.kubernetes.pod.namespace"
 LABEL_SERVICE_ACCOUNT = "io.cilium.k8s.policy.serviceaccount"
@@ -124,8 +122,7 @@ class Label:
                 raise LabelError(f"label {self._raw()!r}: {name} must be a string")
         if self.source not in SOURCES:
             raise LabelError(
-                f"label {self._raw()!r}: unknown source {self.source!r} "
-                f"(known: {', '.join(sorted(SOURCES))})"
+                f"label {self._raw()!r}: unknown source {self.source!r} (known: {', '.join(sorted(SOURCES))})"
             )
         if self.source == CIDR:
             canon = _canonical_cidr(self.key)
@@ -207,9 +204,7 @@ class Labels:
         for lbl in _iter_labels(labels):
             prev = by_key.get(lbl.key)
             if prev is not None and prev != lbl:
-                raise LabelError(
-                    f"label {str(lbl)!r}: key {lbl.key!r} already set by {str(prev)!r}"
-                )
+                raise LabelError(f"label {str(lbl)!r}: key {lbl.key!r} already set by {str(prev)!r}")
             by_key[lbl.key] = lbl
         self._items: tuple[Label, ...] = tuple(by_key[k] for k in sorted(by_key))
         self._by_key = {lbl.key: lbl for lbl in self._items}
@@ -218,9 +213,7 @@ class Labels:
     # construction ---------------------------------------------------------
 
     @classmethod
-    def parse(
-        cls, spec: str | Mapping[str, str] | Iterable[str], default_source: str = K8S
-    ) -> Labels:
+    def parse(cls, spec: str | Mapping[str, str] | Iterable[str], default_source: str = K8S) -> Labels:
         return parse_labels(spec, default_source)
 
     @classmethod
@@ -306,9 +299,7 @@ class Labels:
         return f"Labels({self.to_list()!r})"
 
 
-def parse_labels(
-    spec: str | Mapping[str, str] | Iterable[str] | Labels, default_source: str = K8S
-) -> Labels:
+def parse_labels(spec: str | Mapping[str, str] | Iterable[str] | Labels, default_source: str = K8S) -> Labels:
     """``"org=alliance,class=xwing"``, ``{"org": "alliance"}`` or ``["org=alliance"]``.
 
     Mapping keys may carry a source (``{"reserved:host": ""}``).

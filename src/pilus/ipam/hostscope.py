@@ -51,9 +51,7 @@ class HostScopeIPAM:
             self._reserved.add(int(ip))
         self._owners: dict[int, str] = {}
         self._hint = self._lo  # every address below the hint is taken or reserved
-        self._total = (
-            self._hi - self._lo + 1 - len([r for r in self._reserved if self._lo <= r <= self._hi])
-        )
+        self._total = self._hi - self._lo + 1 - len([r for r in self._reserved if self._lo <= r <= self._hi])
 
     # ------------------------------------------------------------------ helpers
 

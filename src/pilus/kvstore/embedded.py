@@ -197,12 +197,7 @@ class EmbeddedStore:
 
     def _drop_leases_locked(self, c: sqlite3.Connection, rev: int, lease_ids: list[int]) -> int:
         marks = ",".join("?" * len(lease_ids))
-        keys = [
-            r[0]
-            for r in c.execute(
-                f"SELECT key FROM kv WHERE lease IN ({marks}) ORDER BY key", lease_ids
-            )
-        ]
+        keys = [r[0] for r in c.execute(f"SELECT key FROM kv WHERE lease IN ({marks}) ORDER BY key", lease_ids)]
         c.execute(f"DELETE FROM leases WHERE id IN ({marks})", lease_ids)
         if not keys:
             return rev
@@ -247,9 +242,7 @@ class EmbeddedStore:
 
     def _maybe_sweep(self) -> None:
         """Sweep if some lease has expired (a cheap indexed read otherwise)."""
-        row = self._conn.execute(
-            "SELECT 1 FROM leases WHERE expires_at <= ? LIMIT 1", (time.time(),)
-        ).fetchone()
+        row = self._conn.execute("SELECT 1 FROM leases WHERE expires_at <= ? LIMIT 1", (time.time(),)).fetchone()
         if row is not None:
             self._tx(lambda c, rev, now: (None, rev))
 
@@ -272,9 +265,7 @@ class EmbeddedStore:
         _check_key(key)
 
         def fn(c: sqlite3.Connection) -> KeyValue | None:
-            row = c.execute(
-                "SELECT key, value, mod_rev, lease FROM kv WHERE key = ?", (key,)
-            ).fetchone()
+            row = c.execute("SELECT key, value, mod_rev, lease FROM kv WHERE key = ?", (key,)).fetchone()
             return None if row is None else self._row_kv(row)
 
         return await self._run(self._read, fn)
@@ -284,9 +275,7 @@ class EmbeddedStore:
         row = c.execute("SELECT expires_at FROM leases WHERE id = ?", (lease,)).fetchone()
         return row is not None and row[0] > now
 
-    def _set_locked(
-        self, c: sqlite3.Connection, rev: int, key: str, value: str, lease: int | None
-    ) -> int:
+    def _set_locked(self, c: sqlite3.Connection, rev: int, key: str, value: str, lease: int | None) -> int:
         rev += 1
         c.execute(
             "INSERT INTO kv (key, value, create_rev, mod_rev, lease) VALUES (?, ?, ?, ?, ?) "
@@ -353,9 +342,7 @@ class EmbeddedStore:
         cond, args = _range_sql(prefix)
         return [
             self._row_kv(r)
-            for r in c.execute(
-                f"SELECT key, value, mod_rev, lease FROM kv WHERE {cond} ORDER BY key", args
-            )
+            for r in c.execute(f"SELECT key, value, mod_rev, lease FROM kv WHERE {cond} ORDER BY key", args)
         ]
 
     async def list_prefix(self, prefix: str) -> list[KeyValue]:
@@ -384,14 +371,10 @@ class EmbeddedStore:
         with self._read_lock:
             if self._read_conn is None:
                 self._read_conn = self._connect()
-            row = self._read_conn.execute(
-                "SELECT value FROM meta WHERE name = 'revision'"
-            ).fetchone()
+            row = self._read_conn.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
             return row[0]
 
-    def watch_prefix(
-        self, prefix: str, start_revision: int | None = None
-    ) -> AsyncIterator[WatchEvent]:
+    def watch_prefix(self, prefix: str, start_revision: int | None = None) -> AsyncIterator[WatchEvent]:
         if self._closed:
             raise KVStoreError("kvstore is closed")
         if start_revision is None:
@@ -419,8 +402,7 @@ class EmbeddedStore:
                     f"revision {compacted + 1} was compacted (current {rev})"
                 )
             rows = c.execute(
-                f"SELECT rev, type, key, value FROM events WHERE rev > ? AND rev <= ? "
-                f"AND {cond} ORDER BY id",
+                f"SELECT rev, type, key, value FROM events WHERE rev > ? AND rev <= ? AND {cond} ORDER BY id",
                 (after, rev, *args),
             ).fetchall()
         finally:
@@ -447,9 +429,7 @@ class EmbeddedStore:
             raise KVStoreError(f"lease TTL must be positive, got {ttl!r}")
 
         def op(c: sqlite3.Connection, rev: int, now: float) -> tuple[Any, int]:
-            cur = c.execute(
-                "INSERT INTO leases (ttl, expires_at) VALUES (?, ?)", (float(ttl), now + ttl)
-            )
+            cur = c.execute("INSERT INTO leases (ttl, expires_at) VALUES (?, ?)", (float(ttl), now + ttl))
             return cur.lastrowid, rev
 
         return await self._run(self._tx, op)

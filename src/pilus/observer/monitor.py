@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 SUBSCRIBER_QUEUE = 4096
 
 
-@dataclass
+@dataclass(eq=False)  # identity-hashed: kept in a set
 class Subscriber:
     types: frozenset[str] | None
     endpoint: int | None

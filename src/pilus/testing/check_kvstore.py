@@ -37,9 +37,7 @@ async def _take(it: AsyncIterator[WatchEvent], n: int, timeout: float) -> list[W
         try:
             out.append(await asyncio.wait_for(it.__anext__(), max(left, 0.001)))
         except TimeoutError:
-            raise ConformanceError(
-                f"watch delivered {len(out)} of {n} events within {timeout}s: {out}"
-            ) from None
+            raise ConformanceError(f"watch delivered {len(out)} of {n} events within {timeout}s: {out}") from None
     return out
 
 
@@ -112,15 +110,11 @@ async def _check_basic(store: Store, p: str) -> None:
     # create-if-absent
     _expect(await store.create(p + "c", "first") is True, "create() of an absent key must be True")
     rev = await store.revision()
-    _expect(
-        await store.create(p + "c", "second") is False, "create() of a present key must be False"
-    )
+    _expect(await store.create(p + "c", "second") is False, "create() of a present key must be False")
     _expect((await store.get(p + "c")).value == "first", "failed create() must not overwrite")
     _expect(await store.revision() == rev, "failed create() must not bump the revision")
     results = await asyncio.gather(*(store.create(p + "race", str(i)) for i in range(8)))
-    _expect(
-        results.count(True) == 1, f"8 concurrent create()s: exactly one must win, got {results}"
-    )
+    _expect(results.count(True) == 1, f"8 concurrent create()s: exactly one must win, got {results}")
 
     # delete
     _expect(await store.delete(p + "c") is True, "delete() of a present key must be True")
@@ -139,8 +133,7 @@ async def _check_prefixes(store: Store, p: str) -> None:
     listed = await store.list_prefix(p)
     _expect([kv.key for kv in listed] == sorted(keys), f"list_prefix() order/contents: {listed}")
     _expect(
-        [kv.key for kv in await store.list_prefix(p + "a")]
-        == sorted([p + "a", p + "a/x", p + "ab", p + "a0"]),
+        [kv.key for kv in await store.list_prefix(p + "a")] == sorted([p + "a", p + "a/x", p + "ab", p + "a0"]),
         "list_prefix() of a key prefix must include the key and its extensions only",
     )
     _expect(await store.list_prefix(p + "nothing/") == [], "list_prefix() with no match must be []")
@@ -213,9 +206,7 @@ async def _check_watch(store: Store, p: str, timeout: float) -> None:
     part = store.watch_prefix(p, start_revision=mid)
     try:
         got = await _take(part, 5, timeout)
-        _expect(
-            _summary(got) == expected[3:] + [("put", p + "k4", "v4")], f"replay after {mid}: {got}"
-        )
+        _expect(_summary(got) == expected[3:] + [("put", p + "k4", "v4")], f"replay after {mid}: {got}")
     finally:
         await part.aclose()
     await store.delete_prefix(p)
@@ -267,9 +258,7 @@ async def _check_leases(store: Store, p: str, leases: list[int], timeout: float)
     await store.delete_prefix(p)
 
 
-async def _check_expiry(
-    store: Store, p: str, ttl: float, leases: list[int], timeout: float
-) -> None:
+async def _check_expiry(store: Store, p: str, ttl: float, leases: list[int], timeout: float) -> None:
     lease = await store.grant_lease(ttl)
     leases.append(lease)
     await store.put(p + "k", "v", lease=lease)

@@ -103,9 +103,9 @@ def ping(ip: str, timeout: str = "2") -> None:
     payload = b"pilus-probe"
     packet = struct.pack("!BBHHH", 8, 0, _checksum(header + payload), ident, seq) + payload
     start = time.monotonic()
-    sock.sendto(packet, (ip, 0))
     deadline = start + float(timeout)
     try:
+        sock.sendto(packet, (ip, 0))
         while time.monotonic() < deadline:
             data, peer = sock.recvfrom(65536)
             ihl = (data[0] & 0x0F) * 4
@@ -116,6 +116,8 @@ def ping(ip: str, timeout: str = "2") -> None:
         _out(ok=False, error="timeout")
     except TimeoutError:
         _out(ok=False, error="timeout")
+    except OSError as exc:
+        _out(ok=False, error=exc.strerror or str(exc))
 
 
 def spoof_udp(src: str, dst: str, port: str, message: str = "spoofed") -> None:
