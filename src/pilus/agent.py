@@ -67,14 +67,22 @@ class AgentConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pilus agent", description="Run the pilus node agent in this network namespace.")
+    p = argparse.ArgumentParser(
+        prog="pilus agent", description="Run the pilus node agent in this network namespace."
+    )
     p.add_argument("--node-name", required=True, help="this node's name (unique on the machine)")
-    p.add_argument("--state-dir", required=True, type=Path, help="directory for endpoints, compiled BPF and the API socket")
+    p.add_argument(
+        "--state-dir", required=True, type=Path, help="directory for endpoints, compiled BPF and the API socket"
+    )
     p.add_argument("--pod-cidr", required=True, type=_cidr, help="this node's pod CIDR, e.g. 10.200.1.0/24")
-    p.add_argument("--cluster-name", default="default", help="cluster name (identity label io.cilium.k8s.policy.cluster)")
+    p.add_argument(
+        "--cluster-name", default="default", help="cluster name (identity label io.cilium.k8s.policy.cluster)"
+    )
     p.add_argument("--kvstore", default="embedded", choices=["embedded"], help="kvstore backend")
     p.add_argument("--kvstore-path", type=Path, help="embedded kvstore file (default <state-dir>/kvstore.db)")
-    p.add_argument("--native-device", help="underlay device whose address is the node IP (default: the default route's)")
+    p.add_argument(
+        "--native-device", help="underlay device whose address is the node IP (default: the default route's)"
+    )
     p.add_argument("--bpffs-root", type=Path, default=Path("/sys/fs/bpf/pilus"), help="where maps are pinned")
     p.add_argument("--mtu", type=int, default=1500, help="endpoint MTU")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])

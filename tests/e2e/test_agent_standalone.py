@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -35,10 +36,8 @@ def agent(tmp_path):
         yield cmd, client, created
     finally:
         for ep_id in created:
-            try:
+            with contextlib.suppress(Exception):
                 client.delete_endpoint(ep_id)
-            except Exception:
-                pass
         proc.terminate()
         proc.wait(10)
         log.close()

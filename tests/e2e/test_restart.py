@@ -3,6 +3,8 @@ supervisor restarts it, the exchange never stalls, and the endpoints are the sam
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -22,10 +24,8 @@ def pair(api):
     b = api.create_endpoint("default/talker", ["app=talker"])
     yield a, b
     for ep in (a, b):
-        try:
+        with contextlib.suppress(Exception):
             api.delete_endpoint(ep["id"])
-        except Exception:
-            pass
 
 
 def _agent_pid(api) -> int | None:
@@ -55,8 +55,6 @@ def test_kill_agent_during_tcp_exchange(api, pair, servers):
     finally:
         if stream.poll() is None:
             stream.kill()
-    import json
-
     result = json.loads(out.strip().splitlines()[-1])
     assert result["ok"], result
     assert result["round_trips"] > 100

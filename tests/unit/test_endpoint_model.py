@@ -8,7 +8,11 @@ from pilus.endpoint.state import TRANSITIONS, State, TransitionError, check_tran
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("default/xwing", ("default", "xwing")), ("xwing", ("default", "xwing")), ("kube-system/dns-1", ("kube-system", "dns-1"))],
+    [
+        ("default/xwing", ("default", "xwing")),
+        ("xwing", ("default", "xwing")),
+        ("kube-system/dns-1", ("kube-system", "dns-1")),
+    ],
 )
 def test_split_name(name, expected):
     assert split_name(name) == expected

@@ -281,6 +281,6 @@ class EndpointManager:
                 self.datapath.endpoints.delete(info.ipv4)
         pod_cidr = self.node.pod_cidr
         for prefix, _identity, _tunnel in self.datapath.ipcache.items():
-            if prefix.prefixlen == 32 and prefix.network_address in pod_cidr:
-                if prefix.network_address not in live and prefix.network_address != self.node.router_ip:
-                    self.datapath.ipcache.delete(prefix)
+            addr = prefix.network_address
+            if prefix.prefixlen == 32 and addr in pod_cidr and addr not in live and addr != self.node.router_ip:
+                self.datapath.ipcache.delete(prefix)

@@ -11,10 +11,10 @@ Rules (Cilium's endpoint states, the subset a pod without a kubelet needs):
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class State(str, Enum):
+class State(StrEnum):
     WAITING_FOR_IDENTITY = "waiting-for-identity"
     REGENERATING = "regenerating"
     READY = "ready"

@@ -27,9 +27,7 @@ class Subscriber:
     def wants(self, event: dict) -> bool:
         if self.types is not None and event["type"] not in self.types:
             return False
-        if self.endpoint is not None and self.endpoint not in (event.get("source_ep"), event.get("dst_ep")):
-            return False
-        return True
+        return self.endpoint is None or self.endpoint in (event.get("source_ep"), event.get("dst_ep"))
 
     def offer(self, event: dict) -> None:
         if self.lost:
