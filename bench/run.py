@@ -43,6 +43,7 @@ RR_BIN = BUILD / "rr"
 RR_PORT = 7001
 IPERF_PORT = 5201
 CPU_CLIENT, CPU_SERVER = 0, 1
+CLEAN_TOL = 0.05
 
 BENCH_CLUSTER = "bench"
 BENCH_POD_CIDR = IPv4Network("10.203.0.0/16")
@@ -369,6 +370,17 @@ def summarize(results: dict[str, list[dict]], keys: list[str]) -> dict[str, Any]
                     ratios.append(x[fld] / a[fld])
             q1, med, q3 = quartiles(ratios)
             row["ratio"][k] = {"median": med, "q1": q1, "q3": q3, "n": len(ratios)}
+            if k != "A'" and "A'" in results:
+                # rounds whose A'/A control is within ±5 % (performance.md §8.3.3)
+                clean = []
+                for i in range(rounds):
+                    a = results["A"][i].get(wl, {}).get(fld)
+                    a2 = results["A'"][i].get(wl, {}).get(fld)
+                    x = results[k][i].get(wl, {}).get(fld)
+                    if a and a2 is not None and x is not None and abs(a2 / a - 1) <= CLEAN_TOL:
+                        clean.append(x / a)
+                row["ratio"][k]["clean_median"] = statistics.median(clean) if clean else None
+                row["ratio"][k]["clean_n"] = len(clean)
         summary[f"{wl}.{fld}"] = row
     return summary
 
@@ -383,6 +395,8 @@ def print_report(summary: dict[str, Any], keys: list[str], meta: dict[str, Any])
     )
     head = f"{'metric':<24}" + "".join(f"{names[k]:>15}" for k in keys)
     head += "".join(f"{k + '/A [IQR]':>24}" for k in ratio_keys)
+    clean_keys = [k for k in ratio_keys if k != "A'" and "A'" in keys]
+    head += "".join(f"{k + '/A clean (n)':>18}" for k in clean_keys)
     print(head)
     print("-" * len(head))
     for _wl, _fld, label, _hib, fmt in METRICS:
@@ -397,10 +411,17 @@ def print_report(summary: dict[str, Any], keys: list[str], meta: dict[str, Any])
                 line += f"{r['median']:>10.3f} [{r['q1']:.3f}-{r['q3']:.3f}]"
             else:
                 line += f"{'-':>24}"
+        for k in clean_keys:
+            r = row["ratio"].get(k) or {}
+            if r.get("clean_median") is not None:
+                line += f"{r['clean_median']:>13.3f} ({r['clean_n']})"
+            else:
+                line += f"{'- (0)':>18}"
         print(line)
     print()
     print("ratios are per round against the same round's A, then the median over rounds;")
-    print("A'/A is the noise floor: differences of B/A within it are noise.")
+    print("A'/A is the noise floor: differences of B/A within it are noise;")
+    print(f"'clean' uses only the rounds whose A'/A is within ±{CLEAN_TOL:.0%} for that metric.")
     if meta.get("max_steal_pct", 0) > 2:
         print(f"warning: CPU steal up to {meta['max_steal_pct']:.1f} % during tests")
     if meta.get("bpf_cost"):
@@ -457,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
                 configs.append(cfg)
                 bench_socket = doc["nodes"][0]["socket"]
             except Exception as e:  # noqa: BLE001 - reported, A/A' still measured
-                meta["pilus_error"] = str(e).splitlines()[0][:500]
+                msg = " ".join(str(e).split())
+                meta["pilus_error"] = msg if len(msg) <= 600 else msg[:250] + " ... " + msg[-350:]
                 log(f"pilus unavailable: {meta['pilus_error']}")
                 exit_code = 1
         for cfg in configs:

@@ -7,6 +7,7 @@ Components, in start order (stop runs in reverse):
   node        pilus_host router device, sysctls, masquerade; host/world ipcache entries
   identities  label set -> numeric identity through the kvstore
   ipam        host-scope allocator over the node's pod CIDR
+  policy      policies + namespaces from the kvstore -> engine -> per-endpoint policy maps
   endpoints   restore saved endpoints, then serve create/delete
   events      ring buffer -> monitor subscribers
   api         REST on <state-dir>/pilus.sock
@@ -34,13 +35,18 @@ from pilus.api.server import APIServer
 from pilus.datapath import Datapath, DatapathConfig
 from pilus.endpoint.manager import EndpointManager, NodeInfo
 from pilus.endpoint.model import EndpointStore
+from pilus.endpoint.policy_sync import PolicySync
+from pilus.errors import TraceInputError
 from pilus.identity import reserved
+from pilus.identity.labels import Labels, endpoint_labels, parse_labels
 from pilus.identity.allocator import IdentityAllocator
 from pilus.ipam.hostscope import HostScopeIPAM
 from pilus.kvstore import open_store
 from pilus.metrics.collector import AgentCollector, Sample, datapath_samples
 from pilus.node import setup as node_setup
 from pilus.observer.monitor import EventHub
+from pilus.policy.distribution import PolicyDistribution
+from pilus.policy.engine import PolicyEngine
 
 log = logging.getLogger("pilus.agent")
 
@@ -60,6 +66,7 @@ class AgentConfig:
     native_device: str | None = None
     bpffs_root: Path = Path("/sys/fs/bpf/pilus")
     mtu: int = 1500
+    policy_enforcement: str = "default"
 
     @property
     def socket_path(self) -> Path:
@@ -85,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bpffs-root", type=Path, default=Path("/sys/fs/bpf/pilus"), help="where maps are pinned")
     p.add_argument("--mtu", type=int, default=1500, help="endpoint MTU")
+    p.add_argument(
+        "--policy-enforcement", default="default", choices=["default", "always", "never"],
+        help="default: deny only in directions that policies select; always: deny unless allowed; never: allow all",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     p.add_argument("--describe", action="store_true", help="print the components and settings, then exit")
     return p
@@ -108,6 +119,9 @@ class Agent:
         self.identities = IdentityAllocator(self.store, cfg.node_name)
         self.ipam = HostScopeIPAM(cfg.pod_cidr, reserved=[self.router_ip])
         self.endpoints: EndpointManager | None = None
+        self.distribution = PolicyDistribution(self.store)
+        self.policy_engine = PolicyEngine(mode=cfg.policy_enforcement, cluster=cfg.cluster_name)
+        self.policy: PolicySync | None = None
         self.events: EventHub | None = None
         self.api = APIServer(self, cfg.socket_path)
         self.registry = CollectorRegistry()
@@ -147,6 +161,12 @@ class Agent:
             self.ipam,
             EndpointStore(cfg.state_dir),
         )
+        self.policy = PolicySync(self.policy_engine, self.datapath, self.identities, self.distribution)
+        await self.policy.start()
+        self._started.append("policy")
+        self.endpoints.policy = self.policy
+        self.endpoints.namespace_labels = lambda ns: self.policy.namespace_labels.get(ns, {})
+        self.policy.on_namespace_change = self._namespace_changed
         restored = await self.endpoints.restore()
         self.events = EventHub(self.datapath.events())
         await self.events.start()
@@ -168,6 +188,8 @@ class Agent:
                     await self.events.stop()
                 elif name == "identities":
                     await self.identities.stop()
+                elif name == "policy" and self.policy:
+                    await self.policy.stop()
                 elif name == "datapath" and self.datapath:
                     self.datapath.close()
             except Exception:
@@ -198,7 +220,43 @@ class Agent:
         self.datapath.ipcache.upsert(IPv4Network(f"{self.node_ip}/32"), host)
         self.datapath.ipcache.upsert(IPv4Network("0.0.0.0/0"), reserved.WORLD)
 
+    async def _namespace_changed(self, namespace: str, labels: dict[str, str]) -> None:
+        if self.endpoints is not None:
+            for ep in await self.endpoints.namespace_changed(namespace):
+                log.info("endpoint %d %s now has identity %d", ep.id, ep.name, ep.identity)
+
     # -- views for the API ---------------------------------------------------
+
+    def _trace_labels(self, body: dict, side: str) -> tuple[Labels, bool]:
+        """Labels of one side of a trace: a local endpoint, or labels as a pod would carry them."""
+        ref = body.get(f"{side}_endpoint")
+        if ref is not None:
+            return Labels(self.endpoints.lookup(str(ref)).labels), True
+        raw = body.get(f"{side}_labels")
+        if raw is None:
+            raise TraceInputError(f"give {side}_endpoint or {side}_labels")
+        parsed = parse_labels(raw)
+        if any(label.source == "reserved" for label in parsed):
+            return parsed, False
+        namespace = body.get(f"{side}_namespace") or "default"
+        ns_labels = self.policy.namespace_labels.get(namespace, {}) if self.policy else {}
+        pod = {label.key: label.value for label in parsed}
+        labels = endpoint_labels(namespace, pod, cluster=self.cfg.cluster_name, namespace_labels=ns_labels)
+        return labels, True
+
+    async def trace(self, body: dict) -> dict:
+        src, src_local = self._trace_labels(body, "src")
+        dst, dst_local = self._trace_labels(body, "dst")
+        port_text = str(body.get("dport", "0"))
+        port, _, proto_name = port_text.partition("/")
+        proto_name = (proto_name or body.get("protocol") or "TCP").upper()
+        protos = {"TCP": 6, "UDP": 17, "ICMP": 1, "ANY": 0, "SCTP": 132}
+        if not port.isdigit() or int(port) > 65535 or proto_name not in protos:
+            raise TraceInputError(f"dport {port_text!r}: expected PORT[/TCP|UDP|ICMP] with PORT 0-65535")
+        result = await self.policy.trace(
+            src, dst, int(port), protos[proto_name], src_is_local=src_local, dst_is_local=dst_local
+        )
+        return result.to_dict()
 
     async def identity_rows(self) -> list[dict]:
         in_use: dict[int, int] = {}
@@ -259,6 +317,10 @@ class Agent:
             "ipam": self.ipam.stats(),
             "endpoints": {"total": len(eps), "by_state": by_state},
             "identities": {"allocated": len(identities)},
+            "policy": {
+                "mode": self.cfg.policy_enforcement,
+                "revision": self.policy.revision if self.policy else 0,
+            },
             "events": {
                 "received": self.events.received if self.events else 0,
                 "lost": self.events.lost() if self.events else 0,
@@ -310,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         native_device=args.native_device,
         bpffs_root=args.bpffs_root,
         mtu=args.mtu,
+        policy_enforcement=args.policy_enforcement,
     )
     if args.describe:
         print(describe(cfg))

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 
+class TraceInputError(ValueError):
+    """A policy trace request that names nothing traceable."""
+
+
 def user_facing() -> tuple[type[BaseException], ...]:
     from pilus.agent import AgentError
     from pilus.datapath import DatapathError

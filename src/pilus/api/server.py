@@ -18,8 +18,11 @@ from aiohttp import web
 
 from pilus.endpoint.manager import EndpointExists, EndpointNotFound
 from pilus.endpoint.model import EndpointNameError
+from pilus.errors import TraceInputError
 from pilus.identity.labels import LabelError
 from pilus.ipam.hostscope import IPAMExhausted
+from pilus.policy.distribution import NamespaceError, PolicyNotFound
+from pilus.policy.schema import PolicyValidationError
 
 if TYPE_CHECKING:
     from pilus.agent import Agent
@@ -33,7 +36,12 @@ _ERRORS: list[tuple[type[BaseException], int]] = [
     (EndpointNameError, 400),
     (LabelError, 400),
     (IPAMExhausted, 503),
+    (PolicyNotFound, 404),
+    (NamespaceError, 400),
+    (TraceInputError, 400),
 ]
+
+MONITOR_TYPES = {"drop", "trace", "policy-verdict"}
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -81,6 +89,15 @@ class APIServer:
         r.add_get("/v1/metrics", self.metrics)
         r.add_get("/v1/metrics/prometheus", self.metrics_prometheus)
         r.add_get("/v1/monitor", self.monitor)
+        r.add_get("/v1/policy", self.policy_get)
+        r.add_put("/v1/policy", self.policy_import)
+        r.add_delete("/v1/policy", self.policy_delete)
+        r.add_post("/v1/policy/trace", self.policy_trace)
+        r.add_get("/v1/policy/selectors", self.policy_selectors)
+        r.add_get("/v1/bpf/policy/{ref:.+}", self.bpf_policy)
+        r.add_get("/v1/namespace", self.namespace_list)
+        r.add_put("/v1/namespace/{name}", self.namespace_put)
+        r.add_delete("/v1/namespace/{name}", self.namespace_delete)
         return app
 
     async def start(self) -> None:
@@ -119,7 +136,10 @@ class APIServer:
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
             return _error(400, "field 'labels' must be a list of strings like 'org=alliance'")
         sa = body.get("service_account") or "default"
-        ep = await self.agent.endpoints.create(name, labels, service_account=sa)
+        ports = body.get("named_ports") or {}
+        if not isinstance(ports, dict) or not all(isinstance(v, str) for v in ports.values()):
+            return _error(400, "field 'named_ports' must map port names to 'PORT/PROTOCOL' strings")
+        ep = await self.agent.endpoints.create(name, labels, service_account=sa, named_ports=ports)
         return web.json_response(ep.to_json(), status=201)
 
     async def endpoint_get(self, request: web.Request) -> web.Response:
@@ -178,8 +198,8 @@ class APIServer:
     async def monitor(self, request: web.Request) -> web.StreamResponse:
         types_arg = request.query.get("type")
         types = frozenset(types_arg.split(",")) if types_arg else None
-        if types and not types <= {"drop", "trace"}:
-            return _error(400, f"unknown event type {types_arg!r}: expected drop or trace")
+        if types and not types <= MONITOR_TYPES:
+            return _error(400, f"unknown event type {types_arg!r}: expected one of {', '.join(sorted(MONITOR_TYPES))}")
         endpoint = request.query.get("endpoint")
         if endpoint is not None and not endpoint.isdigit():
             return _error(400, f"endpoint {endpoint!r} is not an endpoint id")
@@ -195,3 +215,82 @@ class APIServer:
         finally:
             self.agent.events.unsubscribe(sub)
         return response
+
+    # -- policy ----------------------------------------------------------------
+
+    async def policy_get(self, request: web.Request) -> web.Response:
+        revision, docs = await self.agent.distribution.load()
+        return web.json_response({"revision": revision, "policies": [d.raw for d in docs]})
+
+    async def policy_import(self, request: web.Request) -> web.Response:
+        text = await request.text()
+        if request.content_type == "application/json":
+            try:
+                body = json.loads(text)
+            except json.JSONDecodeError as exc:
+                return _error(400, f"request body is not JSON: {exc}")
+            text = body.get("yaml", text) if isinstance(body, dict) and "yaml" in body else text
+        try:
+            _rev, docs = await self.agent.distribution.import_text(text)
+        except PolicyValidationError as exc:
+            return web.json_response(
+                {"error": str(exc), "errors": [vars(issue) for issue in exc.errors]}, status=400
+            )
+        revision = await self.agent.policy.reload_policies()
+        return web.json_response({
+            "revision": revision,
+            "imported": [{"kind": d.kind, "namespace": d.namespace, "name": d.name} for d in docs],
+            "warnings": [w for d in docs for w in getattr(d, "warnings", ())],
+        })
+
+    async def policy_delete(self, request: web.Request) -> web.Response:
+        everything = request.query.get("all") in ("1", "true", "yes")
+        name = request.query.get("name")
+        if not everything and not name:
+            return _error(400, "say which policy: ?name=NAME[&namespace=NS] or ?all=true")
+        _rev, count = await self.agent.distribution.delete(
+            name, request.query.get("namespace"), everything=everything
+        )
+        revision = await self.agent.policy.reload_policies()
+        return web.json_response({"revision": revision, "deleted": count})
+
+    async def policy_trace(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError as exc:
+            return _error(400, f"request body is not JSON: {exc}")
+        return web.json_response(await self.agent.trace(body))
+
+    async def policy_selectors(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.agent.policy.selectors())
+
+    async def bpf_policy(self, request: web.Request) -> web.Response:
+        ep = self.agent.endpoints.lookup(request.match_info["ref"])
+        entries = self.agent.datapath.policy.items(ep.id)
+        return web.json_response({"endpoint": ep.id, "name": ep.name, "entries": entries})
+
+    # -- namespaces ------------------------------------------------------------
+
+    async def namespace_list(self, request: web.Request) -> web.Response:
+        namespaces = await self.agent.distribution.namespaces()
+        return web.json_response([{"name": n, "labels": labels} for n, labels in sorted(namespaces.items())])
+
+    async def namespace_put(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except json.JSONDecodeError as exc:
+            return _error(400, f"request body is not JSON: {exc}")
+        labels = body.get("labels", {})
+        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+            return _error(400, "field 'labels' must be an object of string values")
+        name = request.match_info["name"]
+        full = await self.agent.distribution.put_namespace(name, labels)
+        await self.agent.policy.refresh_namespaces()
+        return web.json_response({"name": name, "labels": full})
+
+    async def namespace_delete(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if not await self.agent.distribution.delete_namespace(name):
+            return _error(404, f"namespace {name!r} not found")
+        await self.agent.policy.refresh_namespaces()
+        return web.json_response({"deleted": name})

@@ -24,6 +24,7 @@
 #include "lib/events.h"
 #include "lib/trace.h"
 #include "lib/drop.h"
+#include "lib/policy.h"
 
 static __always_inline int handle_arp(struct __sk_buff *skb, const struct endpoint_info *ep,
 				      struct drop_ctx *d)
@@ -67,16 +68,43 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
 		return send_drop(skb, d, DROP_INVALID_SIP, METRIC_EGRESS);
 
 	dst_ep = lookup_ip4_endpoint(p.ip.daddr);
-	dst_id_label = ipcache_identity4(p.ip.daddr);
+	dst_id_label = resolve_identity4(p.ip.daddr);
 	if (dst_ep && dst_id_label == IDENTITY_WORLD && dst_ep->identity)
 		dst_id_label = dst_ep->identity;
 	d->dst_label = dst_id_label;
 
-	ret = ct_process4(skb, &p, CT_EGRESS, src_id, &ct);
+	ret = ct_lookup4(skb, &p, &ct);
 	if (ret)
 		return send_drop(skb, d, ret, METRIC_EGRESS);
 
-	/* (per-endpoint egress policy goes here, for ct.state == CT_NEW) */
+	/* policy for the first packet of a connection only: the sender's egress,
+	 * then, for local delivery, the receiver's ingress (redirect_peer skips
+	 * its to-container); the connection is recorded once both allowed */
+	if (ct.state == CT_NEW) {
+		if (src_ep->flags & ENDPOINT_F_POLICY_EGRESS) {
+			ret = policy_check4(skb, &p, src_ep, dst_id_label, POLICY_EGRESS,
+					    skb->ingress_ifindex);
+			if (ret)
+				return send_drop(skb, d, ret, METRIC_EGRESS);
+		}
+		if (dst_ep && !(dst_ep->flags & ENDPOINT_F_HOST) &&
+		    (dst_ep->flags & ENDPOINT_F_POLICY_INGRESS)) {
+			ret = policy_check4(skb, &p, dst_ep, src_id, POLICY_INGRESS,
+					    dst_ep->ifindex);
+			if (ret) {
+				/* reported by the receiving endpoint, as its own drop */
+				struct drop_ctx di = *d;
+
+				di.source = dst_ep->ep_id;
+				di.dst_id = dst_ep->ep_id;
+				di.ifindex = dst_ep->ifindex;
+				return send_drop(skb, &di, ret, METRIC_INGRESS);
+			}
+		}
+		ret = ct_create4(skb, &p, CT_EGRESS, src_id, &ct);
+		if (ret)
+			return send_drop(skb, d, ret, METRIC_EGRESS);
+	}
 
 	if (dst_ep && !(dst_ep->flags & ENDPOINT_F_HOST)) {
 		__u32 dst_ifindex = dst_ep->ifindex;
@@ -134,7 +162,6 @@ int cil_from_container(struct __sk_buff *skb)
 SEC("tc")
 int cil_to_container(struct __sk_buff *skb)
 {
-	struct remote_endpoint_info *info;
 	struct ct_result ct = {};
 	struct drop_ctx d = {};
 	struct endpoint_info *ep;
@@ -161,20 +188,27 @@ int cil_to_container(struct __sk_buff *skb)
 	if (ret)
 		return send_drop(skb, &d, ret, METRIC_INGRESS);
 
-	info = ipcache_lookup4(p.ip.saddr);
-	if (info && info->sec_identity)
-		src_id = info->sec_identity;
-	else if (p.ip.saddr == CFG(router_ip) || p.ip.saddr == CFG(node_ip))
-		src_id = IDENTITY_HOST;
-	else
-		src_id = IDENTITY_WORLD;
+	src_id = resolve_identity4(p.ip.saddr);
 	d.src_label = src_id;
 
-	ret = ct_process4(skb, &p, CT_INGRESS, src_id, &ct);
+	ret = ct_lookup4(skb, &p, &ct);
 	if (ret)
 		return send_drop(skb, &d, ret, METRIC_INGRESS);
 
-	/* (per-endpoint ingress policy goes here, for ct.state == CT_NEW) */
+	/* ingress policy for the first packet of a connection from the stack
+	 * (node, other nodes, outside); replies of the pod's own connections
+	 * (masqueraded ones come back de-NATed: the reversed original tuple)
+	 * are CT_REPLY and pass */
+	if (ct.state == CT_NEW) {
+		if (ep && (ep->flags & ENDPOINT_F_POLICY_INGRESS)) {
+			ret = policy_check4(skb, &p, ep, src_id, POLICY_INGRESS, skb->ifindex);
+			if (ret)
+				return send_drop(skb, &d, ret, METRIC_INGRESS);
+		}
+		ret = ct_create4(skb, &p, CT_INGRESS, src_id, &ct);
+		if (ret)
+			return send_drop(skb, &d, ret, METRIC_INGRESS);
+	}
 
 	send_trace(skb, &ct, TRACE_TO_LXC, d.source, src_id, d.dst_label, d.dst_id,
 		   skb->ifindex);
@@ -194,4 +228,12 @@ __attribute__((noinline)) int pilus_abi_anchor(struct drop_notify *d, struct tra
 					       struct notify_common_hdr *c, struct ev_bucket *b)
 {
 	return (d != 0) + (t != 0) + (h != 0) + (c != 0) + (b != 0);
+}
+
+/* BTF anchor for the policy structs (BPF functions take at most 5 arguments) */
+__attribute__((noinline)) int pilus_abi_anchor_policy(struct policy_verdict_notify *pv,
+						      struct policy_key *k,
+						      struct policy_entry *e)
+{
+	return (pv != 0) + (k != 0) + (e != 0);
 }

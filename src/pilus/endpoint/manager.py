@@ -12,15 +12,19 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from pilus.datapath import Datapath, EndpointInfo, links
-from pilus.endpoint.model import Endpoint, EndpointStore, split_name
+from pilus.datapath import Datapath, links
+from pilus.endpoint.model import Endpoint, EndpointStore, check_named_ports, endpoint_info, split_name
 from pilus.endpoint.state import State
 from pilus.identity.allocator import IdentityAllocator
 from pilus.identity.labels import K8S, Label, LabelError, endpoint_labels, parse_label
 from pilus.ipam.hostscope import HostScopeIPAM
+
+if TYPE_CHECKING:
+    from pilus.endpoint.policy_sync import PolicySync
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +103,8 @@ class EndpointManager:
         self.store = store
         self.endpoints: dict[int, Endpoint] = {}
         self._lock = asyncio.Lock()
+        self.policy: PolicySync | None = None  # set by the agent once policy is running
+        self.namespace_labels: Callable[[str], dict[str, str]] = lambda ns: {}
 
     # -- queries -------------------------------------------------------------
 
@@ -120,9 +126,16 @@ class EndpointManager:
 
     # -- create ----------------------------------------------------------------
 
-    async def create(self, name: str, labels: list[str], service_account: str = "default") -> Endpoint:
+    async def create(
+        self,
+        name: str,
+        labels: list[str],
+        service_account: str = "default",
+        named_ports: dict[str, str] | None = None,
+    ) -> Endpoint:
         namespace, pod = split_name(name)
         user_labels = [str(label) for label in pod_labels(labels)]  # LabelError on bad input
+        named_ports = check_named_ports(named_ports or {})
         security = self._security_labels(namespace, user_labels, service_account)
         async with self._lock:
             if any((e.namespace, e.pod_name) == (namespace, pod) for e in self.endpoints.values()):
@@ -144,6 +157,7 @@ class EndpointManager:
                     ipv4=ip,
                     netns=f"pilus-{self.node.name}-ep{ep_id}",
                     interface_name=lxc_name(self.node.name, namespace, pod),
+                    named_ports=named_ports,
                 )
                 identity = await self.identities.allocate(security)
                 undo.push("release identity", lambda: self.identities.release(identity.id))
@@ -153,8 +167,8 @@ class EndpointManager:
                 undo.push("remove netns", lambda: links.delete_netns(ep.netns))
                 undo.push("remove veth", lambda: links.delete_link(ep.interface_name))
                 await asyncio.to_thread(self._plumb, ep)
-                undo.push("remove map entries", lambda: self._unprogram(ep))
-                await asyncio.to_thread(self._program, ep)
+                undo.push("remove map entries", lambda: self._unprogram(ep))  # a coroutine: awaited
+                await self._program(ep)
                 ep.set_state(State.READY)
                 self.store.save(ep)
             except BaseException:
@@ -166,7 +180,10 @@ class EndpointManager:
 
     def _security_labels(self, namespace: str, user_labels: list[str], service_account: str):
         pod = {label.key: label.value for label in pod_labels(user_labels)}
-        return endpoint_labels(namespace, pod, service_account=service_account, cluster=self.node.cluster)
+        ns_labels = {k: v for k, v in self.namespace_labels(namespace).items()}
+        return endpoint_labels(
+            namespace, pod, service_account=service_account, cluster=self.node.cluster, namespace_labels=ns_labels
+        )
 
     def _next_id(self) -> int:
         used = set(self.endpoints)
@@ -194,23 +211,17 @@ class EndpointManager:
         links.add_route(f"{ep.ipv4}/32", dev=ep.interface_name, scope="link", src=router)
         links.add_neigh(str(ep.ipv4), ep.mac, ep.interface_name)
 
-    def _endpoint_info(self, ep: Endpoint) -> EndpointInfo:
-        return EndpointInfo(
-            ipv4=ep.ipv4,
-            ifindex=ep.interface_index,
-            ep_id=ep.id,
-            identity=ep.identity,
-            mac=ep.mac,
-            host_mac=ep.host_mac,
-        )
-
-    def _program(self, ep: Endpoint) -> None:
-        """Datapath state for the endpoint: maps first, then the programs."""
-        self.datapath.endpoints.upsert(self._endpoint_info(ep))
+    async def _program(self, ep: Endpoint) -> None:
+        """Datapath state for the endpoint: policy map, endpoint and ipcache entries, then programs."""
+        if self.policy is not None:
+            ep.policy_flags = await self.policy.endpoint_upserted(ep)
+        self.datapath.endpoints.upsert(endpoint_info(ep))
         self.datapath.ipcache.upsert(IPv4Network(f"{ep.ipv4}/32"), ep.identity)
         self.datapath.attach_endpoint(ep.interface_index)
 
-    def _unprogram(self, ep: Endpoint) -> None:
+    async def _unprogram(self, ep: Endpoint) -> None:
+        if self.policy is not None:
+            await self.policy.endpoint_removed(ep)
         self.datapath.detach_endpoint(ep.interface_index)
         self.datapath.ipcache.delete(IPv4Network(f"{ep.ipv4}/32"))
         self.datapath.endpoints.delete(ep.ipv4)
@@ -221,6 +232,7 @@ class EndpointManager:
         async with self._lock:
             ep = self.lookup(ref)
             ep.set_state(State.DISCONNECTING)
+            await self._unprogram_quietly(ep)
             await asyncio.to_thread(self._teardown, ep)
             await self.identities.release(ep.identity)
             self.ipam.release(ep.ipv4)
@@ -229,9 +241,15 @@ class EndpointManager:
             del self.endpoints[ep.id]
             return ep
 
+    async def _unprogram_quietly(self, ep: Endpoint) -> None:
+        try:
+            await self._unprogram(ep)
+        except Exception as exc:  # a half-gone endpoint is still deleted
+            log.warning("deleting endpoint %d: %s", ep.id, exc)
+
     def _teardown(self, ep: Endpoint) -> None:
+        """Links and namespace of the endpoint (blocking netlink)."""
         for step in (
-            lambda: self._unprogram(ep),
             lambda: links.del_route(f"{ep.ipv4}/32"),
             lambda: links.delete_link(ep.interface_name),
             lambda: links.delete_netns(ep.netns),
@@ -240,6 +258,30 @@ class EndpointManager:
                 step()
             except Exception as exc:  # a half-gone endpoint is still deleted
                 log.warning("deleting endpoint %d: %s", ep.id, exc)
+
+    # -- relabel -----------------------------------------------------------------
+
+    async def namespace_changed(self, namespace: str) -> list[Endpoint]:
+        """Namespace labels are identity labels: give that namespace's endpoints new identities."""
+        changed = []
+        async with self._lock:
+            for ep in self.list():
+                if ep.namespace != namespace:
+                    continue
+                security = self._security_labels(ep.namespace, ep.user_labels, ep.service_account)
+                identity = await self.identities.allocate(security)
+                if identity.id == ep.identity:
+                    await self.identities.release(identity.id)  # drop the extra reference
+                    continue
+                old = ep.identity
+                ep.set_state(State.REGENERATING)
+                ep.identity, ep.labels = identity.id, [str(label) for label in identity.labels]
+                await self._program(ep)
+                ep.set_state(State.READY)
+                self.store.save(ep)
+                await self.identities.release(old)
+                changed.append(ep)
+        return changed
 
     # -- restore ---------------------------------------------------------------
 
@@ -257,6 +299,7 @@ class EndpointManager:
             if link is None or not links.netns_exists(ep.netns):
                 log.warning("endpoint %d %s lost its netns or veth; removing it", ep.id, ep.name)
                 self.store.remove(ep.id)
+                await self._unprogram_quietly(ep)
                 await asyncio.to_thread(self._teardown, ep)
                 continue
             self.ipam.allocate_specific(ep.ipv4, owner=ep.name)
@@ -265,7 +308,7 @@ class EndpointManager:
             ep.identity = identity.id
             ep.labels = [str(label) for label in identity.labels]
             ep.interface_index = link["ifindex"]
-            await asyncio.to_thread(self._program, ep)
+            await self._program(ep)
             ep.set_state(State.READY)
             self.store.save(ep)
             self.endpoints[ep.id] = ep

@@ -10,14 +10,41 @@ from datetime import UTC, datetime
 from ipaddress import IPv4Address
 from pathlib import Path
 
+from pilus.datapath import EndpointInfo
 from pilus.endpoint.state import State, check_transition
 
 # Kubernetes DNS-1123 label: namespaces and pod names.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
+PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
+# IANA service name, as Kubernetes validates container port names
+_PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?$")
+
+
 class EndpointNameError(ValueError):
     pass
+
+
+def parse_port_spec(spec: str) -> tuple[int, str]:
+    """'80', '80/TCP', '53/udp' -> (port, protocol)."""
+    port_text, _, proto = spec.partition("/")
+    proto = (proto or "TCP").upper()
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535 or proto not in PROTOCOLS:
+        raise EndpointNameError(f"port {spec!r} is invalid: expected PORT[/TCP|UDP|SCTP] with PORT 1-65535")
+    return int(port_text), proto
+
+
+def check_named_ports(ports: dict[str, str]) -> dict[str, str]:
+    out = {}
+    for name, spec in ports.items():
+        if not _PORT_NAME.match(name):
+            raise EndpointNameError(
+                f"port name {name!r} is invalid: 1-15 lowercase letters, digits and '-', with at least one letter"
+            )
+        port, proto = parse_port_spec(spec)
+        out[name] = f"{port}/{proto}"
+    return out
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -49,6 +76,8 @@ class Endpoint:
     interface_index: int = 0
     mac: str = ""
     host_mac: str = ""
+    named_ports: dict[str, str] = field(default_factory=dict)  # container port name -> "80/TCP"
+    policy_flags: int = 0  # ENDPOINT_F_POLICY_* as last written to the datapath
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     @property
@@ -74,6 +103,19 @@ class Endpoint:
         data["ipv4"] = IPv4Address(data["ipv4"])
         data["state"] = State(data["state"])
         return cls(**data)
+
+
+def endpoint_info(ep: Endpoint) -> EndpointInfo:
+    """The endpoint as the datapath's endpoint map holds it."""
+    return EndpointInfo(
+        ipv4=ep.ipv4,
+        ifindex=ep.interface_index,
+        ep_id=ep.id,
+        identity=ep.identity,
+        mac=ep.mac,
+        host_mac=ep.host_mac,
+        flags=ep.policy_flags,
+    )
 
 
 class EndpointStore:

@@ -30,6 +30,8 @@
 
 /* ---- endpoint flags ---- */
 #define ENDPOINT_F_HOST 1  /* entry for a local host IP: deliver to the stack */
+#define ENDPOINT_F_POLICY_INGRESS 2  /* enforce the endpoint's ingress policy */
+#define ENDPOINT_F_POLICY_EGRESS  4  /* enforce the endpoint's egress policy */
 
 /* ---- ipcache flags ---- */
 #define IPCACHE_F_HAS_TUNNEL_EP 1
@@ -59,6 +61,7 @@
 /* ---- monitor message types (Cilium's CILIUM_NOTIFY_*) ---- */
 #define NOTIFY_DROP  1
 #define NOTIFY_TRACE 4
+#define NOTIFY_POLICY_VERDICT 5
 
 #define NOTIFY_CAPTURE_VER 1
 #define TRACE_PAYLOAD_LEN  128
@@ -101,6 +104,25 @@
 /* flags that force a trace report when first seen in a direction */
 #define CT_REPORT_FLAGS (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)
 
+/* ---- policy (Cilium's bpf/lib/policy.h) ---- */
+/* policy_key: identity (32) + direction byte (8) are always matched in full;
+ * protocol adds 8 bits, the destination port up to 16 more */
+#define POLICY_STATIC_PREFIX   40
+#define POLICY_PROTO_PREFIX    8
+#define POLICY_FULL_L4_PREFIX  24
+#define POLICY_FULL_PREFIX     64
+/* policy verdict directions (Cilium's POLICY_INGRESS / POLICY_EGRESS) */
+#define POLICY_INGRESS 1
+#define POLICY_EGRESS  2
+/* match types of a policy verdict (Cilium's POLICY_MATCH_*) */
+#define POLICY_MATCH_NONE       0
+#define POLICY_MATCH_L3_ONLY    1
+#define POLICY_MATCH_L3_L4      2
+#define POLICY_MATCH_L4_ONLY    3
+#define POLICY_MATCH_ALL        4
+#define POLICY_MATCH_L3_PROTO   5
+#define POLICY_MATCH_PROTO_ONLY 6
+
 /* events_lost slots */
 #define EVENTS_LOST_RATELIMIT 0
 #define EVENTS_LOST_RINGBUF   1
@@ -111,6 +133,8 @@
 #define PILUS_IPCACHE_MAX  512000
 #define PILUS_CT4_MAX      262144
 #define PILUS_METRICS_MAX  65536
+#define PILUS_POLICY_MAX   16384  /* entries of one endpoint's policy map (Cilium's default) */
+#define PILUS_POLICY_EPS   65536  /* endpoints in pilus_policy (ep_id is 16 bits) */
 #define PILUS_EVENTS_BYTES (1 << 20)
 
 /* ------------------------------------------------------------------------ */
@@ -186,6 +210,25 @@ struct ct_entry {
 	__u32 last_rx_report;
 };
 
+/* per-endpoint policy map key (LPM trie, Cilium's policy_key):
+ * lpm_prefixlen = POLICY_STATIC_PREFIX [+ 8 proto [+ 0..16 port bits]] */
+struct policy_key {
+	__u32  lpm_prefixlen;
+	__u32  sec_label;  /* remote identity; 0 = any identity */
+	__u8   egress;     /* 0 ingress, 1 egress */
+	__u8   protocol;   /* 0 = any (then no port bits) */
+	__be16 dport;      /* ICMP: the ICMP type (as a port number) */
+};
+
+struct policy_entry {
+	__be16 proxy_port;         /* reserved for L7 redirects; 0 */
+	__u8   deny;               /* 1 = deny rule */
+	__u8   lpm_prefix_length;  /* proto+port prefix bits of this entry, 0..24 */
+	__u32  pad;
+	__u64  packets;            /* matches (first packets of connections) */
+	__u64  bytes;
+};
+
 /* pilus_metrics */
 struct metrics_key {
 	__u8  reason;   /* 0 forwarded, >= 130 drop reason */
@@ -243,6 +286,23 @@ struct trace_notify {
 	__u8  flags;
 	__u16 pad1;
 	__u32 pad2;
+	__u8  data[TRACE_PAYLOAD_LEN];
+};
+
+/* policy verdict (Cilium's policy_verdict_notify): the first packet of every
+ * connection whose direction is enforced, and every policy drop */
+struct policy_verdict_notify {
+	struct notify_capture_hdr hdr;  /* common.source = the local endpoint */
+	__u32 remote_label;  /* identity of the peer */
+	__u32 local_label;   /* identity of the local endpoint */
+	__s32 verdict;       /* 0 allowed, -DROP_POLICY / -DROP_POLICY_DENY */
+	__u16 dst_port;      /* host order; ICMP type for ICMP */
+	__u8  proto;
+	__u8  dir;           /* POLICY_INGRESS / POLICY_EGRESS */
+	__u8  match_type;    /* POLICY_MATCH_* */
+	__u8  audited;       /* reserved (audit mode), 0 */
+	__be16 proxy_port;   /* of the matched entry */
+	__u32 ifindex;
 	__u8  data[TRACE_PAYLOAD_LEN];
 };
 

@@ -3,6 +3,7 @@
 #define __PILUS_IPCACHE_H
 
 #include "maps.h"
+#include "config.h"
 
 static __always_inline struct remote_endpoint_info *ipcache_lookup4(__be32 addr)
 {
@@ -23,6 +24,16 @@ static __always_inline __u32 ipcache_identity4(__be32 addr)
 	if (info && info->sec_identity)
 		return info->sec_identity;
 	return IDENTITY_WORLD;
+}
+
+/* identity of a peer address as policy sees it: the node's own addresses are
+ * host; then the ipcache (longest prefix: endpoints, nodes, CIDR identities);
+ * world for the rest */
+static __always_inline __u32 resolve_identity4(__be32 addr)
+{
+	if (addr && (addr == CFG(router_ip) || addr == CFG(node_ip)))
+		return IDENTITY_HOST;
+	return ipcache_identity4(addr);
 }
 
 static __always_inline struct endpoint_info *lookup_ip4_endpoint(__be32 addr)

@@ -46,6 +46,26 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pilus_ct4 SEC(".maps");
 
+/* endpoint id -> that endpoint's policy map (LPM trie, created and pinned as
+ * pilus_policy_<id> by the agent: src/pilus/datapath/policy.py). The inner
+ * maps must have exactly this shape (type, key/value size, max_entries, flags). */
+struct pilus_policy_inner {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct policy_key);
+	__type(value, struct policy_entry);
+	__uint(max_entries, PILUS_POLICY_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__type(key, __u32);
+	__uint(max_entries, PILUS_POLICY_EPS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct pilus_policy_inner);
+} pilus_policy SEC(".maps");
+
 /* (reason, direction) -> packets, bytes; per CPU, summed by the agent */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);

@@ -1,0 +1,247 @@
+"""Keeps every local endpoint's policy map equal to what the policy engine computes.
+
+Inputs flow into the (pure) engine: the cluster's identities (allocator watch),
+the policy set and namespace labels (kvstore watch), the local endpoints and CIDR
+identities for prefixes that policies name. After each input change only the
+endpoints the engine reports as changed are re-synced, so a new pod matching an
+existing selector costs one identity's entries, not a recompute of every map.
+
+The engine is pure and CPU-bound (a 10k-rule import takes seconds), so every call
+into it runs on one dedicated worker thread: calls are serialized and the agent's
+event loop, and with it the API, stays responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
+from ipaddress import IPv4Network
+
+from pilus.datapath import ENDPOINT_F_POLICY_EGRESS, ENDPOINT_F_POLICY_INGRESS, Datapath
+from pilus.endpoint.model import PROTOCOLS, Endpoint, endpoint_info, parse_port_spec
+from pilus.identity.allocator import Identity, IdentityAllocator
+from pilus.identity.labels import Label, Labels
+from pilus.identity.reserved import LOCAL_IDENTITY_FLAG, RESERVED_IDENTITIES
+from pilus.policy.distribution import NAMESPACE_PREFIX, POLICY_KEY, PolicyDistribution
+from pilus.policy.engine import PolicyEngine
+
+log = logging.getLogger(__name__)
+
+CT_GC_INTERVAL_S = 30.0
+
+
+def endpoint_flags(ingress: bool, egress: bool) -> int:
+    return (ENDPOINT_F_POLICY_INGRESS if ingress else 0) | (ENDPOINT_F_POLICY_EGRESS if egress else 0)
+
+
+class PolicySync:
+    def __init__(
+        self,
+        engine: PolicyEngine,
+        datapath: Datapath,
+        identities: IdentityAllocator,
+        distribution: PolicyDistribution,
+    ) -> None:
+        self.engine = engine
+        self.datapath = datapath
+        self.identities = identities
+        self.distribution = distribution
+        self.revision = 0
+        self.namespace_labels: dict[str, dict[str, str]] = {}
+        self.endpoints: dict[int, Endpoint] = {}
+        self.cidr_identities: dict[IPv4Network, int] = {}
+        self._dirty = asyncio.Event()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
+        self._tasks: list[asyncio.Task] = []
+        self._unsubscribe = None
+        self.on_namespace_change = None  # set by the agent: async fn(namespace, labels)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    async def start(self) -> None:
+        idents = [(r.id, r.labels) for r in RESERVED_IDENTITIES]
+        idents += [(i.id, i.labels) for i in await self.identities.list()]
+        await self._run(lambda: [self.engine.upsert_identity(i, labels) for i, labels in idents])
+        self._unsubscribe = self.identities.subscribe(self._identity_event)
+        self.namespace_labels = await self.distribution.namespaces()
+        await self.reload_policies()
+        self._tasks = [
+            asyncio.create_task(self._run_watch(POLICY_KEY, self._on_policy_revision), name="policy-watch"),
+            asyncio.create_task(self._run_watch(NAMESPACE_PREFIX, self._on_namespace), name="namespace-watch"),
+            asyncio.create_task(self._run_sync(), name="policy-sync"),
+            asyncio.create_task(self._run_ct_gc(), name="ct-gc"),
+        ]
+
+    async def stop(self) -> None:
+        if self._unsubscribe:
+            self._unsubscribe()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        self._worker.shutdown(wait=True)
+
+    # -- inputs ----------------------------------------------------------------
+
+    async def reload_policies(self) -> int:
+        """Apply the kvstore's policy set to every local endpoint; returns its revision."""
+        revision, docs = await self.distribution.load()
+        if revision != self.revision:
+            self.revision = revision
+            await self._run(self._apply_policies, docs)
+        return self.revision
+
+    def _apply_policies(self, docs) -> None:
+        self.engine.set_policies(docs)
+        self._refresh_cidr_identities()
+        self._sync_changed()
+
+    def _identity_event(self, kind: str, ident: Identity) -> None:
+        def apply() -> None:
+            if kind == "add":
+                self.engine.upsert_identity(ident.id, ident.labels)
+            else:
+                self.engine.remove_identity(ident.id)
+
+        self._worker.submit(apply)
+        self._dirty.set()
+
+    async def _on_policy_revision(self) -> None:
+        await self.reload_policies()
+
+    async def selectors(self) -> list[dict]:
+        return await self._run(self.engine.selectors)
+
+    async def trace(self, *args, **kwargs):
+        return await self._run(lambda: self.engine.trace(*args, **kwargs))
+
+    async def refresh_namespaces(self) -> None:
+        await self._on_namespace()
+
+    async def _on_namespace(self) -> None:
+        current = await self.distribution.namespaces()
+        changed = {ns for ns in set(current) | set(self.namespace_labels)
+                   if current.get(ns) != self.namespace_labels.get(ns)}
+        self.namespace_labels = current
+        for ns in sorted(changed):
+            if self.on_namespace_change is not None:
+                await self.on_namespace_change(ns, current.get(ns, {}))
+
+    async def endpoint_upserted(self, ep: Endpoint) -> int:
+        """Register an endpoint and sync its policy map now; returns its enforcement flags."""
+
+        def apply() -> int:
+            self.endpoints[ep.id] = ep
+            self.engine.upsert_endpoint(ep.id, Labels(ep.labels), _named_ports(ep.named_ports))
+            self._set_cluster_named_ports()
+            flags = self._sync_endpoint(ep.id)
+            self._sync_changed()  # peers whose policy names this endpoint's new identity
+            return flags
+
+        return await self._run(apply)
+
+    async def endpoint_removed(self, ep: Endpoint) -> None:
+        def apply() -> None:
+            self.endpoints.pop(ep.id, None)
+            self.engine.remove_endpoint(ep.id)
+            self._set_cluster_named_ports()
+            with contextlib.suppress(Exception):
+                self.datapath.policy.delete(ep.id)
+
+        await self._run(apply)
+
+    def _set_cluster_named_ports(self) -> None:
+        ports: dict[str, set[tuple[int, int]]] = {}
+        for ep in self.endpoints.values():
+            for name, (port, proto) in _named_ports(ep.named_ports).items():
+                ports.setdefault(name, set()).add((port, proto))
+        self.engine.set_cluster_named_ports(ports)
+
+    def _refresh_cidr_identities(self) -> None:
+        """One local identity per CIDR that policies name; ipcache maps the prefix to it."""
+        wanted = self.engine.cidr_prefixes()
+        for prefix in list(self.cidr_identities):
+            if prefix not in wanted:
+                ident = self.cidr_identities.pop(prefix)
+                self.engine.remove_identity(ident)
+                if prefix.prefixlen:
+                    self.datapath.ipcache.delete(prefix)
+        used = set(self.cidr_identities.values())
+        next_id = LOCAL_IDENTITY_FLAG | 1
+        for prefix in sorted(wanted - set(self.cidr_identities), key=lambda p: (p.prefixlen, p)):
+            if prefix.prefixlen == 0:
+                continue  # 0.0.0.0/0 is reserved:world, already in the ipcache
+            while next_id in used:
+                next_id += 1
+            used.add(next_id)
+            self.cidr_identities[prefix] = next_id
+            labels = Labels([Label("cidr", str(prefix)), Label("reserved", "world")])
+            self.engine.upsert_identity(next_id, labels)
+            self.datapath.ipcache.upsert(prefix, next_id)
+
+    # -- output ----------------------------------------------------------------
+
+    def _sync_changed(self) -> None:
+        for ep_id in sorted(self.engine.changed_endpoints()):
+            if ep_id in self.endpoints:
+                self._sync_endpoint(ep_id)
+
+    def _sync_endpoint(self, ep_id: int) -> int:
+        policy = self.engine.policy_for(ep_id)
+        self.datapath.policy.sync(ep_id, policy.entries)
+        flags = endpoint_flags(policy.ingress_enforced, policy.egress_enforced)
+        ep = self.endpoints[ep_id]
+        changed = ep.policy_flags != flags
+        ep.policy_flags = flags
+        if changed and ep.interface_index:  # already programmed: flip enforcement in place
+            self.datapath.endpoints.upsert(endpoint_info(ep))
+        return flags
+
+    async def _run_sync(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self._run(self._sync_changed)
+            except Exception:
+                log.exception("policy sync failed; retrying")
+                await asyncio.sleep(1)
+                self._dirty.set()
+
+    async def _run_watch(self, prefix: str, on_change) -> None:
+        while True:
+            try:
+                async for _event in self.distribution.store.watch_prefix(prefix):
+                    await on_change()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("watching %s failed; restarting the watch", prefix)
+                await asyncio.sleep(1)
+                await on_change()
+
+    async def _run_ct_gc(self) -> None:
+        while True:
+            await asyncio.sleep(CT_GC_INTERVAL_S)
+            try:
+                removed = await asyncio.to_thread(self.datapath.ct.gc)
+                log.debug("conntrack GC removed %d entries", removed)
+            except Exception:
+                log.exception("conntrack GC failed")
+
+
+def _named_ports(raw: Mapping[str, str]) -> dict[str, tuple[int, int]]:
+    out = {}
+    for name, spec in raw.items():
+        port, proto = parse_port_spec(spec)
+        out[name] = (port, PROTOCOLS[proto])
+    return out
+

@@ -1,0 +1,104 @@
+"""Policies and namespaces in the kvstore, shared by every agent of the cluster.
+
+Layout (JSON):
+  pilus/state/policies/v1/set        {"policies": [original documents...]}
+  pilus/state/namespaces/v1/<name>   {"labels": {...}}
+
+The whole policy set is one key: an import is validated completely first, then
+written in one put, so it is applied all-or-nothing on every node, and the key's
+revision is the policy revision users see. Parsing runs in a worker thread so a
+10k-document import does not stall the agent's API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Mapping
+
+from pilus.identity.labels import Label, LabelError
+from pilus.kvstore.base import Store
+from pilus.policy.schema import PolicyDoc, parse_policies
+
+POLICY_KEY = "pilus/state/policies/v1/set"
+NAMESPACE_PREFIX = "pilus/state/namespaces/v1/"
+METADATA_NAME = "kubernetes.io/metadata.name"
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class PolicyNotFound(LookupError):
+    pass
+
+
+class NamespaceError(ValueError):
+    pass
+
+
+def _identity(doc: PolicyDoc) -> tuple[str, str | None, str]:
+    return (doc.kind, doc.namespace, doc.name)
+
+
+def _parse_set(value: str) -> list[PolicyDoc]:
+    raw = json.loads(value)["policies"]
+    return parse_policies(json.dumps({"kind": "List", "items": raw})) if raw else []
+
+
+class PolicyDistribution:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._write = asyncio.Lock()
+
+    async def load(self) -> tuple[int, list[PolicyDoc]]:
+        """The current policy set and its revision (0: never written)."""
+        kv = await self.store.get(POLICY_KEY)
+        if kv is None:
+            return 0, []
+        return kv.mod_revision, await asyncio.to_thread(_parse_set, kv.value)
+
+    async def import_text(self, text: str) -> tuple[int, list[PolicyDoc]]:
+        docs = await asyncio.to_thread(parse_policies, text)  # PolicyValidationError: nothing written
+        async with self._write:
+            _rev, current = await self.load()
+            incoming = {_identity(d) for d in docs}
+            merged = [d for d in current if _identity(d) not in incoming] + docs
+            return await self._write_set(merged), docs
+
+    async def delete(self, name: str | None, namespace: str | None, *, everything: bool = False) -> tuple[int, int]:
+        """Delete one policy by name (any kind, optionally in one namespace) or all; (revision, count)."""
+        async with self._write:
+            _rev, current = await self.load()
+            if everything:
+                keep = []
+            else:
+                keep = [d for d in current if not (d.name == name and (namespace is None or d.namespace == namespace))]
+                if len(keep) == len(current):
+                    where = f" in namespace {namespace!r}" if namespace else ""
+                    raise PolicyNotFound(f"policy {name!r}{where} not found: nothing deleted (see `pilus policy get`)")
+            return await self._write_set(keep), len(current) - len(keep)
+
+    async def _write_set(self, docs: list[PolicyDoc]) -> int:
+        return await self.store.put(POLICY_KEY, json.dumps({"policies": [d.raw for d in docs]}))
+
+    # -- namespaces ------------------------------------------------------------
+
+    async def namespaces(self) -> dict[str, dict[str, str]]:
+        out = {"default": {METADATA_NAME: "default"}}
+        for kv in await self.store.list_prefix(NAMESPACE_PREFIX):
+            out[kv.key[len(NAMESPACE_PREFIX):]] = json.loads(kv.value)["labels"]
+        return out
+
+    async def put_namespace(self, name: str, labels: Mapping[str, str]) -> dict[str, str]:
+        if not _DNS_LABEL.match(name):
+            raise NamespaceError(f"namespace name {name!r} is invalid: use 1-63 lowercase letters, digits and '-'")
+        for key, value in labels.items():
+            try:
+                Label("k8s", key, value)
+            except LabelError as exc:
+                raise NamespaceError(f"namespace {name}: {exc}") from None
+        full = {**labels, METADATA_NAME: name}  # always set, as Kubernetes does
+        await self.store.put(NAMESPACE_PREFIX + name, json.dumps({"labels": full}))
+        return full
+
+    async def delete_namespace(self, name: str) -> bool:
+        return await self.store.delete(NAMESPACE_PREFIX + name)
