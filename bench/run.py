@@ -8,7 +8,12 @@ Configurations, each its own set of network namespaces (performance.md §8.1):
       The limit, and the denominator of every ratio.
   A'  an identical copy of A: the A'/A ratio is the noise floor of this machine.
   B   pilus: a one-node cluster (`cluster_up(ClusterSpec(name="bench"))`) with two
-      endpoints created through the agent API; same node, pod to pod.
+      endpoints created through the agent API; same node, pod to pod; no policy
+      selects them (allow-all: §8's "B0", the datapath cost).
+  B+pol  two more endpoints of the same cluster, selected by an L3/L4 policy that
+      allows client -> server on the benchmark ports (§8's "B"); the run checks
+      that the policy drops a connection it does not allow. Skipped with a note
+      when the agent has no policy API (--no-policy skips it).
 
 Workloads: RR = 1-byte ping-pong on one TCP connection (bench/rr.c, TCP_NODELAY),
 trans/s and p50/p99 latency; STREAM = `iperf3 -J`, one stream. The client is
@@ -143,7 +148,46 @@ def destroy_plain() -> None:
         links.delete_netns(ns)
 
 
-def build_pilus(timeout: float) -> tuple[Config, dict]:
+POLICY_YAML = f"""\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: bench-allow
+  namespace: default
+spec:
+  endpointSelector:
+    matchLabels:
+      app: pserver
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: pclient
+    toPorts:
+    - ports:
+      - port: "{RR_PORT}"
+        protocol: TCP
+      - port: "{IPERF_PORT}"
+        protocol: TCP
+"""
+
+
+def _endpoint(sock: str, name: str, label: str) -> dict:
+    from pilus.cluster import unix_http
+
+    status, body = unix_http(sock, "POST", "/v1/endpoint", {"name": name, "labels": [label]}, timeout=60)
+    if status not in (200, 201):
+        raise BenchError(f"pilus: creating endpoint {name} failed ({status}): {body}")
+    return body
+
+
+def _ip(ep: dict) -> str:
+    return str(ep["ipv4"]).split("/")[0]
+
+
+def build_pilus(timeout: float, with_policy: bool) -> tuple[list[Config], dict, dict]:
+    """B: two endpoints, no policy selects them (allow-all; §8's B0).
+    B+pol: two more endpoints, an L3/L4 policy allows pclient -> pserver on the
+    benchmark ports (§8's B). Returns (configs, cluster doc, notes)."""
     from pilus.cluster import ClusterSpec, cluster_up, unix_http
 
     log(f"pilus: cluster up {BENCH_CLUSTER!r} (1 node)")
@@ -152,27 +196,37 @@ def build_pilus(timeout: float) -> tuple[Config, dict]:
         timeout=timeout,
     )
     sock = doc["nodes"][0]["socket"]
-    eps = {}
-    for role in ("client", "server"):
-        status, body = unix_http(
-            sock,
-            "POST",
-            "/v1/endpoint",
-            {"name": f"default/{role}", "labels": [f"app={role}"]},
-            timeout=60,
-        )
-        if status not in (200, 201):
-            raise BenchError(f"pilus: creating endpoint default/{role} failed ({status}): {body}")
-        eps[role] = body
-    cfg = Config(
-        "B",
-        "B pilus (2 endpoints, same node)",
-        eps["client"]["netns"],
-        eps["server"]["netns"],
-        str(eps["client"]["ipv4"]).split("/")[0],
-        str(eps["server"]["ipv4"]).split("/")[0],
+    notes: dict[str, Any] = {}
+    c, sv = _endpoint(sock, "default/client", "app=client"), _endpoint(sock, "default/server", "app=server")
+    configs = [
+        Config("B", "B pilus, no policy", c["netns"], sv["netns"], _ip(c), _ip(sv)),
+    ]
+    if with_policy:
+        try:
+            status, body = unix_http(sock, "PUT", "/v1/policy", {"yaml": POLICY_YAML}, timeout=60)
+            if status != 200:
+                raise BenchError(f"policy import answered {status}: {body}")
+            pc = _endpoint(sock, "default/pclient", "app=pclient")
+            ps = _endpoint(sock, "default/pserver", "app=pserver")
+            configs.append(Config("B+pol", "B pilus + L3/L4 policy", pc["netns"], ps["netns"], _ip(pc), _ip(ps)))
+        except (BenchError, OSError) as e:
+            notes["policy_error"] = " ".join(str(e).split())[:300]
+            log(f"pilus: no policy configuration: {notes['policy_error']}")
+    return configs, doc, notes
+
+
+def policy_enforced(b: Config, bpol: Config) -> bool:
+    """True if the policy drops B's client -> B+pol's server (not in the allow rule)."""
+    r = subprocess.run(
+        ns_cmd(
+            b.client_ns,
+            CPU_CLIENT,
+            ["timeout", "2", str(RR_BIN), "-c", bpol.server_ip, "-p", str(RR_PORT), "-t", "0.1", "-w", "0"],
+        ),
+        capture_output=True,
+        text=True,
     )
-    return cfg, doc
+    return r.returncode != 0
 
 
 def destroy_pilus() -> list[str]:
@@ -244,7 +298,7 @@ def run_rr(cfg: Config, duration: float, warmup: float) -> dict[str, Any]:
 
 def run_stream(cfg: Config, duration: float) -> dict[str, Any]:
     argv = ["iperf3", "-c", cfg.server_ip, "-p", str(IPERF_PORT), "-t", str(int(duration))]
-    argv += ["-O", "1", "-J"]
+    argv += ["-J"]
     c0 = cpu_sample()
     for attempt in range(3):
         try:
@@ -386,48 +440,67 @@ def summarize(results: dict[str, list[dict]], keys: list[str]) -> dict[str, Any]
 
 
 def print_report(summary: dict[str, Any], keys: list[str], meta: dict[str, Any]) -> None:
-    names = {"A": "A (limit)", "A'": "A' (control)", "B": "B (pilus)"}
+    names = {"A": "A (limit)", "A'": "A' (control)", "B": "B (pilus)", "B+pol": "B+pol"}
     ratio_keys = [k for k in keys if k != "A"]
     print()
     print(
         f"pilus bench: pod-to-pod on one machine, {meta['rounds']} rounds x {meta['duration']} s, "
         f"client CPU {CPU_CLIENT}, server CPU {CPU_SERVER}, MTU 1500"
     )
-    head = f"{'metric':<24}" + "".join(f"{names[k]:>15}" for k in keys)
-    head += "".join(f"{k + '/A [IQR]':>24}" for k in ratio_keys)
-    clean_keys = [k for k in ratio_keys if k != "A'" and "A'" in keys]
-    head += "".join(f"{k + '/A clean (n)':>18}" for k in clean_keys)
+    print()
+    print("absolute values (median over rounds)")
+    head = f"{'metric':<24}" + "".join(f"{names[k]:>14}" for k in keys)
     print(head)
     print("-" * len(head))
-    for _wl, _fld, label, _hib, fmt in METRICS:
-        row = summary[f"{_wl}.{_fld}"]
+    for wl, fld, label, _hib, fmt in METRICS:
+        row = summary[f"{wl}.{fld}"]
         line = f"{label:<24}"
         for k in keys:
             v = row["abs"].get(k)
-            line += f"{(fmt.format(v) if v is not None else '-'):>15}"
+            line += f"{(fmt.format(v) if v is not None else '-'):>14}"
+        print(line)
+    print()
+    clean_keys = [k for k in ratio_keys if k != "A'" and "A'" in keys]
+    print(f"ratios to A: median over rounds [IQR]; 'clean (n)': only rounds whose A'/A is within ±{CLEAN_TOL:.0%}")
+    head = f"{'metric':<24}" + "".join(f"{k + '/A':>21}" for k in ratio_keys)
+    head += "".join(f"{k + '/A clean (n)':>19}" for k in clean_keys)
+    print(head)
+    print("-" * len(head))
+    for wl, fld, label, _hib, _fmt in METRICS:
+        row = summary[f"{wl}.{fld}"]
+        line = f"{label:<24}"
         for k in ratio_keys:
             r = row["ratio"].get(k)
             if r and r["n"]:
-                line += f"{r['median']:>10.3f} [{r['q1']:.3f}-{r['q3']:.3f}]"
+                line += f"{r['median']:>7.3f} [{r['q1']:.3f}-{r['q3']:.3f}]"
             else:
-                line += f"{'-':>24}"
+                line += f"{'-':>21}"
         for k in clean_keys:
             r = row["ratio"].get(k) or {}
             if r.get("clean_median") is not None:
-                line += f"{r['clean_median']:>13.3f} ({r['clean_n']})"
+                line += f"{r['clean_median']:>14.3f} ({r['clean_n']})"
             else:
-                line += f"{'- (0)':>18}"
+                line += f"{'- (0)':>19}"
         print(line)
     print()
-    print("ratios are per round against the same round's A, then the median over rounds;")
-    print("A'/A is the noise floor: differences of B/A within it are noise;")
-    print(f"'clean' uses only the rounds whose A'/A is within ±{CLEAN_TOL:.0%} for that metric.")
+    print("ratios are per round against the same round's A; A'/A is the noise floor:")
+    print("differences of B/A within it are noise. Higher is better for rates, lower for µs.")
     if meta.get("max_steal_pct", 0) > 2:
         print(f"warning: CPU steal up to {meta['max_steal_pct']:.1f} % during tests")
     if meta.get("bpf_cost"):
-        print("pilus datapath cost (kernel.bpf_stats_enabled, one extra RR run on B):")
+        print(
+            f"pilus datapath cost (kernel.bpf_stats_enabled, one extra RR run on {meta.get('bpf_cost_config', 'B')}):"
+        )
         for name, v in sorted(meta["bpf_cost"].items()):
             print(f"  {name:<32} {v['ns_per_run']:>8.1f} ns/run  {v['runs_per_tx']:>5.2f} runs/transaction")
+    if "policy_enforced" in meta:
+        print(
+            "B+pol: policy enforced (a connection it does not allow was dropped)"
+            if meta["policy_enforced"]
+            else "B+pol: WARNING the policy did not drop a connection it does not allow"
+        )
+    if meta.get("policy_error"):
+        print(f"B+pol was not measured: {meta['policy_error']}")
     if meta.get("pilus_error"):
         print(f"B (pilus) was not measured: {meta['pilus_error']}")
 
@@ -441,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=3.0, help="seconds per test (default 3)")
     ap.add_argument("--warmup", type=float, default=0.5, help="RR warm-up seconds (default 0.5)")
     ap.add_argument("--no-pilus", action="store_true", help="only A and A' (no cluster)")
+    ap.add_argument("--no-policy", action="store_true", help="skip the B+pol configuration")
     ap.add_argument("--seed", type=int, default=None, help="seed of the run order")
     ap.add_argument("--json", type=Path, default=None, help="write all samples here")
     ap.add_argument("--up-timeout", type=float, default=60.0, help="cluster up timeout")
@@ -474,8 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_pilus:
             pilus_made = True
             try:
-                cfg, doc = build_pilus(args.up_timeout)
-                configs.append(cfg)
+                pcfgs, doc, notes = build_pilus(args.up_timeout, not args.no_policy)
+                configs += pcfgs
+                meta.update(notes)
                 bench_socket = doc["nodes"][0]["socket"]
             except Exception as e:  # noqa: BLE001 - reported, A/A' still measured
                 msg = " ".join(str(e).split())
@@ -486,6 +561,10 @@ def main(argv: list[str] | None = None) -> int:
             start_servers(cfg)
         keys = [c.key for c in configs]
         by_key = {c.key: c for c in configs}
+        if "B+pol" in by_key:
+            meta["policy_enforced"] = policy_enforced(by_key["B"], by_key["B+pol"])
+            if not meta["policy_enforced"]:
+                log("warning: the policy did not block a connection it does not allow")
 
         log("warm-up round (discarded)")
         for cfg in configs:
@@ -517,8 +596,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
             log(line)
         meta["max_steal_pct"] = max_steal
-        if "B" in by_key:
-            meta["bpf_cost"] = measure_bpf_cost(by_key["B"], 2.0, pilus_prog_ids(bench_socket))
+        bkey = "B+pol" if "B+pol" in by_key else "B"
+        if bkey in by_key:
+            meta["bpf_cost_config"] = bkey
+            meta["bpf_cost"] = measure_bpf_cost(by_key[bkey], 2.0, pilus_prog_ids(bench_socket))
         summary = summarize(results, keys)
         meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
         print_report(summary, keys, meta)

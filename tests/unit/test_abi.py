@@ -118,3 +118,51 @@ def test_compile_is_cached(tmp_path):
     b = compile_datapath(tmp_path)
     assert a == b and b.stat().st_mtime_ns == mtime
     assert a.parent.parent == Path(tmp_path) / "bpf"
+
+
+def test_policy_key_encoding():
+    """PolicyKey -> LPM key as the datapath looks it up (Cilium's layout)."""
+    from pilus.datapath.policy import PolicyKey, key_from_c, key_to_c, port_range_text
+
+    k = key_to_c(PolicyKey(1001, True, 6, 80, 16))
+    assert (k.lpm_prefixlen, k.sec_label, k.egress, k.protocol) == (64, 1001, 1, 6)
+    assert k.to_bytes()[-2:] == b"\x00\x50"  # dport in network order
+    k = key_to_c(PolicyKey(7, False, 0, 0, 0))  # L3-only
+    assert (k.lpm_prefixlen, k.protocol, k.dport) == (abi.POLICY_STATIC_PREFIX, 0, 0)
+    k = key_to_c(PolicyKey(0, False, 17, 0, 0))  # proto-only
+    assert k.lpm_prefixlen == abi.POLICY_STATIC_PREFIX + abi.POLICY_PROTO_PREFIX
+    k = key_to_c(PolicyKey(0, False, 6, 8003, 14))  # 8000-8003: bits past the prefix dropped
+    assert k.lpm_prefixlen == 62 and k.to_bytes()[-2:] == (8000).to_bytes(2, "big")
+    assert key_from_c(k) == PolicyKey(0, False, 6, 8000, 14)
+    assert port_range_text(6, 8000, 14) == "8000-8003/TCP"
+    assert port_range_text(6, 80, 16) == "80/TCP"
+    assert port_range_text(17, 0, 0) == "ANY/UDP"
+    assert port_range_text(0, 0, 0) == "ANY"
+    assert port_range_text(1, 8, 16) == "8/ICMP"
+    for bad in (PolicyKey(1, False, 0, 80, 16), PolicyKey(1, False, 6, 80, 17)):
+        with pytest.raises(ValueError):
+            key_to_c(bad)
+
+
+def test_policy_deny_closure():
+    from pilus.datapath.policy import PolicyKey, PolicyValue, close_denies
+
+    allow, deny = PolicyValue(False), PolicyValue(True)
+    out = close_denies(
+        {
+            PolicyKey(5, False, 6, 80, 16): allow,  # covered by the TCP deny of identity 5
+            PolicyKey(5, False, 6, 0, 0): deny,
+            PolicyKey(5, False, 17, 53, 16): allow,  # other protocol: untouched
+            PolicyKey(6, False, 6, 80, 16): allow,  # other identity: untouched
+            PolicyKey(5, True, 6, 80, 16): allow,  # other direction: untouched
+            PolicyKey(9, False, 6, 8000, 13): deny,  # 8000-8007
+            PolicyKey(9, False, 6, 8004, 15): allow,  # 8004-8005: covered
+            PolicyKey(9, False, 6, 8008, 16): allow,  # outside the range
+        }
+    )
+    assert [k for k, v in out.items() if v.deny] == [
+        PolicyKey(5, False, 6, 80, 16),
+        PolicyKey(5, False, 6, 0, 0),
+        PolicyKey(9, False, 6, 8000, 13),
+        PolicyKey(9, False, 6, 8004, 15),
+    ]

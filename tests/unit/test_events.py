@@ -10,7 +10,14 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.packet import raw
 
 from pilus.datapath import abi
-from pilus.datapath.events import DropEvent, TraceEvent, UnknownEvent, decode, parse_packet
+from pilus.datapath.events import (
+    DropEvent,
+    PolicyVerdictEvent,
+    TraceEvent,
+    UnknownEvent,
+    decode,
+    parse_packet,
+)
 from pilus.datapath.reasons import DROP_REASONS, drop_reason_desc
 
 
@@ -137,3 +144,70 @@ def test_reason_table():
 def test_parse_packet_tcp_flags_order():
     pkt = raw(Ether() / IP(src="1.1.1.1", dst="2.2.2.2") / TCP(flags="FA"))
     assert parse_packet(pkt).tcp_flags == ["FIN", "ACK"]
+
+
+def verdict_record(pkt: bytes, *, direction, verdict, match_type, proto, dport, remote=2, source=5):
+    n = abi.PolicyVerdictNotify()
+    n.hdr.common.type = abi.NOTIFY_POLICY_VERDICT
+    n.hdr.common.source = source
+    n.hdr.len_orig = len(pkt)
+    n.hdr.len_cap = min(len(pkt), abi.TRACE_PAYLOAD_LEN)
+    n.hdr.version = abi.NOTIFY_CAPTURE_VER
+    n.remote_label, n.local_label = remote, 1000
+    n.verdict, n.dir, n.match_type = verdict, direction, match_type
+    n.proto, n.dst_port, n.ifindex = proto, dport, 101
+    ctypes.memmove(n.data, pkt, n.hdr.len_cap)
+    return n.to_bytes()
+
+
+def test_policy_verdict_record_egress_allow():
+    ev = decode(
+        verdict_record(
+            tcp_syn(),
+            direction=abi.POLICY_EGRESS,
+            verdict=0,
+            match_type=abi.POLICY_MATCH_L3_L4,
+            proto=6,
+            dport=80,
+            remote=1001,
+        )
+    )
+    assert isinstance(ev, PolicyVerdictEvent)
+    d = ev.to_dict()
+    assert d["type"] == "policy-verdict"
+    assert (d["direction"], d["action"], d["match_type"]) == ("egress", "allow", "L3-L4")
+    assert (d["source_ep"], d["remote_identity"], d["local_identity"]) == (5, 1001, 1000)
+    assert (d["src_identity"], d["dst_identity"]) == (1000, 1001)  # oriented like the packet
+    assert (d["proto"], d["dport"], d["sport"]) == ("TCP", 80, 43512)
+    assert d["drop_reason"] == 0 and d["drop_reason_desc"] is None
+    assert d["summary"] == "10.200.1.5:43512 -> 10.200.1.6:80 tcp SYN"
+
+
+def test_policy_verdict_record_ingress_deny_and_match_names():
+    pkt = raw(Ether() / IP(src="1.1.1.1", dst="10.200.1.6") / ICMP(type=13))
+    names = {
+        abi.POLICY_MATCH_NONE: "none",
+        abi.POLICY_MATCH_L3_ONLY: "L3-Only",
+        abi.POLICY_MATCH_L3_L4: "L3-L4",
+        abi.POLICY_MATCH_L4_ONLY: "L4-Only",
+        abi.POLICY_MATCH_ALL: "all",
+        abi.POLICY_MATCH_L3_PROTO: "L3-Proto",
+        abi.POLICY_MATCH_PROTO_ONLY: "Proto-Only",
+    }
+    for mt, name in names.items():
+        d = decode(
+            verdict_record(
+                pkt,
+                direction=abi.POLICY_INGRESS,
+                verdict=-abi.DROP_POLICY_DENY,
+                match_type=mt,
+                proto=1,
+                dport=13,
+                source=6,
+            )
+        ).to_dict()
+        assert d["match_type"] == name
+    assert (d["direction"], d["action"], d["drop_reason"]) == ("ingress", "deny", 181)
+    assert d["drop_reason_desc"] == "Policy denied by denylist"
+    assert (d["src_identity"], d["dst_identity"], d["dst_ep"]) == (2, 1000, 6)
+    assert (d["proto"], d["dport"], d["icmp_type"]) == ("ICMP", 13, 13)

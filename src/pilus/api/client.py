@@ -25,10 +25,11 @@ class ClientError(Exception):
 class APIError(ClientError):
     """The agent answered with an error status; ``message`` is its one-line explanation."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, body: Any = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.body = body  # the decoded JSON error body (e.g. a policy's "errors" list), if any
 
     def __str__(self) -> str:
         return self.message
@@ -126,7 +127,8 @@ class Client:
             except (http.client.HTTPException, OSError):
                 raw = b""
             conn.close()
-            raise APIError(resp.status, _error_message(resp.status, resp.reason, raw))
+            raise APIError(resp.status, _error_message(resp.status, resp.reason, raw),
+                           _error_body(raw))
         return conn, resp
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
@@ -164,10 +166,13 @@ class Client:
         return self.request("GET", f"/endpoint/{_ref_path(ref)}")
 
     def create_endpoint(self, name: str, labels: list[str],
-                        service_account: str | None = None) -> dict:
+                        service_account: str | None = None,
+                        named_ports: dict[str, str] | None = None) -> dict:
         body: dict[str, Any] = {"name": name, "labels": list(labels)}
         if service_account is not None:
             body["service_account"] = service_account
+        if named_ports:
+            body["named_ports"] = dict(named_ports)  # {"http": "80/TCP"}
         return self.request("POST", "/endpoint", body)
 
     def delete_endpoint(self, ref: int | str) -> dict:
@@ -196,6 +201,45 @@ class Client:
 
     def metrics(self) -> list[dict]:
         return self.request("GET", "/metrics") or []
+
+    # -- policy and namespaces --------------------------------------------------
+
+    def get_policy(self) -> dict:
+        """``{"revision": n, "policies": [documents]}``."""
+        return self.request("GET", "/policy") or {}
+
+    def import_policy(self, text: str) -> dict:
+        """Import YAML/JSON policy text (multi-document or a List), all or nothing."""
+        return self.request("PUT", "/policy", {"yaml": text}) or {}
+
+    def delete_policy(self, name: str | None = None, namespace: str | None = None,
+                      all: bool = False) -> dict:  # noqa: A002 - mirrors the query
+        if all:
+            query = {"all": "true"}
+        else:
+            query = {"name": name or ""}
+            if namespace:
+                query["namespace"] = namespace
+        return self.request("DELETE", f"/policy?{urlencode(query)}") or {}
+
+    def trace_policy(self, request: dict) -> dict:
+        return self.request("POST", "/policy/trace", request) or {}
+
+    def policy_selectors(self) -> list[dict]:
+        return self.request("GET", "/policy/selectors") or []
+
+    def bpf_policy(self, ref: int | str) -> dict:
+        return self.request("GET", f"/bpf/policy/{_ref_path(ref)}") or {}
+
+    def list_namespaces(self) -> list[dict]:
+        return self.request("GET", "/namespace") or []
+
+    def put_namespace(self, name: str, labels: dict[str, str]) -> dict:
+        return self.request("PUT", f"/namespace/{quote(name, safe='')}",
+                            {"labels": dict(labels)})
+
+    def delete_namespace(self, name: str) -> dict:
+        return self.request("DELETE", f"/namespace/{quote(name, safe='')}")
 
     def openapi(self) -> str:
         conn, resp = self._open("GET", "/openapi.yaml", timeout=self.timeout)
@@ -249,6 +293,13 @@ class Client:
                     yield event
         finally:
             conn.close()
+
+
+def _error_body(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
 
 
 def _error_message(status: int, reason: str, raw: bytes) -> str:

@@ -25,6 +25,7 @@
 #include "lib/trace.h"
 #include "lib/drop.h"
 #include "lib/policy.h"
+#include "lib/lb.h"
 
 static __always_inline int handle_arp(struct __sk_buff *skb, const struct endpoint_info *ep,
 				      struct drop_ctx *d)
@@ -53,6 +54,7 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
 						struct drop_ctx *d)
 {
 	struct endpoint_info *dst_ep;
+	struct lb4_result svc = {};
 	struct ct_result ct = {};
 	struct pkt4 p;
 	__u32 src_id = src_ep->identity;
@@ -67,6 +69,20 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
 	if (p.ip.saddr != src_ep->ipv4)
 		return send_drop(skb, d, DROP_INVALID_SIP, METRIC_EGRESS);
 
+	/* services: DNAT to a backend before the destination's identity,
+	 * conntrack and policy are looked at, so they all see the backend */
+	ret = lb4_local(skb, &p, true, &svc);
+	if (ret) {
+		if (svc.no_backend) {
+			/* counted and reported as a drop; a SYN gets a RST and
+			 * UDP an ICMP port unreachable, so clients fail at once */
+			send_drop(skb, d, DROP_NO_SERVICE, METRIC_EGRESS);
+			ret = lb4_no_service_reply(skb, &p, skb->ingress_ifindex);
+			return ret < 0 ? CTX_ACT_SHOT : ret;
+		}
+		return send_drop(skb, d, ret, METRIC_EGRESS);
+	}
+
 	dst_ep = lookup_ip4_endpoint(p.ip.daddr);
 	dst_id_label = resolve_identity4(p.ip.daddr);
 	if (dst_ep && dst_id_label == IDENTITY_WORLD && dst_ep->identity)
@@ -76,6 +92,21 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
 	ret = ct_lookup4(skb, &p, &ct);
 	if (ret)
 		return send_drop(skb, d, ret, METRIC_EGRESS);
+
+	/* a backend's reply to a service connection: the source becomes the
+	 * frontend again (a hairpin reply also goes back to the pod itself) */
+	if (ct.state == CT_REPLY) {
+		bool redo = false;
+
+		ret = lb4_rev_nat(skb, &p, &redo);
+		if (ret)
+			return send_drop(skb, d, ret, METRIC_EGRESS);
+		if (redo) {
+			dst_ep = lookup_ip4_endpoint(p.ip.daddr);
+			dst_id_label = dst_ep ? dst_ep->identity : resolve_identity4(p.ip.daddr);
+			d->dst_label = dst_id_label;
+		}
+	}
 
 	/* policy for the first packet of a connection only: the sender's egress,
 	 * then, for local delivery, the receiver's ingress (redirect_peer skips
@@ -104,6 +135,8 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
 		ret = ct_create4(skb, &p, CT_EGRESS, src_id, &ct);
 		if (ret)
 			return send_drop(skb, d, ret, METRIC_EGRESS);
+		if (svc.rev_nat_index)
+			lb4_ct_set_rev_nat(&p, svc.rev_nat_index);
 	}
 
 	if (dst_ep && !(dst_ep->flags & ENDPOINT_F_HOST)) {
@@ -195,6 +228,15 @@ int cil_to_container(struct __sk_buff *skb)
 	if (ret)
 		return send_drop(skb, &d, ret, METRIC_INGRESS);
 
+	/* a service backend's reply coming through the stack: source -> frontend */
+	if (ct.state == CT_REPLY) {
+		bool redo = false;
+
+		ret = lb4_rev_nat(skb, &p, &redo);
+		if (ret)
+			return send_drop(skb, &d, ret, METRIC_INGRESS);
+	}
+
 	/* ingress policy for the first packet of a connection from the stack
 	 * (node, other nodes, outside); replies of the pod's own connections
 	 * (masqueraded ones come back de-NATed: the reversed original tuple)
@@ -230,10 +272,16 @@ __attribute__((noinline)) int pilus_abi_anchor(struct drop_notify *d, struct tra
 	return (d != 0) + (t != 0) + (h != 0) + (c != 0) + (b != 0);
 }
 
-/* BTF anchor for the policy structs (BPF functions take at most 5 arguments) */
-__attribute__((noinline)) int pilus_abi_anchor_policy(struct policy_verdict_notify *pv,
-						      struct policy_key *k,
-						      struct policy_entry *e)
+/* BTF anchor for the policy structs: the inner map's key and value are only
+ * reached through the map-in-map definition, where clang emits them as
+ * forward declarations; embedding them by value emits them in full */
+struct pilus_policy_abi {
+	struct policy_key key;
+	struct policy_entry entry;
+	struct policy_verdict_notify verdict;
+};
+
+__attribute__((noinline)) int pilus_abi_anchor_policy(struct pilus_policy_abi *p)
 {
-	return (pv != 0) + (k != 0) + (e != 0);
+	return p != 0;
 }

@@ -1,4 +1,4 @@
-"""``pilus bpf ipcache|endpoint|ct|metrics ...`` and ``pilus metrics list``."""
+"""``pilus bpf ipcache|endpoint|ct|metrics|policy ...`` and ``pilus metrics list``."""
 
 from __future__ import annotations
 
@@ -55,6 +55,21 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
                                       "direction (pilus_metrics).")
     list_cmd(met.add_subparsers(dest="sub", metavar="COMMAND", required=True),
              cmd_bpf_metrics_list, "list datapath counters (pilus_metrics)")
+
+    pol = bsub.add_parser("policy", parents=[parent], help="per-endpoint policy map",
+                          description="An endpoint's policy map: the identities, ports and "
+                                      "directions it allows or denies, with counters.")
+    polsub = pol.add_subparsers(dest="sub", metavar="COMMAND", required=True)
+    pg = polsub.add_parser("get", parents=[parent], help="show an endpoint's policy map",
+                           description="Show the policy map of one endpoint, as cilium-dbg bpf "
+                                       "policy get: POLICY, DIRECTION, IDENTITY and its labels, "
+                                       "PORT/PROTO, PROXY PORT, BYTES, PACKETS, PREFIX.")
+    pg.add_argument("ref", metavar="ENDPOINT", type=common.endpoint_ref,
+                    help="endpoint ID or NAMESPACE/NAME")
+    pg.add_argument("-n", "--numeric", action="store_true",
+                    help="numeric identities only (no LABELS column, no identity lookup)")
+    common.add_output_option(pg)
+    pg.set_defaults(func=cmd_bpf_policy_get)
 
     m = sub.add_parser("metrics", parents=[parent], help="show the agent's metrics",
                        description="The agent's metrics (the Prometheus ones), name, labels "
@@ -138,6 +153,90 @@ def format_bpf_metrics(entries: list[dict]) -> str:
     return output.table(["REASON", "DIRECTION", "PACKETS", "BYTES"], rows)
 
 
+PROTO_NAMES = {0: "ANY", 1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
+
+
+def _is_any_proto(e: dict) -> bool:
+    proto = e.get("proto")
+    if isinstance(proto, str) and not proto.isdigit():
+        return proto.upper() in ("", "ANY")
+    return not int(proto or 0)
+
+
+def _policy_prefix(e: dict) -> str:
+    """cilium-dbg's PREFIX: the LPM prefix over protocol (8 bits) and port (16 bits), 0..24."""
+    plen = e.get("prefix_len")
+    if _is_any_proto(e):
+        return "0"
+    return str(8 + plen) if isinstance(plen, int) else output.or_dash(plen)
+
+
+def _policy_port(e: dict) -> str:
+    """The agent's ``port`` text, else from the key: ``ANY`` (L3-only), ``ANY/TCP`` (any
+    port), ``80/TCP``, or a range ``8080-8083/TCP`` when ``prefix_len`` (the significant
+    leading bits of dport, 0..16) is below 16."""
+    if e.get("port"):
+        return str(e["port"])
+    proto = e.get("proto")
+    if isinstance(proto, str) and not proto.isdigit():
+        proto_name = proto.upper()
+        wildcard = proto_name in ("", "ANY")
+    else:
+        num = int(proto or 0)
+        proto_name = PROTO_NAMES.get(num, str(num))
+        wildcard = num == 0
+    if wildcard:
+        return "ANY"
+    dport = e.get("dport")
+    dport = int(dport) if str(dport).isdigit() else 0
+    plen = e.get("prefix_len")
+    if plen == 0 or (plen is None and not dport):
+        return f"ANY/{proto_name}"
+    if isinstance(plen, int) and 0 < plen < 16:
+        return f"{dport}-{dport + (1 << (16 - plen)) - 1}/{proto_name}"
+    return f"{dport}/{proto_name}"
+
+
+def _identity_labels(ident, labels_by_id: dict[int, list[str]]) -> list[str]:
+    if ident in (0, "0", None):
+        return ["ANY"]
+    labels = labels_by_id.get(int(ident)) if str(ident).isdigit() else None
+    return sorted(labels) if labels else ["(unknown identity)"]
+
+
+def _policy_sort_key(e: dict):
+    ident = e.get("identity")
+    return (str(e.get("direction") or "").lower() != "ingress",
+            int(ident) if str(ident).isdigit() else -1, _policy_port(e))
+
+
+def format_bpf_policy(data: dict, labels_by_id: dict[int, list[str]] | None = None) -> str:
+    """cilium-dbg bpf policy get: one row per map entry; with labels_by_id (not -n) a LABELS
+    column beside the numeric IDENTITY, one label per line."""
+    entries = [e for e in (data.get("entries") or []) if isinstance(e, dict)]
+    if not entries:
+        ep = data.get("name") or data.get("endpoint")
+        return (f"Policy map of endpoint {ep} is empty: no policy selects it, or "
+                "enforcement is off (all traffic allowed)\n")
+    headers = ["POLICY", "DIRECTION", "IDENTITY"]
+    if labels_by_id is not None:
+        headers.append("LABELS (source:key[=value])")
+    headers += ["PORT/PROTO", "PROXY PORT", "BYTES", "PACKETS", "PREFIX"]
+    rows = []
+    for e in sorted(entries, key=_policy_sort_key):
+        proxy = e.get("proxy_port")
+        row = ["Deny" if e.get("deny") else "Allow",
+               str(e.get("direction") or "?").capitalize(),
+               output.or_dash(e.get("identity"))]
+        if labels_by_id is not None:
+            row.append(_identity_labels(e.get("identity"), labels_by_id))
+        row += [_policy_port(e), str(proxy) if proxy else "NONE",
+                output.number(e.get("bytes", 0)), output.number(e.get("packets", 0)),
+                _policy_prefix(e)]
+        rows.append(row)
+    return output.table(headers, rows)
+
+
 def format_metrics(entries: list[dict], pattern: str | None = None) -> str:
     rx = re.compile(pattern) if pattern else None
     rows = []
@@ -176,6 +275,25 @@ def cmd_ct_flush(args) -> int:
         output.emit(output.dump(res, args.output))
     else:
         output.emit(f"Flushed {res.get('flushed', 0)} entries from pilus_ct4\n")
+    return 0
+
+
+def cmd_bpf_policy_get(args) -> int:
+    client = common.client(args)
+    data = client.bpf_policy(args.ref)
+    if args.output:
+        output.emit(output.dump(data, args.output))
+        return 0
+    labels_by_id = None
+    if not args.numeric:
+        from pilus.api.client import ClientError
+
+        try:
+            labels_by_id = {int(i["id"]): list(i.get("labels") or [])
+                            for i in client.list_identities() if str(i.get("id")).isdigit()}
+        except ClientError:
+            labels_by_id = {}  # labels are a nicety: show the numbers
+    output.emit(format_bpf_policy(data, labels_by_id))
     return 0
 
 

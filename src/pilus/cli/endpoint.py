@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from pilus.cli import common, output
 
@@ -25,6 +26,11 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
                    help="pod labels, e.g. org=empire,class=deathstar (repeatable)")
     c.add_argument("--service-account", metavar="SA", default=None,
                    help="service account (default: 'default')")
+    c.add_argument("-p", "--port", metavar="NAME=PORT[/PROTO]", type=named_port,
+                   action=_NamedPorts, dest="named_ports", default=None,
+                   help="a named container port that policies may use by name "
+                        "(toPorts port: http), e.g. http=80/TCP; protocol TCP (default), "
+                        "UDP or SCTP; repeatable")
     common.add_output_option(c)
     c.set_defaults(func=cmd_create)
 
@@ -47,6 +53,46 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
                    help="endpoint ID or NAMESPACE/NAME")
     common.add_output_option(d)
     d.set_defaults(func=cmd_delete)
+
+
+# IANA service name, as Kubernetes' ContainerPort.name: at most 15 lowercase letters,
+# digits and '-', at least one letter, no '-' at either end or twice in a row
+_PORT_NAME = re.compile(r"^[a-z0-9-]{1,15}$")
+
+
+def _valid_port_name(name: str) -> bool:
+    return (bool(_PORT_NAME.match(name)) and any(c.isalpha() for c in name)
+            and not name.startswith("-") and not name.endswith("-") and "--" not in name)
+
+
+def named_port(text: str) -> tuple[str, str]:
+    """``http=80/TCP`` -> ('http', '80/TCP')."""
+    from pilus.cli.policy import port_proto
+
+    name, sep, spec = text.partition("=")
+    if not sep or not spec:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=PORT[/PROTOCOL] such as http=80/TCP, got {text!r}")
+    if not _valid_port_name(name):
+        raise argparse.ArgumentTypeError(
+            f"invalid port name {name!r}: at most 15 lowercase letters, digits and '-', "
+            "with at least one letter (e.g. http, dns-udp)")
+    try:
+        return name, port_proto(spec, protocols=("TCP", "UDP", "SCTP"), allow_zero=False)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"port {name}: {e}") from None
+
+
+class _NamedPorts(argparse.Action):
+    """Repeatable --port NAME=PORT[/PROTO] -> {NAME: 'PORT/PROTO'}; a name only once."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        name, spec = values
+        ports = dict(getattr(namespace, self.dest, None) or {})
+        if name in ports:
+            parser.error(f"argument {option_string}: port name {name!r} given twice")
+        ports[name] = spec
+        setattr(namespace, self.dest, ports)
 
 
 # -- formatting -------------------------------------------------------------------
@@ -75,6 +121,8 @@ def format_detail(ep: dict) -> str:
         ("Identity", output.or_dash(ep.get("identity"))),
         ("Labels", output.sorted_labels(ep.get("labels")) or ["-"]),
         ("Service account", output.or_dash(ep.get("service_account"))),
+        *([("Named ports", [f"{k}={v}" for k, v in sorted(ep["named_ports"].items())])]
+          if isinstance(ep.get("named_ports"), dict) and ep["named_ports"] else []),
         ("IPv4", output.or_dash(ep.get("ipv4"))),
         ("MAC", output.or_dash(ep.get("mac"))),
         ("Host MAC", output.or_dash(ep.get("host_mac"))),
@@ -94,7 +142,8 @@ def format_created(ep: dict) -> str:
 # -- commands ----------------------------------------------------------------------
 
 def cmd_create(args: argparse.Namespace) -> int:
-    ep = common.client(args).create_endpoint(args.name, args.labels, args.service_account)
+    ep = common.client(args).create_endpoint(args.name, args.labels, args.service_account,
+                                             named_ports=args.named_ports)
     output.emit(output.dump(ep, args.output) if args.output else format_created(ep))
     return 0
 

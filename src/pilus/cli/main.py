@@ -12,7 +12,8 @@ import os
 import sys
 
 from pilus import __version__
-from pilus.cli import bpf, cluster, common, endpoint, exec_cmd, identity, monitor, status
+from pilus.cli import bpf, cluster, common, endpoint, exec_cmd, identity, monitor, policy, status
+from pilus.cli import namespace as namespace_cmd
 
 # global options that take a value (to find the subcommand before parsing)
 _VALUE_OPTIONS = ("--cluster", "--node", "--socket")
@@ -24,6 +25,9 @@ examples:
   pilus endpoint list
   pilus exec default/xwing -- ping -c1 10.200.1.3
   pilus monitor --type drop
+  pilus namespace create rebels --labels team=rebels
+  pilus policy import policies.yaml
+  pilus policy trace --src-endpoint default/xwing --dst-endpoint default/deathstar --dport 80/TCP
   pilus status
 
 The agent is found through /run/pilus/<cluster>/cluster.json (first node unless
@@ -52,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.register(sub, parent)
     status.register(sub, parent)
     bpf.register(sub, parent)
+    policy.register(sub, parent)
+    namespace_cmd.register(sub, parent)
     return parser
 
 

@@ -17,13 +17,18 @@ OBS_POINTS = {
     13: "from-crypto",
 }
 CT_STATES = {0: "new", 1: "established", 2: "reply", 3: "related", 5: "unknown"}
+EVENT_TYPES = ("drop", "trace", "policy-verdict")
+IP_PROTOCOLS = {"icmp": 1, "icmpv4": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132}
+# policy match types as the datapath numbers them (cilium's POLICY_MATCH_*)
+MATCH_TYPES = {0: "none", 1: "L3-Only", 2: "L3-L4", 3: "L4-Only", 4: "all", 5: "L3-Proto",
+               6: "Proto-Only"}
 
 
 def register(sub, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("monitor", parents=[parent], help="show live datapath events",
-                       description="Print drop and trace events as the datapath reports them, "
-                                   "one line each, until Ctrl-C.")
-    p.add_argument("-t", "--type", choices=("drop", "trace"), default=None,
+                       description="Print drop, trace and policy-verdict events as the "
+                                   "datapath reports them, one line each, until Ctrl-C.")
+    p.add_argument("-t", "--type", choices=EVENT_TYPES, default=None,
                    help="only events of this type (default: all)")
     p.add_argument("--endpoint", "--related-to", metavar="ID", type=common.positive_int,
                    default=None, help="only events to or from this endpoint ID")
@@ -86,7 +91,10 @@ def connection_summary(ev: dict) -> str:
     """``10.0.0.1:1234 -> 10.0.0.2:80 tcp SYN`` (the agent's ``summary`` when it sent one)."""
     if ev.get("summary"):
         return str(ev["summary"])
-    proto = str(ev.get("proto") or "").lower()
+    proto = ev.get("proto")
+    if isinstance(proto, int):  # an IP protocol number (policy-verdict events may send one)
+        proto = {n: name for name, n in IP_PROTOCOLS.items()}.get(proto, str(proto))
+    proto = str(proto or "").lower()
     src, dst = ev.get("src_ip"), ev.get("dst_ip")
     if src is None and dst is None:
         return f"{ev.get('cap_len', ev.get('orig_len', 0))} bytes"
@@ -142,6 +150,42 @@ def hexdump(data_hex: str) -> list[str]:
     return out
 
 
+def proto_number(proto) -> str:
+    if isinstance(proto, int):
+        return str(proto)
+    text = str(proto or "").lower()
+    if text.isdigit():
+        return text
+    return str(IP_PROTOCOLS.get(text, 0))
+
+
+def match_type(value) -> str:
+    if isinstance(value, int):
+        return MATCH_TYPES.get(value, str(value))
+    return str(value) if value not in (None, "") else "none"
+
+
+def _direction(value) -> str:
+    if isinstance(value, int):  # the datapath's traffic direction: 1 ingress, 2 egress
+        return {1: "ingress", 2: "egress"}.get(value, "unknown")
+    return str(value or "unknown").lower()
+
+
+def format_policy_verdict(ev: dict) -> str:
+    """``Policy verdict log: flow 0x.. local EP ID 3, remote ID 12345, proto 6, ingress,
+    action allow, match L3-L4, 10.200.1.2:40000 -> 10.200.1.3:80 tcp SYN``."""
+    action = ev.get("action")
+    if isinstance(action, bool):  # tolerate {"allowed": true}-like encodings
+        action = "allow" if action else "deny"
+    if ev.get("audited"):  # audit mode let a denied connection through
+        action = "audit"
+    return (f"Policy verdict log: flow {flow_hash(ev.get('hash'))} "
+            f"local EP ID {ev.get('source_ep', 0)}, "
+            f"remote ID {ev.get('remote_identity', 0)}, proto {proto_number(ev.get('proto'))}, "
+            f"{_direction(ev.get('direction'))}, action {str(action or 'unknown').lower()}, "
+            f"match {match_type(ev.get('match_type'))}, {connection_summary(ev)}")
+
+
 def format_event(ev: dict, verbose: int = 0, ifnames: dict[int, str] | None = None) -> str:
     """One event -> text (one line, plus the packet bytes with -v)."""
     kind = ev.get("type")
@@ -151,6 +195,8 @@ def format_event(ev: dict, verbose: int = 0, ifnames: dict[int, str] | None = No
         line = format_drop(ev)
     elif kind == "trace":
         line = format_trace(ev, ifnames)
+    elif kind == "policy-verdict":
+        line = format_policy_verdict(ev)
     else:
         line = f"{kind or 'unknown'} event: {connection_summary(ev)}"
     if not verbose:

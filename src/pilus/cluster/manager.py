@@ -173,17 +173,25 @@ def _is_supervisor_of(pid: int, name: str, state_root: Path | None) -> bool:
     return os.path.realpath(root) == os.path.realpath(state_root)
 
 
-def _is_agent_of(pid: int, name: str) -> bool:
+def _is_agent_of(pid: int, name: str, cdir: Path) -> bool:
+    """An agent (or stand-in) of one of the cluster's nodes: `--node-name <name>-node<i>`,
+    and when it has a --state-dir, one under this cluster's directory."""
     argv = _cmdline(pid)
     if "--node-name" not in argv:
-        return False
-    if not any("pilus" in x for x in argv):
         return False
     try:
         node = argv[argv.index("--node-name") + 1]
     except IndexError:
         return False
-    return bool(node_name_re(name).match(node))
+    if not node_name_re(name).match(node):
+        return False
+    if "--state-dir" in argv:
+        try:
+            sdir = os.path.realpath(argv[argv.index("--state-dir") + 1])
+        except IndexError:
+            return False
+        return sdir.startswith(os.path.realpath(cdir) + os.sep)
+    return True
 
 
 def _alive(pid: int) -> bool:
@@ -462,7 +470,7 @@ def cluster_down(name: str = "default", state_root: Path = DEFAULT_STATE_ROOT) -
     sup_pids |= {p for p in _pids() if _is_supervisor_of(p, name, state_root)}
     for p in _terminate(sorted(sup_pids), grace=8.0):
         removed.append(f"supervisor pid {p}")
-    agents = [p for p in _pids() if _is_agent_of(p, name)]
+    agents = [p for p in _pids() if p != os.getpid() and _is_agent_of(p, name, cdir)]
     for p in _terminate(agents, grace=5.0):
         removed.append(f"agent pid {p}")
 

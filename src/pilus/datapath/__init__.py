@@ -1,8 +1,10 @@
 """Python side of the pilus datapath: compile, load, maps, attach, events."""
 
+from .abi import ENDPOINT_F_POLICY_EGRESS, ENDPOINT_F_POLICY_INGRESS
 from .datapath import Datapath, DatapathConfig, DatapathError, remove_pins
-from .events import DropEvent, EventReader, TraceEvent
+from .events import DropEvent, EventReader, PolicyVerdictEvent, TraceEvent
 from .maps import CtMap, EndpointInfo, EndpointMap, IpcacheMap, MetricsMap
+from .policy import PolicyKey, PolicyMaps, PolicyValue
 
 __all__ = [
     "CtMap",
@@ -10,11 +12,17 @@ __all__ = [
     "DatapathConfig",
     "DatapathError",
     "DropEvent",
+    "ENDPOINT_F_POLICY_EGRESS",
+    "ENDPOINT_F_POLICY_INGRESS",
     "EndpointInfo",
     "EndpointMap",
     "EventReader",
     "IpcacheMap",
     "MetricsMap",
+    "PolicyKey",
+    "PolicyMaps",
+    "PolicyValue",
+    "PolicyVerdictEvent",
     "TraceEvent",
     "remove_pins",
 ]

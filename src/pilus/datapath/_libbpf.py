@@ -63,6 +63,21 @@ class bpf_object_open_opts(Structure):
     ]
 
 
+class bpf_map_create_opts(Structure):
+    _fields_ = [
+        ("sz", c_size_t),
+        ("btf_fd", c_uint32),
+        ("btf_key_type_id", c_uint32),
+        ("btf_value_type_id", c_uint32),
+        ("btf_vmlinux_value_type_id", c_uint32),
+        ("inner_map_fd", c_uint32),
+        ("map_flags", c_uint32),
+        ("map_extra", c_uint64),
+        ("numa_node", c_uint32),
+        ("map_ifindex", c_uint32),
+    ]
+
+
 BPF_TC_INGRESS = 1 << 0
 BPF_TC_EGRESS = 1 << 1
 BPF_TC_CUSTOM = 1 << 2
@@ -220,6 +235,8 @@ _PROTOS: dict[str, tuple[object, list[object]]] = {
     "bpf_map__pin_path": (c_char_p, [c_void_p]),
     "bpf_map__is_pinned": (c_bool, [c_void_p]),
     "bpf_map__value_size": (c_uint32, [c_void_p]),
+    "bpf_map__set_value_size": (c_int, [c_void_p, c_uint32]),
+    "bpf_map__reuse_fd": (c_int, [c_void_p, c_int]),
     # programs
     "bpf_program__fd": (c_int, [c_void_p]),
     "bpf_program__name": (c_char_p, [c_void_p]),
@@ -231,6 +248,12 @@ _PROTOS: dict[str, tuple[object, list[object]]] = {
     "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
     "bpf_map_get_next_key": (c_int, [c_int, c_void_p, c_void_p]),
     "bpf_obj_get": (c_int, [c_char_p]),
+    "bpf_obj_pin": (c_int, [c_int, c_char_p]),
+    "bpf_map_create": (
+        c_int,
+        [c_int, c_char_p, c_uint32, c_uint32, c_uint32, POINTER(bpf_map_create_opts)],
+    ),
+    "bpf_map_get_fd_by_id": (c_int, [c_uint32]),
     "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, POINTER(c_uint32)]),
     "bpf_prog_test_run_opts": (c_int, [c_int, POINTER(bpf_test_run_opts)]),
     # tc

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import socket
 import struct
-from ctypes import Structure, Union, c_int8, c_uint8, c_uint16, c_uint32, c_uint64
+from ctypes import Structure, Union, c_int8, c_int32, c_uint8, c_uint16, c_uint32, c_uint64
 from ipaddress import IPv4Address
 
 # ---- constants (keep in sync with common.h) ----
@@ -26,6 +26,8 @@ IDENTITY_HOST = 1
 IDENTITY_WORLD = 2
 
 ENDPOINT_F_HOST = 1
+ENDPOINT_F_POLICY_INGRESS = 2
+ENDPOINT_F_POLICY_EGRESS = 4
 IPCACHE_F_HAS_TUNNEL_EP = 1
 IPCACHE_STATIC_PREFIX = 32
 
@@ -49,6 +51,7 @@ DROP_TTL_EXCEEDED = 196
 
 NOTIFY_DROP = 1
 NOTIFY_TRACE = 4
+NOTIFY_POLICY_VERDICT = 5
 NOTIFY_CAPTURE_VER = 1
 TRACE_PAYLOAD_LEN = 128
 
@@ -71,6 +74,23 @@ CT_F_RX_CLOSING = 1 << 0
 CT_F_TX_CLOSING = 1 << 1
 CT_F_SEEN_NON_SYN = 1 << 2
 CT_F_INGRESS = 1 << 3
+
+POLICY_STATIC_PREFIX = 40
+POLICY_PROTO_PREFIX = 8
+POLICY_FULL_L4_PREFIX = 24
+POLICY_FULL_PREFIX = 64
+POLICY_INGRESS = 1
+POLICY_EGRESS = 2
+POLICY_MATCH_NONE = 0
+POLICY_MATCH_L3_ONLY = 1
+POLICY_MATCH_L3_L4 = 2
+POLICY_MATCH_L4_ONLY = 3
+POLICY_MATCH_ALL = 4
+POLICY_MATCH_L3_PROTO = 5
+POLICY_MATCH_PROTO_ONLY = 6
+
+PILUS_POLICY_MAX = 16384
+PILUS_POLICY_EPS = 65536
 
 EVENTS_LOST_RATELIMIT = 0
 EVENTS_LOST_RINGBUF = 1
@@ -203,6 +223,29 @@ class CtEntry(_Base):
     ]
 
 
+class PolicyKeyC(_Base):
+    C_NAME = "policy_key"
+    _fields_ = [
+        ("lpm_prefixlen", c_uint32),
+        ("sec_label", c_uint32),
+        ("egress", c_uint8),
+        ("protocol", c_uint8),
+        ("dport", c_uint16),
+    ]
+
+
+class PolicyEntryC(_Base):
+    C_NAME = "policy_entry"
+    _fields_ = [
+        ("proxy_port", c_uint16),
+        ("deny", c_uint8),
+        ("lpm_prefix_length", c_uint8),
+        ("pad", c_uint32),
+        ("packets", c_uint64),
+        ("bytes", c_uint64),
+    ]
+
+
 class MetricsKey(_Base):
     C_NAME = "metrics_key"
     _fields_ = [
@@ -275,6 +318,24 @@ class TraceNotify(_Base):
     ]
 
 
+class PolicyVerdictNotify(_Base):
+    C_NAME = "policy_verdict_notify"
+    _fields_ = [
+        ("hdr", NotifyCaptureHdr),
+        ("remote_label", c_uint32),
+        ("local_label", c_uint32),
+        ("verdict", c_int32),
+        ("dst_port", c_uint16),
+        ("proto", c_uint8),
+        ("dir", c_uint8),
+        ("match_type", c_uint8),
+        ("audited", c_uint8),
+        ("proxy_port", c_uint16),
+        ("ifindex", c_uint32),
+        ("data", c_uint8 * TRACE_PAYLOAD_LEN),
+    ]
+
+
 class PilusConfig(_Base):
     C_NAME = "pilus_config"
     _fields_ = [
@@ -302,6 +363,8 @@ ALL_MIRRORS = [
     RemoteEndpointInfo,
     Ipv4CtTuple,
     CtEntry,
+    PolicyKeyC,
+    PolicyEntryC,
     MetricsKey,
     MetricsValue,
     EvBucket,
@@ -309,5 +372,6 @@ ALL_MIRRORS = [
     NotifyCaptureHdr,
     DropNotify,
     TraceNotify,
+    PolicyVerdictNotify,
     PilusConfig,
 ]

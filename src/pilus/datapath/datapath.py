@@ -8,7 +8,7 @@ import ctypes.util
 import errno
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -16,8 +16,10 @@ from . import abi, attach
 from ._libbpf import LibbpfMissing
 from .compile import CompileError, compile_datapath
 from .events import EventReader
+from .lb import LB_MAP_NAMES, LbConfig, LbMaps, configure_object
 from .loader import PROGRAMS, BpfObject, map_info, prog_info
 from .maps import BpfMap, CtMap, EndpointInfo, EndpointMap, EventsLostMap, IpcacheMap, MetricsMap
+from .policy import PolicyMaps
 
 DEFAULT_BPFFS_ROOT = Path("/sys/fs/bpf/pilus")
 BPFFS_MOUNT = Path("/sys/fs/bpf")
@@ -33,6 +35,7 @@ MAP_NAMES = (
     "pilus_events",
     "pilus_ev_bucket",
     "pilus_ev_lost",
+    "pilus_policy",
 )
 
 _MAP_TYPES = {
@@ -42,9 +45,10 @@ _MAP_TYPES = {
     6: "percpu_array",
     9: "lru_hash",
     11: "lpm_trie",
+    13: "hash_of_maps",
     27: "ringbuf",
 }
-_ITERABLE_TYPES = {1, 5, 9, 10, 11}
+_ITERABLE_TYPES = {1, 5, 9, 10, 11, 13}
 
 
 class DatapathError(Exception):
@@ -59,6 +63,7 @@ class DatapathConfig:
     pod_cidr: IPv4Network
     events_rate: int = 1000  # events per second per CPU
     events_burst: int = 200
+    lb: LbConfig = field(default_factory=LbConfig)  # service LB: Maglev size, hairpin IP
 
 
 def build_config(cfg: DatapathConfig, trace_aggregate: bool = True) -> abi.PilusConfig:
@@ -139,6 +144,8 @@ class Datapath:
         self.ct: CtMap = _NotLoaded("ct")  # type: ignore[assignment]
         self.metrics: MetricsMap = _NotLoaded("metrics")  # type: ignore[assignment]
         self.events_lost: EventsLostMap = _NotLoaded("events_lost")  # type: ignore[assignment]
+        self.policy: PolicyMaps = _NotLoaded("policy")  # type: ignore[assignment]
+        self.lb: LbMaps = _NotLoaded("lb")  # type: ignore[assignment]
 
     # ------------------------------------------------------------ lifecycle
 
@@ -155,7 +162,12 @@ class Datapath:
                 ensure_bpffs(pin_root)
                 pin_root.mkdir(parents=True, exist_ok=True)
             self.object_path = compile_datapath(self.state_dir)
-            obj = BpfObject(self.object_path, build_config(self.cfg), pin_root)
+            obj = BpfObject(
+                self.object_path,
+                build_config(self.cfg),
+                pin_root,
+                before_load=lambda o: configure_object(o, self.cfg.lb),
+            )
         except (CompileError, LibbpfMissing) as exc:
             raise DatapathError(str(exc).splitlines()[0]) from exc
         except OSError as exc:
@@ -182,6 +194,9 @@ class Datapath:
         self.ct = CtMap(fd("pilus_ct4"))
         self.metrics = MetricsMap(fd("pilus_metrics"))
         self.events_lost = EventsLostMap(fd("pilus_ev_lost"))
+        # per-endpoint policy maps, pinned beside the others as pilus_policy_<id>
+        self.policy = PolicyMaps(fd("pilus_policy"), pin_root)
+        self.lb = LbMaps.from_object(fd, self.cfg.lb.maglev_table_size)
 
     def _loaded(self) -> BpfObject:
         if self._obj is None:
@@ -196,6 +211,8 @@ class Datapath:
 
     def close(self) -> None:
         """Free the object and its fds; tc filters and pins keep the datapath running."""
+        if isinstance(self.policy, PolicyMaps):
+            self.policy.close()
         if self._obj is not None:
             self._obj.close()
             self._obj = None
@@ -251,7 +268,7 @@ class Datapath:
     def map_stats(self) -> list[dict]:
         obj = self._loaded()
         out = []
-        for name in MAP_NAMES:
+        for name in MAP_NAMES + LB_MAP_NAMES:
             fd = obj.map_fd(name)
             info = map_info(fd)
             if info.type in _ITERABLE_TYPES:

@@ -12,7 +12,13 @@ from ipaddress import IPv4Address
 from . import abi
 from ._libbpf import check, check_ptr, lib, ring_buffer_sample_fn
 from .maps import proto_name, tcp_flag_names
-from .reasons import ct_state_desc, drop_reason_desc, trace_point_desc
+from .reasons import (
+    POLICY_DIRECTIONS,
+    ct_state_desc,
+    drop_reason_desc,
+    policy_match_desc,
+    trace_point_desc,
+)
 
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806
@@ -177,6 +183,54 @@ class TraceEvent(_EventBase):
 
 
 @dataclass
+class PolicyVerdictEvent(_EventBase):
+    """A policy decision on the first packet of a connection (or a policy drop).
+
+    ``source_ep`` is the endpoint whose policy decided; for ingress the remote
+    is the source, for egress the destination (``src_identity`` /
+    ``dst_identity`` are oriented like the packet).
+    """
+
+    direction: int = 0  # POLICY_INGRESS / POLICY_EGRESS
+    remote_identity: int = 0
+    local_identity: int = 0
+    verdict: int = 0  # 0 allowed, -133 / -181 dropped
+    match_type: int = 0
+    policy_proto: int = 0
+    policy_dport: int = 0  # host order; ICMP type for ICMP
+    proxy_port: int = 0
+    audited: bool = False
+
+    @property
+    def action(self) -> str:
+        return "allow" if self.verdict >= 0 else "deny"
+
+    @property
+    def drop_reason(self) -> int:
+        return -self.verdict if self.verdict < 0 else 0
+
+    def to_dict(self) -> dict:
+        d = {
+            "type": "policy-verdict",
+            "direction": POLICY_DIRECTIONS.get(self.direction, str(self.direction)),
+            "action": self.action,
+            "match_type": policy_match_desc(self.match_type),
+            "remote_identity": self.remote_identity,
+            "local_identity": self.local_identity,
+            "verdict": self.verdict,
+            "drop_reason": self.drop_reason,
+            "drop_reason_desc": drop_reason_desc(self.drop_reason) if self.verdict < 0 else None,
+            "proxy_port": self.proxy_port,
+            "audited": self.audited,
+        }
+        d.update(self._common())
+        # the policy's view of L4 (the ICMP type for ICMP) wins over the capture's
+        d["proto"] = proto_name(self.policy_proto)
+        d["dport"] = self.policy_dport
+        return d
+
+
+@dataclass
 class UnknownEvent:
     type: int
     raw: bytes
@@ -185,7 +239,7 @@ class UnknownEvent:
         return {"type": f"unknown-{self.type}", "len": len(self.raw)}
 
 
-Event = DropEvent | TraceEvent | UnknownEvent
+Event = DropEvent | TraceEvent | PolicyVerdictEvent | UnknownEvent
 
 
 def decode(raw: bytes) -> Event:
@@ -197,6 +251,8 @@ def decode(raw: bytes) -> Event:
         n = abi.DropNotify.from_raw(raw)
     elif etype == abi.NOTIFY_TRACE:
         n = abi.TraceNotify.from_raw(raw)
+    elif etype == abi.NOTIFY_POLICY_VERDICT:
+        return _decode_policy_verdict(abi.PolicyVerdictNotify.from_raw(raw))
     else:
         return UnknownEvent(type=etype, raw=bytes(raw))
     cap = min(n.hdr.len_cap, abi.TRACE_PAYLOAD_LEN)
@@ -216,6 +272,34 @@ def decode(raw: bytes) -> Event:
     if etype == abi.NOTIFY_DROP:
         return DropEvent(reason=n.hdr.common.subtype, line=n.line, **common)
     return TraceEvent(obs_point=n.hdr.common.subtype, ct_reason=n.reason, **common)
+
+
+def _decode_policy_verdict(n: abi.PolicyVerdictNotify) -> PolicyVerdictEvent:
+    cap = min(n.hdr.len_cap, abi.TRACE_PAYLOAD_LEN)
+    data = bytes(n.data)[:cap]
+    egress = n.dir == abi.POLICY_EGRESS
+    return PolicyVerdictEvent(
+        source_ep=n.hdr.common.source,
+        # oriented like the packet: egress = local -> remote
+        src_identity=n.local_label if egress else n.remote_label,
+        dst_identity=n.remote_label if egress else n.local_label,
+        dst_ep=0 if egress else n.hdr.common.source,
+        ifindex=n.ifindex,
+        hash=n.hdr.common.hash,
+        orig_len=n.hdr.len_orig,
+        cap_len=cap,
+        data=data,
+        packet=parse_packet(data),
+        direction=n.dir,
+        remote_identity=n.remote_label,
+        local_identity=n.local_label,
+        verdict=n.verdict,
+        match_type=n.match_type,
+        policy_proto=n.proto,
+        policy_dport=n.dst_port,
+        proxy_port=abi.raw_to_port(n.proxy_port),
+        audited=bool(n.audited),
+    )
 
 
 class EventReader:
@@ -287,6 +371,7 @@ class EventReader:
 __all__ = [
     "DropEvent",
     "TraceEvent",
+    "PolicyVerdictEvent",
     "UnknownEvent",
     "Event",
     "EventReader",

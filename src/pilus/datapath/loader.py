@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import errno
 import os
+from collections.abc import Callable
 from ctypes import byref, c_size_t
 from pathlib import Path
 
@@ -29,6 +30,7 @@ class BpfObject:
         path: Path,
         config: abi.PilusConfig,
         pin_root: Path | None = None,
+        before_load: Callable[[BpfObject], None] | None = None,
     ) -> None:
         self.path = Path(path)
         self.pin_root = pin_root
@@ -47,6 +49,8 @@ class BpfObject:
             if pin_root is None:
                 self._unpin_all_defs()
             self._set_config(config)
+            if before_load is not None:
+                before_load(self)  # e.g. LB settings: map sizes, .rodata.lb
             check(lib.bpf_object__load(self._obj), "bpf_object__load", str(self.path))
         except BaseException:
             self.close()
@@ -63,6 +67,35 @@ class BpfObject:
     def _unpin_all_defs(self) -> None:
         for m in self._maps():
             check(lib.bpf_map__set_pin_path(m, None), "bpf_map__set_pin_path")
+
+    def find_map(self, name: str) -> int:
+        """libbpf's `struct bpf_map *` of a map or internal (.rodata.*) map."""
+        return check_ptr(
+            lib.bpf_object__find_map_by_name(self.handle, name.encode()),
+            "bpf_object__find_map_by_name",
+            name,
+        )
+
+    def set_rodata(self, section: str, value: ctypes.Structure) -> None:
+        """Initial value of a `const volatile` config section (before load)."""
+        m = self.find_map(section)
+        size = c_size_t(0)
+        check_ptr(lib.bpf_map__initial_value(m, byref(size)), "bpf_map__initial_value")
+        if size.value != ctypes.sizeof(value):
+            raise OSError(
+                errno.EINVAL,
+                f"{section} is {size.value} bytes, {type(value).__name__} is "
+                f"{ctypes.sizeof(value)}: the C and Python mirrors disagree",
+            )
+        check(
+            lib.bpf_map__set_initial_value(m, byref(value), ctypes.sizeof(value)),
+            "bpf_map__set_initial_value",
+            section,
+        )
+
+    def set_value_size(self, name: str, size: int) -> None:
+        """Resize a map's value before load (maps declared without a BTF value type)."""
+        check(lib.bpf_map__set_value_size(self.find_map(name), size), "bpf_map__set_value_size", name)
 
     def _set_config(self, config: abi.PilusConfig) -> None:
         m = check_ptr(

@@ -315,6 +315,19 @@ class CtMap:
                 n += 1
         return n
 
+    def gc(self, now: int | None = None) -> int:
+        """Delete expired entries (the datapath only refreshes lifetimes and
+        ignores expired ones); returns how many were deleted. The agent calls
+        this periodically (Cilium: conntrack GC)."""
+        now = monotonic_seconds() if now is None else now
+        n = 0
+        for k in list(self.map.keys()):
+            v = self.map.lookup(k)
+            # re-check right before deleting: a packet may have refreshed it
+            if v is not None and v.lifetime < now and self.map.delete(k):
+                n += 1
+        return n
+
 
 class MetricsMap:
     """pilus_metrics: (reason, direction) -> packets, bytes, summed over CPUs."""

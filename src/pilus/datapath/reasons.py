@@ -126,6 +126,20 @@ CT_STATES: dict[int, str] = {
 
 DIRECTIONS: dict[int, str] = {1: "ingress", 2: "egress", 3: "service"}
 
+#: policy verdict match types (Cilium's POLICY_MATCH_*, Hubble's texts)
+POLICY_MATCH_TYPES: dict[int, str] = {
+    0: "none",
+    1: "L3-Only",
+    2: "L3-L4",
+    3: "L4-Only",
+    4: "all",
+    5: "L3-Proto",
+    6: "Proto-Only",
+}
+
+#: policy verdict directions (POLICY_INGRESS / POLICY_EGRESS)
+POLICY_DIRECTIONS: dict[int, str] = {1: "ingress", 2: "egress"}
+
 
 def drop_reason_desc(code: int) -> str:
     return DROP_REASONS.get(code, f"Unknown reason {code}")
@@ -133,6 +147,10 @@ def drop_reason_desc(code: int) -> str:
 
 def trace_point_desc(point: int) -> str:
     return TRACE_POINTS.get(point, f"unknown-{point}")
+
+
+def policy_match_desc(match_type: int) -> str:
+    return POLICY_MATCH_TYPES.get(match_type, f"unknown-{match_type}")
 
 
 def ct_state_desc(reason: int) -> str:

@@ -1,0 +1,707 @@
+"""Policy resolution: rules + identities + endpoints -> per-endpoint policy map entries.
+
+The engine keeps a selector cache (every distinct selector with the identities it
+selects now), compiles each local endpoint's policy into *contributions*
+(selector x direction x allow/deny x port keys) and expands them into map entries
+``PolicyKey(identity, egress, proto, dport, prefix_len) -> PolicyEntry``, shaped as
+Cilium's policy map (see ``docs/policy.md``). Adding or removing an identity only
+touches the endpoints that use a selector whose selection changed, and only that
+identity's entries (incremental); policy, label and named-port changes recompute
+the affected endpoints.
+
+The datapath contract (what :class:`EndpointPolicy` means):
+
+* ``*_enforced`` false: the direction is not policed (allow all, no lookup).
+* ``*_enforced`` true: look up ``(remote identity, dir, proto, dport)`` with the
+  longest proto/port prefix, then the same with identity 0; a deny in either wins;
+  otherwise any allow found allows; nothing found -> drop (reason 133, policy
+  denied); deny -> drop (reason 181, policy deny).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pilus.identity.labels import CIDR, K8S, LABEL_CLUSTER, RESERVED, Labels
+from pilus.identity.reserved import HOST
+from pilus.policy.rule import PROTO_NUMBERS, PeerRule, Rule, port_range_prefixes
+from pilus.policy.schema import PolicyDoc
+from pilus.policy.selector import CIDRSelector, EndpointSelector, Requirement
+
+__all__ = [
+    "MODES",
+    "DirectionTrace",
+    "EndpointPolicy",
+    "PolicyEngine",
+    "PolicyEntry",
+    "PolicyKey",
+    "TraceResult",
+    "key_covers",
+]
+
+MODES = ("default", "always", "never")
+Selector = EndpointSelector | CIDRSelector
+WILDCARD = EndpointSelector()
+
+PROTO_NAMES = {0: "ANY", 1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
+
+
+@dataclass(frozen=True, order=True)
+class PolicyKey:
+    identity: int
+    egress: bool
+    proto: int
+    dport: int
+    prefix_len: int
+
+    def __post_init__(self) -> None:
+        if self.proto == 0 and (self.dport or self.prefix_len):
+            raise ValueError("proto 0 (any) needs dport 0 and prefix_len 0")
+        if not 0 <= self.prefix_len <= 16:
+            raise ValueError("prefix_len must be 0-16")
+
+    def covers_port(self, proto: int, dport: int) -> bool:
+        if self.proto == 0:
+            return True
+        if self.proto != proto:
+            return False
+        shift = 16 - self.prefix_len
+        return (dport >> shift) == (self.dport >> shift)
+
+    @property
+    def lpm_prefix_len(self) -> int:
+        """proto+port prefix bits as in Cilium's entry (0..24)."""
+        return 0 if self.proto == 0 else 8 + self.prefix_len
+
+    def port_str(self) -> str:
+        if self.proto == 0:
+            return "ANY"
+        p = PROTO_NAMES.get(self.proto, str(self.proto))
+        if self.prefix_len == 0:
+            return f"*/{p}"
+        if self.prefix_len == 16:
+            return f"{self.dport}/{p}"
+        hi = self.dport | ((1 << (16 - self.prefix_len)) - 1)
+        return f"{self.dport}-{hi}/{p}"
+
+
+def key_covers(outer: PolicyKey, inner: PolicyKey) -> bool:
+    """``outer`` matches every packet ``inner`` matches (same identity and direction assumed)."""
+    if outer.proto == 0:
+        return True
+    if outer.proto != inner.proto or outer.prefix_len > inner.prefix_len:
+        return False
+    shift = 16 - outer.prefix_len
+    return (outer.dport >> shift) == (inner.dport >> shift)
+
+
+@dataclass(frozen=True)
+class PolicyEntry:
+    deny: bool
+    proxy_port: int = 0
+    rule: str = ""
+
+
+@dataclass(frozen=True)
+class EndpointPolicy:
+    ingress_enforced: bool
+    egress_enforced: bool
+    entries: dict[PolicyKey, PolicyEntry]
+
+    def lookup(self, identity: int, egress: bool, proto: int, dport: int) -> tuple[str, PolicyKey | None]:
+        """Reference datapath lookup: ("allow"|"deny"|"drop", matching key)."""
+        enforced = self.egress_enforced if egress else self.ingress_enforced
+        if not enforced:
+            return "allow", None
+        best: list[PolicyKey | None] = []
+        for ident in (identity, 0):
+            cand = None
+            for k in self._candidates(ident, egress, proto, dport):
+                if cand is None or k.lpm_prefix_len > cand.lpm_prefix_len:
+                    cand = k
+            best.append(cand)
+        a, b = best
+        if a is not None and self.entries[a].deny:
+            return "deny", a
+        if b is not None and self.entries[b].deny:
+            return "deny", b
+        if a is None and b is None:
+            return "drop", None
+        if a is None or (b is not None and b.lpm_prefix_len > a.lpm_prefix_len):
+            return "allow", b
+        return "allow", a
+
+    def _candidates(self, ident: int, egress: bool, proto: int, dport: int) -> Iterable[PolicyKey]:
+        e = self.entries
+        k0 = PolicyKey(ident, egress, 0, 0, 0)
+        if k0 in e:
+            yield k0
+        for plen in range(0, 17):
+            shift = 16 - plen
+            k = PolicyKey(ident, egress, proto, (dport >> shift) << shift if plen else 0, plen)
+            if k in e:
+                yield k
+
+
+# ---------------------------------------------------------------------------
+# selector cache
+
+
+@dataclass
+class _CachedSel:
+    ids: set[int] = field(default_factory=set)
+    users: int = 0
+
+
+class SelectorCache:
+    """Every selector in use and the identities it selects; indexed identities."""
+
+    def __init__(self) -> None:
+        self.identities: dict[int, Labels] = {}
+        self._by_kv: dict[str, dict[str, set[int]]] = {}
+        self._cidr_ids: set[int] = set()
+        self.sels: dict[Selector, _CachedSel] = {}
+        self.id_sels: dict[int, set[Selector]] = {}
+
+    # identities ------------------------------------------------------------
+
+    def _index(self, id_: int, labels: Labels, add: bool) -> None:
+        for lbl in labels:
+            vals = self._by_kv.setdefault(lbl.key, {})
+            s = vals.setdefault(lbl.value, set())
+            if add:
+                s.add(id_)
+            else:
+                s.discard(id_)
+                if not s:
+                    del vals[lbl.value]
+                    if not vals:
+                        del self._by_kv[lbl.key]
+        if labels.has_source(CIDR) or any(lbl.source == RESERVED and lbl.key.startswith("world") for lbl in labels):
+            (self._cidr_ids.add if add else self._cidr_ids.discard)(id_)
+
+    def upsert_identity(self, id_: int, labels: Labels) -> set[Selector]:
+        """Store; return the selectors whose selection changed."""
+        old = self.identities.get(id_)
+        if old is not None:
+            if old == labels:
+                return set()
+            self._index(id_, old, False)
+        self.identities[id_] = labels
+        self._index(id_, labels, True)
+        changed: set[Selector] = set()
+        mine = self.id_sels.setdefault(id_, set())
+        for sel, c in self.sels.items():
+            m = sel.matches(labels)
+            if m != (id_ in c.ids):
+                changed.add(sel)
+                if m:
+                    c.ids.add(id_)
+                    mine.add(sel)
+                else:
+                    c.ids.discard(id_)
+                    mine.discard(sel)
+        return changed
+
+    def remove_identity(self, id_: int) -> set[Selector]:
+        old = self.identities.pop(id_, None)
+        if old is None:
+            return set()
+        self._index(id_, old, False)
+        changed = self.id_sels.pop(id_, set())
+        for sel in changed:
+            self.sels[sel].ids.discard(id_)
+        return changed
+
+    # selectors -------------------------------------------------------------
+
+    def _candidates(self, sel: Selector) -> Iterable[int]:
+        if isinstance(sel, CIDRSelector):
+            return list(self._cidr_ids)
+        best: set[int] | None = None
+        for r in sel.requirements:
+            if r.operator == "In":
+                vals = self._by_kv.get(r.key, {})
+                cand: set[int] = set().union(*(vals.get(v, set()) for v in r.values))
+            elif r.operator == "Exists":
+                cand = set().union(*self._by_kv.get(r.key, {}).values())
+            else:
+                continue
+            if best is None or len(cand) < len(best):
+                best = cand
+        return self.identities.keys() if best is None else best
+
+    def acquire(self, sel: Selector) -> _CachedSel:
+        c = self.sels.get(sel)
+        if c is None:
+            c = _CachedSel()
+            ids = self.identities
+            for i in self._candidates(sel):
+                if sel.matches(ids[i]):
+                    c.ids.add(i)
+                    self.id_sels.setdefault(i, set()).add(sel)
+            self.sels[sel] = c
+        c.users += 1
+        return c
+
+    def release(self, sel: Selector) -> None:
+        c = self.sels.get(sel)
+        if c is None:
+            return
+        c.users -= 1
+        if c.users <= 0:
+            del self.sels[sel]
+            for i in c.ids:
+                s = self.id_sels.get(i)
+                if s is not None:
+                    s.discard(sel)
+
+
+# ---------------------------------------------------------------------------
+# compiled endpoint policy
+
+L4Key = tuple[int, int, int]  # proto, dport, prefix_len
+
+
+@dataclass(frozen=True)
+class _Contrib:
+    egress: bool
+    deny: bool
+    keys: tuple[L4Key, ...]
+    origin: str
+    l7: bool = False
+
+
+@dataclass
+class _Compiled:
+    """What one endpoint's policy is made of (before expansion to identities)."""
+
+    rules: list[Rule]
+    ingress_enforced: bool
+    egress_enforced: bool
+    ingress_default_deny: bool
+    egress_default_deny: bool
+    # (selector or None for wildcard, peer rule, contribution) in rule order
+    items: list[tuple[Selector | None, PeerRule, _Contrib]]
+    static: dict[PolicyKey, PolicyEntry]
+    uses_cluster_named_ports: bool = False
+
+
+@dataclass
+class _Ep:
+    labels: Labels
+    named_ports: dict[str, tuple[int, int]]
+    dirty: bool = True
+    comp: _Compiled | None = None
+    by_sel: dict[Selector, list[_Contrib]] = field(default_factory=dict)
+    entries: dict[PolicyKey, PolicyEntry] = field(default_factory=dict)
+    by_id: dict[int, set[PolicyKey]] = field(default_factory=dict)
+    zero_denies: dict[bool, list[PolicyKey]] = field(default_factory=dict)
+    last: EndpointPolicy | None = None
+    changed: bool = True
+
+
+def _merge(d: dict[PolicyKey, PolicyEntry], key: PolicyKey, entry: PolicyEntry) -> None:
+    old = d.get(key)
+    if old is None or (entry.deny and not old.deny):
+        d[key] = entry
+
+
+def _normalize(entries: dict[PolicyKey, PolicyEntry], keys: Iterable[PolicyKey], zero_denies: dict[bool, list[PolicyKey]]) -> None:
+    """Deny beats allow: drop allow entries covered by a deny of the same identity (or identity 0)."""
+    keys = list(keys)
+    denies: dict[bool, list[PolicyKey]] = {}
+    for k in keys:
+        if entries[k].deny:
+            denies.setdefault(k.egress, []).append(k)
+    if not denies and not zero_denies:
+        return
+    for k in keys:
+        e = entries.get(k)
+        if e is None or e.deny:
+            continue
+        ds = denies.get(k.egress, [])
+        if k.identity != 0:
+            ds = ds + zero_denies.get(k.egress, [])
+        if any(key_covers(d, k) for d in ds):
+            del entries[k]
+
+
+# ---------------------------------------------------------------------------
+# trace result
+
+
+@dataclass
+class DirectionTrace:
+    direction: str
+    evaluated: bool
+    verdict: str  # "allowed" / "denied"
+    reason: str
+    rules_selected: list[str] = field(default_factory=list)
+    allowed_by: list[str] = field(default_factory=list)
+    denied_by: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TraceResult:
+    lines: list[str]
+    ingress: DirectionTrace
+    egress: DirectionTrace
+    verdict: str  # "ALLOWED" / "DENIED"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict,
+            "ingress": self.ingress.to_dict(),
+            "egress": self.egress.to_dict(),
+            "lines": list(self.lines),
+        }
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
+
+
+# ---------------------------------------------------------------------------
+
+
+class PolicyEngine:
+    def __init__(self, mode: str = "default", cluster: str = "default", *, allow_localhost: bool = True) -> None:
+        if mode not in MODES:
+            raise ValueError(f"policy enforcement mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.mode = mode
+        self.cluster = cluster
+        self.allow_localhost = allow_localhost
+        self._rules: list[Rule] = []
+        self._docs: list[PolicyDoc] = []
+        self._cache = SelectorCache()
+        self._eps: dict[int, _Ep] = {}
+        self._cluster_named: dict[str, set[tuple[int, int]]] = {}
+        self._entity_cache: dict[str, tuple[Selector, ...]] = {}
+        self.stats = {"full": 0, "incremental": 0}
+
+    # inputs ----------------------------------------------------------------
+
+    def set_policies(self, docs: list[PolicyDoc]) -> None:
+        new_rules = [r for d in docs for r in d.rules]
+        old, new = set(self._rules), set(new_rules)
+        changed = old ^ new
+        reordered = [r.origin for r in new_rules] != [r.origin for r in self._rules]
+        self._docs = list(docs)
+        self._rules = new_rules
+        if not changed:
+            if reordered:  # only which rule an entry is attributed to can change
+                self._mark_all()
+            return
+        subjects = {r.subject for r in changed if r.subject is not None}
+        for ep in self._eps.values():
+            if not ep.dirty and any(s.matches(ep.labels) for s in subjects):
+                ep.dirty = True
+
+    def upsert_identity(self, id: int, labels: Labels) -> None:  # noqa: A002 - API name
+        if id == 0:
+            return  # identity 0 is the map's wildcard, never a peer
+        changed = self._cache.upsert_identity(id, labels)
+        self._apply_identity(id, changed)
+
+    def remove_identity(self, id: int) -> None:  # noqa: A002
+        changed = self._cache.remove_identity(id)
+        self._apply_identity(id, changed)
+
+    def upsert_endpoint(self, ep_id: int, labels: Labels, named_ports: Mapping[str, tuple[int, int]] = {}) -> None:  # noqa: B006
+        ep = self._eps.get(ep_id)
+        np_ = {k.lower(): (int(v[0]), int(v[1])) for k, v in named_ports.items()}
+        if ep is None:
+            self._eps[ep_id] = _Ep(labels, np_)
+            return
+        if ep.labels != labels or ep.named_ports != np_:
+            ep.labels, ep.named_ports, ep.dirty = labels, np_, True
+
+    def remove_endpoint(self, ep_id: int) -> None:
+        ep = self._eps.pop(ep_id, None)
+        if ep is not None and ep.comp is not None:
+            for sel in ep.by_sel:
+                self._cache.release(sel)
+
+    def set_cluster_named_ports(self, ports: Mapping[str, set[tuple[int, int]]]) -> None:
+        new = {k.lower(): {(int(p), int(q)) for p, q in v} for k, v in ports.items()}
+        if new == self._cluster_named:
+            return
+        self._cluster_named = new
+        for ep in self._eps.values():
+            if ep.comp is not None and ep.comp.uses_cluster_named_ports:
+                ep.dirty = True
+
+    # outputs ---------------------------------------------------------------
+
+    def policy_for(self, ep_id: int) -> EndpointPolicy:
+        ep = self._eps.get(ep_id)
+        if ep is None:
+            raise KeyError(f"endpoint {ep_id} is not known to the policy engine")
+        if ep.dirty:
+            self._recompute(ep)
+        if ep.changed or ep.last is None:
+            assert ep.comp is not None
+            ep.last = EndpointPolicy(ep.comp.ingress_enforced, ep.comp.egress_enforced, dict(ep.entries))
+            ep.changed = False
+        return ep.last
+
+    def changed_endpoints(self) -> set[int]:
+        out = set()
+        for ep_id, ep in self._eps.items():
+            if ep.dirty:
+                self._recompute(ep)
+            if ep.changed or ep.last is None:
+                out.add(ep_id)
+        return out
+
+    def endpoints(self) -> list[int]:
+        return sorted(self._eps)
+
+    def cidr_prefixes(self) -> set[ipaddress.IPv4Network]:
+        out: set[ipaddress.IPv4Network] = set()
+        for r in self._rules:
+            for sec in (r.ingress, r.ingress_deny, r.egress, r.egress_deny):
+                for p in sec:
+                    for c in p.cidrs or ():
+                        for n in (c.cidr, *c.excepts):
+                            if isinstance(n, ipaddress.IPv4Network) and n.prefixlen > 0:
+                                out.add(n)
+        return out
+
+    def selectors(self) -> list[dict[str, Any]]:
+        return sorted(
+            (
+                {"selector": str(sel), "identities": sorted(c.ids), "users": c.users}
+                for sel, c in self._cache.sels.items()
+            ),
+            key=lambda d: d["selector"],
+        )
+
+    def identities(self) -> dict[int, Labels]:
+        return dict(self._cache.identities)
+
+    # compile ---------------------------------------------------------------
+
+    def _entity_selectors(self, name: str) -> tuple[Selector, ...]:
+        hit = self._entity_cache.get(name)
+        if hit is not None:
+            return hit
+
+        def res(n: str) -> EndpointSelector:
+            return EndpointSelector((Requirement(n, RESERVED, "Exists"),))
+
+        if name == "all":
+            out: tuple[Selector, ...] = (WILDCARD,)
+        elif name == "none":
+            out = ()
+        elif name == "world":
+            out = (res("world"), res("world-ipv4"))
+        elif name == "cluster":
+            out = tuple(res(n) for n in ("host", "remote-node", "init", "health", "unmanaged", "kube-apiserver", "ingress")) + (
+                EndpointSelector((Requirement(LABEL_CLUSTER, K8S, "In", (self.cluster,)),)),
+            )
+        else:
+            out = (res(name),)
+        self._entity_cache[name] = out
+        return out
+
+    def _peer_selectors(self, peer: PeerRule, reqs: tuple[Requirement, ...]) -> list[Selector | None]:
+        """Selectors of a rule element; ``None`` = wildcard (identity 0 entries)."""
+        if not peer.has_l3:
+            return [None]
+        out: list[Selector | None] = []
+        for es in peer.endpoints or ():
+            out.append(es.with_requirements(reqs) if reqs else es)
+        for ent in peer.entities or ():
+            out.extend(self._entity_selectors(ent))
+        out.extend(peer.cidrs or ())
+        return [None if isinstance(s, EndpointSelector) and s.is_wildcard else s for s in out]
+
+    def _l4_keys(self, peer: PeerRule, egress: bool, named: Mapping[str, tuple[int, int]]) -> tuple[tuple[L4Key, ...], bool, bool]:
+        """(proto, dport, prefix_len) keys of a rule element; also (uses cluster named ports, has L7)."""
+        if not peer.has_l4:
+            return ((0, 0, 0),), False, False
+        keys: list[L4Key] = []
+        uses_cluster = False
+        l7 = False
+        for pr in peer.to_ports:
+            l7 = l7 or bool(pr.l7)
+            for pp in pr.ports:
+                if pp.protocol == "_NONE":
+                    continue
+                want = PROTO_NUMBERS[pp.protocol]
+                if pp.name:
+                    if egress:
+                        uses_cluster = True
+                        cands = self._cluster_named.get(pp.name, set())
+                    else:
+                        c = named.get(pp.name)
+                        cands = {c} if c else set()
+                    for port, proto in sorted(cands):
+                        if want in (0, proto) and 0 < port <= 65535:
+                            keys.append((proto, port, 16))
+                    continue
+                protos = (6, 17) if want == 0 else (want,)
+                if pp.port == 0:
+                    keys.extend([(0, 0, 0)] if want == 0 else [(p, 0, 0) for p in protos])
+                    continue
+                for val, plen in port_range_prefixes(pp.port, pp.end_port or pp.port):
+                    keys.extend((p, val, plen) for p in protos)
+        for f in peer.icmps:
+            keys.append((1 if f.family == "IPv4" else 58, f.type, 16))
+        return tuple(dict.fromkeys(keys)), uses_cluster, l7
+
+    def _compile(self, labels: Labels, named: Mapping[str, tuple[int, int]]) -> _Compiled:
+        rules = [r for r in self._rules if r.subject is not None and r.subject.matches(labels)]
+        enforced = {}
+        dd = {}
+        for eg in (False, True):
+            has = any(r.has_egress if eg else r.has_ingress for r in rules)
+            if self.mode == "never":
+                enforced[eg], dd[eg] = False, False
+            elif self.mode == "always":
+                enforced[eg], dd[eg] = True, True
+            else:
+                enforced[eg] = has
+                dd[eg] = any(r.default_deny_egress if eg else r.default_deny_ingress for r in rules)
+        comp = _Compiled(rules, enforced[False], enforced[True], dd[False], dd[True], [], {})
+        if self.mode == "never":
+            return comp
+        for eg in (False, True):
+            if enforced[eg] and not dd[eg]:
+                _merge(comp.static, PolicyKey(0, eg, 0, 0, 0), PolicyEntry(False, 0, "enableDefaultDeny=false: default allow"))
+        if self.allow_localhost and enforced[False]:
+            _merge(comp.static, PolicyKey(HOST, False, 0, 0, 0), PolicyEntry(False, 0, "allow-localhost: the host may reach local endpoints"))
+        for eg in (False, True):
+            reqs: list[Requirement] = []
+            for r in rules:
+                allow, deny = r.sections(eg)
+                for p in (*allow, *deny):
+                    for s in p.requires:
+                        reqs.extend(s.requirements)
+            rq = tuple(reqs)
+            for r in rules:
+                allow, deny = r.sections(eg)
+                for is_deny, sec in ((False, allow), (True, deny)):
+                    kind = ("egress" if eg else "ingress") + ("Deny" if is_deny else "")
+                    for p in sec:
+                        if not p.has_l3 and not p.has_l4:
+                            continue  # an empty element ({}) selects the endpoint but allows nothing
+                        keys, uses_cluster, l7 = self._l4_keys(p, eg, named)
+                        comp.uses_cluster_named_ports |= uses_cluster
+                        if not keys:
+                            continue
+                        c = _Contrib(eg, is_deny, keys, f"{r.origin} ({kind})", l7)
+                        for sel in self._peer_selectors(p, rq):
+                            comp.items.append((sel, p, c))
+        return comp
+
+    # expand ----------------------------------------------------------------
+
+    def _recompute(self, ep: _Ep) -> None:
+        self.stats["full"] += 1
+        comp = self._compile(ep.labels, ep.named_ports)
+        by_sel: dict[Selector, list[_Contrib]] = {}
+        entries: dict[PolicyKey, PolicyEntry] = dict(comp.static)
+        for sel, _p, c in comp.items:
+            if sel is None:
+                e = PolicyEntry(c.deny, 0, c.origin)
+                for proto, dport, plen in c.keys:
+                    _merge(entries, PolicyKey(0, c.egress, proto, dport, plen), e)
+            else:
+                by_sel.setdefault(sel, []).append(c)
+        cache = self._cache
+        for sel in by_sel:
+            cache.acquire(sel)
+        if ep.comp is not None:
+            for sel in ep.by_sel:
+                cache.release(sel)
+        for sel, contribs in by_sel.items():
+            ids = cache.sels[sel].ids
+            for c in contribs:
+                e = PolicyEntry(c.deny, 0, c.origin)
+                for ident in ids:
+                    for proto, dport, plen in c.keys:
+                        _merge(entries, PolicyKey(ident, c.egress, proto, dport, plen), e)
+        by_id: dict[int, set[PolicyKey]] = {}
+        for k in entries:
+            by_id.setdefault(k.identity, set()).add(k)
+        zero = {
+            eg: [k for k in by_id.get(0, ()) if k.egress == eg and entries[k].deny] for eg in (False, True)
+        }
+        zero = {eg: v for eg, v in zero.items() if v}
+        _normalize(entries, by_id.get(0, ()), {})
+        for ident, keys in by_id.items():
+            if ident:
+                _normalize(entries, keys, zero)
+        by_id = {}
+        for k in entries:
+            by_id.setdefault(k.identity, set()).add(k)
+        ep.comp, ep.by_sel, ep.entries, ep.by_id, ep.zero_denies = comp, by_sel, entries, by_id, zero
+        ep.dirty = False
+        new = EndpointPolicy(comp.ingress_enforced, comp.egress_enforced, entries)
+        ep.changed = ep.last is None or ep.last != new
+
+    def _identity_entries(self, ep: _Ep, ident: int) -> dict[PolicyKey, PolicyEntry]:
+        assert ep.comp is not None
+        out: dict[PolicyKey, PolicyEntry] = {k: v for k, v in ep.comp.static.items() if k.identity == ident}
+        for sel in self._cache.id_sels.get(ident, ()):
+            for c in ep.by_sel.get(sel, ()):
+                e = PolicyEntry(c.deny, 0, c.origin)
+                for proto, dport, plen in c.keys:
+                    _merge(out, PolicyKey(ident, c.egress, proto, dport, plen), e)
+        _normalize(out, list(out), ep.zero_denies)
+        return out
+
+    def _apply_identity(self, ident: int, changed: set[Selector]) -> None:
+        if not changed:
+            return
+        for ep in self._eps.values():
+            if ep.dirty or ep.comp is None:
+                continue
+            if not any(s in ep.by_sel for s in changed):
+                continue
+            self.stats["incremental"] += 1
+            new = self._identity_entries(ep, ident)
+            old_keys = ep.by_id.get(ident, set())
+            if len(new) == len(old_keys) and all(ep.entries.get(k) == v for k, v in new.items()):
+                continue
+            for k in old_keys:
+                del ep.entries[k]
+            ep.entries.update(new)
+            if new:
+                ep.by_id[ident] = set(new)
+            else:
+                ep.by_id.pop(ident, None)
+            ep.changed = True
+
+    def _mark_all(self) -> None:
+        for ep in self._eps.values():
+            ep.dirty = True
+
+    # trace -----------------------------------------------------------------
+
+    def trace(
+        self,
+        src_labels: Labels,
+        dst_labels: Labels,
+        dport: int,
+        proto: int,
+        src_is_local: bool = True,
+        dst_is_local: bool = True,
+    ) -> TraceResult:
+        from pilus.policy.trace import run_trace
+
+        return run_trace(self, src_labels, dst_labels, dport, proto, src_is_local, dst_is_local)
+
+    def _named_ports_for(self, labels: Labels) -> Mapping[str, tuple[int, int]]:
+        for ep in self._eps.values():
+            if ep.labels == labels:
+                return ep.named_ports
+        return {}
