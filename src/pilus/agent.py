@@ -231,7 +231,7 @@ class Agent:
         """Labels of one side of a trace: a local endpoint, or labels as a pod would carry them."""
         ref = body.get(f"{side}_endpoint")
         if ref is not None:
-            return Labels(self.endpoints.lookup(str(ref)).labels), True
+            return parse_labels(self.endpoints.lookup(str(ref)).labels), True
         raw = body.get(f"{side}_labels")
         if raw is None:
             raise TraceInputError(f"give {side}_endpoint or {side}_labels")

@@ -565,10 +565,8 @@ def test_python_verdict_agrees_with_datapath(dp, events):
     )
     cases = [(TCP_, 80), (TCP_, 81), (TCP_, 8002), (TCP_, 22), (UDP_, 9)]
     for i, (proto, port) in enumerate(cases):
-        if proto == TCP_:
-            pkt = tcp(a, EP_B.ipv4, port, "S", 48000 + i)
-        else:
-            pkt = a_udp(a, EP_B.ipv4, port, sport=48000 + i)
+        sport = 48000 + i
+        pkt = tcp(a, EP_B.ipv4, port, "S", sport) if proto == TCP_ else a_udp(a, EP_B.ipv4, port, sport)
         ret = from_ep(dp, a, pkt).retval
         (v,) = verdicts(events.poll())
         py = dp.policy.verdict(a.ep_id, EP_B.identity, True, proto, port)

@@ -26,6 +26,9 @@ PODS = {
 }
 
 
+_LOGS: list[EventLog] = []  # the module's monitor, reset whenever a scenario starts
+
+
 class EventLog:
     """Everything the monitor streams while the module runs."""
 
@@ -66,6 +69,7 @@ def world(api, node, external):
     servers.start(external, "tcp-server", HTTP)
     servers.start(node["netns"], "tcp-server", 7000)
     log = EventLog(api)
+    _LOGS.append(log)
     time.sleep(0.3)
     yield pods, log
     servers.stop()
@@ -77,6 +81,8 @@ def world(api, node, external):
 
 
 def apply(api, text: str) -> int:
+    for log in _LOGS:
+        log.events.clear()
     api.request("DELETE", "/policy?all=true")
     return api.request("PUT", "/policy", {"yaml": textwrap.dedent(text)})["revision"]
 
@@ -133,8 +139,10 @@ def test_l3_l4_ingress_allow_and_default_deny(api, world):
     assert trace(api, "default/tiefighter", "default/deathstar", "80/TCP") == "ALLOWED"
     assert trace(api, "default/tiefighter", "default/deathstar", "8080/TCP") == "DENIED"
     entries = api.request("GET", "/bpf/policy/default/deathstar")["entries"]
-    allowed = [e for e in entries if not e["deny"] and e["direction"] == "ingress"]
-    assert allowed and all(e["dport"] == HTTP for e in allowed)
+    # the host (identity 1) may always reach local endpoints (Cilium's allow-localhost default)
+    allowed = [e for e in entries if not e["deny"] and e["direction"] == "ingress" and e["identity"] != 1]
+    assert allowed and all(e["dport"] == HTTP and e["proto"] == 6 for e in allowed)
+    assert {e["identity"] for e in allowed} == {pods["default/tiefighter"]["identity"], pods["default/deathstar"]["identity"]}
 
 
 def test_deny_wins_over_allow(api, world):

@@ -294,6 +294,36 @@ class Client:
         finally:
             conn.close()
 
+    # -- services (load balancing) ---------------------------------------------
+
+    def list_services(self) -> list[dict]:
+        return self.request("GET", "/service") or []
+
+    def get_service(self, namespace: str, name: str) -> dict:
+        return self.request("GET", f"/service/{quote(namespace, safe='')}/{quote(name, safe='')}")
+
+    def put_service(self, yaml_text: str | None = None, service: dict | None = None) -> dict:
+        """Create or replace services: Kubernetes YAML (Service + optional
+        Endpoints/EndpointSlice) or one Kubernetes Service as a dict."""
+        body = {"yaml": yaml_text} if yaml_text is not None else {"service": service}
+        return self.request("PUT", "/service", body)
+
+    def delete_service(self, namespace: str, name: str) -> dict:
+        return self.request(
+            "DELETE", f"/service/{quote(namespace, safe='')}/{quote(name, safe='')}"
+        )
+
+    def set_backend_state(self, backend: str, state: str) -> dict:
+        return self.request("PATCH", "/service/backend-state",
+                            {"backend": backend, "state": state})
+
+    def bpf_lb(self) -> list[dict]:
+        return self.request("GET", "/bpf/lb") or []
+
+    def bpf_lb_maglev(self, service_id: int, scope: str = "external") -> dict:
+        q = "" if scope == "external" else f"?scope={quote(scope)}"
+        return self.request("GET", f"/bpf/lb/maglev/{int(service_id)}{q}")
+
 
 def _error_body(raw: bytes) -> Any:
     try:

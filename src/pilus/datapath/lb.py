@@ -17,7 +17,6 @@ then stale slots are removed.
 
 from __future__ import annotations
 
-import ctypes
 import socket
 from collections.abc import Iterable
 from ctypes import c_uint8, c_uint16, c_uint32, c_uint64
@@ -403,10 +402,12 @@ class LbMaps:
         for slot in range(len(active) + 1, old_count + 1):
             self.svc.delete(_svc_key(frontend, slot))
         # affinity matches of backends that left the service
-        keep = {b.id for b in active} if flags & SVC_FLAG_AFFINITY else set()
-        for m in [m for m in self.affinity_match.keys() if m.rev_nat_index == svc_id]:
-            if m.backend_id not in keep:
-                self.affinity_match.delete(m)
+        had_affinity = old is not None and old.flags & SVC_FLAG_AFFINITY
+        if had_affinity:
+            keep = {b.id for b in active} if flags & SVC_FLAG_AFFINITY else set()
+            for m in [m for m in self.affinity_match.keys() if m.rev_nat_index == svc_id]:  # noqa: SIM118
+                if m.backend_id not in keep:
+                    self.affinity_match.delete(m)
 
     def delete_service(self, svc_id: int, frontend: Frontend) -> bool:
         """Remove one frontend (master first, so packets stop matching at once)."""
@@ -419,8 +420,9 @@ class LbMaps:
         self.maglev.delete(c_uint32(svc_id | (frontend.scope << 16)))
         if frontend.scope == LB_SCOPE_EXT:
             self.revnat.delete(c_uint16(svc_id))
-        for m in [m for m in self.affinity_match.keys() if m.rev_nat_index == svc_id]:
-            self.affinity_match.delete(m)
+        if old.flags & SVC_FLAG_AFFINITY:
+            for m in [m for m in self.affinity_match.keys() if m.rev_nat_index == svc_id]:  # noqa: SIM118
+                self.affinity_match.delete(m)
         return True
 
     def items(self) -> list[ServiceEntry]:

@@ -102,9 +102,7 @@ def key_from_c(c: abi.PolicyKeyC) -> PolicyKey:
     proto = c.protocol if l4 >= abi.POLICY_PROTO_PREFIX else 0
     plen = max(0, l4 - abi.POLICY_PROTO_PREFIX) if proto else 0
     dport = _mask(abi.raw_to_port(c.dport), plen) if proto else 0
-    return PolicyKey(
-        identity=c.sec_label, egress=bool(c.egress), proto=proto, dport=dport, prefix_len=plen
-    )
+    return PolicyKey(identity=c.sec_label, egress=bool(c.egress), proto=proto, dport=dport, prefix_len=plen)
 
 
 def port_range(dport: int, prefix_len: int) -> tuple[int, int]:
@@ -288,10 +286,7 @@ class PolicyMaps:
         except ValueError as exc:
             raise _error(f"endpoint {ep_id} policy: bad entry {exc}") from None
         if len(desired) > self.capacity:
-            raise _error(
-                f"endpoint {ep_id} policy needs {len(desired)} entries, "
-                f"the policy map holds {self.capacity}"
-            )
+            raise _error(f"endpoint {ep_id} policy needs {len(desired)} entries, the policy map holds {self.capacity}")
         try:
             return self._sync(ep_id, desired)
         except OSError as exc:
@@ -371,7 +366,7 @@ class PolicyMaps:
 
     def endpoints(self) -> list[int]:
         """Endpoint ids that have a policy map in the datapath."""
-        return sorted(k.value for k in self.outer.keys())
+        return sorted(k.value for k in self.outer.keys())  # noqa: SIM118 (a BpfMap)
 
     def _entries(self, ep_id: int) -> list[tuple[PolicyKey, abi.PolicyEntryC]]:
         fd = self._published_fd(ep_id)
@@ -400,9 +395,7 @@ class PolicyMaps:
         rows.sort(key=lambda r: (r["direction"], r["identity"], r["proto"], r["dport"], r["prefix_len"]))
         return rows
 
-    def verdict(
-        self, ep_id: int, identity: int, egress: bool, proto: int, dport: int
-    ) -> dict:
+    def verdict(self, ep_id: int, identity: int, egress: bool, proto: int, dport: int) -> dict:
         """What the datapath decides for the first packet of such a connection,
         with the same algorithm on the same map (for `policy trace`)."""
         fd = self._published_fd(ep_id)
@@ -442,9 +435,7 @@ class PolicyMaps:
             chosen = a
         else:
             b = lookup(0)
-            if b is not None and (
-                b[1].deny or a is None or b[1].lpm_prefix_length > a[1].lpm_prefix_length
-            ):
+            if b is not None and (b[1].deny or a is None or b[1].lpm_prefix_length > a[1].lpm_prefix_length):
                 chosen, any_id = b, True
             else:
                 chosen = a

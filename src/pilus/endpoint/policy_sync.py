@@ -23,7 +23,7 @@ from ipaddress import IPv4Network
 from pilus.datapath import ENDPOINT_F_POLICY_EGRESS, ENDPOINT_F_POLICY_INGRESS, Datapath
 from pilus.endpoint.model import PROTOCOLS, Endpoint, endpoint_info, parse_port_spec
 from pilus.identity.allocator import Identity, IdentityAllocator
-from pilus.identity.labels import Label, Labels
+from pilus.identity.labels import Label, Labels, parse_labels
 from pilus.identity.reserved import LOCAL_IDENTITY_FLAG, RESERVED_IDENTITIES
 from pilus.policy.distribution import NAMESPACE_PREFIX, POLICY_KEY, PolicyDistribution
 from pilus.policy.engine import PolicyEngine
@@ -140,7 +140,7 @@ class PolicySync:
 
         def apply() -> int:
             self.endpoints[ep.id] = ep
-            self.engine.upsert_endpoint(ep.id, Labels(ep.labels), _named_ports(ep.named_ports))
+            self.engine.upsert_endpoint(ep.id, parse_labels(ep.labels), _named_ports(ep.named_ports))
             self._set_cluster_named_ports()
             flags = self._sync_endpoint(ep.id)
             self._sync_changed()  # peers whose policy names this endpoint's new identity

@@ -1,0 +1,176 @@
+"""REST routes of service load balancing; the server calls ``add_service_routes``.
+
+  GET    /v1/service                     frontends (one row per frontend, like cilium-dbg service list)
+  GET    /v1/service/{ns}/{name}         one service: its spec and frontends
+  PUT    /v1/service                     {"yaml": "<Service/Endpoints/EndpointSlice YAML>"}
+                                         or {"service": {<Kubernetes Service as JSON>}}
+                                         or a Kubernetes Service object itself
+  DELETE /v1/service/{ns}/{name}
+  PATCH  /v1/service/backend-state       {"backend": "10.0.1.5:8080", "state": "maintenance"}
+  GET    /v1/bpf/lb                      the LB maps as the datapath sees them
+  GET    /v1/bpf/lb/maglev/{id}          the Maglev table of one service id (?scope=internal)
+
+Errors are {"error": "..."}: 400 invalid request, 404 unknown service/backend,
+409 a frontend already used by another service, 503 no service manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from ipaddress import IPv4Address
+from typing import Any
+
+from aiohttp import web
+
+from pilus.loadbalancer.manager import BackendNotFound, ServiceConflict, ServiceNotFound
+from pilus.loadbalancer.model import ServiceValidationError, parse_documents, service_from_json
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _manager(agent):
+    return getattr(agent, "services", None)
+
+
+async def _body(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ServiceValidationError([f"request body is not JSON: {exc}"]) from None
+
+
+def _guard(fn):
+    async def handler(request: web.Request) -> web.StreamResponse:
+        agent = request.app["pilus_service_agent"]
+        mgr = _manager(agent)
+        if mgr is None:
+            return _error(503, "service load balancing is not running on this agent")
+        try:
+            return await fn(request, agent, mgr)
+        except ServiceValidationError as exc:
+            return _error(400, str(exc))
+        except ServiceConflict as exc:
+            return _error(409, str(exc))
+        except (ServiceNotFound, BackendNotFound) as exc:
+            return _error(404, str(exc))
+
+    handler.__name__ = fn.__name__
+    return handler
+
+
+@_guard
+async def service_list(request, agent, mgr):
+    return web.json_response(mgr.frontends())
+
+
+@_guard
+async def service_get(request, agent, mgr):
+    svc = mgr.get(request.match_info["ns"], request.match_info["name"])
+    rows = [r for r in mgr.frontends() if r["service"] == svc.full_name]
+    return web.json_response({"service": svc.to_json(), "frontends": rows})
+
+
+@_guard
+async def service_put(request, agent, mgr):
+    body = await _body(request)
+    if not isinstance(body, dict):
+        raise ServiceValidationError(["body: must be a JSON object"])
+    if "yaml" in body:
+        if not isinstance(body["yaml"], str):
+            raise ServiceValidationError(["yaml: must be a string"])
+        services = parse_documents(body["yaml"])
+    elif "service" in body:
+        if not isinstance(body["service"], dict):
+            raise ServiceValidationError(["service: must be a Kubernetes Service object"])
+        services = [service_from_json(body["service"])]
+    elif body.get("kind") in ("Service", "List"):
+        services = parse_documents(json.dumps(body))
+    else:
+        raise ServiceValidationError(
+            ['body: expected {"yaml": "..."}, {"service": {...}} or a Kubernetes Service']
+        )
+    done = await asyncio.to_thread(mgr.upsert, services)
+    names = {s.full_name for s in done}
+    rows = [r for r in mgr.frontends() if r["service"] in names]
+    return web.json_response({"applied": sorted(names), "frontends": rows}, status=200)
+
+
+@_guard
+async def service_delete(request, agent, mgr):
+    svc = await asyncio.to_thread(mgr.delete, request.match_info["ns"], request.match_info["name"])
+    return web.json_response({"deleted": svc.full_name})
+
+
+@_guard
+async def backend_state(request, agent, mgr):
+    body = await _body(request)
+    if not isinstance(body, dict):
+        raise ServiceValidationError(["body: must be a JSON object"])
+    backend, state = body.get("backend"), body.get("state")
+    if not isinstance(backend, str) or ":" not in backend:
+        raise ServiceValidationError([f"backend: expected IP:PORT, got {backend!r}"])
+    ip, _, port = backend.rpartition(":")
+    port = port.split("/")[0]
+    try:
+        addr = IPv4Address(ip)
+        pnum = int(port)
+    except ValueError:
+        raise ServiceValidationError([f"backend: expected IP:PORT, got {backend!r}"]) from None
+    if not 1 <= pnum <= 65535:
+        raise ServiceValidationError([f"backend: port must be 1-65535, got {pnum}"])
+    if not isinstance(state, str):
+        raise ServiceValidationError(["state: required (active, terminating, quarantined, "
+                                      "maintenance)"])
+    n = await asyncio.to_thread(mgr.set_backend_state, addr, pnum, state)
+    return web.json_response({"backend": f"{addr}:{pnum}", "state": state, "backends": n})
+
+
+async def bpf_lb(request: web.Request) -> web.Response:
+    agent = request.app["pilus_service_agent"]
+    dp = getattr(agent, "datapath", None)
+    if dp is None:
+        return _error(503, "the datapath is not loaded")
+    return web.json_response(await asyncio.to_thread(dp.lb.dump))
+
+
+async def bpf_lb_maglev(request: web.Request) -> web.Response:
+    agent = request.app["pilus_service_agent"]
+    dp = getattr(agent, "datapath", None)
+    if dp is None:
+        return _error(503, "the datapath is not loaded")
+    raw = request.match_info["id"]
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        return _error(400, f"service id {raw!r}: expected a number 1-65535")
+    scope = request.query.get("scope", "external")
+    if scope not in ("external", "internal"):
+        return _error(400, f"scope {scope!r}: expected external or internal")
+    table = await asyncio.to_thread(dp.lb.maglev_get, int(raw), 1 if scope == "internal" else 0)
+    if table is None:
+        return _error(404, f"service {raw} has no Maglev table (not a Maglev service, "
+                           "no active backends, or no such service)")
+    counts: dict[int, int] = {}
+    for b in table:
+        counts[b] = counts.get(b, 0) + 1
+    return web.json_response({
+        "id": int(raw),
+        "scope": scope,
+        "size": len(table),
+        "backends": [{"id": b, "slots": n} for b, n in sorted(counts.items())],
+        "table": table,
+    })
+
+
+def add_service_routes(app: web.Application, agent) -> None:
+    """Register the service and LB map routes on the agent's API app."""
+    app["pilus_service_agent"] = agent
+    r = app.router
+    r.add_get("/v1/service", service_list)
+    r.add_put("/v1/service", service_put)
+    r.add_patch("/v1/service/backend-state", backend_state)
+    r.add_get("/v1/service/{ns}/{name}", service_get)
+    r.add_delete("/v1/service/{ns}/{name}", service_delete)
+    r.add_get("/v1/bpf/lb", bpf_lb)
+    r.add_get("/v1/bpf/lb/maglev/{id}", bpf_lb_maglev)

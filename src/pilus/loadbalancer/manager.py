@@ -1,0 +1,627 @@
+"""ServiceManager: desired services -> the datapath's LB maps.
+
+The manager keeps the desired services (Kubernetes Service model) and the
+agent's endpoints; from them it derives every *frontend* (a VIP:port/proto of
+one type: ClusterIP, NodePort on each node address, ExternalIP, LoadBalancer
+IP), its backends (label selector over the endpoints, or explicit
+Endpoints/EndpointSlice addresses), their states, the algorithm and the
+affinity, and writes the difference to the maps (``datapath.lb``).
+
+Ids: every frontend gets a service id (= rev_nat_index) in 1..65535, every
+backend (addr, port, proto) a backend id, both kept stable while they exist
+and recovered from the maps after a restart (so connections tracked with an
+id keep their meaning). Requests are all-or-nothing: a request that fails
+validation (overlapping frontends, unknown networks, capacity) changes nothing.
+
+Thread-safety: one lock around every public method (the API may call from a
+worker thread while the agent calls set_endpoints from its loop).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from pilus.datapath import lb as lbmaps
+from pilus.loadbalancer import maglev
+from pilus.loadbalancer.model import (
+    ALGORITHMS,
+    BACKEND_STATES,
+    Service,
+    ServiceValidationError,
+    parse_documents,
+)
+
+log = logging.getLogger(__name__)
+
+NAMESPACE_LABEL = "k8s:io.kubernetes.pod.namespace"
+MAX_SERVICE_ID = 0xFFFF
+#: backends of one frontend (slots); Maglev frontends are also bounded by M
+MAX_BACKENDS_PER_FRONTEND = 16384
+
+
+class ServiceNotFound(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "service not found"
+
+
+class ServiceConflict(ValueError):
+    """The request collides with another service (409)."""
+
+
+class BackendNotFound(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "backend not found"
+
+
+@dataclass(frozen=True)
+class EndpointView:
+    """What the manager needs to know about one of the agent's endpoints."""
+
+    ip: IPv4Address
+    labels: frozenset[str]  # "k8s:app=web", ...
+    named_ports: dict[str, tuple[int, str]] = field(default_factory=dict, hash=False, compare=False)
+    node_local: bool = True
+    state: str = "active"  # "terminating" while it is being deleted
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EndpointView:
+        named: dict[str, tuple[int, str]] = {}
+        for name, v in (d.get("named_ports") or {}).items():
+            if isinstance(v, (list, tuple)):
+                named[name] = (int(v[0]), str(v[1] if len(v) > 1 else "TCP").upper())
+            else:
+                named[name] = (int(v), "TCP")
+        state = d.get("state", "active")
+        if state not in BACKEND_STATES:
+            raise ValueError(f"endpoint {d.get('ip')}: unknown state {state!r}")
+        return cls(
+            IPv4Address(str(d["ip"])),
+            frozenset(str(x) for x in d.get("labels") or []),
+            named,
+            bool(d.get("node_local", True)),
+            state,
+        )
+
+
+@dataclass(frozen=True)
+class FrontendSpec:
+    """One frontend as it goes into the maps."""
+
+    service: tuple[str, str]
+    kind: str  # ClusterIP / NodePort / ExternalIPs / LoadBalancer
+    address: IPv4Address
+    port: int
+    proto: str
+    scope: int
+    backends: tuple[tuple[IPv4Address, int, str, str], ...]  # (ip, port, proto, state)
+    algorithm: str
+    affinity_timeout: int
+    flags: int
+    flags2: int
+    port_name: str = ""
+
+    @property
+    def fkey(self) -> tuple[IPv4Address, int, str]:
+        return (self.address, self.port, self.proto)
+
+    @property
+    def mkey(self) -> tuple[IPv4Address, int, str, int]:
+        return (self.address, self.port, self.proto, self.scope)
+
+
+def _selector_matches(svc: Service, ep: EndpointView) -> bool:
+    if not svc.selector:
+        return False
+    ns = next((x.split("=", 1)[1] for x in ep.labels if x.startswith(NAMESPACE_LABEL + "=")), None)
+    if ns is not None and ns != svc.namespace:
+        return False
+    return all(f"k8s:{k}={v}" in ep.labels for k, v in svc.selector.items())
+
+
+class ServiceManager:
+    """Desired services -> LB maps. ``datapath``: a loaded Datapath (uses ``.lb``)."""
+
+    def __init__(
+        self,
+        datapath,
+        *,
+        default_algorithm: str = "random",
+        node_ips: Iterable[IPv4Address] = (),
+        known_networks: Iterable[IPv4Network] = (),
+        local_networks: Iterable[IPv4Network] = (),
+        state_path: Path | None = None,
+    ) -> None:
+        if default_algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown LB algorithm {default_algorithm!r}: random or maglev")
+        self.datapath = datapath
+        self.default_algorithm = default_algorithm
+        self.node_ips = [IPv4Address(str(i)) for i in node_ips]
+        self.known_networks = [IPv4Network(str(n)) for n in known_networks]
+        self.local_networks = [IPv4Network(str(n)) for n in local_networks]
+        self.state_path = Path(state_path) if state_path else None
+        self._lock = threading.RLock()
+        self._services: dict[tuple[str, str], Service] = {}
+        self._endpoints: list[EndpointView] = []
+        self._overrides: dict[tuple[IPv4Address, int], str] = {}  # PATCH backend-state
+        self._svc_ids: dict[tuple[IPv4Address, int, str], int] = {}
+        self._be_ids: dict[tuple[IPv4Address, int, str], int] = {}
+        self._applied: dict[tuple, FrontendSpec | None] = {}  # mkey -> spec written
+        self._applied_ids: dict[tuple, int] = {}  # mkey -> service id written
+        self._be_applied: dict[int, tuple[IPv4Address, int, str, str]] = {}
+        self._last_desired: list[FrontendSpec] = []
+        self._next_svc = 1
+        self._next_be = 1
+        self.last_errors: list[str] = []
+
+    # -- lifecycle -------------------------------------------------------------
+
+    @property
+    def maps(self) -> lbmaps.LbMaps:
+        return self.datapath.lb
+
+    @property
+    def maglev_table_size(self) -> int:
+        return self.maps.maglev_table_size
+
+    def restore(self) -> int:
+        """Adopt the ids already in the maps (agent restart) and reload the saved
+        services; returns the number of services restored. The next reconcile
+        rewrites what changed and removes what is no longer wanted."""
+        with self._lock:
+            for e in self.maps.items():
+                fe = e.frontend
+                self._svc_ids[(fe.address, fe.port, fe.proto)] = e.id
+                self._applied[(fe.address, fe.port, fe.proto, fe.scope)] = None
+                self._applied_ids[(fe.address, fe.port, fe.proto, fe.scope)] = e.id
+            for bid, be in self.maps.backends().items():
+                self._be_ids[(be.address, be.port, be.proto)] = bid
+                self._be_applied[bid] = (be.address, be.port, be.proto, "?")
+            services: list[Service] = []
+            if self.state_path and self.state_path.exists():
+                try:
+                    data = json.loads(self.state_path.read_text())
+                    docs = data.get("documents") or []
+                    if docs:
+                        services = parse_documents(json.dumps({"kind": "List", "items": docs}))
+                    self._overrides = {
+                        (IPv4Address(k.rsplit(":", 1)[0]), int(k.rsplit(":", 1)[1])): v
+                        for k, v in (data.get("backend_states") or {}).items()
+                    }
+                except (OSError, ValueError, ServiceValidationError) as exc:
+                    log.error("cannot restore services from %s: %s", self.state_path, exc)
+            for s in services:
+                self._services[s.key] = s
+            self._reconcile()
+            return len(services)
+
+    # -- queries -----------------------------------------------------------------
+
+    def services(self) -> list[Service]:
+        with self._lock:
+            return sorted(self._services.values(), key=lambda s: s.key)
+
+    def get(self, namespace: str, name: str) -> Service:
+        with self._lock:
+            try:
+                return self._services[(namespace, name)]
+            except KeyError:
+                raise ServiceNotFound(f"service {namespace}/{name} not found") from None
+
+    def frontends(self) -> list[dict]:
+        """Rows of `pilus service list` (one per frontend, like cilium-dbg)."""
+        with self._lock:
+            rows = []
+            for spec in self._desired_cache:
+                sid = self._svc_ids.get(spec.fkey, 0)
+                rows.append(
+                    {
+                        "id": sid,
+                        "frontend": f"{spec.address}:{spec.port}/{spec.proto}",
+                        "type": spec.kind,
+                        "scope": "internal" if spec.scope else "external",
+                        "service": f"{spec.service[0]}/{spec.service[1]}",
+                        "port_name": spec.port_name,
+                        "algorithm": spec.algorithm,
+                        "session_affinity_timeout": spec.affinity_timeout,
+                        "flags": spec.flags,
+                        "flags2": spec.flags2,
+                        "backends": [
+                            {
+                                "id": self._be_ids.get((ip, port, proto), 0),
+                                "address": f"{ip}:{port}/{proto}",
+                                "state": state,
+                            }
+                            for ip, port, proto, state in spec.backends
+                        ],
+                    }
+                )
+            return sorted(rows, key=lambda r: (r["id"], r["scope"]))
+
+    # -- changes ---------------------------------------------------------------
+
+    def upsert(self, services: list[Service]) -> list[Service]:
+        """Add or replace services (all or nothing)."""
+        with self._lock:
+            new = dict(self._services)
+            for s in services:
+                new[s.key] = s
+            self._check(services, new)
+            old = self._services
+            self._services = new
+            try:
+                self._reconcile(strict=True)
+            except Exception:
+                self._services = old
+                self._reconcile()
+                raise
+            self._save()
+            return services
+
+    def apply_yaml(self, text: str) -> list[Service]:
+        return self.upsert(parse_documents(text))
+
+    def delete(self, namespace: str, name: str) -> Service:
+        with self._lock:
+            svc = self._services.pop((namespace, name), None)
+            if svc is None:
+                raise ServiceNotFound(f"service {namespace}/{name} not found")
+            self._reconcile()
+            self._save()
+            return svc
+
+    def set_endpoints(self, endpoints: Iterable[dict | EndpointView]) -> list[str]:
+        """The agent's endpoints changed: recompute selector-based backends.
+
+        Entries: {ip, labels: ["k8s:app=web", ...], named_ports: {name: (port,
+        proto)}, node_local: bool, state: "active"|"terminating"}. Returns the
+        problems found (also logged); never raises for bad services."""
+        views = [e if isinstance(e, EndpointView) else EndpointView.from_dict(e) for e in endpoints]
+        with self._lock:
+            self._endpoints = views
+            self._reconcile()
+            return self.last_errors
+
+    def set_backend_state(self, address: IPv4Address | str, port: int, state: str) -> int:
+        """Administrative state of a backend (all services, all protocols):
+        active (clears the override), maintenance, quarantined, terminating."""
+        if state not in BACKEND_STATES:
+            raise ServiceValidationError(
+                [f"state: must be one of {', '.join(BACKEND_STATES)}, got {state!r}"]
+            )
+        address = IPv4Address(str(address))
+        with self._lock:
+            known = [k for k in self._backend_keys() if k[0] == address and k[1] == port]
+            if not known:
+                raise BackendNotFound(f"no service has the backend {address}:{port}")
+            if state == "active":
+                self._overrides.pop((address, port), None)
+            else:
+                self._overrides[(address, port)] = state
+            self._reconcile()
+            self._save()
+            return len(known)
+
+    # -- validation ----------------------------------------------------------
+
+    def _frontend_keys(self, svc: Service) -> list[tuple[str, tuple[IPv4Address, int, str]]]:
+        out = []
+        for i, p in enumerate(svc.ports):
+            out.append((f"spec.clusterIP ({svc.cluster_ip}) / spec.ports[{i}].port",
+                        (svc.cluster_ip, p.port, p.protocol)))
+            for j, ip in enumerate(svc.external_ips):
+                out.append((f"spec.externalIPs[{j}] / spec.ports[{i}].port", (ip, p.port, p.protocol)))
+            for ip in svc.lb_ips:
+                out.append((f"spec.loadBalancerIP / spec.ports[{i}].port", (ip, p.port, p.protocol)))
+            if p.node_port:
+                for ip in self.node_ips:
+                    out.append((f"spec.ports[{i}].nodePort", (ip, p.node_port, p.protocol)))
+                out.append((f"spec.ports[{i}].nodePort",
+                             (IPv4Address("0.0.0.0"), p.node_port, p.protocol)))
+        return out
+
+    def _check(self, request: list[Service], new: dict[tuple[str, str], Service]) -> None:
+        problems: list[str] = []
+        conflicts: list[str] = []
+        owners: dict[tuple, str] = {}
+        for s in new.values():
+            if s in request:
+                continue
+            for _, k in self._frontend_keys(s):
+                owners[k] = s.full_name
+        for s in request:
+            for path, k in self._frontend_keys(s):
+                other = owners.get(k)
+                if other and other != s.full_name:
+                    fe = f"{k[0]}:{k[1]}/{k[2]}" if str(k[0]) != "0.0.0.0" else f"*:{k[1]}/{k[2]}"
+                    conflicts.append(f"Service {s.full_name}: {path}: frontend {fe} is already "
+                                     f"used by service {other}")
+                owners[k] = s.full_name
+            if s.endpoints is not None and self.known_networks:
+                for i, ep in enumerate(s.endpoints):
+                    if not any(ep.ip in n for n in self.known_networks):
+                        nets = ", ".join(str(n) for n in self.known_networks)
+                        problems.append(f"Service {s.full_name}: endpoints[{i}].ip: {ep.ip} is "
+                                        f"outside any known network ({nets})")
+        if conflicts:
+            raise ServiceConflict("; ".join(conflicts))
+        if problems:
+            raise ServiceValidationError(problems)
+        # capacity: what the request would need, computed like the real thing
+        desired = self._desired(new)
+        self._check_capacity(desired, request)
+
+    def _check_capacity(self, desired: list[FrontendSpec], request: list[Service] | None) -> None:
+        problems = []
+        names = {s.key for s in request} if request is not None else None
+        slots = 0
+        backends: set[tuple] = set()
+        for spec in desired:
+            active = sum(1 for b in spec.backends if b[3] == "active")
+            slots += 1 + active
+            backends.update(b[:3] for b in spec.backends)
+            limit = MAX_BACKENDS_PER_FRONTEND
+            if spec.algorithm == "maglev":
+                limit = min(limit, self.maglev_table_size)
+            if len(spec.backends) > limit and (names is None or spec.service in names):
+                problems.append(
+                    f"Service {spec.service[0]}/{spec.service[1]}: {len(spec.backends)} backends "
+                    f"for {spec.address}:{spec.port}/{spec.proto}: more than one frontend can "
+                    f"hold ({limit})"
+                )
+        fronts = {s.fkey for s in desired}
+        if len(fronts) > MAX_SERVICE_ID:
+            problems.append(f"{len(fronts)} frontends: more than the {MAX_SERVICE_ID} service ids")
+        if slots > lbmaps.PILUS_LB_SVC_MAX:
+            problems.append(f"the services need {slots} entries in pilus_lb4_svc, which holds "
+                            f"{lbmaps.PILUS_LB_SVC_MAX}")
+        if len(backends) > lbmaps.PILUS_LB_BE_MAX:
+            problems.append(f"{len(backends)} backends: more than pilus_lb4_be holds "
+                            f"({lbmaps.PILUS_LB_BE_MAX})")
+        if problems:
+            raise ServiceValidationError(problems)
+
+    # -- derivation --------------------------------------------------------------
+
+    def _is_local(self, ip: IPv4Address) -> bool:
+        if not self.local_networks:
+            return True
+        return any(ip in n for n in self.local_networks)
+
+    def _backends_for(self, svc: Service, i: int) -> list[tuple[IPv4Address, int, str, str, bool]]:
+        """(ip, port, proto, state, node_local) of service port i."""
+        sp = svc.ports[i]
+        out = []
+        if svc.endpoints is not None:
+            for ep in svc.endpoints:
+                port = None
+                named = [p for p in ep.ports if p[0] == sp.name and p[2] == sp.protocol]
+                if named:
+                    port = named[0][1]
+                elif not ep.ports and isinstance(sp.target, int):
+                    port = sp.target
+                elif len(ep.ports) == 1 and len(svc.ports) == 1 and ep.ports[0][2] == sp.protocol:
+                    port = ep.ports[0][1]
+                if port:
+                    out.append((ep.ip, port, sp.protocol, ep.state, self._is_local(ep.ip)))
+        elif svc.selector:
+            for ep in self._endpoints:
+                if not _selector_matches(svc, ep):
+                    continue
+                if isinstance(sp.target, int):
+                    port, proto = sp.target, sp.protocol
+                else:
+                    if sp.target not in ep.named_ports:
+                        continue
+                    port, proto = ep.named_ports[sp.target]
+                    if proto != sp.protocol:
+                        continue
+                out.append((ep.ip, port, proto, ep.state, ep.node_local))
+        # administrative states win over what the endpoints say
+        res = []
+        seen = set()
+        for ip, port, proto, state, local in sorted(out, key=lambda b: (b[0], b[1])):
+            if (ip, port, proto) in seen:
+                continue
+            seen.add((ip, port, proto))
+            res.append((ip, port, proto, self._overrides.get((ip, port), state), local))
+        return res
+
+    def _desired(self, services: dict[tuple[str, str], Service]) -> list[FrontendSpec]:
+        out: list[FrontendSpec] = []
+        for svc in sorted(services.values(), key=lambda s: s.key):
+            algo = svc.algorithm or self.default_algorithm
+            aff = svc.affinity_timeout if svc.session_affinity else 0
+            aflag = lbmaps.SVC_FLAG_AFFINITY if aff else 0
+            itp_local = svc.internal_traffic_policy == "Local"
+            etp_local = svc.external_traffic_policy == "Local"
+            for i, sp in enumerate(svc.ports):
+                bes = self._backends_for(svc, i)
+                every = tuple(b[:4] for b in bes)
+                local = tuple(b[:4] for b in bes if b[4])
+                internal = local if itp_local else every
+                external = local if etp_local else every
+
+                def spec(kind, addr, port, scope, backends, flags, flags2, svc=svc, sp=sp,
+                         algo=algo, aff=aff):
+                    return FrontendSpec(svc.key, kind, addr, port, sp.protocol, scope, backends,
+                                        algo, aff, flags, flags2, sp.name)
+
+                f2_int = lbmaps.SVC_FLAG2_INT_LOCAL_SCOPE if itp_local else 0
+                out.append(spec("ClusterIP", svc.cluster_ip, sp.port, 0, internal, aflag, f2_int))
+                ext_fronts = []
+                if sp.node_port:
+                    for ip in self.node_ips:
+                        ext_fronts.append(("NodePort", ip, sp.node_port,
+                                           lbmaps.SVC_FLAG_NODEPORT))
+                for ip in svc.external_ips:
+                    ext_fronts.append(("ExternalIPs", ip, sp.port, lbmaps.SVC_FLAG_EXTERNAL_IP))
+                for ip in svc.lb_ips:
+                    ext_fronts.append(("LoadBalancer", ip, sp.port, lbmaps.SVC_FLAG_LOADBALANCER))
+                for kind, ip, port, f in ext_fronts:
+                    flags = f | lbmaps.SVC_FLAG_ROUTABLE | aflag
+                    if etp_local:
+                        flags |= lbmaps.SVC_FLAG_EXT_LOCAL_SCOPE
+                    two = set(internal) != set(external)
+                    flags2 = f2_int | (lbmaps.SVC_FLAG2_TWO_SCOPES if two else 0)
+                    out.append(spec(kind, ip, port, 0, external, flags, flags2))
+                    if two:
+                        out.append(spec(kind, ip, port, 1, internal, flags, flags2))
+        return out
+
+    @property
+    def _desired_cache(self) -> list[FrontendSpec]:
+        return self._last_desired
+
+    def _backend_keys(self) -> set[tuple[IPv4Address, int, str]]:
+        return {b[:3] for spec in self._desired_cache for b in spec.backends}
+
+    # -- reconcile ---------------------------------------------------------------
+
+    def _alloc_svc_id(self, used: set[int]) -> int:
+        for _ in range(MAX_SERVICE_ID):
+            cand = self._next_svc
+            self._next_svc = self._next_svc % MAX_SERVICE_ID + 1
+            if cand not in used:
+                return cand
+        raise ServiceValidationError([f"no free service id: all {MAX_SERVICE_ID} are in use"])
+
+    def _alloc_be_id(self, used: set[int]) -> int:
+        for _ in range(lbmaps.PILUS_LB_BE_MAX * 2):
+            cand = self._next_be
+            self._next_be = self._next_be % 0xFFFFFFF + 1
+            if cand not in used:
+                return cand
+        raise ServiceValidationError(["no free backend id"])
+
+    def _reconcile(self, strict: bool = False) -> None:
+        desired = self._desired(self._services)
+        try:
+            self._check_capacity(desired, None)
+        except ServiceValidationError as exc:
+            if strict:
+                raise
+            self.last_errors = exc.problems
+            log.error("services exceed the datapath's capacity, not applied: %s", exc)
+            return
+        self.last_errors = []
+        maps = self.maps
+
+        # ids: keep the ones of frontends/backends still wanted
+        want_fronts = {s.fkey for s in desired}
+        for k in [k for k in self._svc_ids if k not in want_fronts]:
+            del self._svc_ids[k]
+        used = set(self._svc_ids.values())
+        for s in desired:
+            if s.fkey not in self._svc_ids:
+                sid = self._alloc_svc_id(used)
+                used.add(sid)
+                self._svc_ids[s.fkey] = sid
+        want_bes: dict[tuple, str] = {}
+        for s in desired:
+            for ip, port, proto, state in s.backends:
+                # a backend shared by services: the most available state wins
+                cur = want_bes.get((ip, port, proto))
+                if cur is None or BACKEND_STATES.index(state) < BACKEND_STATES.index(cur):
+                    want_bes[(ip, port, proto)] = state
+        used_be = {v for k, v in self._be_ids.items() if k in want_bes}
+        for k in want_bes:
+            if k not in self._be_ids:
+                bid = self._alloc_be_id(used_be)
+                used_be.add(bid)
+                self._be_ids[k] = bid
+
+        # 1. backends (new or changed state) before anything points at them
+        for k, state in want_bes.items():
+            bid = self._be_ids[k]
+            if self._be_applied.get(bid) != (*k, state):
+                maps.upsert_backend(lbmaps.BackendEntry(bid, k[0], k[1], k[2], state))
+                self._be_applied[bid] = (*k, state)
+
+        # 2. frontends
+        want = {s.mkey: s for s in desired}
+        for mkey, s in want.items():
+            sid = self._svc_ids[s.fkey]
+            old = self._applied.get(mkey)
+            if old is not None and old == s and self._applied_ids.get(mkey) == sid:
+                continue
+            # slots follow the backend's state in this frontend
+            entries = [
+                lbmaps.BackendEntry(self._be_ids[b[:3]], b[0], b[1], b[2], b[3])
+                for b in s.backends
+            ]
+            table = None
+            active = [e for e in entries if e.state == "active"]
+            if s.algorithm == "maglev" and active:
+                table = maglev.build_table(
+                    [(e.id, f"{e.address}:{e.port}/{e.proto}") for e in active],
+                    self.maglev_table_size,
+                )
+            fe = lbmaps.Frontend(s.address, s.port, s.proto, s.scope)
+            if self._applied_ids.get(mkey) not in (None, sid):
+                maps.delete_service(self._applied_ids[mkey], fe)
+            maps.upsert_service(
+                sid, fe, entries, algorithm=s.algorithm, affinity_timeout=s.affinity_timeout,
+                flags=s.flags, flags2=s.flags2, maglev_table=table, write_backends=False,
+            )
+            self._applied[mkey] = s
+            self._applied_ids[mkey] = sid
+        for mkey in [k for k in self._applied if k not in want]:
+            sid = self._applied_ids.get(mkey)
+            if sid is not None:
+                maps.delete_service(sid, lbmaps.Frontend(*mkey))
+            del self._applied[mkey]
+            self._applied_ids.pop(mkey, None)
+
+        # 3. backends nobody references any more
+        live = {self._be_ids[k] for k in want_bes}
+        for bid in [b for b in self._be_applied if b not in live]:
+            maps.delete_backend(bid)
+            del self._be_applied[bid]
+        for k in [k for k, v in self._be_ids.items() if v not in live]:
+            del self._be_ids[k]
+        self._last_desired = desired
+
+    # -- persistence -------------------------------------------------------------
+
+    def _save(self) -> None:
+        if not self.state_path:
+            return
+        docs: list[dict[str, Any]] = []
+        for s in self.services():
+            docs.append(s.to_k8s())
+            if s.endpoints is not None:
+                for i, ep in enumerate(s.endpoints):
+                    docs.append({
+                        "apiVersion": "discovery.k8s.io/v1",
+                        "kind": "EndpointSlice",
+                        "metadata": {
+                            "name": f"{s.name}-{i}",
+                            "namespace": s.namespace,
+                            "labels": {"kubernetes.io/service-name": s.name},
+                        },
+                        "addressType": "IPv4",
+                        "ports": [{"name": n, "port": p, "protocol": pr} for n, p, pr in ep.ports],
+                        "endpoints": [{
+                            "addresses": [str(ep.ip)],
+                            "conditions": {
+                                "ready": ep.state == "active",
+                                "serving": True,
+                                "terminating": ep.state == "terminating",
+                            },
+                        }],
+                    })
+        data = {
+            "documents": docs,
+            "backend_states": {f"{ip}:{port}": st for (ip, port), st in self._overrides.items()},
+        }
+        tmp = self.state_path.with_suffix(".tmp")
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(self.state_path)

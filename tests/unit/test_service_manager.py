@@ -1,0 +1,278 @@
+"""ServiceManager: selector -> backends, ids, states, scopes, all-or-nothing requests.
+The maps are an in-memory stand-in with LbMaps' interface (no root needed)."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from pilus.datapath import lb as lbmaps
+from pilus.loadbalancer.manager import (
+    BackendNotFound,
+    ServiceConflict,
+    ServiceManager,
+    ServiceNotFound,
+)
+from pilus.loadbalancer.model import ServiceValidationError, parse_documents
+
+
+class FakeLb:
+    def __init__(self, m=251):
+        self.maglev_table_size = m
+        self.svc: dict[lbmaps.Frontend, dict] = {}
+        self.be: dict[int, lbmaps.BackendEntry] = {}
+        self.writes = 0
+
+    def upsert_backend(self, be):
+        self.be[be.id] = be
+        self.writes += 1
+
+    def delete_backend(self, bid):
+        return self.be.pop(bid, None) is not None
+
+    def backends(self):
+        return dict(self.be)
+
+    def upsert_service(self, svc_id, frontend, backends, algorithm="random", affinity_timeout=0,
+                       flags=0, flags2=0, maglev_table=None, write_backends=True):
+        backends = list(backends)
+        for b in backends:
+            assert b.id in self.be, "slot written before its backend"
+        if algorithm == "maglev" and any(b.state == "active" for b in backends):
+            assert maglev_table is not None and len(maglev_table) == self.maglev_table_size
+        self.svc[frontend] = dict(id=svc_id, backends=backends, algorithm=algorithm,
+                                  affinity=affinity_timeout, flags=flags, flags2=flags2,
+                                  table=maglev_table)
+        self.writes += 1
+
+    def delete_service(self, svc_id, frontend):
+        old = self.svc.get(frontend)
+        assert old is None or old["id"] == svc_id
+        return self.svc.pop(frontend, None) is not None
+
+    def items(self):
+        return [lbmaps.ServiceEntry(v["id"], fe, [b.id for b in v["backends"]])
+                for fe, v in self.svc.items()]
+
+    # helpers for the tests
+    def slots(self, vip, port, proto="TCP", scope=0):
+        v = self.svc[lbmaps.Frontend(IPv4Address(vip), port, proto, scope)]
+        return sorted(f"{b.address}:{b.port}" for b in v["backends"] if b.state == "active")
+
+    def entry(self, vip, port, proto="TCP", scope=0):
+        return self.svc[lbmaps.Frontend(IPv4Address(vip), port, proto, scope)]
+
+
+class FakeDatapath:
+    def __init__(self):
+        self.lb = FakeLb()
+
+
+def ep(ip, app, ns="default", local=True, named=None, state="active"):
+    return {
+        "ip": ip,
+        "labels": [f"k8s:app={app}", f"k8s:io.kubernetes.pod.namespace={ns}"],
+        "named_ports": named or {},
+        "node_local": local,
+        "state": state,
+    }
+
+
+WEB = """
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}]
+"""
+
+
+@pytest.fixture
+def mgr():
+    return ServiceManager(FakeDatapath(), node_ips=[IPv4Address("172.30.0.11")],
+                          known_networks=[IPv4Network("10.200.0.0/16")])
+
+
+def test_selector_to_backends_follows_endpoints(mgr):
+    mgr.apply_yaml(WEB)
+    lb = mgr.datapath.lb
+    assert lb.slots("10.96.0.10", 80) == []  # no endpoints yet: no backends
+    mgr.set_endpoints([ep("10.200.1.5", "web"), ep("10.200.1.6", "web"), ep("10.200.1.7", "db"),
+                       ep("10.200.1.8", "web", ns="other")])
+    assert lb.slots("10.96.0.10", 80) == ["10.200.1.5:8080", "10.200.1.6:8080"]
+    mgr.set_endpoints([ep("10.200.1.6", "web")])
+    assert lb.slots("10.96.0.10", 80) == ["10.200.1.6:8080"]
+    assert {str(b.address) for b in lb.be.values()} == {"10.200.1.6"}  # unused backend removed
+    rows = mgr.frontends()
+    assert rows[0]["id"] == 1 and rows[0]["frontend"] == "10.96.0.10:80/TCP"
+    assert rows[0]["type"] == "ClusterIP" and rows[0]["service"] == "default/web"
+    assert rows[0]["backends"] == [{"id": rows[0]["backends"][0]["id"],
+                                    "address": "10.200.1.6:8080/TCP", "state": "active"}]
+
+
+def test_named_target_port(mgr):
+    mgr.apply_yaml(WEB.replace("targetPort: 8080", "targetPort: http"))
+    mgr.set_endpoints([ep("10.200.1.5", "web", named={"http": (9090, "TCP")}),
+                       ep("10.200.1.6", "web"),  # no such port: not a backend
+                       ep("10.200.1.7", "web", named={"http": (9091, "UDP")})])  # wrong proto
+    assert mgr.datapath.lb.slots("10.96.0.10", 80) == ["10.200.1.5:9090"]
+
+
+def test_ids_are_stable_and_reused(mgr):
+    mgr.apply_yaml(WEB)
+    mgr.apply_yaml(WEB.replace("name: web", "name: api").replace("10.96.0.10", "10.96.0.11"))
+    ids = {r["frontend"]: r["id"] for r in mgr.frontends()}
+    assert ids == {"10.96.0.10:80/TCP": 1, "10.96.0.11:80/TCP": 2}
+    mgr.set_endpoints([ep("10.200.1.5", "web")])
+    assert {r["frontend"]: r["id"] for r in mgr.frontends()} == ids
+    mgr.delete("default", "web")
+    assert [r["frontend"] for r in mgr.frontends()] == ["10.96.0.11:80/TCP"]
+    with pytest.raises(ServiceNotFound):
+        mgr.delete("default", "web")
+
+
+def test_algorithm_default_and_annotation():
+    m = ServiceManager(FakeDatapath(), default_algorithm="maglev")
+    m.apply_yaml(WEB)
+    m.apply_yaml(WEB.replace("{name: web}", "{name: r, annotations: "
+                             "{service.cilium.io/lb-algorithm: random}}")
+                 .replace("10.96.0.10", "10.96.0.12"))
+    m.set_endpoints([ep("10.200.1.5", "web"), ep("10.200.1.6", "web")])
+    lb = m.datapath.lb
+    assert lb.entry("10.96.0.10", 80)["algorithm"] == "maglev"
+    assert set(lb.entry("10.96.0.10", 80)["table"]) == {b.id for b in lb.be.values()}
+    assert lb.entry("10.96.0.12", 80)["algorithm"] == "random"
+    with pytest.raises(ValueError):
+        ServiceManager(FakeDatapath(), default_algorithm="rr")
+
+
+def test_backend_states(mgr):
+    mgr.apply_yaml(WEB)
+    mgr.set_endpoints([ep("10.200.1.5", "web"), ep("10.200.1.6", "web", state="terminating")])
+    lb = mgr.datapath.lb
+    assert lb.slots("10.96.0.10", 80) == ["10.200.1.5:8080"]  # terminating: no new flows
+    assert {b.state for b in lb.be.values()} == {"active", "terminating"}  # but still known
+    assert mgr.set_backend_state("10.200.1.5", 8080, "maintenance") == 1
+    assert lb.slots("10.96.0.10", 80) == []
+    assert mgr.frontends()[0]["backends"][0]["state"] == "maintenance"
+    mgr.set_backend_state("10.200.1.5", 8080, "active")
+    assert lb.slots("10.96.0.10", 80) == ["10.200.1.5:8080"]
+    with pytest.raises(BackendNotFound):
+        mgr.set_backend_state("10.200.1.99", 8080, "maintenance")
+    with pytest.raises(ServiceValidationError, match="state: must be one of"):
+        mgr.set_backend_state("10.200.1.5", 8080, "sleeping")
+
+
+def test_nodeport_externalips_and_traffic_policies(mgr):
+    mgr.apply_yaml("""
+kind: Service
+metadata: {name: np}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.30
+  selector: {app: web}
+  externalIPs: [192.0.2.10]
+  externalTrafficPolicy: Local
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+""")
+    mgr.set_endpoints([ep("10.200.1.5", "web"), ep("10.200.2.5", "web", local=False)])
+    lb = mgr.datapath.lb
+    kinds = {(r["frontend"], r["scope"]): r["type"] for r in mgr.frontends()}
+    assert kinds == {
+        ("10.96.0.30:80/TCP", "external"): "ClusterIP",
+        ("172.30.0.11:30080/TCP", "external"): "NodePort",
+        ("172.30.0.11:30080/TCP", "internal"): "NodePort",
+        ("192.0.2.10:80/TCP", "external"): "ExternalIPs",
+        ("192.0.2.10:80/TCP", "internal"): "ExternalIPs",
+    }
+    # in-cluster clients use every backend, external ones only this node's
+    assert lb.slots("10.96.0.30", 80) == ["10.200.1.5:8080", "10.200.2.5:8080"]
+    assert lb.slots("172.30.0.11", 30080) == ["10.200.1.5:8080"]
+    assert lb.slots("172.30.0.11", 30080, scope=1) == ["10.200.1.5:8080", "10.200.2.5:8080"]
+    np = lb.entry("172.30.0.11", 30080)
+    assert np["flags"] & lbmaps.SVC_FLAG_NODEPORT and np["flags"] & lbmaps.SVC_FLAG_EXT_LOCAL_SCOPE
+    assert np["flags2"] & lbmaps.SVC_FLAG2_TWO_SCOPES
+    # both scopes share the frontend's id (one reverse NAT)
+    assert np["id"] == lb.entry("172.30.0.11", 30080, scope=1)["id"]
+
+
+def test_internal_traffic_policy_local(mgr):
+    mgr.apply_yaml(WEB.replace("ports:", "internalTrafficPolicy: Local\n  ports:"))
+    mgr.set_endpoints([ep("10.200.1.5", "web"), ep("10.200.2.5", "web", local=False)])
+    assert mgr.datapath.lb.slots("10.96.0.10", 80) == ["10.200.1.5:8080"]
+
+
+def test_affinity(mgr):
+    mgr.apply_yaml(WEB.replace("ports:", "sessionAffinity: ClientIP\n  ports:"))
+    e = mgr.datapath.lb.entry("10.96.0.10", 80)
+    assert e["affinity"] == 10800 and e["flags"] & lbmaps.SVC_FLAG_AFFINITY
+
+
+def test_overlapping_frontends_rejected_nothing_applied(mgr):
+    mgr.apply_yaml(WEB)
+    writes = mgr.datapath.lb.writes
+    clash = WEB.replace("name: web", "name: other")
+    with pytest.raises(ServiceConflict, match="10.96.0.10:80/TCP is already used by service default/web"):
+        mgr.apply_yaml(clash + "\n---\n" + WEB.replace("name: web", "name: fine")
+                       .replace("10.96.0.10", "10.96.0.99"))
+    assert mgr.datapath.lb.writes == writes
+    assert [s.name for s in mgr.services()] == ["web"]
+    # replacing the same service is not a conflict
+    mgr.apply_yaml(WEB.replace("8080", "9090"))
+    np = """
+kind: Service
+metadata: {name: np%d}
+spec: {type: NodePort, clusterIP: 10.96.1.%d, ports: [{port: 80, nodePort: 30080}]}
+"""
+    mgr.apply_yaml(np % (1, 1))
+    with pytest.raises(ServiceConflict, match=r"spec.ports\[0\].nodePort"):
+        mgr.apply_yaml(np % (2, 2))
+
+
+def test_backend_outside_known_networks(mgr):
+    text = WEB.replace("  selector: {app: web}\n", "") + """
+---
+kind: Endpoints
+metadata: {name: web}
+subsets: [{addresses: [{ip: 10.200.1.5}, {ip: 8.8.8.8}], ports: [{port: 8080}]}]
+"""
+    with pytest.raises(ServiceValidationError, match=r"endpoints\[1\].ip: 8.8.8.8 is outside any "
+                                                     r"known network \(10.200.0.0/16\)"):
+        mgr.apply_yaml(text)
+    assert mgr.services() == []
+    mgr.apply_yaml(text.replace("8.8.8.8", "10.200.3.3"))
+    assert mgr.datapath.lb.slots("10.96.0.10", 80) == ["10.200.1.5:8080", "10.200.3.3:8080"]
+
+
+def test_too_many_backends(monkeypatch, mgr):
+    import pilus.loadbalancer.manager as manager
+
+    monkeypatch.setattr(manager, "MAX_BACKENDS_PER_FRONTEND", 3)
+    text = WEB.replace("  selector: {app: web}\n", "") + """
+---
+kind: Endpoints
+metadata: {name: web}
+subsets: [{addresses: [{ip: 10.200.1.1}, {ip: 10.200.1.2}, {ip: 10.200.1.3}, {ip: 10.200.1.4}],
+           ports: [{port: 8080}]}]
+"""
+    with pytest.raises(ServiceValidationError, match="4 backends for 10.96.0.10:80/TCP: more than"):
+        mgr.apply_yaml(text)
+    assert mgr.services() == [] and mgr.datapath.lb.svc == {}
+
+
+def test_persist_and_restore(tmp_path):
+    dp = FakeDatapath()
+    m = ServiceManager(dp, state_path=tmp_path / "services.json")
+    m.apply_yaml(WEB)
+    m.set_endpoints([ep("10.200.1.5", "web")])
+    m.set_backend_state("10.200.1.5", 8080, "maintenance")
+    ids = {r["frontend"]: r["id"] for r in m.frontends()}
+    # a new agent on the same maps and state file
+    m2 = ServiceManager(dp, state_path=tmp_path / "services.json")
+    assert m2.restore() == 1
+    m2.set_endpoints([ep("10.200.1.5", "web")])
+    assert {r["frontend"]: r["id"] for r in m2.frontends()} == ids
+    assert m2.frontends()[0]["backends"][0]["state"] == "maintenance"
+    assert parse_documents  # (documents are re-validated on restore)
