@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from lxc_env import EP_A, EP_B
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether

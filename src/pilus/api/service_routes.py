@@ -26,6 +26,8 @@ from aiohttp import web
 from pilus.loadbalancer.manager import BackendNotFound, ServiceConflict, ServiceNotFound
 from pilus.loadbalancer.model import ServiceValidationError, parse_documents, service_from_json
 
+AGENT_KEY: web.AppKey = web.AppKey("pilus_service_agent", object)
+
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
@@ -44,7 +46,7 @@ async def _body(request: web.Request) -> Any:
 
 def _guard(fn):
     async def handler(request: web.Request) -> web.StreamResponse:
-        agent = request.app["pilus_service_agent"]
+        agent = request.app[AGENT_KEY]
         mgr = _manager(agent)
         if mgr is None:
             return _error(503, "service load balancing is not running on this agent")
@@ -129,7 +131,7 @@ async def backend_state(request, agent, mgr):
 
 
 async def bpf_lb(request: web.Request) -> web.Response:
-    agent = request.app["pilus_service_agent"]
+    agent = request.app[AGENT_KEY]
     dp = getattr(agent, "datapath", None)
     if dp is None:
         return _error(503, "the datapath is not loaded")
@@ -137,7 +139,7 @@ async def bpf_lb(request: web.Request) -> web.Response:
 
 
 async def bpf_lb_maglev(request: web.Request) -> web.Response:
-    agent = request.app["pilus_service_agent"]
+    agent = request.app[AGENT_KEY]
     dp = getattr(agent, "datapath", None)
     if dp is None:
         return _error(503, "the datapath is not loaded")
@@ -165,7 +167,7 @@ async def bpf_lb_maglev(request: web.Request) -> web.Response:
 
 def add_service_routes(app: web.Application, agent) -> None:
     """Register the service and LB map routes on the agent's API app."""
-    app["pilus_service_agent"] = agent
+    app[AGENT_KEY] = agent
     r = app.router
     r.add_get("/v1/service", service_list)
     r.add_put("/v1/service", service_put)

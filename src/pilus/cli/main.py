@@ -14,6 +14,7 @@ import sys
 from pilus import __version__
 from pilus.cli import bpf, cluster, common, endpoint, exec_cmd, identity, monitor, policy, status
 from pilus.cli import namespace as namespace_cmd
+from pilus.cli import service as service_cmd
 
 # global options that take a value (to find the subcommand before parsing)
 _VALUE_OPTIONS = ("--cluster", "--node", "--socket")
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     bpf.register(sub, parent)
     policy.register(sub, parent)
     namespace_cmd.register(sub, parent)
+    service_cmd.register(sub, parent)
+    service_cmd.register_bpf_lb_under(sub, parent)
     return parser
 
 

@@ -310,7 +310,9 @@ def _merge(d: dict[PolicyKey, PolicyEntry], key: PolicyKey, entry: PolicyEntry) 
         d[key] = entry
 
 
-def _normalize(entries: dict[PolicyKey, PolicyEntry], keys: Iterable[PolicyKey], zero_denies: dict[bool, list[PolicyKey]]) -> None:
+def _normalize(
+    entries: dict[PolicyKey, PolicyEntry], keys: Iterable[PolicyKey], zero_denies: dict[bool, list[PolicyKey]]
+) -> None:
     """Deny beats allow: drop allow entries covered by a deny of the same identity (or identity 0)."""
     keys = list(keys)
     denies: dict[bool, list[PolicyKey]] = {}
@@ -503,9 +505,9 @@ class PolicyEngine:
         elif name == "world":
             out = (res("world"), res("world-ipv4"))
         elif name == "cluster":
-            out = tuple(res(n) for n in ("host", "remote-node", "init", "health", "unmanaged", "kube-apiserver", "ingress")) + (
-                EndpointSelector((Requirement(LABEL_CLUSTER, K8S, "In", (self.cluster,)),)),
-            )
+            out = tuple(
+                res(n) for n in ("host", "remote-node", "init", "health", "unmanaged", "kube-apiserver", "ingress")
+            ) + (EndpointSelector((Requirement(LABEL_CLUSTER, K8S, "In", (self.cluster,)),)),)
         else:
             out = (res(name),)
         self._entity_cache[name] = out
@@ -523,7 +525,9 @@ class PolicyEngine:
         out.extend(peer.cidrs or ())
         return [None if isinstance(s, EndpointSelector) and s.is_wildcard else s for s in out]
 
-    def _l4_keys(self, peer: PeerRule, egress: bool, named: Mapping[str, tuple[int, int]]) -> tuple[tuple[L4Key, ...], bool, bool]:
+    def _l4_keys(
+        self, peer: PeerRule, egress: bool, named: Mapping[str, tuple[int, int]]
+    ) -> tuple[tuple[L4Key, ...], bool, bool]:
         """(proto, dport, prefix_len) keys of a rule element; also (uses cluster named ports, has L7)."""
         if not peer.has_l4:
             return ((0, 0, 0),), False, False
@@ -575,9 +579,17 @@ class PolicyEngine:
             return comp
         for eg in (False, True):
             if enforced[eg] and not dd[eg]:
-                _merge(comp.static, PolicyKey(0, eg, 0, 0, 0), PolicyEntry(False, 0, "enableDefaultDeny=false: default allow"))
+                _merge(
+                    comp.static,
+                    PolicyKey(0, eg, 0, 0, 0),
+                    PolicyEntry(False, 0, "enableDefaultDeny=false: default allow"),
+                )
         if self.allow_localhost and enforced[False]:
-            _merge(comp.static, PolicyKey(HOST, False, 0, 0, 0), PolicyEntry(False, 0, "allow-localhost: the host may reach local endpoints"))
+            _merge(
+                comp.static,
+                PolicyKey(HOST, False, 0, 0, 0),
+                PolicyEntry(False, 0, "allow-localhost: the host may reach local endpoints"),
+            )
         for eg in (False, True):
             reqs: list[Requirement] = []
             for r in rules:
@@ -632,9 +644,7 @@ class PolicyEngine:
         by_id: dict[int, set[PolicyKey]] = {}
         for k in entries:
             by_id.setdefault(k.identity, set()).add(k)
-        zero = {
-            eg: [k for k in by_id.get(0, ()) if k.egress == eg and entries[k].deny] for eg in (False, True)
-        }
+        zero = {eg: [k for k in by_id.get(0, ()) if k.egress == eg and entries[k].deny] for eg in (False, True)}
         zero = {eg: v for eg, v in zero.items() if v}
         _normalize(entries, by_id.get(0, ()), {})
         for ident, keys in by_id.items():

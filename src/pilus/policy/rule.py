@@ -115,8 +115,9 @@ class PortProtocol:
     name: str = ""
 
     def __str__(self) -> str:
-        p = self.name or (str(self.port) if not self.end_port or self.end_port == self.port
-                          else f"{self.port}-{self.end_port}")
+        p = self.name or (
+            str(self.port) if not self.end_port or self.end_port == self.port else f"{self.port}-{self.end_port}"
+        )
         return f"{p}/{self.protocol}"
 
 

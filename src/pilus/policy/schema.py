@@ -50,8 +50,7 @@ API_VERSIONS = {KIND_CNP: ("cilium.io/v2",), KIND_CCNP: ("cilium.io/v2",), KIND_
 
 SCTP_WARNING = "SCTP cannot be enforced on this kernel (no CONFIG_IP_SCTP): rule ignored"
 L7_WARNING = (
-    "L7 rules are accepted but not enforced yet: the port is allowed at L4 "
-    "(all requests pass) until the L7 proxy lands"
+    "L7 rules are accepted but not enforced yet: the port is allowed at L4 (all requests pass) until the L7 proxy lands"
 )
 
 
@@ -579,7 +578,9 @@ class NPPeerM(_M):
     @field_validator("ipBlock")
     @classmethod
     def _excl(cls, v: IPBlockM | None, info: Any) -> IPBlockM | None:
-        if v is not None and (info.data.get("podSelector") is not None or info.data.get("namespaceSelector") is not None):
+        if v is not None and (
+            info.data.get("podSelector") is not None or info.data.get("namespaceSelector") is not None
+        ):
             raise ValueError("ipBlock cannot be combined with podSelector or namespaceSelector in one peer")
         return v
 
@@ -670,17 +671,20 @@ def _peer_selector(ctx: _Ctx, sel: LabelSelectorM, matches_init: bool) -> Endpoi
     return es.with_requirements([Requirement(LABEL_NAMESPACE, K8S, "In", (ctx.namespace,))])
 
 
-def _cidr_selectors(ctx: _Ctx, path: str, cidrs: list[str] | None, sets: list[CIDRRuleM] | None) -> tuple[
-    list[CIDRSelector], list[str]
-]:
+def _cidr_selectors(
+    ctx: _Ctx, path: str, cidrs: list[str] | None, sets: list[CIDRRuleM] | None
+) -> tuple[list[CIDRSelector], list[str]]:
     out: list[CIDRSelector] = []
     unsupported: list[str] = []
-    for i, c in enumerate(cidrs or ()):
+    for c in cidrs or ():
         out.append(CIDRSelector(_net(c)))
     for i, s in enumerate(sets or ()):
         if s.cidr is None:
             unsupported.append("cidrGroupRef")
-            ctx.warn(f"{path}CIDRSet[{i}]", "cidrGroupRef/cidrGroupSelector (CiliumCIDRGroup) is not supported: selects nothing")
+            ctx.warn(
+                f"{path}CIDRSet[{i}]",
+                "cidrGroupRef/cidrGroupSelector (CiliumCIDRGroup) is not supported: selects nothing",
+            )
             continue
         out.append(CIDRSelector(_net(s.cidr), tuple(_net(e) for e in s.except_ or ())))
     for sel in out:
@@ -689,9 +693,9 @@ def _cidr_selectors(ctx: _Ctx, path: str, cidrs: list[str] | None, sets: list[CI
     return out, unsupported
 
 
-def _port_rules(ctx: _Ctx, path: str, rules: list[PortRuleM] | list[PortDenyRuleM] | None, default_proto: str) -> tuple[
-    PortRule, ...
-]:
+def _port_rules(
+    ctx: _Ctx, path: str, rules: list[PortRuleM] | list[PortDenyRuleM] | None, default_proto: str
+) -> tuple[PortRule, ...]:
     out = []
     for i, pr in enumerate(rules or ()):
         p = f"{path}[{i}]"
@@ -785,13 +789,19 @@ def _cilium_rule(ctx: _Ctx, path: str, r: RuleM) -> Rule | None:
                 + (Requirement(LABEL_NAMESPACE, K8S, "In", (ctx.namespace,)),)
             )
     matches_init = subject is not None and subject.has_key("init", RESERVED)
-    ing = tuple(_peer_rule(ctx, f"{path}.ingress[{i}]", m, False, False, matches_init) for i, m in enumerate(r.ingress or ()))
-    ingd = tuple(
-        _peer_rule(ctx, f"{path}.ingressDeny[{i}]", m, False, True, matches_init) for i, m in enumerate(r.ingressDeny or ())
+    ing = tuple(
+        _peer_rule(ctx, f"{path}.ingress[{i}]", m, False, False, matches_init) for i, m in enumerate(r.ingress or ())
     )
-    eg = tuple(_peer_rule(ctx, f"{path}.egress[{i}]", m, True, False, matches_init) for i, m in enumerate(r.egress or ()))
+    ingd = tuple(
+        _peer_rule(ctx, f"{path}.ingressDeny[{i}]", m, False, True, matches_init)
+        for i, m in enumerate(r.ingressDeny or ())
+    )
+    eg = tuple(
+        _peer_rule(ctx, f"{path}.egress[{i}]", m, True, False, matches_init) for i, m in enumerate(r.egress or ())
+    )
     egd = tuple(
-        _peer_rule(ctx, f"{path}.egressDeny[{i}]", m, True, True, matches_init) for i, m in enumerate(r.egressDeny or ())
+        _peer_rule(ctx, f"{path}.egressDeny[{i}]", m, True, True, matches_init)
+        for i, m in enumerate(r.egressDeny or ())
     )
     has_in = bool(r.ingress) or bool(r.ingressDeny)
     has_eg = bool(r.egress) or bool(r.egressDeny)
@@ -843,17 +853,21 @@ def _np_rule(ctx: _Ctx, spec: NPSpecM) -> Rule:
     )
 
     def peers(path: str, items: list[NPPeerM] | None, ports: list[NPPortM] | None, egress: bool) -> PeerRule:
-        conv = [
-            PortRule(
-                tuple(
-                    PortProtocol(0, 0, p.protocol or "TCP", p.port)
-                    if isinstance(p.port, str)
-                    else PortProtocol(p.port or 0, p.endPort or 0, p.protocol or "TCP")
-                    for p in ports
-                    if (p.protocol or "TCP") != "SCTP" or ctx.warn(path + ".ports", SCTP_WARNING)
+        conv = (
+            [
+                PortRule(
+                    tuple(
+                        PortProtocol(0, 0, p.protocol or "TCP", p.port)
+                        if isinstance(p.port, str)
+                        else PortProtocol(p.port or 0, p.endPort or 0, p.protocol or "TCP")
+                        for p in ports
+                        if (p.protocol or "TCP") != "SCTP" or ctx.warn(path + ".ports", SCTP_WARNING)
+                    )
                 )
-            )
-        ] if ports else []
+            ]
+            if ports
+            else []
+        )
         if ports and not conv[0].ports:
             conv = [PortRule((PortProtocol(0, 0, "_NONE"),))]
         if not items:
@@ -932,7 +946,7 @@ def _convert_doc(idx: int, doc: Any, prefix: str, issues: list[ValidationIssue])
     start = len(issues)
 
     def err(path: str, reason: str, label: str = "") -> None:
-        p = f"{prefix}{path}" if path and prefix else (prefix.rstrip(".") if not path else path)
+        p = (f"{prefix}{path}" if prefix else path) if path else prefix.rstrip(".")
         issues.append(ValidationIssue(idx, p, reason, label))
 
     if not isinstance(doc, dict):
@@ -947,7 +961,11 @@ def _convert_doc(idx: int, doc: Any, prefix: str, issues: list[ValidationIssue])
         nsl = None if kind == KIND_CCNP else (ns if isinstance(ns, str) else "default")
         label = _origin(kind, nsl, name)
     if kind not in API_VERSIONS:
-        err("kind", f"unsupported kind {kind!r} (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy)", label)
+        err(
+            "kind",
+            f"unsupported kind {kind!r} (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy)",
+            label,
+        )
         return None
     api = doc.get("apiVersion")
     if api not in API_VERSIONS[kind]:
@@ -1052,7 +1070,11 @@ def parse_policy_objects(objs: list[Any]) -> list[PolicyDoc]:
             if d is None:
                 continue
             if d.key in seen:
-                issues.append(ValidationIssue(idx, prefix + "metadata.name", f"duplicate: same policy as document {seen[d.key]}", d.origin))
+                issues.append(
+                    ValidationIssue(
+                        idx, prefix + "metadata.name", f"duplicate: same policy as document {seen[d.key]}", d.origin
+                    )
+                )
                 continue
             seen[d.key] = idx
             out.append(d)

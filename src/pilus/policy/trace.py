@@ -44,7 +44,7 @@ def _direction(
     elif not enforced:
         res.reason = f"no rule selects the endpoint for {d}: all traffic allowed"
     else:
-        for sel, p, c in comp.items:
+        for sel, _peer_rule, c in comp.items:
             if c.egress != egress:
                 continue
             if sel is not None and not sel.matches(peer):
@@ -55,8 +55,11 @@ def _direction(
                 lines.append(f"    {c.origin}: {what} matches, but port {_port_str(dport, proto)} is not in [{ports}]")
                 continue
             verb = "Denies" if c.deny else "Allows"
-            lines.append(f"    {c.origin}: {verb} {_port_str(dport, proto)} from {what}" if not egress
-                         else f"    {c.origin}: {verb} {_port_str(dport, proto)} to {what}")
+            lines.append(
+                f"    {c.origin}: {verb} {_port_str(dport, proto)} from {what}"
+                if not egress
+                else f"    {c.origin}: {verb} {_port_str(dport, proto)} to {what}"
+            )
             (res.denied_by if c.deny else res.allowed_by).append(c.origin)
         if res.denied_by:
             res.verdict = "denied"
@@ -70,9 +73,13 @@ def _direction(
             res.reason = f"rules select the endpoint for {d} with enableDefaultDeny=false: default allow"
         else:
             res.verdict = "denied"
-            why = "mode always: default deny" if eng.mode == "always" and not comp.rules else (
-                f"default deny: rules select the endpoint for {d} but none allows "
-                f"{_port_str(dport, proto)} {'to' if egress else 'from'} [{peer}]"
+            why = (
+                "mode always: default deny"
+                if eng.mode == "always" and not comp.rules
+                else (
+                    f"default deny: rules select the endpoint for {d} but none allows "
+                    f"{_port_str(dport, proto)} {'to' if egress else 'from'} [{peer}]"
+                )
             )
             res.reason = why
     lines.append(f"{d.capitalize()} verdict: {res.verdict} ({res.reason})")
@@ -112,7 +119,9 @@ def run_trace(
     if dst_is_local:
         ing = _direction(eng, False, dst, src, dport, proto, lines)
     else:
-        ing = DirectionTrace("ingress", False, "allowed", "destination is not a local endpoint: no ingress policy applies")
+        ing = DirectionTrace(
+            "ingress", False, "allowed", "destination is not a local endpoint: no ingress policy applies"
+        )
         lines += [f"Ingress: {ing.reason}", ""]
     verdict = "ALLOWED" if eg.verdict == "allowed" and ing.verdict == "allowed" else "DENIED"
     lines.append(f"Final verdict: {verdict}")

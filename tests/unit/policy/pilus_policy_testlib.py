@@ -45,8 +45,14 @@ def dp_allows(pol, ident: int, egress: bool, proto: int, dport: int) -> bool:
 class Cluster:
     """Pods (local endpoints, identity = endpoint id), reserved identities, CIDR identities."""
 
-    def __init__(self, yaml_text: str = "", mode: str = "default", cluster: str = "default", allow_localhost: bool = False,
-                 ns_labels: dict[str, dict[str, str]] | None = None) -> None:
+    def __init__(
+        self,
+        yaml_text: str = "",
+        mode: str = "default",
+        cluster: str = "default",
+        allow_localhost: bool = False,
+        ns_labels: dict[str, dict[str, str]] | None = None,
+    ) -> None:
         self.eng = PolicyEngine(mode, cluster, allow_localhost=allow_localhost)
         self.cluster = cluster
         self.ns_labels = ns_labels or {}
@@ -74,9 +80,18 @@ class Cluster:
                 self.labels[i] = lbls
                 self.eng.upsert_identity(i, lbls)
 
-    def pod(self, name: str, ns: str = "default", named_ports=None, sa: str = "default", cluster: str | None = None,
-            **labels: str) -> int:
-        lbls = endpoint_labels(ns, labels, sa, cluster or self.cluster, {"kubernetes.io/metadata.name": ns, **self.ns_labels.get(ns, {})})
+    def pod(
+        self,
+        name: str,
+        ns: str = "default",
+        named_ports=None,
+        sa: str = "default",
+        cluster: str | None = None,
+        **labels: str,
+    ) -> int:
+        lbls = endpoint_labels(
+            ns, labels, sa, cluster or self.cluster, {"kubernetes.io/metadata.name": ns, **self.ns_labels.get(ns, {})}
+        )
         i = self.next_id
         self.next_id += 1
         self.ids[name] = i

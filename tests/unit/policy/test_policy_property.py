@@ -48,7 +48,9 @@ def selectors(draw, ns_key=True):
         d["matchExpressions"] = [e]
     if ns_key and draw(st.integers(0, 4)) == 0:
         k = draw(st.sampled_from(["k8s:io.kubernetes.pod.namespace", "k8s:io.cilium.k8s.namespace.labels.team"]))
-        d.setdefault("matchLabels", {})[k] = draw(st.sampled_from(["n1", "n2"] if "namespace" in k[-9:] else ["a", "b"]))
+        d.setdefault("matchLabels", {})[k] = draw(
+            st.sampled_from(["n1", "n2"] if "namespace" in k[-9:] else ["a", "b"])
+        )
     return d
 
 
@@ -83,8 +85,11 @@ def cnp_elements(draw, egress, deny):
     if kind in ("endpoints", "mixed"):
         d[pre + "Endpoints"] = draw(st.lists(selectors(), max_size=2))
     if kind in ("entities", "mixed"):
-        d[pre + "Entities"] = draw(st.lists(st.sampled_from(["world", "host", "cluster", "all", "remote-node", "none"]),
-                                            min_size=1, max_size=2))
+        d[pre + "Entities"] = draw(
+            st.lists(
+                st.sampled_from(["world", "host", "cluster", "all", "remote-node", "none"]), min_size=1, max_size=2
+            )
+        )
     if kind == "cidr":
         d[pre + "CIDR"] = draw(st.lists(st.sampled_from(CIDRS), min_size=1, max_size=2))
     if kind in ("cidrset", "mixed"):
@@ -103,8 +108,12 @@ def cnp_elements(draw, egress, deny):
 def cnp_docs(draw, i):
     ccnp = draw(st.booleans())
     spec = {"endpointSelector": draw(selectors(ns_key=False))}
-    for sec, eg, deny in (("ingress", False, False), ("egress", True, False), ("ingressDeny", False, True),
-                          ("egressDeny", True, True)):
+    for sec, eg, deny in (
+        ("ingress", False, False),
+        ("egress", True, False),
+        ("ingressDeny", False, True),
+        ("egressDeny", True, True),
+    ):
         if draw(st.integers(0, 1 if not deny else 2)) == 0:
             spec[sec] = draw(st.lists(cnp_elements(eg, deny), max_size=2))
     if draw(st.integers(0, 4)) == 0:
@@ -112,8 +121,12 @@ def cnp_docs(draw, i):
     meta = {"name": f"p{i}"}
     if not ccnp:
         meta["namespace"] = draw(st.sampled_from(list(NAMESPACES)))
-    return {"apiVersion": "cilium.io/v2", "kind": "CiliumClusterwideNetworkPolicy" if ccnp else "CiliumNetworkPolicy",
-            "metadata": meta, "spec": spec}
+    return {
+        "apiVersion": "cilium.io/v2",
+        "kind": "CiliumClusterwideNetworkPolicy" if ccnp else "CiliumNetworkPolicy",
+        "metadata": meta,
+        "spec": spec,
+    }
 
 
 @st.composite
@@ -125,8 +138,16 @@ def np_peers(draw):
     if k in ("pod", "both"):
         d["podSelector"] = draw(selectors(ns_key=False))
     if k in ("ns", "both"):
-        d["namespaceSelector"] = draw(st.sampled_from([{}, {"matchLabels": {"team": "a"}}, {"matchLabels": {"team": "b"}},
-                                                        {"matchExpressions": [{"key": "team", "operator": "NotIn", "values": ["a"]}]}]))
+        d["namespaceSelector"] = draw(
+            st.sampled_from(
+                [
+                    {},
+                    {"matchLabels": {"team": "a"}},
+                    {"matchLabels": {"team": "b"}},
+                    {"matchExpressions": [{"key": "team", "operator": "NotIn", "values": ["a"]}]},
+                ]
+            )
+        )
     return d
 
 
@@ -146,7 +167,9 @@ def np_ports(draw):
 
 @st.composite
 def np_docs(draw, i):
-    spec = {"podSelector": {k.split(":")[-1]: v for k, v in draw(selectors(ns_key=False)).get("matchLabels", {}).items()}}
+    spec = {
+        "podSelector": {k.split(":")[-1]: v for k, v in draw(selectors(ns_key=False)).get("matchLabels", {}).items()}
+    }
     spec["podSelector"] = {"matchLabels": spec["podSelector"]} if spec["podSelector"] else {}
     for sec, peer in (("ingress", "from"), ("egress", "to")):
         if draw(st.booleans()):
@@ -160,17 +183,32 @@ def np_docs(draw, i):
                 rules.append(r)
             spec[sec] = rules
     if draw(st.booleans()):
-        spec["policyTypes"] = draw(st.lists(st.sampled_from(["Ingress", "Egress"]), min_size=1, max_size=2, unique=True))
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": f"np{i}", "namespace": draw(st.sampled_from(list(NAMESPACES)))}, "spec": spec}
+        spec["policyTypes"] = draw(
+            st.lists(st.sampled_from(["Ingress", "Egress"]), min_size=1, max_size=2, unique=True)
+        )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": f"np{i}", "namespace": draw(st.sampled_from(list(NAMESPACES)))},
+        "spec": spec,
+    }
 
 
 @st.composite
 def scenarios(draw):
     n = draw(st.integers(1, 3))
     docs = [draw(st.one_of(cnp_docs(i), np_docs(i))) for i in range(n)]
-    pods = draw(st.lists(st.tuples(st.sampled_from(list(NAMESPACES)), st.dictionaries(st.sampled_from(["app", "org"]), vals, max_size=2),
-                                   st.booleans()), min_size=1, max_size=4))
+    pods = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(list(NAMESPACES)),
+                st.dictionaries(st.sampled_from(["app", "org"]), vals, max_size=2),
+                st.booleans(),
+            ),
+            min_size=1,
+            max_size=4,
+        )
+    )
     mode = draw(st.sampled_from(["default"] * 6 + ["always", "never"]))
     return docs, pods, mode, draw(st.booleans())
 
@@ -257,9 +295,13 @@ def entity_ok(ent, p, cluster="default"):
     if p.ip is not None:
         return ent == "world"
     if ent == "cluster":
-        return any(has(L, "reserved", r) is not None for r in
-                   ("host", "remote-node", "init", "health", "unmanaged", "kube-apiserver", "ingress")) or \
-            has(L, "k8s", "io.cilium.k8s.policy.cluster") == cluster
+        return (
+            any(
+                has(L, "reserved", r) is not None
+                for r in ("host", "remote-node", "init", "health", "unmanaged", "kube-apiserver", "ingress")
+            )
+            or has(L, "k8s", "io.cilium.k8s.policy.cluster") == cluster
+        )
     return has(L, "reserved", ent) is not None
 
 
@@ -279,7 +321,7 @@ def port_ok(entries, default_proto, proto, dport, egress, own_named):
         port = e.get("port")
         if isinstance(port, str) and not port.isdigit():
             cands = CLUSTER_NAMED.get(port, set()) if egress else ({own_named[port]} if port in own_named else set())
-            for (pn, pp) in cands:
+            for pn, pp in cands:
                 if pn == dport and pp == proto and pr in ("ANY", {6: "TCP", 17: "UDP"}.get(pp)):
                     return True
             continue
@@ -305,7 +347,10 @@ def cnp_elem_ok(doc, el, egress, p, proto, dport, reqs, own_named):
     if not has_l3 and not has_l4:
         return False
     if has_l3:
-        ok = any(all_ok(p.labels, scoped(doc, reqs_of(s)) + reqs) for s in el.get(pre + "Endpoints") or ()) and p.ip is None
+        ok = (
+            any(all_ok(p.labels, scoped(doc, reqs_of(s)) + reqs) for s in el.get(pre + "Endpoints") or ())
+            and p.ip is None
+        )
         ok = ok or any(entity_ok(e, p) for e in el.get(pre + "Entities") or ())
         ok = ok or any(cidr_ok({"cidr": c}, p) for c in el.get(pre + "CIDR") or ())
         ok = ok or any(cidr_ok(c, p) for c in el.get(pre + "CIDRSet") or ())
@@ -330,7 +375,10 @@ def np_elem_ok(doc, el, egress, p, proto, dport, own_named):
             if not p.is_pod:
                 continue
             if "namespaceSelector" in pe:
-                nsreqs = [(s, "io.cilium.k8s.namespace.labels." + k, op, v) for s, k, op, v in reqs_of(pe["namespaceSelector"], "k8s")]
+                nsreqs = [
+                    (s, "io.cilium.k8s.namespace.labels." + k, op, v)
+                    for s, k, op, v in reqs_of(pe["namespaceSelector"], "k8s")
+                ]
                 m = all_ok(p.labels, nsreqs)
             else:
                 m = has(p.labels, "k8s", "io.kubernetes.pod.namespace") == doc["metadata"]["namespace"]
@@ -432,7 +480,14 @@ def test_entries_match_direct_evaluation(sc):
                 for egress in (False, True):
                     want = oracle(docs, mode, allow_localhost, E, named[n], p, egress, proto, dport)
                     got = dp_allows(pol, rid, egress, proto, dport)
-                    assert got == want, (n, pname, "egress" if egress else "ingress", proto, dport, yaml.safe_dump_all(docs))
+                    assert got == want, (
+                        n,
+                        pname,
+                        "egress" if egress else "ingress",
+                        proto,
+                        dport,
+                        yaml.safe_dump_all(docs),
+                    )
 
 
 # ---------------------------------------------------------------------------
@@ -441,8 +496,12 @@ def test_entries_match_direct_evaluation(sc):
 
 ops = st.lists(
     st.one_of(
-        st.tuples(st.just("add"), st.integers(300, 320), st.sampled_from(list(NAMESPACES)),
-                  st.dictionaries(st.sampled_from(["app", "org"]), vals, max_size=2)),
+        st.tuples(
+            st.just("add"),
+            st.integers(300, 320),
+            st.sampled_from(list(NAMESPACES)),
+            st.dictionaries(st.sampled_from(["app", "org"]), vals, max_size=2),
+        ),
         st.tuples(st.just("del"), st.integers(300, 320)),
         st.tuples(st.just("policy"), st.integers(0, 2)),
     ),
@@ -466,7 +525,9 @@ def test_incremental_equals_full(policy_pool, seq):
     for op in seq:
         if op[0] == "add":
             _, i, ns, lbls = op
-            remote[i] = endpoint_labels(ns, lbls, namespace_labels={"kubernetes.io/metadata.name": ns, **NAMESPACES[ns]})
+            remote[i] = endpoint_labels(
+                ns, lbls, namespace_labels={"kubernetes.io/metadata.name": ns, **NAMESPACES[ns]}
+            )
             a.eng.upsert_identity(i, remote[i])
         elif op[0] == "del":
             remote.pop(op[1], None)

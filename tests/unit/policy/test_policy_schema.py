@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (table rows of inline YAML read better on one line)
 """Parsing and validation: every bad document names document index, field path and reason."""
 
 from __future__ import annotations
@@ -20,50 +21,154 @@ SEL = "endpointSelector: {matchLabels: {app: web}}\n"
 BAD = [
     # (yaml, doc index, path, reason substring)
     ("a: [1\nb: 2", 0, "", "bad YAML"),
-    (cnp(SEL + "ingress:\n- toPorts: [{ports: [{port: '70000'}]}]"), 0, "spec.ingress[0].toPorts[0].ports[0].port", "must be 0-65535"),
-    (cnp(SEL + "ingress:\n- toPorts: [{ports: [{port: 80, endPort: 79}]}]"), 0, "spec.ingress[0].toPorts[0].ports[0].endPort", ">= port"),
-    (cnp(SEL + "ingress:\n- toPorts: [{ports: [{port: http, endPort: 90}]}]"), 0, "spec.ingress[0].toPorts[0].ports[0].endPort", "named port"),
-    (cnp(SEL + "ingress:\n- toPorts: [{ports: [{port: 80, protocol: ICMP}]}]"), 0, "spec.ingress[0].toPorts[0].ports[0].protocol", "unsupported protocol"),
+    (
+        cnp(SEL + "ingress:\n- toPorts: [{ports: [{port: '70000'}]}]"),
+        0,
+        "spec.ingress[0].toPorts[0].ports[0].port",
+        "must be 0-65535",
+    ),
+    (
+        cnp(SEL + "ingress:\n- toPorts: [{ports: [{port: 80, endPort: 79}]}]"),
+        0,
+        "spec.ingress[0].toPorts[0].ports[0].endPort",
+        ">= port",
+    ),
+    (
+        cnp(SEL + "ingress:\n- toPorts: [{ports: [{port: http, endPort: 90}]}]"),
+        0,
+        "spec.ingress[0].toPorts[0].ports[0].endPort",
+        "named port",
+    ),
+    (
+        cnp(SEL + "ingress:\n- toPorts: [{ports: [{port: 80, protocol: ICMP}]}]"),
+        0,
+        "spec.ingress[0].toPorts[0].ports[0].protocol",
+        "unsupported protocol",
+    ),
     (cnp(SEL + "ingress:\n- fromCIDR: [10.0.0.0/33]"), 0, "spec.ingress[0].fromCIDR[0]", "not a valid CIDR"),
-    (cnp(SEL + "egress:\n- toCIDRSet: [{cidr: 10.0.0.0/8, except: [11.0.0.0/8]}]"), 0, "spec.egress[0].toCIDRSet[0].except[0]", "not inside cidr"),
+    (
+        cnp(SEL + "egress:\n- toCIDRSet: [{cidr: 10.0.0.0/8, except: [11.0.0.0/8]}]"),
+        0,
+        "spec.egress[0].toCIDRSet[0].except[0]",
+        "not inside cidr",
+    ),
     (cnp(SEL + "ingress:\n- fromEntities: [wrld]"), 0, "spec.ingress[0].fromEntities[0]", "unknown entity 'wrld'"),
-    (cnp(SEL + "ingress:\n- fromEndpoints: [{matchExpressions: [{key: a, operator: Is}]}]"), 0,
-     "spec.ingress[0].fromEndpoints[0].matchExpressions[0].operator", "unknown operator"),
-    (cnp(SEL + "ingress:\n- fromEndpoints: [{matchExpressions: [{key: a, operator: In}]}]"), 0,
-     "spec.ingress[0].fromEndpoints[0].matchExpressions[0].values", "non-empty values"),
+    (
+        cnp(SEL + "ingress:\n- fromEndpoints: [{matchExpressions: [{key: a, operator: Is}]}]"),
+        0,
+        "spec.ingress[0].fromEndpoints[0].matchExpressions[0].operator",
+        "unknown operator",
+    ),
+    (
+        cnp(SEL + "ingress:\n- fromEndpoints: [{matchExpressions: [{key: a, operator: In}]}]"),
+        0,
+        "spec.ingress[0].fromEndpoints[0].matchExpressions[0].values",
+        "non-empty values",
+    ),
     (cnp(SEL + "ingress:\n- fromEndpoint: [{}]"), 0, "spec.ingress[0].fromEndpoint", "unknown field"),
     (cnp(SEL + "ingress:\n- fromEndpoints: {app: x}"), 0, "spec.ingress[0].fromEndpoints", "wrong type"),
     (cnp(SEL + "enableDefaultDeny: {ingress: 'no'}"), 0, "spec.enableDefaultDeny.ingress", "wrong type"),
     (cnp("ingress: [{}]"), 0, "spec", "exactly one of endpointSelector and nodeSelector"),
-    (cnp(SEL + "ingress:\n- icmps: [{fields: [{type: Bogus}]}]"), 0, "spec.ingress[0].icmps[0].fields[0].type", "unknown IPv4 ICMP type"),
-    (cnp(SEL + "ingress:\n- fromEndpoints: [{}]\n  toPorts: [{ports: [{port: '80'}]}]\n  icmps: [{fields: [{type: 8}]}]"), 0,
-     "spec.ingress[0].icmps", "cannot be combined"),
-    (cnp(SEL + "ingress:\n- toPorts: [{ports: [{port: '80'}], rules: {http: [{method: '('}]}}]"), 0,
-     "spec.ingress[0].toPorts[0].rules.http[0].method", "regular expression"),
-    (cnp(SEL + "ingressDeny:\n- toPorts: [{ports: [{port: '80'}], rules: {http: [{}]}}]"), 0,
-     "spec.ingressDeny[0].toPorts[0].rules", "unknown field"),
-    ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {namespace: default}\nspec: {endpointSelector: {}}\n", 0,
-     "metadata.name", "required"),
-    ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolcy\nmetadata: {name: x}\nspec: {endpointSelector: {}}\n", 0, "kind", "unsupported kind"),
-    ("apiVersion: v1\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {endpointSelector: {}}\n", 0, "apiVersion", "cilium.io/v2"),
-    ("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  podSelector: {}\n  ingress:\n  - ports: [{port: 0}]\n",
-     0, "spec.ingress[0].ports[0].port", "must be 1-65535"),
-    ("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  podSelector: {}\n  ingress:\n  - ports: [{port: 70000}]\n",
-     0, "spec.ingress[0].ports[0].port", "must be 1-65535"),
-    ("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  podSelector: {}\n  egress:\n  - to: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]\n",
-     0, "spec.egress[0].to[0].ipBlock", "cannot be combined"),
-    ("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  ingress: []\n", 0, "spec.podSelector", "required"),
-    ("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  podSelector: {}\n  policyTypes: [Ingres]\n",
-     0, "spec.policyTypes[0]", "not Ingress or Egress"),
-    ("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  podSelector: {}\n  ingress:\n  - ports: [{protocol: ICMP}]\n",
-     0, "spec.ingress[0].ports[0].protocol", "unsupported protocol"),
-    ("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  podSelector: {}\n  ingress:\n  - ports: [{port: 80, endPort: 70}]\n",
-     0, "spec.ingress[0].ports[0].endPort", ">= port"),
-    (cnp(SEL) + "---\n" + cnp(SEL + "ingress:\n- toPorts: [{ports: [{port: 'http_x'}]}]", name="bar"), 1,
-     "spec.ingress[0].toPorts[0].ports[0].port", "neither a port number nor a valid port name"),
+    (
+        cnp(SEL + "ingress:\n- icmps: [{fields: [{type: Bogus}]}]"),
+        0,
+        "spec.ingress[0].icmps[0].fields[0].type",
+        "unknown IPv4 ICMP type",
+    ),
+    (
+        cnp(
+            SEL
+            + "ingress:\n- fromEndpoints: [{}]\n  toPorts: [{ports: [{port: '80'}]}]\n  icmps: [{fields: [{type: 8}]}]"
+        ),
+        0,
+        "spec.ingress[0].icmps",
+        "cannot be combined",
+    ),
+    (
+        cnp(SEL + "ingress:\n- toPorts: [{ports: [{port: '80'}], rules: {http: [{method: '('}]}}]"),
+        0,
+        "spec.ingress[0].toPorts[0].rules.http[0].method",
+        "regular expression",
+    ),
+    (
+        cnp(SEL + "ingressDeny:\n- toPorts: [{ports: [{port: '80'}], rules: {http: [{}]}}]"),
+        0,
+        "spec.ingressDeny[0].toPorts[0].rules",
+        "unknown field",
+    ),
+    (
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {namespace: default}\nspec: {endpointSelector: {}}\n",
+        0,
+        "metadata.name",
+        "required",
+    ),
+    (
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolcy\nmetadata: {name: x}\nspec: {endpointSelector: {}}\n",
+        0,
+        "kind",
+        "unsupported kind",
+    ),
+    (
+        "apiVersion: v1\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {endpointSelector: {}}\n",
+        0,
+        "apiVersion",
+        "cilium.io/v2",
+    ),
+    (
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  podSelector: {}\n  ingress:\n  - ports: [{port: 0}]\n",
+        0,
+        "spec.ingress[0].ports[0].port",
+        "must be 1-65535",
+    ),
+    (
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  podSelector: {}\n  ingress:\n  - ports: [{port: 70000}]\n",
+        0,
+        "spec.ingress[0].ports[0].port",
+        "must be 1-65535",
+    ),
+    (
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  podSelector: {}\n  egress:\n  - to: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]\n",
+        0,
+        "spec.egress[0].to[0].ipBlock",
+        "cannot be combined",
+    ),
+    (
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  ingress: []\n",
+        0,
+        "spec.podSelector",
+        "required",
+    ),
+    (
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  podSelector: {}\n  policyTypes: [Ingres]\n",
+        0,
+        "spec.policyTypes[0]",
+        "not Ingress or Egress",
+    ),
+    (
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  podSelector: {}\n  ingress:\n  - ports: [{protocol: ICMP}]\n",
+        0,
+        "spec.ingress[0].ports[0].protocol",
+        "unsupported protocol",
+    ),
+    (
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  podSelector: {}\n  ingress:\n  - ports: [{port: 80, endPort: 70}]\n",
+        0,
+        "spec.ingress[0].ports[0].endPort",
+        ">= port",
+    ),
+    (
+        cnp(SEL) + "---\n" + cnp(SEL + "ingress:\n- toPorts: [{ports: [{port: 'http_x'}]}]", name="bar"),
+        1,
+        "spec.ingress[0].toPorts[0].ports[0].port",
+        "neither a port number nor a valid port name",
+    ),
     (cnp(SEL) + "---\n" + cnp(SEL), 1, "metadata.name", "duplicate"),
-    ("apiVersion: v1\nkind: List\nitems:\n- " + cnp(SEL + "ingress:\n- fromEntities: [bogus]").replace("\n", "\n  "), 0,
-     "items[0].spec.ingress[0].fromEntities[0]", "unknown entity"),
+    (
+        "apiVersion: v1\nkind: List\nitems:\n- " + cnp(SEL + "ingress:\n- fromEntities: [bogus]").replace("\n", "\n  "),
+        0,
+        "items[0].spec.ingress[0].fromEntities[0]",
+        "unknown entity",
+    ),
 ]
 
 
@@ -86,8 +191,11 @@ def test_error_line_format():
 
 
 def test_every_problem_listed_and_nothing_returned():
-    text = cnp(SEL + "ingress:\n- fromEntities: [x]\n  toPorts: [{ports: [{port: '99999'}]}]") + "---\n" + cnp(
-        SEL + "egress:\n- toCIDR: [nope]", name="b")
+    text = (
+        cnp(SEL + "ingress:\n- fromEntities: [x]\n  toPorts: [{ports: [{port: '99999'}]}]")
+        + "---\n"
+        + cnp(SEL + "egress:\n- toCIDR: [nope]", name="b")
+    )
     with pytest.raises(PolicyValidationError) as ei:
         parse_policies(text)
     assert {e.doc_index for e in ei.value.errors} == {0, 1}
@@ -95,7 +203,10 @@ def test_every_problem_listed_and_nothing_returned():
 
 
 def test_good_documents():
-    text = cnp(SEL + "ingress:\n- fromEndpoints: [{}]\n  toPorts: [{ports: [{port: '0', protocol: TCP}]}]", extra="") + "---\n"
+    text = (
+        cnp(SEL + "ingress:\n- fromEndpoints: [{}]\n  toPorts: [{ports: [{port: '0', protocol: TCP}]}]", extra="")
+        + "---\n"
+    )
     text += "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: cw, labels: {a: b}, annotations: {x: y}, uid: '1'}\n"
     text += "specs:\n- endpointSelector: {}\n  egress: [{toEntities: [world]}]\n- endpointSelector: {}\n  ingress: [{fromEntities: [cluster]}]\n"
     text += "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np}\nspec: {podSelector: {}}\nstatus: {}\n"
@@ -109,21 +220,35 @@ def test_good_documents():
 
 
 def test_json_and_list():
-    obj = {"apiVersion": "v1", "kind": "CiliumNetworkPolicyList", "items": [
-        {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": {"name": "a"},
-         "spec": {"endpointSelector": {}, "ingress": [{}]}}]}
+    obj = {
+        "apiVersion": "v1",
+        "kind": "CiliumNetworkPolicyList",
+        "items": [
+            {
+                "apiVersion": "cilium.io/v2",
+                "kind": "CiliumNetworkPolicy",
+                "metadata": {"name": "a"},
+                "spec": {"endpointSelector": {}, "ingress": [{}]},
+            }
+        ],
+    }
     docs = parse_policies(json.dumps(obj))
     assert docs[0].name == "a" and docs[0].namespace == "default"
 
 
 def test_warnings_sctp_and_l7():
-    docs = parse_policies(cnp(SEL + """
+    docs = parse_policies(
+        cnp(
+            SEL
+            + """
 ingress:
 - toPorts:
   - ports: [{port: '80', protocol: SCTP}]
   - ports: [{port: '8080', protocol: TCP}]
     rules: {http: [{method: GET, path: /public}]}
-"""))
+"""
+        )
+    )
     w = docs[0].warnings
     assert any(SCTP_WARNING in x and "spec.ingress[0].toPorts[0].ports[0]" in x for x in w)
     assert any("L7" in x for x in w)

@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (table rows of inline YAML read better on one line)
 """Truth tables for policy semantics: policies + pods + port/proto -> verdict.
 
 Every verdict goes through the engine's map entries and an independent datapath-style
@@ -38,49 +39,85 @@ def starwars(policies: str, **kw) -> Cluster:
 
 DS = "endpointSelector: {matchLabels: {class: deathstar}}\n"
 
-L3L4 = cnp("l3l4", DS + """
+L3L4 = cnp(
+    "l3l4",
+    DS
+    + """
 ingress:
 - fromEndpoints: [{matchLabels: {org: empire}}]
   toPorts: [{ports: [{port: "80", protocol: TCP}]}]
-""")
-L3ONLY = cnp("l3", DS + """
+""",
+)
+L3ONLY = cnp(
+    "l3",
+    DS
+    + """
 ingress:
 - fromEndpoints: [{matchLabels: {org: empire}}]
-""")
-L4ONLY = cnp("l4", DS + """
+""",
+)
+L4ONLY = cnp(
+    "l4",
+    DS
+    + """
 ingress:
 - toPorts: [{ports: [{port: "80", protocol: TCP}]}]
-""")
+""",
+)
 EMPTY_ELEM = cnp("empty", DS + "ingress: [{}]\n")
 EMPTY_LIST = cnp("emptylist", DS + "ingress: []\n")
-ALLOW_XWING_443 = cnp("xw443", DS + """
+ALLOW_XWING_443 = cnp(
+    "xw443",
+    DS
+    + """
 ingress:
 - fromEndpoints: [{matchLabels: {org: alliance}}]
   toPorts: [{ports: [{port: "443"}]}]
-""")
-DENY_XWING_L3 = cnp("denyxw", DS + """
+""",
+)
+DENY_XWING_L3 = cnp(
+    "denyxw",
+    DS
+    + """
 ingressDeny:
 - fromEndpoints: [{matchLabels: {org: alliance}}]
-""")
-ALLOW_ALL_80 = cnp("all80", DS + """
+""",
+)
+ALLOW_ALL_80 = cnp(
+    "all80",
+    DS
+    + """
 ingress:
 - fromEntities: [all]
   toPorts: [{ports: [{port: "80", protocol: TCP}]}]
-""")
-DENY_80_L4 = cnp("deny80", DS + """
+""",
+)
+DENY_80_L4 = cnp(
+    "deny80",
+    DS
+    + """
 ingressDeny:
 - toPorts: [{ports: [{port: "80", protocol: TCP}]}]
-""")
-NO_DD_DENY_XWING = cnp("nodd", DS + """
+""",
+)
+NO_DD_DENY_XWING = cnp(
+    "nodd",
+    DS
+    + """
 enableDefaultDeny: {ingress: false}
 ingressDeny:
 - fromEndpoints: [{matchLabels: {org: alliance}}]
-""")
-EGRESS_DNS = cnp("egress-dns", "endpointSelector: {matchLabels: {class: xwing}}\n" + """
+""",
+)
+EGRESS_DNS = cnp(
+    "egress-dns",
+    "endpointSelector: {matchLabels: {class: xwing}}\n"
+    + """
 egress:
 - toEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, app: dns}}]
   toPorts: [{ports: [{port: "53", protocol: UDP}]}]
-""")
+""",
+)
 
 CASES = [
     # (policies, src, dst, port, proto, expected, note)
@@ -91,7 +128,15 @@ CASES = [
     (L3L4, "xwing", "deathstar", 80, "TCP", "denied", "label not matched: default deny"),
     (L3L4, "other-tie", "deathstar", 80, "TCP", "denied", "CNP peers are limited to the policy namespace"),
     (L3L4, "xwing", "other-ds", 80, "TCP", "allowed", "CNP endpointSelector only selects its own namespace"),
-    (L3L4, "deathstar", "tiefighter", 80, "TCP", "allowed", "ingress policy of the deathstar does not police its egress"),
+    (
+        L3L4,
+        "deathstar",
+        "tiefighter",
+        80,
+        "TCP",
+        "allowed",
+        "ingress policy of the deathstar does not police its egress",
+    ),
     (L3L4, "world", "deathstar", 80, "TCP", "denied", ""),
     (L3ONLY, "tiefighter", "deathstar", 12345, "UDP", "allowed", "L3-only: every port and protocol"),
     (L3ONLY, "tiefighter", "deathstar", 8, "ICMP", "allowed", "L3-only covers ICMP too (proto 0 entry)"),
@@ -105,18 +150,39 @@ CASES = [
     (L3L4 + ALLOW_XWING_443, "xwing", "deathstar", 80, "TCP", "denied", ""),
     (L3L4 + ALLOW_XWING_443, "tiefighter", "deathstar", 443, "TCP", "denied", ""),
     # deny beats allow, whatever the specificity
-    (ALLOW_ALL_80 + DENY_XWING_L3, "xwing", "deathstar", 80, "TCP", "denied",
-     "an L3-only deny beats an L4 allow for that identity"),
+    (
+        ALLOW_ALL_80 + DENY_XWING_L3,
+        "xwing",
+        "deathstar",
+        80,
+        "TCP",
+        "denied",
+        "an L3-only deny beats an L4 allow for that identity",
+    ),
     (ALLOW_ALL_80 + DENY_XWING_L3, "tiefighter", "deathstar", 80, "TCP", "allowed", ""),
-    (ALLOW_XWING_443 + DENY_XWING_L3, "xwing", "deathstar", 443, "TCP", "denied",
-     "L3-only deny beats L3+L4 allow (longer prefix) of the same identity"),
+    (
+        ALLOW_XWING_443 + DENY_XWING_L3,
+        "xwing",
+        "deathstar",
+        443,
+        "TCP",
+        "denied",
+        "L3-only deny beats L3+L4 allow (longer prefix) of the same identity",
+    ),
     (L3ONLY + DENY_80_L4, "tiefighter", "deathstar", 80, "TCP", "denied", "L4-only deny beats L3-only allow"),
     (L3ONLY + DENY_80_L4, "tiefighter", "deathstar", 81, "TCP", "allowed", ""),
     # enableDefaultDeny: false
     (NO_DD_DENY_XWING, "tiefighter", "deathstar", 80, "TCP", "allowed", "no default deny: only the deny applies"),
     (NO_DD_DENY_XWING, "xwing", "deathstar", 80, "TCP", "denied", ""),
-    (NO_DD_DENY_XWING + L3L4, "xwing", "deathstar", 81, "TCP", "denied",
-     "another rule selecting the endpoint asks for default deny: it wins"),
+    (
+        NO_DD_DENY_XWING + L3L4,
+        "xwing",
+        "deathstar",
+        81,
+        "TCP",
+        "denied",
+        "another rule selecting the endpoint asks for default deny: it wins",
+    ),
     # egress
     (EGRESS_DNS, "xwing", "dns", 53, "UDP", "allowed", "namespace key in the selector crosses namespaces"),
     (EGRESS_DNS, "xwing", "dns", 53, "TCP", "denied", ""),
@@ -181,7 +247,11 @@ def test_allow_localhost_default_on():
 
 SEL = [
     # matchExpressions operators and sources
-    ("fromEndpoints: [{matchExpressions: [{key: org, operator: In, values: [empire, rebels]}]}]", "tiefighter", "allowed"),
+    (
+        "fromEndpoints: [{matchExpressions: [{key: org, operator: In, values: [empire, rebels]}]}]",
+        "tiefighter",
+        "allowed",
+    ),
     ("fromEndpoints: [{matchExpressions: [{key: org, operator: NotIn, values: [empire]}]}]", "xwing", "allowed"),
     ("fromEndpoints: [{matchExpressions: [{key: org, operator: NotIn, values: [empire]}]}]", "tiefighter", "denied"),
     ("fromEndpoints: [{matchExpressions: [{key: env, operator: Exists}]}]", "prod", "allowed"),
@@ -199,7 +269,11 @@ SEL = [
     ("fromEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: other}}]", "other-tie", "allowed"),
     # a namespace-labels key is a namespace selection: no same-namespace restriction (newer Cilium)
     ("fromEndpoints: [{matchLabels: {k8s:io.cilium.k8s.namespace.labels.team: b}}]", "other-tie", "allowed"),
-    ("fromEndpoints: [{matchLabels: {io.cilium.k8s.policy.serviceaccount: default, org: alliance}}]", "xwing", "allowed"),
+    (
+        "fromEndpoints: [{matchLabels: {io.cilium.k8s.policy.serviceaccount: default, org: alliance}}]",
+        "xwing",
+        "allowed",
+    ),
     ("fromEndpoints: [{matchLabels: {reserved:host: ''}}]", "host", "allowed"),  # reserved key: no namespace added
     ("fromEndpoints: [{matchLabels: {org: empire}}, {matchLabels: {org: alliance}}]", "xwing", "allowed"),  # OR
     ("fromEndpoints: [{matchLabels: {org: empire, class: xwing}}]", "xwing", "denied"),  # AND
@@ -213,7 +287,9 @@ def test_selectors(peer, src, expected):
 
 
 def test_ccnp_across_namespaces():
-    p = cnp("cw", DS + "ingress:\n- fromEndpoints: [{matchLabels: {org: empire}}]\n", kind="CiliumClusterwideNetworkPolicy")
+    p = cnp(
+        "cw", DS + "ingress:\n- fromEndpoints: [{matchLabels: {org: empire}}]\n", kind="CiliumClusterwideNetworkPolicy"
+    )
     c = starwars(p)
     assert c.verdict("other-tie", "deathstar", 80) == "allowed"  # peers in every namespace
     assert c.verdict("tiefighter", "other-ds", 80) == "allowed"  # selects in every namespace
@@ -227,13 +303,21 @@ def test_ccnp_across_namespaces():
 
 
 def test_from_requires():
-    p = cnp("req", DS + """
+    p = cnp(
+        "req",
+        DS
+        + """
 ingress:
 - fromEndpoints: [{matchLabels: {org: empire}}]
-""") + cnp("req2", DS + """
+""",
+    ) + cnp(
+        "req2",
+        DS
+        + """
 ingress:
 - fromRequires: [{matchLabels: {env: prod}}]
-""")
+""",
+    )
     c = starwars(p)
     assert c.verdict("prod", "deathstar", 80) == "allowed"
     # fromRequires of another rule is ANDed into this rule's fromEndpoints
@@ -241,19 +325,33 @@ ingress:
 
 
 ENT = [
-    ("world", "world", "allowed"), ("world", "1.2.3.4", "allowed"), ("world", "tiefighter", "denied"),
+    ("world", "world", "allowed"),
+    ("world", "1.2.3.4", "allowed"),
+    ("world", "tiefighter", "denied"),
     ("world", "host", "denied"),
-    ("host", "host", "allowed"), ("host", "remote-node", "denied"),
+    ("host", "host", "allowed"),
+    ("host", "remote-node", "denied"),
     ("remote-node", "remote-node", "allowed"),
     # the kube-apiserver identity carries reserved:remote-node too
     ("remote-node", "kube-apiserver", "allowed"),
-    ("kube-apiserver", "kube-apiserver", "allowed"), ("kube-apiserver", "remote-node", "denied"),
-    ("cluster", "tiefighter", "allowed"), ("cluster", "other-tie", "allowed"), ("cluster", "host", "allowed"),
-    ("cluster", "remote-node", "allowed"), ("cluster", "health", "allowed"), ("cluster", "world", "denied"),
-    ("all", "world", "allowed"), ("all", "xwing", "allowed"), ("all", "other-tie", "allowed"),
-    ("init", "init", "allowed"), ("health", "health", "allowed"), ("unmanaged", "unmanaged", "allowed"),
-    ("ingress", "ingress", "allowed"), ("ingress", "world", "denied"),
-    ("none", "world", "denied"), ("none", "tiefighter", "denied"),
+    ("kube-apiserver", "kube-apiserver", "allowed"),
+    ("kube-apiserver", "remote-node", "denied"),
+    ("cluster", "tiefighter", "allowed"),
+    ("cluster", "other-tie", "allowed"),
+    ("cluster", "host", "allowed"),
+    ("cluster", "remote-node", "allowed"),
+    ("cluster", "health", "allowed"),
+    ("cluster", "world", "denied"),
+    ("all", "world", "allowed"),
+    ("all", "xwing", "allowed"),
+    ("all", "other-tie", "allowed"),
+    ("init", "init", "allowed"),
+    ("health", "health", "allowed"),
+    ("unmanaged", "unmanaged", "allowed"),
+    ("ingress", "ingress", "allowed"),
+    ("ingress", "world", "denied"),
+    ("none", "world", "denied"),
+    ("none", "tiefighter", "denied"),
 ]
 
 
@@ -301,7 +399,9 @@ def test_cidr_nested_prefix_from_other_policy():
     c = starwars(p)
     assert c.verdict("10.120.0.1", "deathstar", 80) == "allowed"
     assert c.verdict("10.96.0.1", "deathstar", 80) == "denied"
-    assert c.eng.cidr_prefixes() >= {__import__("ipaddress").ip_network(n) for n in ("10.0.0.0/8", "10.96.0.0/12", "10.96.0.0/11")}
+    assert c.eng.cidr_prefixes() >= {
+        __import__("ipaddress").ip_network(n) for n in ("10.0.0.0/8", "10.96.0.0/12", "10.96.0.0/11")
+    }
 
 
 PORTS = [
@@ -318,10 +418,10 @@ PORTS = [
     ('[{port: "0", protocol: TCP}]', 31337, "TCP", "allowed"),  # port 0 = every port of the protocol
     ('[{port: "0", protocol: TCP}]', 31337, "UDP", "denied"),
     ('[{port: "0", protocol: ANY}]', 8, "ICMP", "allowed"),  # port 0 + ANY = proto 0 wildcard
-    ('[{port: http}]', 8080, "TCP", "allowed"),  # named port of the selected endpoint
-    ('[{port: http}]', 80, "TCP", "denied"),
-    ('[{port: http, protocol: UDP}]', 8080, "TCP", "denied"),  # protocol must agree with the named port's
-    ('[{port: nosuch}]', 8080, "TCP", "denied"),  # unknown name: nothing allowed
+    ("[{port: http}]", 8080, "TCP", "allowed"),  # named port of the selected endpoint
+    ("[{port: http}]", 80, "TCP", "denied"),
+    ("[{port: http, protocol: UDP}]", 8080, "TCP", "denied"),  # protocol must agree with the named port's
+    ("[{port: nosuch}]", 8080, "TCP", "denied"),  # unknown name: nothing allowed
     ('[{port: "80", protocol: SCTP}]', 80, "TCP", "denied"),  # SCTP rule ignored (warning), not widened
 ]
 
@@ -351,7 +451,10 @@ def test_icmp(icmps, typ, proto, expected):
 
 
 def test_egress_named_port_cluster_wide():
-    p = cnp("e", "endpointSelector: {matchLabels: {class: xwing}}\negress:\n- toEndpoints: [{}]\n  toPorts: [{ports: [{port: http}]}]\n")
+    p = cnp(
+        "e",
+        "endpointSelector: {matchLabels: {class: xwing}}\negress:\n- toEndpoints: [{}]\n  toPorts: [{ports: [{port: http}]}]\n",
+    )
     c = starwars(p)
     assert c.verdict("xwing", "deathstar", 8080) == "denied"  # cluster map not known yet
     for i in c.local:
@@ -368,17 +471,49 @@ def test_egress_named_port_cluster_wide():
 
 DENY_ALL = knp("deny", "podSelector: {}\npolicyTypes: [Ingress]\n")
 NP_ALLOW_ALL = knp("all", "podSelector: {matchLabels: {class: deathstar}}\ningress: [{}]\n")
-NP_PODSEL = knp("pods", "podSelector: {matchLabels: {class: deathstar}}\ningress:\n- from: [{podSelector: {matchLabels: {org: empire}}}]\n")
-NP_NSSEL = knp("ns", "podSelector: {matchLabels: {class: deathstar}}\ningress:\n- from: [{namespaceSelector: {matchLabels: {team: b}}}]\n")
-NP_NSSEL_EMPTY = knp("nse", "podSelector: {matchLabels: {class: deathstar}}\ningress:\n- from: [{namespaceSelector: {}}]\n")
-NP_AND = knp("and", "podSelector: {matchLabels: {class: deathstar}}\ningress:\n- from: [{namespaceSelector: {matchLabels: {team: b}}, podSelector: {matchLabels: {class: deathstar}}}]\n")
-NP_OR = knp("or", "podSelector: {matchLabels: {class: deathstar}}\ningress:\n- from: [{namespaceSelector: {matchLabels: {team: b}}}, {podSelector: {matchLabels: {class: xwing}}}]\n")
-NP_IPBLOCK = knp("ip", "podSelector: {matchLabels: {class: deathstar}}\ningress:\n- from: [{ipBlock: {cidr: 172.16.0.0/12, except: [172.17.0.0/16]}}]\n")
-NP_PORTS = knp("ports", "podSelector: {matchLabels: {class: deathstar}}\ningress:\n- ports: [{port: 80}, {port: 9000, endPort: 9010, protocol: UDP}, {port: http}]\n")
-NP_EGRESS = knp("eg", "podSelector: {matchLabels: {class: xwing}}\npolicyTypes: [Egress]\negress:\n- to: [{podSelector: {matchLabels: {class: deathstar}}}]\n  ports: [{port: 80}]\n")
-NP_EGRESS_IMPLIED = knp("eg2", "podSelector: {matchLabels: {class: xwing}}\negress:\n- to: [{podSelector: {matchLabels: {class: deathstar}}}]\n")
-NP_EGRESS_IGNORED = knp("eg3", "podSelector: {matchLabels: {class: xwing}}\npolicyTypes: [Ingress]\negress:\n- to: [{podSelector: {matchLabels: {class: deathstar}}}]\n")
-NP_NS_NOTIN = knp("notin", "podSelector: {matchLabels: {class: deathstar}}\ningress:\n- from: [{namespaceSelector: {matchExpressions: [{key: team, operator: NotIn, values: [a]}]}}]\n")
+NP_PODSEL = knp(
+    "pods",
+    "podSelector: {matchLabels: {class: deathstar}}\ningress:\n- from: [{podSelector: {matchLabels: {org: empire}}}]\n",
+)
+NP_NSSEL = knp(
+    "ns",
+    "podSelector: {matchLabels: {class: deathstar}}\ningress:\n- from: [{namespaceSelector: {matchLabels: {team: b}}}]\n",
+)
+NP_NSSEL_EMPTY = knp(
+    "nse", "podSelector: {matchLabels: {class: deathstar}}\ningress:\n- from: [{namespaceSelector: {}}]\n"
+)
+NP_AND = knp(
+    "and",
+    "podSelector: {matchLabels: {class: deathstar}}\ningress:\n- from: [{namespaceSelector: {matchLabels: {team: b}}, podSelector: {matchLabels: {class: deathstar}}}]\n",
+)
+NP_OR = knp(
+    "or",
+    "podSelector: {matchLabels: {class: deathstar}}\ningress:\n- from: [{namespaceSelector: {matchLabels: {team: b}}}, {podSelector: {matchLabels: {class: xwing}}}]\n",
+)
+NP_IPBLOCK = knp(
+    "ip",
+    "podSelector: {matchLabels: {class: deathstar}}\ningress:\n- from: [{ipBlock: {cidr: 172.16.0.0/12, except: [172.17.0.0/16]}}]\n",
+)
+NP_PORTS = knp(
+    "ports",
+    "podSelector: {matchLabels: {class: deathstar}}\ningress:\n- ports: [{port: 80}, {port: 9000, endPort: 9010, protocol: UDP}, {port: http}]\n",
+)
+NP_EGRESS = knp(
+    "eg",
+    "podSelector: {matchLabels: {class: xwing}}\npolicyTypes: [Egress]\negress:\n- to: [{podSelector: {matchLabels: {class: deathstar}}}]\n  ports: [{port: 80}]\n",
+)
+NP_EGRESS_IMPLIED = knp(
+    "eg2",
+    "podSelector: {matchLabels: {class: xwing}}\negress:\n- to: [{podSelector: {matchLabels: {class: deathstar}}}]\n",
+)
+NP_EGRESS_IGNORED = knp(
+    "eg3",
+    "podSelector: {matchLabels: {class: xwing}}\npolicyTypes: [Ingress]\negress:\n- to: [{podSelector: {matchLabels: {class: deathstar}}}]\n",
+)
+NP_NS_NOTIN = knp(
+    "notin",
+    "podSelector: {matchLabels: {class: deathstar}}\ningress:\n- from: [{namespaceSelector: {matchExpressions: [{key: team, operator: NotIn, values: [a]}]}}]\n",
+)
 
 NP_CASES = [
     (DENY_ALL, "tiefighter", "deathstar", 80, "TCP", "denied", "policyTypes Ingress without rules: deny all"),
@@ -431,7 +566,9 @@ def test_trace_explains():
     assert t.verdict == "DENIED"
     assert "denied by ingressDeny in CiliumNetworkPolicy default/denyxw" in t.ingress.reason
     t = c.eng.trace(lbl[c.ids["tiefighter"]], lbl[c.ids["deathstar"]], 81, 6)
-    assert t.verdict == "DENIED" and t.ingress.reason.startswith("default deny: rules select the endpoint for ingress but none allows")
+    assert t.verdict == "DENIED" and t.ingress.reason.startswith(
+        "default deny: rules select the endpoint for ingress but none allows"
+    )
     t = c.eng.trace(lbl[c.ids["tiefighter"]], lbl[c.ids["deathstar"]], 80, 6)
     assert t.verdict == "ALLOWED" and t.to_dict()["ingress"]["allowed_by"]
     assert any("Final verdict: ALLOWED" in ln for ln in t.lines)
