@@ -2,7 +2,7 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PILUS   := $(VENV)/bin/pilus
-APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool iproute2 nftables iperf3 \
+APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool iproute2 nftables iptables ipset iperf3 util-linux \
             python3-venv python3-pip make gcc
 
 .PHONY: setup demo test test-unit test-bpf test-e2e bench lint clean

@@ -346,3 +346,36 @@ def test_maglev_table_size_is_a_load_time_setting(bpf_state_dir, m):
         assert Ether(r.data)[IP].dst in (str(EP_B.ipv4), REMOTE_BE)
     finally:
         d.close()
+
+
+def test_policy_applies_to_the_backend_after_translation(dp, events):
+    """Egress policy of the client and ingress policy of the backend see the
+    backend's identity and port, not the frontend's."""
+    from dataclasses import replace
+
+    from pilus.datapath import (
+        ENDPOINT_F_POLICY_EGRESS,
+        ENDPOINT_F_POLICY_INGRESS,
+        PolicyKey,
+        PolicyValue,
+    )
+
+    add_service(dp, 11, [backend(111, EP_B.ipv4, 8080)], port=88)
+    a = replace(EP_A, flags=ENDPOINT_F_POLICY_EGRESS)
+    b = replace(EP_B, flags=ENDPOINT_F_POLICY_INGRESS)
+    dp.endpoints.upsert(a)
+    dp.endpoints.upsert(b)
+    allow = PolicyValue(deny=False)
+    # A may talk to B's identity on 8080; B accepts A's identity on 8080
+    dp.policy.sync(a.ep_id, {PolicyKey(EP_B.identity, True, 6, 8080, 16): allow})
+    dp.policy.sync(b.ep_id, {PolicyKey(EP_A.identity, False, 6, 8080, 16): allow})
+    syn = eth() / IP(src=str(EP_A.ipv4), dst=VIP) / TCP(sport=44000, dport=88, flags="S")
+    r = from_ep(dp, syn)
+    assert r.retval == TC_ACT_REDIRECT and Ether(r.data)[IP].dst == str(EP_B.ipv4)
+    # a rule for the frontend's port would not have been enough
+    dp.policy.sync(a.ep_id, {PolicyKey(EP_B.identity, True, 6, 88, 16): allow})
+    syn2 = eth() / IP(src=str(EP_A.ipv4), dst=VIP) / TCP(sport=44001, dport=88, flags="S")
+    assert from_ep(dp, syn2).retval == TC_ACT_SHOT
+    drops = [e for e in events.poll() if isinstance(e, DropEvent)]
+    assert drops and drops[-1].reason == 133
+    assert drops[-1].to_dict()["dst_ip"] == str(EP_B.ipv4)
