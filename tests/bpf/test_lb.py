@@ -102,10 +102,14 @@ def test_syn_to_frontend_is_dnated_and_reply_reverse_translated(dp, events):
     ack = eth() / IP(src=a, dst=VIP) / TCP(sport=40001, dport=80, flags="A", seq=1001, ack=6)
     r = from_ep(dp, ack)
     assert r.retval == TC_ACT_REDIRECT and Ether(r.data)[IP].dst == b
-    svc_ct = dp.lb.ct_items()
-    assert [(c["client"], c["frontend"], c["backend_id"], c["service_id"]) for c in svc_ct] == [
-        (f"{a}:40001", f"{VIP}:80", 11, 1)
+    svc_ct = sorted(dp.lb.ct_items(), key=lambda c: c["kind"])
+    assert [(c["kind"], c["client"], c["frontend"], c["backend_id"], c["service_id"])
+            for c in svc_ct] == [
+        ("revnat", f"{a}:40001", f"{VIP}:80", 11, 1),
+        ("service", f"{a}:40001", f"{VIP}:80", 11, 1),
     ]
+    assert svc_ct[0]["backend"] == f"{b}:8080"
+    assert 0 < svc_ct[1]["expires_in_s"] <= 8000
 
 
 def test_udp_with_and_without_checksum(dp):

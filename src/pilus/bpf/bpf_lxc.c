@@ -135,8 +135,6 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
 		ret = ct_create4(skb, &p, CT_EGRESS, src_id, &ct);
 		if (ret)
 			return send_drop(skb, d, ret, METRIC_EGRESS);
-		if (svc.rev_nat_index)
-			lb4_ct_set_rev_nat(&p, svc.rev_nat_index);
 	}
 
 	if (dst_ep && !(dst_ep->flags & ENDPOINT_F_HOST)) {

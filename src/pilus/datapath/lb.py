@@ -6,7 +6,7 @@ only knows how one frontend and its backends are laid out in the maps:
   pilus_lb4_svc     {vip, port, slot, proto, scope} -> master (slot 0) / backend slots
   pilus_lb4_be      backend id -> {addr, port, proto, state}
   pilus_lb4_revnat  service id (rev_nat_index) -> frontend
-  pilus_lb4_maglev  service id | scope << 16 -> u32[M] backend ids
+  pilus_lb4_maglev  service id | scope << 31 -> u32[M] backend ids
   pilus_lb4_affinity_match {backend id, service id} (affinity services)
 
 Writes are ordered so that a packet never sees a slot or table pointing at a
@@ -61,16 +61,20 @@ BACKEND_STATES = {
 BACKEND_STATE_NAMES = {v: k for k, v in BACKEND_STATES.items()}
 
 TUPLE_F_SERVICE = 4
+LB_TUPLE_F_REVNAT = 0x10
+LB_MAGLEV_SCOPE_BIT = 31
 LB_CT_F_SEEN_NON_SYN = 1
 LB_CT_F_CLOSING = 2
 LB_CT_F_LOOPBACK = 4
 LB_CFG_F_NO_SERVICE_REPLY = 1
 
-PILUS_LB_SVC_MAX = 65536
-PILUS_LB_BE_MAX = 65536
-PILUS_LB_REVNAT_MAX = 65536
+PILUS_LB_SVC_MAX = 262144
+PILUS_LB_BE_MAX = 131072
+PILUS_LB_REVNAT_MAX = 131072
 PILUS_LB_MAGLEV_MAX = 65536
-PILUS_LB_CT_MAX = 262144
+PILUS_LB_CT_MAX = 524288
+#: service ids are u32 in the maps; the manager allocates below this
+MAX_SERVICE_ID = (1 << LB_MAGLEV_SCOPE_BIT) - 1
 PILUS_LB_AFFINITY_MAX = 65536
 LB_MAGLEV_DEFAULT_M = 16381
 
@@ -114,12 +118,13 @@ class Lb4Service(_Base):
     _fields_ = [
         ("backend_id", c_uint32),
         ("affinity_timeout", c_uint32),
+        ("rev_nat_index", c_uint32),
         ("count", c_uint16),
-        ("rev_nat_index", c_uint16),
         ("flags", c_uint8),
         ("flags2", c_uint8),
         ("algorithm", c_uint8),
-        ("pad", c_uint8),
+        ("pad1", c_uint8),
+        ("pad2", c_uint16),
     ]
 
 
@@ -143,16 +148,18 @@ class Lb4CtEntry(_Base):
     _fields_ = [
         ("backend_id", c_uint32),
         ("lifetime", c_uint32),
-        ("rev_nat_index", c_uint16),
+        ("rev_nat_index", c_uint32),
+        ("nat_addr", c_uint32),
+        ("client_addr", c_uint32),
+        ("nat_port", c_uint16),
         ("flags", c_uint8),
-        ("pad1", c_uint8),
-        ("pad2", c_uint32),
+        ("pad", c_uint8),
     ]
 
 
 class Lb4AffinityKey(_Base):
     C_NAME = "lb4_affinity_key"
-    _fields_ = [("client_ip", c_uint32), ("rev_nat_index", c_uint16), ("pad", c_uint16)]
+    _fields_ = [("client_ip", c_uint32), ("rev_nat_index", c_uint32)]
 
 
 class Lb4AffinityVal(_Base):
@@ -162,7 +169,7 @@ class Lb4AffinityVal(_Base):
 
 class Lb4AffinityMatch(_Base):
     C_NAME = "lb4_affinity_match"
-    _fields_ = [("backend_id", c_uint32), ("rev_nat_index", c_uint16), ("pad", c_uint16)]
+    _fields_ = [("backend_id", c_uint32), ("rev_nat_index", c_uint32)]
 
 
 class LbConfigC(_Base):
@@ -267,6 +274,10 @@ def _svc_key(fe: Frontend, slot: int = 0) -> Lb4Key:
     return k
 
 
+def _maglev_key(svc_id: int, scope: int) -> c_uint32:
+    return c_uint32(svc_id | (scope << LB_MAGLEV_SCOPE_BIT))
+
+
 def _key_frontend(k: Lb4Key) -> Frontend:
     return Frontend(
         abi.raw_to_ip4(k.address),
@@ -293,7 +304,7 @@ class LbMaps:
         self.maglev_table_size = maglev_table_size
         self.svc = BpfMap(svc_fd, Lb4Key, Lb4Service, "pilus_lb4_svc")
         self.be = BpfMap(be_fd, c_uint32, Lb4Backend, "pilus_lb4_be")
-        self.revnat = BpfMap(revnat_fd, c_uint16, Lb4ReverseNat, "pilus_lb4_revnat")
+        self.revnat = BpfMap(revnat_fd, c_uint32, Lb4ReverseNat, "pilus_lb4_revnat")
         self.maglev = BpfMap(
             maglev_fd, c_uint32, c_uint32 * maglev_table_size, "pilus_lb4_maglev"
         )
@@ -350,8 +361,8 @@ class LbMaps:
         """Write one frontend. ``backends``: all of the frontend's backends (any
         state; only active ones get a slot). ``maglev_table``: M backend ids
         (required for ``algorithm="maglev"``; see pilus.loadbalancer.maglev)."""
-        if not 1 <= svc_id <= 0xFFFF:
-            raise ValueError(f"service id {svc_id} out of range 1-65535")
+        if not 1 <= svc_id <= MAX_SERVICE_ID:
+            raise ValueError(f"service id {svc_id} out of range 1-{MAX_SERVICE_ID}")
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {algorithm!r}: random or maglev")
         backends = list(backends)
@@ -368,7 +379,7 @@ class LbMaps:
             v.backend_id = b.id
             v.rev_nat_index = svc_id
             self.svc.update(_svc_key(frontend, slot), v)
-        mkey = c_uint32(svc_id | (frontend.scope << 16))
+        mkey = _maglev_key(svc_id, frontend.scope)
         if algorithm == "maglev" and active:
             if maglev_table is None:
                 raise ValueError("algorithm maglev needs the Maglev table")
@@ -390,7 +401,7 @@ class LbMaps:
         nat.address = abi.ip4_to_raw(frontend.address)
         nat.port = _raw_port(frontend.port)
         if frontend.scope == LB_SCOPE_EXT:
-            self.revnat.update(c_uint16(svc_id), nat)
+            self.revnat.update(c_uint32(svc_id), nat)
         master = Lb4Service()
         master.count = len(active)
         master.rev_nat_index = svc_id
@@ -417,9 +428,9 @@ class LbMaps:
         self.svc.delete(_svc_key(frontend))
         for slot in range(1, old.count + 1):
             self.svc.delete(_svc_key(frontend, slot))
-        self.maglev.delete(c_uint32(svc_id | (frontend.scope << 16)))
+        self.maglev.delete(_maglev_key(svc_id, frontend.scope))
         if frontend.scope == LB_SCOPE_EXT:
-            self.revnat.delete(c_uint16(svc_id))
+            self.revnat.delete(c_uint32(svc_id))
         if old.flags & SVC_FLAG_AFFINITY:
             for m in [m for m in self.affinity_match.keys() if m.rev_nat_index == svc_id]:  # noqa: SIM118
                 self.affinity_match.delete(m)
@@ -480,7 +491,7 @@ class LbMaps:
         return out
 
     def maglev_get(self, svc_id: int, scope: int = LB_SCOPE_EXT) -> list[int] | None:
-        v = self.maglev.lookup(c_uint32(svc_id | (scope << 16)))
+        v = self.maglev.lookup(_maglev_key(svc_id, scope))
         return list(v) if v is not None else None
 
     def ct_flush(self) -> int:
@@ -496,15 +507,20 @@ class LbMaps:
         now = monotonic_seconds()
         out = []
         for k, v in self.ct.items():
-            out.append(
-                {
-                    "client": f"{abi.raw_to_ip4(k.saddr)}:{abi.raw_to_port(k.sport)}",
-                    "frontend": f"{abi.raw_to_ip4(k.daddr)}:{abi.raw_to_port(k.dport)}",
-                    "proto": PROTO_NAMES.get(k.nexthdr, str(k.nexthdr)),
-                    "backend_id": v.backend_id,
-                    "service_id": v.rev_nat_index,
-                    "expires_in_s": int(v.lifetime) - now,
-                    "flags": v.flags,
-                }
-            )
+            src = f"{abi.raw_to_ip4(k.saddr)}:{abi.raw_to_port(k.sport)}"
+            dst = f"{abi.raw_to_ip4(k.daddr)}:{abi.raw_to_port(k.dport)}"
+            row = {
+                "kind": "revnat" if k.flags & LB_TUPLE_F_REVNAT else "service",
+                "proto": PROTO_NAMES.get(k.nexthdr, str(k.nexthdr)),
+                "backend_id": v.backend_id,
+                "service_id": v.rev_nat_index,
+                "expires_in_s": int(v.lifetime) - now,
+                "flags": v.flags,
+            }
+            if k.flags & LB_TUPLE_F_REVNAT:
+                row.update(backend=src, client=dst,
+                           frontend=f"{abi.raw_to_ip4(v.nat_addr)}:{abi.raw_to_port(v.nat_port)}")
+            else:
+                row.update(client=src, frontend=dst)
+            out.append(row)
         return out

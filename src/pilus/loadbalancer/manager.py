@@ -41,7 +41,9 @@ from pilus.loadbalancer.model import (
 log = logging.getLogger(__name__)
 
 NAMESPACE_LABEL = "k8s:io.kubernetes.pod.namespace"
-MAX_SERVICE_ID = 0xFFFF
+#: service ids (rev_nat_index) 1..MAX_SERVICE_ID: u32 in the maps (Cilium's are
+#: u16); bounded by how many frontends pilus_lb4_revnat holds
+MAX_SERVICE_ID = lbmaps.PILUS_LB_REVNAT_MAX
 #: backends of one frontend (slots); Maglev frontends are also bounded by M
 MAX_BACKENDS_PER_FRONTEND = 16384
 

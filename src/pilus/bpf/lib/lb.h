@@ -15,12 +15,14 @@
  *                      stay here (existing connections keep them) but are
  *                      not in any slot or Maglev table.
  *   pilus_lb4_revnat   rev_nat_index (service id) -> frontend {addr, port}
- *   pilus_lb4_maglev   rev_nat_index | scope << 16 -> u32[M] backend ids
+ *   pilus_lb4_maglev   rev_nat_index | scope << 31 -> u32[M] backend ids
  *                      (M = lb_config.maglev_size; the loader sets the value
  *                      size to 4 * M before load; no prealloc: only Maglev
  *                      services cost memory)
  *   pilus_lb4_ct       frontend tuple (client -> vip, TUPLE_F_SERVICE) ->
- *                      chosen backend: established connections stick.
+ *                      chosen backend: established connections stick; and the
+ *                      reply tuple (backend -> client, LB_TUPLE_F_REVNAT) ->
+ *                      the frontend to restore as the source of replies.
  *   pilus_lb4_affinity {client ip, rev_nat_index} -> {backend id, last used}
  *   pilus_lb4_affinity_match {backend id, rev_nat_index} -> 1 (the backend
  *                      still belongs to the service)
@@ -28,10 +30,11 @@
  * Per packet (from-container, before conntrack/policy so that both see the
  * backend): a TCP/UDP packet to a frontend finds or picks a backend and is
  * DNATed to it (L3 + L4 checksums; with hairpin the source becomes
- * lb_config.loopback_ip). The conntrack entry of the translated connection
- * records the rev_nat_index; replies (from-container of a local backend or
- * to-container for replies coming through the node's stack) get their source
- * rewritten to the frontend.
+ * lb_config.loopback_ip). Replies (the CT_REPLY packets: from-container of a
+ * local backend, to-container for replies coming through the node's stack)
+ * match their reverse entry in pilus_lb4_ct and get their source rewritten
+ * to the frontend. Service ids are 32 bits (Cilium's are 16), so more than
+ * 65535 frontends fit; the main conntrack entry is not involved.
  */
 #ifndef __PILUS_LB_H
 #define __PILUS_LB_H
@@ -76,7 +79,9 @@
 #define BE_STATE_QUARANTINED 2
 #define BE_STATE_MAINTENANCE 3
 
-#define TUPLE_F_SERVICE 4
+#define TUPLE_F_SERVICE   4     /* pilus_lb4_ct: client -> frontend */
+#define LB_TUPLE_F_REVNAT 0x10  /* pilus_lb4_ct: backend -> client (replies) */
+#define LB_MAGLEV_SCOPE_BIT 31
 
 /* lb4_ct_entry.flags */
 #define LB_CT_F_SEEN_NON_SYN 1
@@ -86,11 +91,11 @@
 /* lb_config.flags */
 #define LB_CFG_F_NO_SERVICE_REPLY 1  /* answer TCP SYN with RST, UDP with ICMP */
 
-#define PILUS_LB_SVC_MAX      65536
-#define PILUS_LB_BE_MAX       65536
-#define PILUS_LB_REVNAT_MAX   65536
-#define PILUS_LB_MAGLEV_MAX   65536
-#define PILUS_LB_CT_MAX       262144
+#define PILUS_LB_SVC_MAX      262144  /* masters + slots */
+#define PILUS_LB_BE_MAX       131072
+#define PILUS_LB_REVNAT_MAX   131072  /* frontends */
+#define PILUS_LB_MAGLEV_MAX   65536   /* Maglev frontends (each 4 * M bytes) */
+#define PILUS_LB_CT_MAX       524288  /* two entries per connection */
 #define PILUS_LB_AFFINITY_MAX 65536
 #define LB_MAGLEV_DEFAULT_M   16381
 
@@ -107,12 +112,13 @@ struct lb4_key {
 struct lb4_service {
 	__u32 backend_id;        /* slot entries */
 	__u32 affinity_timeout;  /* master: seconds (SVC_FLAG_AFFINITY) */
+	__u32 rev_nat_index;     /* service (frontend) id */
 	__u16 count;             /* master: number of backend slots */
-	__u16 rev_nat_index;     /* service (frontend) id */
 	__u8  flags;             /* SVC_FLAG_* */
 	__u8  flags2;            /* SVC_FLAG2_* */
 	__u8  algorithm;         /* LB_SELECTION_* */
-	__u8  pad;
+	__u8  pad1;
+	__u16 pad2;
 };
 
 struct lb4_backend {
@@ -128,19 +134,23 @@ struct lb4_reverse_nat {
 	__u16  pad;
 };
 
+/* pilus_lb4_ct value: a frontend tuple's backend (TUPLE_F_SERVICE), or a
+ * reply tuple's frontend (LB_TUPLE_F_REVNAT: nat_addr/nat_port, and the
+ * original client for hairpin replies) */
 struct lb4_ct_entry {
-	__u32 backend_id;
-	__u32 lifetime;       /* expiry, bpf_ktime_get_ns() seconds */
-	__u16 rev_nat_index;
-	__u8  flags;          /* LB_CT_F_* */
-	__u8  pad1;
-	__u32 pad2;
+	__u32  backend_id;
+	__u32  lifetime;       /* expiry, bpf_ktime_get_ns() seconds */
+	__u32  rev_nat_index;
+	__be32 nat_addr;       /* revnat: frontend address */
+	__be32 client_addr;    /* revnat of a hairpin: the pod itself */
+	__be16 nat_port;       /* revnat: frontend port */
+	__u8   flags;          /* LB_CT_F_* */
+	__u8   pad;
 };
 
 struct lb4_affinity_key {
 	__be32 client_ip;
-	__u16  rev_nat_index;
-	__u16  pad;
+	__u32  rev_nat_index;
 };
 
 struct lb4_affinity_val {
@@ -151,8 +161,7 @@ struct lb4_affinity_val {
 
 struct lb4_affinity_match {
 	__u32 backend_id;
-	__u16 rev_nat_index;
-	__u16 pad;
+	__u32 rev_nat_index;
 };
 
 /* node-wide LB settings: .rodata.lb, set by the loader before load */
@@ -193,7 +202,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, __u16);
+	__type(key, __u32);
 	__type(value, struct lb4_reverse_nat);
 	__uint(max_entries, PILUS_LB_REVNAT_MAX);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -313,7 +322,7 @@ static __always_inline int lb4_rewrite(struct __sk_buff *skb, struct pkt4 *p, bo
 /* ---- service lookup and backend selection ---- */
 struct lb4_result {
 	__u32  backend_id;
-	__u16  rev_nat_index;   /* 0: not a service packet */
+	__u32  rev_nat_index;   /* 0: not a service packet */
 	bool   loopback;        /* hairpin: source rewritten to loopback_ip */
 	bool   no_backend;      /* frontend without a usable backend */
 	__be32 vip;             /* frontend, for replies to the client */
@@ -327,6 +336,10 @@ static __always_inline struct lb4_service *lb4_lookup_service(struct lb4_key *ke
 	key->backend_slot = 0;
 	key->scope = LB_SCOPE_EXT;
 	svc = bpf_map_lookup_elem(&pilus_lb4_svc, key);
+	/* from outside the node only NodePort / ExternalIP / LoadBalancer
+	 * frontends exist; a ClusterIP is not routable */
+	if (svc && !internal && !(svc->flags & SVC_FLAG_ROUTABLE))
+		return NULL;
 	if (svc && internal && (svc->flags2 & SVC_FLAG2_TWO_SCOPES)) {
 		struct lb4_service *isvc;
 
@@ -355,7 +368,7 @@ static __always_inline __u32 lb4_select_random(struct lb4_key *key, const struct
 static __always_inline __u32 lb4_select_maglev(struct lb4_key *key, const struct lb4_service *svc,
 					       const struct pkt4 *p)
 {
-	__u32 mkey = svc->rev_nat_index | ((__u32)key->scope << 16);
+	__u32 mkey = svc->rev_nat_index | ((__u32)key->scope << LB_MAGLEV_SCOPE_BIT);
 	__u32 m = LB_CFG(maglev_size);
 	__u32 *tbl, hash, idx;
 	__u32 ports;
@@ -434,7 +447,8 @@ static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, bool
 	__u8 proto = p->ip.protocol;
 	__u8 tcp_flags = proto == IPPROTO_TCP ? p->tcp_flags : 0;
 	bool syn_only = (tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-	__u32 now, backend_id = 0;
+	__u32 now, lifetime, backend_id = 0;
+	bool write_rev = false;
 	__u8 ct_flags = 0;
 	int ret;
 
@@ -507,18 +521,45 @@ static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, bool
 	res->loopback = be->address == p->ip.saddr;
 	if (res->loopback)
 		ct_flags |= LB_CT_F_LOOPBACK;
+	lifetime = now + lb4_ct_lifetime(proto, ct_flags);
 	if (ce && ce->backend_id == backend_id && ce->rev_nat_index == svc->rev_nat_index) {
+		/* lifetimes are in seconds: the reverse entry is rewritten at
+		 * most once a second per connection */
+		write_rev = ce->lifetime != lifetime || ce->flags != ct_flags;
 		ce->flags = ct_flags;
-		ce->lifetime = now + lb4_ct_lifetime(proto, ct_flags);
+		ce->lifetime = lifetime;
 	} else {
 		struct lb4_ct_entry ne = {
 			.backend_id = backend_id,
 			.rev_nat_index = svc->rev_nat_index,
 			.flags = ct_flags,
+			.lifetime = lifetime,
 		};
 
-		ne.lifetime = now + lb4_ct_lifetime(proto, ct_flags);
 		if (bpf_map_update_elem(&pilus_lb4_ct, &tuple, &ne, BPF_ANY) < 0)
+			return DROP_CT_CREATE_FAILED;
+		write_rev = true;
+	}
+	if (write_rev) {
+		struct lb4_ct_entry rn = {
+			.backend_id = backend_id,
+			.rev_nat_index = svc->rev_nat_index,
+			.nat_addr = res->vip,
+			.nat_port = res->vport,
+			.client_addr = p->ip.saddr,
+			.flags = ct_flags,
+			.lifetime = lifetime,
+		};
+		struct ipv4_ct_tuple rt = {
+			.saddr = be->address,
+			.daddr = res->loopback ? LB_CFG(loopback_ip) : p->ip.saddr,
+			.sport = be->port,
+			.dport = p->sport,
+			.nexthdr = proto,
+			.flags = LB_TUPLE_F_REVNAT,
+		};
+
+		if (bpf_map_update_elem(&pilus_lb4_ct, &rt, &rn, BPF_ANY) < 0)
 			return DROP_CT_CREATE_FAILED;
 	}
 
@@ -532,46 +573,50 @@ static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, bool
 	return ret;
 }
 
-/* the conntrack entry of a translated connection remembers its service */
-static __always_inline void lb4_ct_set_rev_nat(const struct pkt4 *p, __u16 rev_nat_index)
-{
-	struct ipv4_ct_tuple t;
-	struct ct_entry *e;
-
-	ct_tuple4(p, &t, false);
-	e = bpf_map_lookup_elem(&pilus_ct4, &t);
-	if (e && e->rev_nat_index != rev_nat_index)
-		e->rev_nat_index = rev_nat_index;
-}
-
 /* reverse NAT of a reply (CT_REPLY): the source becomes the frontend, and a
  * hairpin reply goes back to the pod itself. Returns 0 or a drop reason;
  * *daddr_changed tells the caller to redo its destination lookup. */
 static __always_inline int lb4_rev_nat(struct __sk_buff *skb, struct pkt4 *p, bool *daddr_changed)
 {
-	struct lb4_reverse_nat *nat;
-	struct ipv4_ct_tuple t;
-	struct ct_entry *e;
-	__be32 old_saddr = p->ip.saddr;
-	__u16 idx;
+	struct ipv4_ct_tuple t = {};
+	struct lb4_ct_entry *rn;
+	__be32 nat_addr, client;
+	__be16 nat_port;
+	__u32 now, lifetime;
+	__u8 flags;
 	int ret;
 
 	*daddr_changed = false;
 	if (p->is_fragment || (p->ip.protocol != IPPROTO_TCP && p->ip.protocol != IPPROTO_UDP))
 		return 0;
-	ct_tuple4(p, &t, true);
-	e = bpf_map_lookup_elem(&pilus_ct4, &t);
-	if (!e || !e->rev_nat_index)
+	t.saddr = p->ip.saddr;
+	t.daddr = p->ip.daddr;
+	t.sport = p->sport;
+	t.dport = p->dport;
+	t.nexthdr = p->ip.protocol;
+	t.flags = LB_TUPLE_F_REVNAT;
+	rn = bpf_map_lookup_elem(&pilus_lb4_ct, &t);
+	if (!rn)
 		return 0;
-	idx = e->rev_nat_index;
-	nat = bpf_map_lookup_elem(&pilus_lb4_revnat, &idx);
-	if (!nat)
+	now = bpf_now_sec();
+	if (rn->lifetime < now)
 		return 0;
-	ret = lb4_rewrite(skb, p, true, nat->address, nat->port);
+	flags = rn->flags;
+	if (p->ip.protocol == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
+		flags |= LB_CT_F_CLOSING;
+	lifetime = now + lb4_ct_lifetime(p->ip.protocol, flags | LB_CT_F_SEEN_NON_SYN);
+	if (rn->lifetime < lifetime || flags != rn->flags) {
+		rn->lifetime = lifetime;
+		rn->flags = flags;
+	}
+	nat_addr = rn->nat_addr;
+	nat_port = rn->nat_port;
+	client = rn->client_addr;
+	ret = lb4_rewrite(skb, p, true, nat_addr, nat_port);
 	if (ret)
 		return ret;
-	if (p->ip.daddr == LB_CFG(loopback_ip)) {
-		ret = lb4_rewrite(skb, p, false, old_saddr, 0);
+	if (flags & LB_CT_F_LOOPBACK) {
+		ret = lb4_rewrite(skb, p, false, client, 0);
 		*daddr_changed = true;
 	}
 	return ret;
