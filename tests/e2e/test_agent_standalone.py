@@ -19,14 +19,15 @@ NETNS = f"pilus-{NODE}"
 
 
 @pytest.fixture
-def agent(tmp_path):
+def agent(tmp_path, request):
     from pilus.datapath import links, remove_pins
 
+    extra = getattr(request, "param", [])
     links.delete_netns(NETNS)
     links.create_netns(NETNS)
     state = tmp_path / "state"
     cmd = ["nsenter", f"--net=/run/netns/{NETNS}", "--", sys.executable, "-m", "pilus", "agent",
-           "--node-name", NODE, "--state-dir", str(state), "--pod-cidr", "10.202.0.0/29"]
+           "--node-name", NODE, "--state-dir", str(state), "--pod-cidr", "10.202.0.0/29", *extra]
     log = open(tmp_path / "agent.log", "w")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     client = Client(str(state / "pilus.sock"))
@@ -96,3 +97,23 @@ def test_missing_state_is_not_needed_for_describe(tmp_path):
     )
     assert done.returncode == 0
     assert "datapath" in done.stdout and not Path(tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("agent", [["--policy-enforcement", "always"]], indirect=True)
+def test_enforcement_always_denies_without_policy(agent):
+    from .conftest import Servers, probe
+
+    _cmd, client, created = agent
+    server = client.create_endpoint("default/server", ["app=server"])
+    talker = client.create_endpoint("default/talker", ["app=talker"])
+    created.extend([server["id"], talker["id"]])
+    servers = Servers()
+    try:
+        servers.start(server["netns"], "tcp-server", 8080)
+        result = probe(talker["netns"], "tcp-connect", server["ipv4"], "8080", "whoami", "1")
+        assert result == {"ok": False, "error": "timeout"}
+        drops = {(r["reason"], r["direction"]) for r in client.bpf_metrics() if r["packets"]}
+        assert (133, "egress") in drops  # the sender's egress is default deny too
+        assert client.healthz()["policy"]["mode"] == "always"
+    finally:
+        servers.stop()

@@ -26,6 +26,7 @@
 #include "lib/drop.h"
 #include "lib/policy.h"
 #include "lib/lb.h"
+#include "lib/nodeport.h"
 
 static __always_inline int handle_arp(struct __sk_buff *skb, const struct endpoint_info *ep,
 				      struct drop_ctx *d)

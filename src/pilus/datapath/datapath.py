@@ -24,7 +24,11 @@ from .policy import PolicyMaps
 DEFAULT_BPFFS_ROOT = Path("/sys/fs/bpf/pilus")
 BPFFS_MOUNT = Path("/sys/fs/bpf")
 
-PROG_HOOKS = {"cil_from_container": "tc-ingress", "cil_to_container": "tc-egress"}
+PROG_HOOKS = {
+    "cil_from_container": "tc-ingress",
+    "cil_to_container": "tc-egress",
+    "cil_from_netdev": "tc-ingress",  # native device: NodePort / ExternalIPs / LB IPs
+}
 
 MAP_NAMES = (
     "pilus_lxc",
@@ -244,6 +248,21 @@ class Datapath:
         except OSError as exc:
             raise DatapathError(f"detaching from ifindex {ifindex} failed: {exc}") from exc
         self._attached.discard(ifindex)
+
+    def attach_netdev(self, ifindex: int) -> None:
+        """cil_from_netdev at tc ingress of the node's native device (services
+        reached from outside: NodePort, ExternalIPs, LoadBalancer IPs)."""
+        obj = self._loaded()
+        try:
+            attach.attach(ifindex, "tc-ingress", obj.prog_fd("cil_from_netdev"))
+        except OSError as exc:
+            raise DatapathError(f"attaching to the native device ifindex {ifindex} failed: {exc}") from exc
+
+    def detach_netdev(self, ifindex: int) -> None:
+        try:
+            attach.detach(ifindex, "tc-ingress")
+        except OSError as exc:
+            raise DatapathError(f"detaching from ifindex {ifindex} failed: {exc}") from exc
 
     # ------------------------------------------------------------ introspection
 

@@ -14,7 +14,7 @@ from . import abi
 from ._libbpf import bpf_object_open_opts, check, check_ptr, lib, route_print_to_logging
 
 CONFIG_SECTION = ".rodata.config"
-PROGRAMS = ("cil_from_container", "cil_to_container")
+PROGRAMS = ("cil_from_container", "cil_to_container", "cil_from_netdev")
 
 
 class BpfObject:

@@ -48,13 +48,16 @@ class PolicyDistribution:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._write = asyncio.Lock()
+        self._parsed: tuple[int, list[PolicyDoc]] = (0, [])  # last set seen, to parse each revision once
 
     async def load(self) -> tuple[int, list[PolicyDoc]]:
         """The current policy set and its revision (0: never written)."""
         kv = await self.store.get(POLICY_KEY)
         if kv is None:
             return 0, []
-        return kv.mod_revision, await asyncio.to_thread(_parse_set, kv.value)
+        if kv.mod_revision != self._parsed[0]:
+            self._parsed = (kv.mod_revision, await asyncio.to_thread(_parse_set, kv.value))
+        return self._parsed
 
     async def import_text(self, text: str) -> tuple[int, list[PolicyDoc]]:
         docs = await asyncio.to_thread(parse_policies, text)  # PolicyValidationError: nothing written
@@ -78,7 +81,9 @@ class PolicyDistribution:
             return await self._write_set(keep), len(current) - len(keep)
 
     async def _write_set(self, docs: list[PolicyDoc]) -> int:
-        return await self.store.put(POLICY_KEY, json.dumps({"policies": [d.raw for d in docs]}))
+        revision = await self.store.put(POLICY_KEY, json.dumps({"policies": [d.raw for d in docs]}))
+        self._parsed = (revision, docs)
+        return revision
 
     # -- namespaces ------------------------------------------------------------
 

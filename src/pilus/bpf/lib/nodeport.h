@@ -1,0 +1,55 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * NodePort, ExternalIPs and LoadBalancer IPs for clients outside the node:
+ * cil_from_netdev runs at tc ingress of the node's native (underlay) device.
+ * (A program in a header, as Cilium's nodeport.h; bpf_lxc.c includes it so
+ * the single object carries it and shares every map.)
+ *
+ * A TCP/UDP packet to a routable frontend (SVC_FLAG_ROUTABLE: node address :
+ * nodePort, external IP, LoadBalancer IP; never a ClusterIP) is DNATed to a
+ * backend of the external scope (externalTrafficPolicy: Local lists only this
+ * node's backends) and handed to the stack, which routes it to the backend's
+ * lxc: its to-container applies the backend's ingress policy and creates the
+ * connection's conntrack entry. The backend's replies are CT_REPLY in its
+ * from-container, where lb4_rev_nat() restores the frontend as their source
+ * before they leave through the stack.
+ * Limits: backends on other nodes need SNAT (or DSR) for the reply to come
+ * back here; that is not done yet, so externalTrafficPolicy: Cluster reaches
+ * remote backends only if their node routes the client through this one.
+ */
+#ifndef __PILUS_NODEPORT_H
+#define __PILUS_NODEPORT_H
+
+#include "lb.h"
+#include "drop.h"
+#include "eth.h"
+#include "ipcache.h"
+
+SEC("tc")
+int cil_from_netdev(struct __sk_buff *skb)
+{
+	struct lb4_result svc = {};
+	struct drop_ctx d = {};
+	struct pkt4 p;
+	__be16 proto;
+	int ret;
+
+	if (eth_load_proto(skb, &proto) < 0 || proto != bpf_htons(ETH_P_IP))
+		return CTX_ACT_OK;
+	if (pkt4_parse(skb, &p))
+		return CTX_ACT_OK;  /* not ours to judge: the stack decides */
+	ret = lb4_local(skb, &p, false, &svc);
+	if (!ret)
+		return CTX_ACT_OK;
+	d.ifindex = skb->ingress_ifindex;
+	d.src_label = resolve_identity4(p.ip.saddr);
+	if (svc.no_backend) {
+		/* counted and reported; a SYN gets a RST, UDP an ICMP unreachable */
+		send_drop(skb, &d, DROP_NO_SERVICE, METRIC_INGRESS);
+		ret = lb4_no_service_reply(skb, &p, skb->ingress_ifindex);
+		return ret < 0 ? CTX_ACT_SHOT : ret;
+	}
+	return send_drop(skb, &d, ret, METRIC_INGRESS);
+}
+
+#endif /* __PILUS_NODEPORT_H */
