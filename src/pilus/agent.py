@@ -38,8 +38,8 @@ from pilus.endpoint.model import EndpointStore
 from pilus.endpoint.policy_sync import PolicySync
 from pilus.errors import TraceInputError
 from pilus.identity import reserved
-from pilus.identity.labels import Labels, endpoint_labels, parse_labels
 from pilus.identity.allocator import IdentityAllocator
+from pilus.identity.labels import Labels, endpoint_labels, parse_labels
 from pilus.ipam.hostscope import HostScopeIPAM
 from pilus.kvstore import open_store
 from pilus.metrics.collector import AgentCollector, Sample, datapath_samples

@@ -17,7 +17,7 @@ from ._libbpf import LibbpfMissing
 from .compile import CompileError, compile_datapath
 from .events import EventReader
 from .lb import LB_MAP_NAMES, LbConfig, LbMaps, configure_object
-from .loader import PROGRAMS, BpfObject, map_info, prog_info
+from .loader import NETDEV_PROGRAMS, PROGRAMS, BpfObject, map_info, prog_info
 from .maps import BpfMap, CtMap, EndpointInfo, EndpointMap, EventsLostMap, IpcacheMap, MetricsMap
 from .policy import PolicyMaps
 
@@ -187,7 +187,7 @@ class Datapath:
         self._obj = obj
         try:
             if pin_root is not None:
-                for name in PROGRAMS:
+                for name in PROGRAMS + NETDEV_PROGRAMS:
                     obj.pin_program(name, pin_root / "progs" / name)
         except OSError as exc:
             self.close()

@@ -14,7 +14,9 @@ from . import abi
 from ._libbpf import bpf_object_open_opts, check, check_ptr, lib, route_print_to_logging
 
 CONFIG_SECTION = ".rodata.config"
-PROGRAMS = ("cil_from_container", "cil_to_container", "cil_from_netdev")
+PROGRAMS = ("cil_from_container", "cil_to_container")
+#: programs for the node's native device (attached by Datapath.attach_netdev)
+NETDEV_PROGRAMS = ("cil_from_netdev",)
 
 
 class BpfObject:

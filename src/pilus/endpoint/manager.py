@@ -12,9 +12,9 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
+from typing import TYPE_CHECKING
 
 from pilus.datapath import Datapath, links
 from pilus.endpoint.model import Endpoint, EndpointStore, check_named_ports, endpoint_info, split_name
