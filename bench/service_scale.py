@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv4Network
@@ -147,19 +146,29 @@ def stop(p: subprocess.Popen) -> None:
     p.wait()
 
 
-def measure(top: Topology, ip: IPv4Address, port: int, n: int) -> list[float]:
-    """n connect+request+close latencies (microseconds) from the client pod."""
+FAILURES: dict[str, int] = {}
+
+
+def measure(top: Topology, ip: IPv4Address, port: int, n: int, name: str = "") -> list[float]:
+    """n connect+request+close latencies (microseconds) from the client pod;
+    failed connections (timeouts) are counted in FAILURES[name], not timed."""
     with in_netns(top.pods[0]):
         socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
     out = []
     for s in socks:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        s.settimeout(5)
+        s.settimeout(2)
         t0 = time.perf_counter_ns()
-        s.connect((str(ip), port))
-        s.sendall(b"x")
-        s.recv(1)
-        s.close()
+        try:
+            s.connect((str(ip), port))
+            s.sendall(b"x")
+            s.recv(1)
+        except OSError as exc:
+            FAILURES[name] = FAILURES.get(name, 0) + 1
+            log(f"{name}: connection to {ip}:{port} failed: {exc}")
+            continue
+        finally:
+            s.close()
         out.append((time.perf_counter_ns() - t0) / 1000)
     return out
 
@@ -277,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pilus": (pil, target, SVC_PORT),
                 "iptables": (ipt, target, SVC_PORT),
             }
-            for name, (top, ip, port) in cfgs.items():  # warm-up, and a correctness check
+            for top, ip, port in cfgs.values():  # warm-up, and a correctness check
                 measure(top, ip, port, 20)
             per: dict[str, list[float]] = {k: [] for k in cfgs}
             ratios: dict[str, list[float]] = {"pilus": [], "iptables": []}
@@ -286,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 got = {}
                 for name in order:
                     top, ip, port = cfgs[name]
-                    got[name] = med(measure(top, ip, port, args.conns))
+                    got[name] = med(measure(top, ip, port, args.conns, name))
                     per[name].append(got[name])
                 for k in ratios:
                     ratios[k].append(got[k] / got["direct"])
@@ -301,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
                 "install_pilus_s": round(t_pilus, 2),
                 "install_iptables_s": round(t_ipt, 2),
                 "lb_map_memlock_bytes_per_service": round(mem / n, 1) if n else None,
+                "failed_connections": dict(FAILURES),
             }
+            FAILURES.clear()
             results.append(row)
             log(json.dumps(row))
             flush_pilus(dp)

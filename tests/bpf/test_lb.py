@@ -383,3 +383,71 @@ def test_policy_applies_to_the_backend_after_translation(dp, events):
     drops = [e for e in events.poll() if isinstance(e, DropEvent)]
     assert drops and drops[-1].reason == 133
     assert drops[-1].to_dict()["dst_ip"] == str(EP_B.ipv4)
+
+
+NODE = "172.30.0.11"  # lxc_env.NODE_IP
+CLIENT = "172.30.0.200"  # outside the cluster
+
+
+def test_nodeport_from_outside_and_reply(dp, events):
+    from pilus.datapath import lb as lbm
+
+    # the backend sits on ifindex 1 so that both of its programs can run
+    be_ep = type(EP_A)(ipv4=IPv4Address("10.200.1.7"), ifindex=1, ep_id=7, identity=1007,
+                       mac="02:00:00:00:00:07", host_mac="02:00:00:00:01:07")
+    dp.endpoints.upsert(be_ep)
+    dp.ipcache.upsert(IPv4Network(f"{be_ep.ipv4}/32"), be_ep.identity)
+    bes = [backend(121, be_ep.ipv4, 8080)]
+    dp.lb.upsert_service(12, Frontend(IPv4Address(NODE), 30080), bes,
+                         flags=lbm.SVC_FLAG_NODEPORT | lbm.SVC_FLAG_ROUTABLE)
+    dp.lb.upsert_service(13, Frontend(IPv4Address(VIP), 80), bes)  # ClusterIP
+    dp.lb.upsert_service(14, Frontend(IPv4Address(NODE), 30081), [],
+                         flags=lbm.SVC_FLAG_NODEPORT | lbm.SVC_FLAG_ROUTABLE)
+    netdev = dp.prog_fd("cil_from_netdev")
+    wire = Ether(src="02:aa:00:00:00:01", dst="02:bb:00:00:00:01")
+    syn = wire / IP(src=CLIENT, dst=NODE) / TCP(sport=50500, dport=30080, flags="S", seq=9)
+    r = run_skb(netdev, raw(syn), ingress_ifindex=2)
+    assert r.retval == TC_ACT_OK  # to the stack, which routes it to the backend
+    out = Ether(r.data)
+    assert (out[IP].src, out[IP].dst, out[TCP].dport) == (CLIENT, str(be_ep.ipv4), 8080)
+    assert checksums_ok(r.data)
+    # the stack delivers it: the backend's to-container tracks it (world -> backend)
+    assert to_container(dp, Ether(src=be_ep.host_mac, dst=be_ep.mac) / out[IP]).retval == TC_ACT_OK
+    # the backend's reply leaves with the node address and node port as source
+    synack = (Ether(src=be_ep.mac, dst=be_ep.host_mac)
+              / IP(src=str(be_ep.ipv4), dst=CLIENT) / TCP(sport=8080, dport=50500, flags="SA"))
+    r = run_skb(dp.prog_fd("cil_from_container"), raw(synack), ingress_ifindex=1)
+    assert r.retval == TC_ACT_OK
+    out = Ether(r.data)
+    assert (out[IP].src, out[TCP].sport, out[IP].dst) == (NODE, 30080, CLIENT)
+    assert checksums_ok(r.data)
+    # a ClusterIP is not reachable from outside: left alone
+    cip = wire / IP(src=CLIENT, dst=VIP) / TCP(sport=50501, dport=80, flags="S")
+    r = run_skb(netdev, raw(cip), ingress_ifindex=2)
+    assert r.retval == TC_ACT_OK and Ether(r.data)[IP].dst == VIP
+    # no backend: RST back out of the device, drop counted (ingress)
+    before = metric(dp, 158, "ingress")
+    nob = wire / IP(src=CLIENT, dst=NODE) / TCP(sport=50502, dport=30081, flags="S", seq=1)
+    r = run_skb(netdev, raw(nob), ingress_ifindex=2)
+    assert r.retval == TC_ACT_REDIRECT
+    out = Ether(r.data)
+    assert out.dst == "02:aa:00:00:00:01" and out[TCP].flags == "RA" and out[IP].src == NODE
+    assert metric(dp, 158, "ingress") == before + 1
+    # anything else passes untouched
+    other = wire / IP(src=CLIENT, dst=NODE) / UDP(sport=1, dport=53)
+    assert run_skb(netdev, raw(other), ingress_ifindex=2).retval == TC_ACT_OK
+
+
+def test_direct_connection_reusing_a_service_tuple_is_not_reverse_translated(dp):
+    add_service(dp, 15, [backend(151, EP_B.ipv4)], port=89)
+    a, b = str(EP_A.ipv4), str(EP_B.ipv4)
+    via_vip = eth() / IP(src=a, dst=VIP) / TCP(sport=45500, dport=89, flags="S")
+    assert Ether(from_ep(dp, via_vip).data)[IP].dst == b
+    rst = eth() / IP(src=a, dst=VIP) / TCP(sport=45500, dport=89, flags="R")
+    from_ep(dp, rst)
+    # the same client port now connects to the backend directly
+    direct = eth() / IP(src=a, dst=b) / TCP(sport=45500, dport=8080, flags="S")
+    assert from_ep(dp, direct).retval == TC_ACT_REDIRECT
+    synack = eth(EP_B) / IP(src=b, dst=a) / TCP(sport=8080, dport=45500, flags="SA")
+    out = Ether(from_ep(dp, synack, EP_B).data)
+    assert (out[IP].src, out[TCP].sport) == (b, 8080)  # not rewritten to the VIP

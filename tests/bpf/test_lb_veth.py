@@ -136,3 +136,62 @@ def test_service_without_backends_refuses_at_once(lbnet):
     finally:
         u.close()
     assert dp.metrics.get(158, "egress")[0] >= before + 2
+
+
+def test_nodeport_from_an_external_namespace(lbnet):
+    """A client outside the node reaches node-ip:nodePort; the backend pod
+    answers and the client sees the node address."""
+    import subprocess
+
+    import pyroute2
+
+    from pilus.datapath import lb as lbm
+
+    dp, (_, pod2), (_, ep2) = lbnet
+    node = None
+    for ns in pyroute2.netns.listnetns():
+        if ns.startswith("pilus-tn-"):
+            node = ns
+    assert node
+    ext = node.replace("pilus-tn-", "pilus-tx-")
+    pyroute2.netns.create(ext)
+    try:
+        with in_netns(node), pyroute2.IPRoute() as ipr:
+            ipr.link("add", ifname="ext0", kind="veth", peer={"ifname": "eth0", "net_ns_fd": ext})
+            idx = ipr.link_lookup(ifname="ext0")[0]
+            ipr.addr("add", index=idx, address=str(NODE_IP), prefixlen=24)
+            ipr.link("set", index=idx, state="up")
+        with in_netns(ext), pyroute2.IPRoute() as ipr:
+            e0 = ipr.link_lookup(ifname="eth0")[0]
+            ipr.addr("add", index=e0, address="172.30.0.200", prefixlen=24)
+            ipr.link("set", index=e0, state="up")
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0"):
+            subprocess.run(["ip", "netns", "exec", node, "sysctl", "-qw", key], check=True)
+        with in_netns(node):
+            dp.attach_netdev(idx)
+        flags = lbm.SVC_FLAG_NODEPORT | lbm.SVC_FLAG_ROUTABLE
+        dp.lb.upsert_service(6, Frontend(NODE_IP, 30080, "TCP"),
+                             [BackendEntry(6, ep2.ipv4, 8080, "TCP")], flags=flags)
+        dp.lb.upsert_service(7, Frontend(NODE_IP, 30081, "TCP"), [], flags=flags)
+        srv = listen(pod2, str(ep2.ipv4), 8080)
+        try:
+            for _ in range(3):
+                peer, seen = connect(ext, str(NODE_IP), 30080)
+                assert peer == (str(NODE_IP), 30080)
+                assert seen.split(":")[0] == "172.30.0.200"  # client address preserved
+            t0 = time.monotonic()
+            with pytest.raises(ConnectionRefusedError):
+                connect(ext, str(NODE_IP), 30081)
+            assert time.monotonic() - t0 < 1.0
+        finally:
+            srv.close()
+    finally:
+        with suppress_oserror():
+            pyroute2.netns.remove(ext)
+
+
+def suppress_oserror():
+    import contextlib
+
+    return contextlib.suppress(OSError)

@@ -225,3 +225,25 @@ def test_persist_and_restore(tmp_path):
     assert {r["frontend"]: r["id"] for r in m2.frontends()} == ids
     assert m2.frontends()[0]["backends"][0]["state"] == "maintenance"
     assert parse_documents  # (documents are re-validated on restore)
+
+
+def test_endpoints_for_services_from_agent_endpoints(mgr):
+    from types import SimpleNamespace
+
+    from pilus.loadbalancer.manager import endpoints_for_services
+
+    eps = [
+        SimpleNamespace(ipv4=IPv4Address("10.200.1.5"), state=SimpleNamespace(value="ready"),
+                        labels=["k8s:app=web", "k8s:io.kubernetes.pod.namespace=default"],
+                        named_ports={"http": "8080/TCP"}),
+        SimpleNamespace(ipv4=IPv4Address("10.200.1.6"), state="disconnecting",
+                        labels=["k8s:app=web"], named_ports={}),
+        SimpleNamespace(ipv4=IPv4Address("10.200.1.7"), state="waiting-for-identity",
+                        labels=[], named_ports={}),
+    ]
+    got = endpoints_for_services(eps)
+    assert [(e["ip"], e["state"]) for e in got] == [("10.200.1.5", "active"),
+                                                     ("10.200.1.6", "terminating")]
+    mgr.apply_yaml(WEB.replace("targetPort: 8080", "targetPort: http"))
+    mgr.set_endpoints(got)
+    assert mgr.datapath.lb.slots("10.96.0.10", 80) == ["10.200.1.5:8080"]

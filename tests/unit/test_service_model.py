@@ -120,7 +120,8 @@ def test_structural_problems():
     dup = ("kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: "
            "[{name: a, port: 1}, {name: b, port: 1}]}")
     assert any("spec.ports[1].port: 1/TCP is already spec.ports[0]" in p for p in problems(dup))
-    np = "kind: Service\nmetadata: {name: a}\nspec: {type: NodePort, clusterIP: 10.96.0.1, ports: [{port: 1, nodePort: 80}]}"
+    np = ("kind: Service\nmetadata: {name: a}\n"
+          "spec: {type: NodePort, clusterIP: 10.96.0.1, ports: [{port: 1, nodePort: 80}]}")
     assert any("spec.ports[0].nodePort: must be 30000-32767" in p for p in problems(np))
     ann = ("kind: Service\nmetadata: {name: a, annotations: {service.cilium.io/lb-algorithm: rr}}\n"
            "spec: {clusterIP: 10.96.0.1, ports: [{port: 1}]}")

@@ -136,6 +136,9 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
 		ret = ct_create4(skb, &p, CT_EGRESS, src_id, &ct);
 		if (ret)
 			return send_drop(skb, d, ret, METRIC_EGRESS);
+		/* a direct connection reusing the tuple of an earlier service one */
+		if (!svc.rev_nat_index)
+			lb4_forget_rev_nat(&p);
 	}
 
 	if (dst_ep && !(dst_ep->flags & ENDPOINT_F_HOST)) {
@@ -158,6 +161,18 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
 		update_metrics(skb->len, METRIC_EGRESS, REASON_FORWARDED);
 		/* straight into the destination pod, bypassing the node's stack */
 		return bpf_redirect_peer(dst_ifindex, 0);
+	}
+
+	/* a NodePort reply (its source is now a node address): routed by us,
+	 * the stack would drop it as a martian */
+	if (lb4_is_host_addr(p.ip.saddr)) {
+		ret = lb4_fib_redirect(skb, &p);
+		if (ret >= 0) {
+			send_trace(skb, &ct, TRACE_TO_STACK, d->source, src_id, dst_id_label, 0,
+				   skb->ingress_ifindex);
+			update_metrics(skb->len, METRIC_EGRESS, REASON_FORWARDED);
+			return ret;
+		}
 	}
 
 	send_trace(skb, &ct, TRACE_TO_STACK, d->source, src_id, dst_id_label, 0,

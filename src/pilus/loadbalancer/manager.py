@@ -76,7 +76,10 @@ class EndpointView:
     def from_dict(cls, d: dict) -> EndpointView:
         named: dict[str, tuple[int, str]] = {}
         for name, v in (d.get("named_ports") or {}).items():
-            if isinstance(v, (list, tuple)):
+            if isinstance(v, str):  # the endpoint model's "8080/TCP"
+                num, _, proto = v.partition("/")
+                named[name] = (int(num), (proto or "TCP").upper())
+            elif isinstance(v, (list, tuple)):
                 named[name] = (int(v[0]), str(v[1] if len(v) > 1 else "TCP").upper())
             else:
                 named[name] = (int(v), "TCP")
@@ -116,6 +119,36 @@ class FrontendSpec:
     @property
     def mkey(self) -> tuple[IPv4Address, int, str, int]:
         return (self.address, self.port, self.proto, self.scope)
+
+
+#: endpoint states whose pods serve (ready, or being regenerated/restored
+#: while their datapath keeps forwarding); "disconnecting" ones terminate
+_SERVING = {"ready", "regenerating", "restoring"}
+_TERMINATING = {"disconnecting"}
+
+
+def endpoints_for_services(endpoints: Iterable[Any], node_local: bool = True) -> list[dict]:
+    """The agent's Endpoint objects (pilus.endpoint.model.Endpoint: ipv4,
+    labels, named_ports "8080/TCP", state) -> ``set_endpoints`` entries."""
+    out = []
+    for ep in endpoints:
+        state = str(getattr(ep.state, "value", ep.state))
+        if state in _SERVING:
+            be_state = "active"
+        elif state in _TERMINATING:
+            be_state = "terminating"
+        else:
+            continue
+        if not ep.ipv4 or not ep.labels:
+            continue
+        out.append({
+            "ip": str(ep.ipv4),
+            "labels": [str(x) for x in ep.labels],
+            "named_ports": dict(getattr(ep, "named_ports", None) or {}),
+            "node_local": node_local,
+            "state": be_state,
+        })
+    return out
 
 
 def _selector_matches(svc: Service, ep: EndpointView) -> bool:
@@ -332,8 +365,9 @@ class ServiceManager:
         problems: list[str] = []
         conflicts: list[str] = []
         owners: dict[tuple, str] = {}
+        requested = {s.key for s in request}
         for s in new.values():
-            if s in request:
+            if s.key in requested:
                 continue
             for _, k in self._frontend_keys(s):
                 owners[k] = s.full_name
