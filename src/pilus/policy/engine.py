@@ -20,6 +20,7 @@ The datapath contract (what :class:`EndpointPolicy` means):
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from pilus.identity.labels import CIDR, K8S, LABEL_CLUSTER, RESERVED, Labels
 from pilus.identity.reserved import HOST
 from pilus.policy.rule import PROTO_NUMBERS, PeerRule, Rule, port_range_prefixes
 from pilus.policy.schema import PolicyDoc
-from pilus.policy.selector import CIDRSelector, EndpointSelector, Requirement
+from pilus.policy.selector import CIDRSelector, EndpointSelector, Requirement, cidr_of_key
 
 __all__ = [
     "MODES",
@@ -157,14 +158,25 @@ class _CachedSel:
 
 
 class SelectorCache:
-    """Every selector in use and the identities it selects; indexed identities."""
+    """Every selector in use and the identities it selects; indexed identities.
+
+    CIDR identities and CIDR selectors are indexed by prefix, so thousands of
+    `/32` rules cost one lookup each instead of every selector x every prefix:
+    a selector's candidates are the identities whose prefix lies inside its CIDR
+    (a range query per prefix length), and an identity's candidate selectors
+    are those whose CIDR is one of its prefix's supernets.
+    """
 
     def __init__(self) -> None:
         self.identities: dict[int, Labels] = {}
         self._by_kv: dict[str, dict[str, set[int]]] = {}
-        self._cidr_ids: set[int] = set()
+        self._world_ids: set[int] = set()  # reserved:world* identities without a cidr label
+        # (version, prefix length) -> sorted [(network address as int, identity)]
+        self._cidr_index: dict[tuple[int, int], list[tuple[int, int]]] = {}
         self.sels: dict[Selector, _CachedSel] = {}
         self.id_sels: dict[int, set[Selector]] = {}
+        self._cidr_sels: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, set[Selector]] = {}
+        self._label_sels: set[Selector] = set()  # every selector that is not a CIDRSelector
 
     # identities ------------------------------------------------------------
 
@@ -180,8 +192,26 @@ class SelectorCache:
                     del vals[lbl.value]
                     if not vals:
                         del self._by_kv[lbl.key]
-        if labels.has_source(CIDR) or any(lbl.source == RESERVED and lbl.key.startswith("world") for lbl in labels):
-            (self._cidr_ids.add if add else self._cidr_ids.discard)(id_)
+        prefixes = _prefixes(labels)
+        for net in prefixes:
+            bucket = self._cidr_index.setdefault((net.version, net.prefixlen), [])
+            entry = (int(net.network_address), id_)
+            pos = bisect.bisect_left(bucket, entry)
+            if add and (pos == len(bucket) or bucket[pos] != entry):
+                bucket.insert(pos, entry)
+            elif not add and pos < len(bucket) and bucket[pos] == entry:
+                del bucket[pos]
+        if not prefixes and any(lbl.source == RESERVED and lbl.key.startswith("world") for lbl in labels):
+            (self._world_ids.add if add else self._world_ids.discard)(id_)
+
+    def _selectors_for(self, id_: int, labels: Labels) -> Iterable[Selector]:
+        """Selectors that could select (or did select) this identity."""
+        cands = set(self._label_sels) | self.id_sels.get(id_, set())
+        prefixes = _prefixes(labels) or [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+        for net in prefixes:
+            for bits in range(net.prefixlen, -1, -1):
+                cands |= self._cidr_sels.get(net.supernet(new_prefix=bits), set())
+        return cands
 
     def upsert_identity(self, id_: int, labels: Labels) -> set[Selector]:
         """Store; return the selectors whose selection changed."""
@@ -194,7 +224,8 @@ class SelectorCache:
         self._index(id_, labels, True)
         changed: set[Selector] = set()
         mine = self.id_sels.setdefault(id_, set())
-        for sel, c in self.sels.items():
+        for sel in self._selectors_for(id_, labels):
+            c = self.sels[sel]
             m = sel.matches(labels)
             if m != (id_ in c.ids):
                 changed.add(sel)
@@ -220,7 +251,15 @@ class SelectorCache:
 
     def _candidates(self, sel: Selector) -> Iterable[int]:
         if isinstance(sel, CIDRSelector):
-            return list(self._cidr_ids)
+            net = sel.cidr
+            out = set(self._world_ids) if net.prefixlen == 0 else set()
+            start, end = int(net.network_address), int(net.broadcast_address)
+            for (version, plen), bucket in self._cidr_index.items():
+                if version == net.version and plen >= net.prefixlen:
+                    lo = bisect.bisect_left(bucket, (start, -1))
+                    hi = bisect.bisect_right(bucket, (end, float("inf")))
+                    out.update(i for _addr, i in bucket[lo:hi])
+            return out
         best: set[int] | None = None
         for r in sel.requirements:
             if r.operator == "In":
@@ -244,6 +283,10 @@ class SelectorCache:
                     c.ids.add(i)
                     self.id_sels.setdefault(i, set()).add(sel)
             self.sels[sel] = c
+            if isinstance(sel, CIDRSelector):
+                self._cidr_sels.setdefault(sel.cidr, set()).add(sel)
+            else:
+                self._label_sels.add(sel)
         c.users += 1
         return c
 
@@ -254,10 +297,21 @@ class SelectorCache:
         c.users -= 1
         if c.users <= 0:
             del self.sels[sel]
+            if isinstance(sel, CIDRSelector):
+                group = self._cidr_sels.get(sel.cidr, set())
+                group.discard(sel)
+                if not group:
+                    self._cidr_sels.pop(sel.cidr, None)
+            else:
+                self._label_sels.discard(sel)
             for i in c.ids:
                 s = self.id_sels.get(i)
                 if s is not None:
                     s.discard(sel)
+
+
+def _prefixes(labels: Labels) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [cidr_of_key(lbl.key) for lbl in labels if lbl.source == CIDR]
 
 
 # ---------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def _render(reqs: tuple[Requirement, ...]) -> str:
 
 
 @lru_cache(maxsize=65536)
-def _cidr_of(key: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+def cidr_of_key(key: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(key.replace("-", ":"), strict=False)
 
 
@@ -220,7 +220,7 @@ class CIDRSelector:
         for lbl in labels:
             if lbl.source == CIDR:
                 has_cidr = True
-                if self.selects_prefix(_cidr_of(lbl.key)):
+                if self.selects_prefix(cidr_of_key(lbl.key)):
                     return True
         if not has_cidr and self.cidr.prefixlen == 0:
             w = labels.get("world") or labels.get("world-ipv4" if self.cidr.version == 4 else "world-ipv6")
