@@ -8,6 +8,7 @@ Components, in start order (stop runs in reverse):
   identities  label set -> numeric identity through the kvstore
   ipam        host-scope allocator over the node's pod CIDR
   policy      policies + namespaces from the kvstore -> engine -> per-endpoint policy maps
+  services    service load balancing: Services -> LB maps, backends from endpoint labels
   endpoints   restore saved endpoints, then serve create/delete
   events      ring buffer -> monitor subscribers
   api         REST on <state-dir>/pilus.sock
@@ -22,6 +23,7 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ from pilus.identity.allocator import IdentityAllocator
 from pilus.identity.labels import Labels, endpoint_labels, parse_labels
 from pilus.ipam.hostscope import HostScopeIPAM
 from pilus.kvstore import open_store
+from pilus.loadbalancer.manager import ServiceManager, endpoints_for_services
 from pilus.metrics.collector import AgentCollector, Sample, datapath_samples
 from pilus.node import setup as node_setup
 from pilus.observer.monitor import EventHub
@@ -67,6 +70,8 @@ class AgentConfig:
     bpffs_root: Path = Path("/sys/fs/bpf/pilus")
     mtu: int = 1500
     policy_enforcement: str = "default"
+    cluster_cidr: IPv4Network | None = None
+    lb_algorithm: str = "random"
 
     @property
     def socket_path(self) -> Path:
@@ -96,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy-enforcement", default="default", choices=["default", "always", "never"],
         help="default: deny only in directions that policies select; always: deny unless allowed; never: allow all",
     )
+    p.add_argument(
+        "--cluster-cidr", type=_cidr,
+        help="all pods of the cluster (service backends must lie inside it; default: this node's pod CIDR)",
+    )
+    p.add_argument("--lb-algorithm", default="random", choices=["random", "maglev"],
+                   help="default backend selection of services (annotation service.cilium.io/lb-algorithm)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     p.add_argument("--describe", action="store_true", help="print the components and settings, then exit")
     return p
@@ -122,6 +133,7 @@ class Agent:
         self.distribution = PolicyDistribution(self.store)
         self.policy_engine = PolicyEngine(mode=cfg.policy_enforcement, cluster=cfg.cluster_name)
         self.policy: PolicySync | None = None
+        self.services: ServiceManager | None = None
         self.events: EventHub | None = None
         self.api = APIServer(self, cfg.socket_path)
         self.registry = CollectorRegistry()
@@ -152,6 +164,17 @@ class Agent:
             node_setup.NodeAddressing(cfg.pod_cidr, self.router_ip, self.node_ip, device),
         )
         self._program_node_ipcache()
+        self.services = ServiceManager(
+            self.datapath,
+            default_algorithm=cfg.lb_algorithm,
+            node_ips=[self.node_ip],
+            known_networks=[cfg.cluster_cidr or cfg.pod_cidr],
+            local_networks=[cfg.pod_cidr],
+            state_path=cfg.state_dir / "services.json",
+        )
+        await asyncio.to_thread(self.services.restore)
+        if device:
+            self.datapath.attach_netdev(socket.if_nametoindex(device))
         await self.identities.start()
         self._started.append("identities")
         self.endpoints = EndpointManager(
@@ -167,7 +190,9 @@ class Agent:
         self.endpoints.policy = self.policy
         self.endpoints.namespace_labels = lambda ns: self.policy.namespace_labels.get(ns, {})
         self.policy.on_namespace_change = self._namespace_changed
+        self.endpoints.on_change = self.endpoints_changed
         restored = await self.endpoints.restore()
+        await self.endpoints_changed()
         self.events = EventHub(self.datapath.events())
         await self.events.start()
         self._started.append("events")
@@ -219,6 +244,12 @@ class Agent:
         self.datapath.ipcache.upsert(IPv4Network(f"{self.router_ip}/32"), host)
         self.datapath.ipcache.upsert(IPv4Network(f"{self.node_ip}/32"), host)
         self.datapath.ipcache.upsert(IPv4Network("0.0.0.0/0"), reserved.WORLD)
+
+    async def endpoints_changed(self) -> None:
+        """Service backends follow the endpoints (like Kubernetes Endpoints)."""
+        if self.services is not None and self.endpoints is not None:
+            views = endpoints_for_services(self.endpoints.list())
+            await asyncio.to_thread(self.services.set_endpoints, views)
 
     async def _namespace_changed(self, namespace: str, labels: dict[str, str]) -> None:
         if self.endpoints is not None:
@@ -373,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         bpffs_root=args.bpffs_root,
         mtu=args.mtu,
         policy_enforcement=args.policy_enforcement,
+        cluster_cidr=args.cluster_cidr,
+        lb_algorithm=args.lb_algorithm,
     )
     if args.describe:
         print(describe(cfg))

@@ -78,6 +78,7 @@ def test_clusterip_tcp_and_udp_from_a_pod(svc_api, pods, servers, service):
         servers.start(pods[w]["netns"], "tcp-server", PORT)
         servers.start(pods[w]["netns"], "udp-server", PORT)
     service(web_yaml())
+    svc_api.bpf_ct_flush()  # pod IPs are reused across tests: start from a clean table
     rows = [r for r in svc_api.list_services() if r["service"] == "default/web"]
     assert {r["frontend"] for r in rows} == {f"{VIP}:80/TCP", f"{VIP}:53/UDP"}
     assert all(len(r["backends"]) == 2 for r in rows)

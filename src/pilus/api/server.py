@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from pilus.api.service_routes import add_service_routes
 from pilus.endpoint.manager import EndpointExists, EndpointNotFound
 from pilus.endpoint.model import EndpointNameError
 from pilus.errors import TraceInputError
@@ -95,6 +96,7 @@ class APIServer:
         r.add_post("/v1/policy/trace", self.policy_trace)
         r.add_get("/v1/policy/selectors", self.policy_selectors)
         r.add_get("/v1/bpf/policy/{ref:.+}", self.bpf_policy)
+        add_service_routes(app, self.agent)
         r.add_get("/v1/namespace", self.namespace_list)
         r.add_put("/v1/namespace/{name}", self.namespace_put)
         r.add_delete("/v1/namespace/{name}", self.namespace_delete)

@@ -227,4 +227,6 @@ def agent_argv(doc: dict[str, Any], node: dict[str, Any], python: str) -> list[s
         values["kvstore_path"],
         "--native-device",
         node.get("underlay_device", "eth0"),
+        "--cluster-cidr",
+        doc["pod_cidr"],
     ]

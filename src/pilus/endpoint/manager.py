@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import TYPE_CHECKING
@@ -105,6 +105,14 @@ class EndpointManager:
         self._lock = asyncio.Lock()
         self.policy: PolicySync | None = None  # set by the agent once policy is running
         self.namespace_labels: Callable[[str], dict[str, str]] = lambda ns: {}
+        self.on_change: Callable[[], Awaitable[None]] | None = None  # after any create/delete/relabel
+
+    async def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                await self.on_change()
+            except Exception:  # a listener's failure must not undo the endpoint change
+                log.exception("endpoint change listener failed")
 
     # -- queries -------------------------------------------------------------
 
@@ -176,7 +184,8 @@ class EndpointManager:
                 raise
             self.endpoints[ep.id] = ep
             log.info("endpoint %d %s ready: %s identity %d", ep.id, ep.name, ep.ipv4, ep.identity)
-            return ep
+        await self._changed()
+        return ep
 
     def _security_labels(self, namespace: str, user_labels: list[str], service_account: str):
         pod = {label.key: label.value for label in pod_labels(user_labels)}
@@ -239,7 +248,8 @@ class EndpointManager:
             self.store.remove(ep.id)
             ep.set_state(State.DISCONNECTED)
             del self.endpoints[ep.id]
-            return ep
+        await self._changed()
+        return ep
 
     async def _unprogram_quietly(self, ep: Endpoint) -> None:
         try:
@@ -281,6 +291,8 @@ class EndpointManager:
                 self.store.save(ep)
                 await self.identities.release(old)
                 changed.append(ep)
+        if changed:
+            await self._changed()
         return changed
 
     # -- restore ---------------------------------------------------------------
