@@ -40,6 +40,8 @@ test-e2e: setup
 
 bench: setup
 	$(PY) -m bench.run
+	$(PY) -m bench.service_scale
+	$(PY) -m bench.policy_resolve
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

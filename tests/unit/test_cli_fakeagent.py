@@ -24,6 +24,7 @@ ENDPOINTS = [
      "netns": "pilus-default-node1-ep3", "service_account": "default",
      "created": "2026-11-26T12:00:03Z"},
     {"id": 1, "name": "default/deathstar", "namespace": "default", "pod_name": "deathstar",
+     "policy_enforcement": {"ingress": True, "egress": False},
      "state": "ready", "identity": 12345,
      "labels": ["k8s:org=empire", "k8s:class=deathstar"],
      "ipv4": "10.200.1.2", "mac": "0a:58:0a:c8:01:02", "host_mac": "0e:11:22:33:44:56",

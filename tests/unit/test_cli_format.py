@@ -37,15 +37,16 @@ def test_table_alignment_and_continuation_lines():
 
 def test_endpoint_list_format():
     lines = endpoint.format_list(ENDPOINTS).splitlines()
-    assert lines[0].split() == ["ENDPOINT", "NAME", "IDENTITY", "LABELS", "(source:key[=value])",
+    assert lines[0].split() == ["ENDPOINT", "NAME", "POLICY", "(ingress)", "ENFORCEMENT", "POLICY",
+                                "(egress)", "ENFORCEMENT", "IDENTITY", "LABELS", "(source:key[=value])",
                                 "IPv4", "STATUS"]
     # sorted by ID; first label on the row, the others on continuation lines, sorted
-    assert lines[1].split() == ["1", "default/deathstar", "12345", "k8s:class=deathstar",
+    assert lines[1].split() == ["1", "default/deathstar", "Enabled", "Disabled", "12345", "k8s:class=deathstar",
                                 "10.200.1.2", "ready"]
     assert lines[2].strip() == "k8s:org=empire"
     label_col = lines[0].index("LABELS")
     assert lines[2].index("k8s:org=empire") == label_col
-    assert lines[3].split()[:3] == ["3", "default/xwing", "23456"]
+    assert lines[3].split()[:5] == ["3", "default/xwing", "-", "-", "23456"]
     assert [ln.strip() for ln in lines[4:8]] == [
         "k8s:io.cilium.k8s.policy.cluster=default",
         "k8s:io.cilium.k8s.policy.serviceaccount=default",

@@ -139,6 +139,12 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
 		/* a direct connection reusing the tuple of an earlier service one */
 		if (!svc.rev_nat_index)
 			lb4_forget_rev_nat(&p);
+	} else if (!svc.rev_nat_index && p.ip.protocol == IPPROTO_TCP &&
+		   (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
+		/* a new direct connection (e.g. translated at the socket by
+		 * bpf_sock.c) on a tuple conntrack still remembers from an earlier
+		 * per-packet service connection: its replies keep their source */
+		lb4_forget_rev_nat(&p);
 	}
 
 	if (dst_ep && !(dst_ep->flags & ENDPOINT_F_HOST)) {

@@ -7,7 +7,13 @@ import re
 
 from pilus.cli import common, output
 
-LIST_HEADERS = ["ENDPOINT", "NAME", "IDENTITY", "LABELS (source:key[=value])", "IPv4", "STATUS"]
+LIST_HEADERS = ["ENDPOINT", "NAME", "POLICY (ingress) ENFORCEMENT", "POLICY (egress) ENFORCEMENT",
+                "IDENTITY", "LABELS (source:key[=value])", "IPv4", "STATUS"]
+
+
+def _enforcement(ep: dict, direction: str) -> str:
+    state = (ep.get("policy_enforcement") or {}).get(direction)
+    return "-" if state is None else ("Enabled" if state else "Disabled")
 
 
 def register(sub, parent: argparse.ArgumentParser) -> None:
@@ -103,6 +109,8 @@ def format_list(endpoints: list[dict], no_headers: bool = False) -> str:
         rows.append([
             output.or_dash(ep.get("id")),
             output.or_dash(ep.get("name")),
+            _enforcement(ep, "ingress"),
+            _enforcement(ep, "egress"),
             output.or_dash(ep.get("identity")),
             output.sorted_labels(ep.get("labels")) or ["no labels"],
             output.or_dash(ep.get("ipv4")),

@@ -92,6 +92,10 @@ def format_status(h: dict) -> str:
                   + (f" ({states})" if states else "")))
     lines.append(("Identities", f"{output.or_dash((h.get('identities') or {}).get('allocated'))} "
                   "allocated"))
+    pol = h.get("policy")
+    if pol:
+        lines.append(("Policy", f"enforcement {output.or_dash(pol.get('mode'))}, "
+                      f"revision {output.or_dash(pol.get('revision'))}"))
     ev = h.get("events") or {}
     lines.append(("Events", f"{output.or_dash(ev.get('received'))} received, "
                   f"{output.or_dash(ev.get('lost'))} lost"))

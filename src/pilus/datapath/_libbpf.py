@@ -189,6 +189,20 @@ class bpf_prog_info(Structure):
     ]
 
 
+class bpf_link_info(Structure):
+    """struct bpf_link_info: common head + the cgroup member of the union."""
+
+    _fields_ = [
+        ("type", c_uint32),
+        ("id", c_uint32),
+        ("prog_id", c_uint32),
+        ("_pad", c_uint32),
+        ("cgroup_id", c_uint64),  # union: cgroup.cgroup_id
+        ("attach_type", c_uint32),  # union: cgroup.attach_type
+        ("_rest", c_uint8 * 44),
+    ]
+
+
 # BTF
 BTF_KIND_INT = 1
 BTF_KIND_PTR = 2
@@ -256,6 +270,16 @@ _PROTOS: dict[str, tuple[object, list[object]]] = {
     "bpf_map_get_fd_by_id": (c_int, [c_uint32]),
     "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, POINTER(c_uint32)]),
     "bpf_prog_test_run_opts": (c_int, [c_int, POINTER(bpf_test_run_opts)]),
+    # cgroup attachment (socket LB): links (opts NULL) and legacy attach
+    "bpf_link_create": (c_int, [c_int, c_int, c_int, c_void_p]),
+    "bpf_link_update": (c_int, [c_int, c_int, c_void_p]),
+    "bpf_link_detach": (c_int, [c_int]),
+    "bpf_prog_attach": (c_int, [c_int, c_int, c_int, c_uint32]),
+    "bpf_prog_detach2": (c_int, [c_int, c_int, c_int]),
+    "bpf_prog_query": (
+        c_int,
+        [c_int, c_int, c_uint32, POINTER(c_uint32), POINTER(c_uint32), POINTER(c_uint32)],
+    ),
     # tc
     "bpf_tc_hook_create": (c_int, [POINTER(bpf_tc_hook)]),
     "bpf_tc_hook_destroy": (c_int, [POINTER(bpf_tc_hook)]),

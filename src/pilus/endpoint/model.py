@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from pilus.datapath import EndpointInfo
+from pilus.datapath import ENDPOINT_F_POLICY_EGRESS, ENDPOINT_F_POLICY_INGRESS, EndpointInfo
 from pilus.endpoint.state import State, check_transition
 
 # Kubernetes DNS-1123 label: namespaces and pod names.
@@ -94,12 +94,17 @@ class Endpoint:
         out["ipv4"] = str(self.ipv4)
         out["state"] = self.state.value
         out["name"] = self.name
+        out["policy_enforcement"] = {
+            "ingress": bool(self.policy_flags & ENDPOINT_F_POLICY_INGRESS),
+            "egress": bool(self.policy_flags & ENDPOINT_F_POLICY_EGRESS),
+        }
         return out
 
     @classmethod
     def from_json(cls, data: dict) -> Endpoint:
         data = dict(data)
         data.pop("name", None)
+        data.pop("policy_enforcement", None)
         data["ipv4"] = IPv4Address(data["ipv4"])
         data["state"] = State(data["state"])
         return cls(**data)

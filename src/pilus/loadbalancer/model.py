@@ -9,7 +9,7 @@ Accepted (a subset of core/v1 Service and discovery/v1 EndpointSlice):
 
   apiVersion: v1
   kind: Service
-  metadata: {name, namespace (default "default"), annotations}
+  metadata: {name, namespace (default "default"), labels, annotations}
   spec:
     type: ClusterIP | NodePort | LoadBalancer      (default ClusterIP)
     clusterIP: 10.96.0.10                          (required: pilus has no IP allocator for services)
@@ -100,6 +100,7 @@ class Service:
     algorithm: str | None = None  # None: the agent's default
     annotations: dict[str, str] = field(default_factory=dict)
     endpoints: list[EndpointAddress] | None = None  # explicit backends (no selector)
+    labels: dict[str, str] = field(default_factory=dict)  # metadata.labels (toServices selectors)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -133,6 +134,7 @@ class Service:
             "external_traffic_policy": self.external_traffic_policy,
             "internal_traffic_policy": self.internal_traffic_policy,
             "algorithm": self.algorithm,
+            "labels": dict(self.labels),
         }
         if self.endpoints is not None:
             d["endpoints"] = [
@@ -179,6 +181,8 @@ class Service:
         if self.algorithm:
             annotations[ALGORITHM_ANNOTATION] = self.algorithm
         meta: dict[str, Any] = {"name": self.name, "namespace": self.namespace}
+        if self.labels:
+            meta["labels"] = dict(self.labels)
         if annotations:
             meta["annotations"] = annotations
         return {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": spec}
@@ -410,6 +414,17 @@ def parse_service(doc: dict, where: str = "") -> Service:
     if not isinstance(annotations, dict):
         pr.add("metadata.annotations", "must be a mapping")
         annotations = {}
+    raw_labels = meta.get("labels") or {}
+    labels: dict[str, str] = {}
+    if not isinstance(raw_labels, dict):
+        pr.add("metadata.labels", "must be a mapping of label key to value")
+    else:
+        for k, v in raw_labels.items():
+            why = check_label_key(k) or check_label_value(v)
+            if why:
+                pr.add(f"metadata.labels.{k}", why)
+            else:
+                labels[k] = v
     algorithm = annotations.get(ALGORITHM_ANNOTATION)
     if algorithm is not None and algorithm not in ALGORITHMS:
         pr.add(f"metadata.annotations[{ALGORITHM_ANNOTATION}]",
@@ -434,6 +449,7 @@ def parse_service(doc: dict, where: str = "") -> Service:
         internal_traffic_policy=itp,
         algorithm=algorithm,
         annotations={str(k): str(v) for k, v in annotations.items()},
+        labels=labels,
     )
 
 

@@ -9,6 +9,7 @@ from pilus.policy.engine import (
     PolicyEngine,
     PolicyEntry,
     PolicyKey,
+    ServiceRef,
     TraceResult,
 )
 from pilus.policy.repository import PolicyNotFound, Repository
@@ -29,6 +30,7 @@ __all__ = [
     "PolicyValidationError",
     "Repository",
     "Rule",
+    "ServiceRef",
     "TraceResult",
     "ValidationIssue",
     "parse_policies",

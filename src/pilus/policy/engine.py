@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pilus.identity.labels import CIDR, K8S, LABEL_CLUSTER, RESERVED, Labels
+from pilus.identity.labels import CIDR, K8S, LABEL_CLUSTER, LABEL_NAMESPACE, RESERVED, Label, LabelError, Labels
 from pilus.identity.reserved import HOST
-from pilus.policy.rule import PROTO_NUMBERS, PeerRule, Rule, port_range_prefixes
+from pilus.policy.rule import PROTO_NUMBERS, PeerRule, Rule, ServiceSelector, port_range_prefixes
 from pilus.policy.schema import PolicyDoc
 from pilus.policy.selector import CIDRSelector, EndpointSelector, Requirement, cidr_of_key
 
@@ -39,6 +39,7 @@ __all__ = [
     "PolicyEngine",
     "PolicyEntry",
     "PolicyKey",
+    "ServiceRef",
     "TraceResult",
     "key_covers",
 ]
@@ -97,6 +98,28 @@ def key_covers(outer: PolicyKey, inner: PolicyKey) -> bool:
         return False
     shift = 16 - outer.prefix_len
     return (outer.dport >> shift) == (inner.dport >> shift)
+
+
+@dataclass(frozen=True)
+class ServiceRef:
+    """What ``toServices`` needs to know about one service (``PolicyEngine.set_services``).
+
+    ``labels``: the service's metadata labels (``k8sServiceSelector`` matches them);
+    ``selector``: its pod selector (backends = pods of the service's namespace with
+    these ``k8s:`` labels), ``None``/empty for a service with explicit backends,
+    whose ``backend_ips`` are then selected as CIDR ``/32`` identities.
+    """
+
+    labels: Mapping[str, str] = field(default_factory=dict)
+    selector: Mapping[str, str] | None = None
+    backend_ips: Sequence[ipaddress.IPv4Address] = ()
+
+    def normalized(self) -> ServiceRef:
+        return ServiceRef(
+            {str(k): str(v) for k, v in (self.labels or {}).items()},
+            {str(k): str(v) for k, v in self.selector.items()} if self.selector else None,
+            tuple(sorted({ipaddress.IPv4Address(str(i)) for i in self.backend_ips or ()})),
+        )
 
 
 @dataclass(frozen=True)
@@ -310,6 +333,17 @@ class SelectorCache:
                     s.discard(sel)
 
 
+def _service_labels(ref: ServiceRef) -> Labels:
+    """A service's metadata labels as ``k8s:`` labels (invalid ones cannot be selected)."""
+    out = []
+    for k, v in ref.labels.items():
+        try:
+            out.append(Label(K8S, k, v))
+        except LabelError:
+            continue
+    return Labels(out)
+
+
 def _prefixes(labels: Labels) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     return [cidr_of_key(lbl.key) for lbl in labels if lbl.source == CIDR]
 
@@ -342,6 +376,8 @@ class _Compiled:
     items: list[tuple[Selector | None, PeerRule, _Contrib]]
     static: dict[PolicyKey, PolicyEntry]
     uses_cluster_named_ports: bool = False
+    # toServices items of the selected rules (a service change recomputes the endpoint)
+    service_sels: set[ServiceSelector] = field(default_factory=set)
 
 
 @dataclass
@@ -438,6 +474,8 @@ class PolicyEngine:
         self._cache = SelectorCache()
         self._eps: dict[int, _Ep] = {}
         self._cluster_named: dict[str, set[tuple[int, int]]] = {}
+        self._services: dict[tuple[str, str], ServiceRef] = {}
+        self._svc_labels: dict[tuple[str, str], Labels] = {}
         self._entity_cache: dict[str, tuple[Selector, ...]] = {}
         self.stats = {"full": 0, "incremental": 0}
 
@@ -493,6 +531,33 @@ class PolicyEngine:
             if ep.comp is not None and ep.comp.uses_cluster_named_ports:
                 ep.dirty = True
 
+    def set_services(self, services: Mapping[tuple[str, str], ServiceRef]) -> None:
+        """The cluster's services, ``{(namespace, name): ServiceRef}`` (the full set).
+
+        Endpoints whose rules have a ``toServices`` item matching a service that was
+        added, removed or changed (before or after) are recomputed; others are not.
+        """
+        new = {(str(ns), str(name)): ref.normalized() for (ns, name), ref in services.items()}
+        old = self._services
+        if new == old:
+            return
+        changed: list[tuple[tuple[str, str], Labels]] = []
+        for key in set(old) | set(new):
+            if old.get(key) != new.get(key):
+                for ref in (old.get(key), new.get(key)):
+                    if ref is not None:
+                        changed.append((key, _service_labels(ref)))
+        self._services = new
+        self._svc_labels = {k: _service_labels(v) for k, v in new.items()}
+        for ep in self._eps.values():
+            if ep.dirty or ep.comp is None or not ep.comp.service_sels:
+                continue
+            if any(ss.matches(k[0], k[1], lbls) for ss in ep.comp.service_sels for k, lbls in changed):
+                ep.dirty = True
+
+    def services(self) -> dict[tuple[str, str], ServiceRef]:
+        return dict(self._services)
+
     # outputs ---------------------------------------------------------------
 
     def policy_for(self, ep_id: int) -> EndpointPolicy:
@@ -528,6 +593,10 @@ class PolicyEngine:
                         for n in (c.cidr, *c.excepts):
                             if isinstance(n, ipaddress.IPv4Network) and n.prefixlen > 0:
                                 out.add(n)
+                    for ss in p.services or ():
+                        for _key, ref in self._matching_services(ss):
+                            if not ref.selector:
+                                out.update(ipaddress.IPv4Network(f"{ip}/32") for ip in ref.backend_ips)
         return out
 
     def selectors(self) -> list[dict[str, Any]]:
@@ -567,6 +636,27 @@ class PolicyEngine:
         self._entity_cache[name] = out
         return out
 
+    def _matching_services(self, ss: ServiceSelector) -> list[tuple[tuple[str, str], ServiceRef]]:
+        if ss.selector is None and ss.namespace:
+            ref = self._services.get((ss.namespace, ss.name))
+            return [] if ref is None else [((ss.namespace, ss.name), ref)]
+        return [(k, ref) for k, ref in sorted(self._services.items()) if ss.matches(k[0], k[1], self._svc_labels[k])]
+
+    def _service_selectors(self, ss: ServiceSelector, reqs: tuple[Requirement, ...]) -> list[Selector]:
+        """The backends of the services ``ss`` matches: pods the service selects (its
+        selector AND its namespace, plus toRequires), or its explicit backend IPs as /32s."""
+        out: list[Selector] = []
+        for (ns, _name), ref in self._matching_services(ss):
+            if ref.selector:
+                es = EndpointSelector(
+                    tuple(Requirement(k, K8S, "In", (v,)) for k, v in ref.selector.items())
+                    + (Requirement(LABEL_NAMESPACE, K8S, "In", (ns,)),)
+                )
+                out.append(es.with_requirements(reqs) if reqs else es)
+            else:
+                out.extend(CIDRSelector(ipaddress.IPv4Network(f"{ip}/32")) for ip in ref.backend_ips)
+        return out
+
     def _peer_selectors(self, peer: PeerRule, reqs: tuple[Requirement, ...]) -> list[Selector | None]:
         """Selectors of a rule element; ``None`` = wildcard (identity 0 entries)."""
         if not peer.has_l3:
@@ -577,6 +667,9 @@ class PolicyEngine:
         for ent in peer.entities or ():
             out.extend(self._entity_selectors(ent))
         out.extend(peer.cidrs or ())
+        for ss in peer.services or ():
+            out.extend(self._service_selectors(ss, reqs))
+        out = list(dict.fromkeys(out)) if peer.services else out
         return [None if isinstance(s, EndpointSelector) and s.is_wildcard else s for s in out]
 
     def _l4_keys(
@@ -664,6 +757,7 @@ class PolicyEngine:
                         if not keys:
                             continue
                         c = _Contrib(eg, is_deny, keys, f"{r.origin} ({kind})", l7)
+                        comp.service_sels.update(p.services or ())
                         for sel in self._peer_selectors(p, rq):
                             comp.items.append((sel, p, c))
         return comp

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pilus.identity.labels import Labels
 from pilus.policy.selector import CIDRSelector, EndpointSelector
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "PortProtocol",
     "PortRule",
     "Rule",
+    "ServiceSelector",
     "port_range_prefixes",
 ]
 
@@ -139,19 +141,46 @@ class PortRule:
 
 
 @dataclass(frozen=True)
+class ServiceSelector:
+    """One ``toServices[]`` item: ``k8sService`` (``name`` set) or ``k8sServiceSelector``
+    (``selector`` over the service's metadata labels). ``namespace`` '' = any namespace
+    (Cilium: an omitted namespace matches services of every namespace)."""
+
+    name: str = ""
+    namespace: str = ""
+    selector: EndpointSelector | None = None
+
+    def matches(self, namespace: str, name: str, labels: Labels) -> bool:
+        if self.namespace and self.namespace != namespace:
+            return False
+        if self.selector is not None:
+            return self.selector.matches(labels)
+        return self.name == name
+
+    def __str__(self) -> str:
+        ns = self.namespace or "*"
+        if self.selector is not None:
+            return f"k8sServiceSelector {ns}/{self.selector}"
+        return f"k8sService {ns}/{self.name}"
+
+
+@dataclass(frozen=True)
 class PeerRule:
     """One item of ``ingress``/``ingressDeny``/``egress``/``egressDeny``.
 
     Peer fields are ``None`` when absent; an explicitly empty list selects nothing
-    (Cilium). ``unsupported`` names peer fields that are present but not enforced by
-    pilus (toFQDNs, toServices, groups, nodes, cidrGroupRef): they select nothing, so
-    the element never widens to "any peer".
+    (Cilium). ``services`` (``toServices``) select the backends of the matching
+    services, resolved by the engine against its service input (none matching =
+    no peer). ``unsupported`` names peer fields that are present but not enforced by
+    pilus (toFQDNs, groups, nodes, cidrGroupRef): they select nothing, so the element
+    never widens to "any peer".
     """
 
     endpoints: tuple[EndpointSelector, ...] | None = None
     requires: tuple[EndpointSelector, ...] = ()
     entities: tuple[str, ...] | None = None
     cidrs: tuple[CIDRSelector, ...] | None = None
+    services: tuple[ServiceSelector, ...] | None = None
     unsupported: tuple[str, ...] = ()
     to_ports: tuple[PortRule, ...] = ()
     icmps: tuple[ICMPField, ...] = ()
@@ -159,7 +188,11 @@ class PeerRule:
     @property
     def has_l3(self) -> bool:
         return (
-            self.endpoints is not None or self.entities is not None or self.cidrs is not None or bool(self.unsupported)
+            self.endpoints is not None
+            or self.entities is not None
+            or self.cidrs is not None
+            or self.services is not None
+            or bool(self.unsupported)
         )
 
     @property

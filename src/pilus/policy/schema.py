@@ -28,6 +28,7 @@ from pilus.policy.rule import (
     PortProtocol,
     PortRule,
     Rule,
+    ServiceSelector,
 )
 from pilus.policy.selector import OPERATORS, CIDRSelector, EndpointSelector, Requirement, SelectorError, split_key
 
@@ -350,6 +351,32 @@ class KafkaRuleM(_M):
         return v
 
 
+def _check_dns_label(v: str) -> str:
+    if not isinstance(v, str) or len(v) > 63 or not _DNS1123_LABEL.match(v):
+        raise ValueError(f"must be a DNS label (at most 63 of [a-z0-9-], alphanumeric at both ends), got {v!r}")
+    return v
+
+
+class K8sServiceM(_M):
+    serviceName: str
+    namespace: str | None = None
+
+    _n = field_validator("serviceName")(classmethod(lambda cls, v: _check_dns_label(v)))
+    _ns = field_validator("namespace")(classmethod(lambda cls, v: None if v in (None, "") else _check_dns_label(v)))
+
+
+class K8sServiceSelectorM(_M):
+    selector: LabelSelectorM
+    namespace: str | None = None
+
+    _ns = field_validator("namespace")(classmethod(lambda cls, v: None if v in (None, "") else _check_dns_label(v)))
+
+
+class ServiceM(_M):
+    k8sService: K8sServiceM | None = None
+    k8sServiceSelector: K8sServiceSelectorM | None = None
+
+
 class DNSRuleM(_M):
     matchName: str | None = None
     matchPattern: str | None = None
@@ -513,7 +540,7 @@ class EgressM(_PeerM):
     toCIDR: list[str] | None = None
     toCIDRSet: list[CIDRRuleM] | None = None
     toEntities: list[str] | None = None
-    toServices: list[dict[str, Any]] | None = None
+    toServices: list[ServiceM] | None = None
     toFQDNs: list[DNSRuleM] | None = None
     toGroups: list[dict[str, Any]] | None = None
     toNodes: list[LabelSelectorM] | None = None
@@ -753,13 +780,14 @@ def _peer_rule(ctx: _Ctx, path: str, m: Any, egress: bool, deny: bool, matches_i
     ents = getattr(m, pre + "Entities")
     cidrs, unsupported = _cidr_selectors(ctx, f"{path}.{pre}", getattr(m, pre + "CIDR"), getattr(m, pre + "CIDRSet"))
     has_cidr = getattr(m, pre + "CIDR") is not None or getattr(m, pre + "CIDRSet") is not None
-    for f in ("Groups", "Nodes", "Services", "FQDNs"):
-        name = ("to" if f in ("Services", "FQDNs") else pre) + f
+    for f in ("Groups", "Nodes", "FQDNs"):
+        name = ("to" if f == "FQDNs" else pre) + f
         if getattr(m, name, None) is not None:
-            if f in ("Services", "FQDNs") and not egress:
+            if f == "FQDNs" and not egress:
                 continue
             unsupported.append(name)
             ctx.warn(f"{path}.{name}", f"{name} is not supported yet: it selects no peer")
+    svcs = getattr(m, "toServices", None) if egress else None
     if m.toPorts and m.icmps:
         raise _ConvError(f"{path}.icmps", "icmps cannot be combined with toPorts in one rule (use two rules)")
     return PeerRule(
@@ -767,10 +795,24 @@ def _peer_rule(ctx: _Ctx, path: str, m: Any, egress: bool, deny: bool, matches_i
         requires=tuple(_peer_selector(ctx, s, matches_init) for s in reqs or ()),
         entities=None if ents is None else tuple(ents),
         cidrs=tuple(cidrs) if has_cidr else None,
+        services=None
+        if svcs is None
+        else tuple(_service_selector(f"{path}.toServices[{i}]", s) for i, s in enumerate(svcs)),
         unsupported=tuple(unsupported),
         to_ports=_port_rules(ctx, f"{path}.toPorts", m.toPorts, "ANY"),
         icmps=_icmps(ctx, f"{path}.icmps", m.icmps),
     )
+
+
+def _service_selector(path: str, m: ServiceM) -> ServiceSelector:
+    """``toServices[i]``: exactly one of k8sService / k8sServiceSelector; no namespace = any."""
+    if (m.k8sService is None) == (m.k8sServiceSelector is None):
+        raise _ConvError(path, "exactly one of k8sService and k8sServiceSelector is required")
+    if m.k8sService is not None:
+        return ServiceSelector(name=m.k8sService.serviceName, namespace=m.k8sService.namespace or "")
+    assert m.k8sServiceSelector is not None
+    sel = m.k8sServiceSelector
+    return ServiceSelector(namespace=sel.namespace or "", selector=sel.selector.to_selector())
 
 
 def _cilium_rule(ctx: _Ctx, path: str, r: RuleM) -> Rule | None:

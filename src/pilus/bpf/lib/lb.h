@@ -365,22 +365,23 @@ static __always_inline __u32 lb4_select_random(struct lb4_key *key, const struct
 	return slot ? slot->backend_id : 0;
 }
 
+/* Maglev: the backend of table[hash % M]; `ports` is (sport << 16 | dport) of
+ * the flow, or 0 with affinity (the client's address alone picks the backend).
+ * The socket LB (bpf_sock.c) passes a per-socket value for sport. */
 static __always_inline __u32 lb4_select_maglev(struct lb4_key *key, const struct lb4_service *svc,
-					       const struct pkt4 *p)
+					       __be32 saddr, __be32 daddr, __u32 ports, __u8 proto)
 {
 	__u32 mkey = svc->rev_nat_index | ((__u32)key->scope << LB_MAGLEV_SCOPE_BIT);
 	__u32 m = LB_CFG(maglev_size);
 	__u32 *tbl, hash, idx;
-	__u32 ports;
 
 	tbl = bpf_map_lookup_elem(&pilus_lb4_maglev, &mkey);
 	if (!tbl)
 		return lb4_select_random(key, svc);
-	/* affinity: the client's address alone picks the backend */
-	ports = (svc->flags & SVC_FLAG_AFFINITY) ? 0 :
-		((__u32)bpf_ntohs(p->sport) << 16) | bpf_ntohs(p->dport);
-	hash = lb_jhash_3words(bpf_ntohl(p->ip.saddr), bpf_ntohl(p->ip.daddr), ports,
-			       LB_CFG(maglev_seed) ^ p->ip.protocol);
+	if (svc->flags & SVC_FLAG_AFFINITY)
+		ports = 0;
+	hash = lb_jhash_3words(bpf_ntohl(saddr), bpf_ntohl(daddr), ports,
+			       LB_CFG(maglev_seed) ^ proto);
 	if (m == 0)
 		return 0;
 	idx = hash % m;
@@ -416,6 +417,27 @@ static __always_inline void lb4_affinity_update(const struct lb4_service *svc, _
 	struct lb4_affinity_val av = { .last_used = now, .backend_id = backend_id };
 
 	bpf_map_update_elem(&pilus_lb4_affinity, &ak, &av, BPF_ANY);
+}
+
+/* a new connection of `client` to a frontend with backends (svc->count > 0):
+ * a still valid affinity backend, else the service's algorithm. Shared by the
+ * per-packet LB (lb4_local) and the socket LB (bpf_sock.c). Returns a backend
+ * id, 0 when none could be picked. */
+static __always_inline __u32 lb4_select_backend(struct lb4_key *key, const struct lb4_service *svc,
+						__be32 client, __be32 vip, __u32 ports, __u8 proto,
+						__u32 now)
+{
+	__u32 backend_id = 0;
+
+	if (svc->flags & SVC_FLAG_AFFINITY)
+		backend_id = lb4_affinity_backend(svc, client, now);
+	if (!backend_id) {
+		if (svc->algorithm == LB_SELECTION_MAGLEV)
+			backend_id = lb4_select_maglev(key, svc, client, vip, ports, proto);
+		else
+			backend_id = lb4_select_random(key, svc);
+	}
+	return backend_id;
 }
 
 static __always_inline __u32 lb4_ct_lifetime(__u8 proto, __u8 flags)
@@ -492,14 +514,9 @@ static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, bool
 			res->no_backend = true;
 			return DROP_NO_SERVICE;
 		}
-		if (svc->flags & SVC_FLAG_AFFINITY)
-			backend_id = lb4_affinity_backend(svc, p->ip.saddr, now);
-		if (!backend_id) {
-			if (svc->algorithm == LB_SELECTION_MAGLEV)
-				backend_id = lb4_select_maglev(&key, svc, p);
-			else
-				backend_id = lb4_select_random(&key, svc);
-		}
+		backend_id = lb4_select_backend(&key, svc, p->ip.saddr, p->ip.daddr,
+						((__u32)bpf_ntohs(p->sport) << 16) | bpf_ntohs(p->dport),
+						proto, now);
 		if (backend_id)
 			be = bpf_map_lookup_elem(&pilus_lb4_be, &backend_id);
 		if (!be) {
