@@ -310,7 +310,7 @@ def validate(spec: dict, schema: Any, value: Any, where: str = "$") -> None:
         for k in schema.get("required", []):
             if k not in value:
                 raise Mismatch(f"{where}: required field {k!r} missing")
-        extra = schema.get("additionalProperties", False if props else True)
+        extra = schema.get("additionalProperties", not props)  # closed when it lists fields
         for k, v in value.items():
             if k in props:
                 validate(spec, props[k], v, f"{where}.{k}")
@@ -356,6 +356,7 @@ kind: Service
 metadata:
   name: web
   namespace: default
+  labels: {app: web}
   annotations: {service.cilium.io/lb-algorithm: maglev}
 spec:
   type: NodePort
@@ -465,7 +466,7 @@ def test_service_answers_match_the_schemas(spec):
         st, got = await call(app, spec, "GET", "/v1/service/backend/db")
         assert st == 200 and got["service"]["endpoints"] and got["service"]["selector"] is None
         st, got = await call(app, spec, "GET", "/v1/service/default/web")
-        assert st == 200 and got["service"]["algorithm"] == "maglev"
+        assert st == 200 and got["service"]["algorithm"] == "maglev" and got["service"]["labels"]
         st, res = await call(app, spec, "PATCH", "/v1/service/backend-state",
                              {"backend": "10.200.1.5:8080", "state": "maintenance"})
         assert st == 200 and res["backends"] == 1
