@@ -1,5 +1,6 @@
 """Connection set-up latency to one service while 1 ... 100k services are installed:
-pilus (BPF LB maps) vs kube-proxy-style iptables DNAT chains vs a direct connection.
+pilus (BPF LB maps; per-packet and socket-level) vs kube-proxy-style iptables DNAT
+chains vs a direct connection.
 
     python -m bench.service_scale [--sizes 1,1000,10000,100000] [--conns 400] [--json FILE]
 
@@ -10,6 +11,11 @@ pairs, /32 routes, static neighbours):
   iptables  no BPF; N services as kube-proxy writes them (KUBE-SERVICES ->
             KUBE-SVC-* -> KUBE-SEP-* DNAT), loaded with iptables-restore into the
             node namespace's nat table
+  socket    the pilus topology and maps with the socket LB (bpf_sock.c): the
+            connect() is translated at the socket (cgroup/connect4, gated on the
+            client pod's netns cookie), so the packets go straight to the backend.
+            Its programs are attached to a throwaway cgroup the bench joins only
+            while it measures this configuration (the others pay no hook)
   direct    the pilus topology, connecting to the backend's own address
 One measured connection = socket + connect + 1-byte request + reply + close, from
 the client pod to the service in the middle of the N installed (kube-proxy's
@@ -42,6 +48,7 @@ import pyroute2
 
 from pilus.datapath import Datapath, DatapathConfig, EndpointInfo
 from pilus.datapath.lb import LB_MAP_NAMES, BackendEntry, Frontend
+from pilus.datapath.socklb import PodNetns, cgroup2_root, netns_cookie
 
 ROUTER_IP = IPv4Address("10.210.1.1")
 NODE_IP = IPv4Address("172.31.253.11")
@@ -173,6 +180,43 @@ def measure(top: Topology, ip: IPv4Address, port: int, n: int, name: str = "") -
     return out
 
 
+def _own_cgroup(root: Path) -> Path:
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                return root / line.strip()[3:].lstrip("/")
+    return root
+
+
+class SockCgroup:
+    """A throwaway cgroup v2 child carrying the socket-LB programs; `joined()`
+    puts this process in it (sockets belong to the cgroup they are created in)."""
+
+    def __init__(self) -> None:
+        self.root = cgroup2_root()
+        self.home = _own_cgroup(self.root)
+        self.path = self.root / f"pilus-svc-bench-{TAG}"
+        self.path.mkdir()
+
+    @contextmanager
+    def joined(self):
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+        try:
+            yield
+        finally:
+            (self.home / "cgroup.procs").write_text(str(os.getpid()))
+
+    def remove(self) -> None:
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.05)
+
+
 def lb_memlock(dp: Datapath) -> int:
     total = 0
     for name in LB_MAP_NAMES:
@@ -247,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iptables", default="iptables-restore",
                     help="iptables-restore binary (iptables-legacy-restore for the legacy backend)")
+    ap.add_argument("--no-socket-lb", action="store_true", help="leave out the socket-LB configuration")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -260,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     pil, ipt = Topology("p"), Topology("i")
     servers: list[subprocess.Popen] = []
     dp = None
+    sockcg: SockCgroup | None = None
     results = []
     try:
         pil.up()
@@ -273,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         with in_netns(pil.node):
             for ep in pil.eps:
                 dp.attach_endpoint(ep.ifindex)
+        if not args.no_socket_lb:
+            sockcg = SockCgroup()
+            sock = dp.load_socket_lb(cgroup=sockcg.path)
+            client = pil.eps[0]
+            sock.add_netns(PodNetns(netns_cookie(pil.pods[0]), client.ipv4, client.ep_id))
         servers = [start_server(pil), start_server(ipt)]
         mem0 = lb_memlock(dp)
         for n in sizes:
@@ -286,19 +337,32 @@ def main(argv: list[str] | None = None) -> int:
                 "pilus": (pil, target, SVC_PORT),
                 "iptables": (ipt, target, SVC_PORT),
             }
-            for top, ip, port in cfgs.values():  # warm-up, and a correctness check
-                measure(top, ip, port, 20)
+            if sockcg is not None:
+                cfgs["socket"] = (pil, target, SVC_PORT)
+
+            def run(name: str, conns: int, cfgs: dict = cfgs) -> list[float]:
+                top, ip, port = cfgs[name]
+                if name != "socket":
+                    return measure(top, ip, port, conns, name)
+                assert sockcg is not None
+                with sockcg.joined():
+                    return measure(top, ip, port, conns, name)
+
+            for name in cfgs:  # warm-up, and a correctness check
+                run(name, 20)
             per: dict[str, list[float]] = {k: [] for k in cfgs}
-            ratios: dict[str, list[float]] = {"pilus": [], "iptables": []}
+            ratios: dict[str, list[float]] = {k: [] for k in cfgs if k != "direct"}
+            sock_vs_pilus: list[float] = []
             for r in range(args.rounds):
                 order = list(cfgs) if r % 2 == 0 else list(reversed(cfgs))
                 got = {}
                 for name in order:
-                    top, ip, port = cfgs[name]
-                    got[name] = med(measure(top, ip, port, args.conns, name))
+                    got[name] = med(run(name, args.conns))
                     per[name].append(got[name])
                 for k in ratios:
                     ratios[k].append(got[k] / got["direct"])
+                if "socket" in got:
+                    sock_vs_pilus.append(got["socket"] / got["pilus"])
             row = {
                 "services": n,
                 "direct_us": round(med(per["direct"]), 1),
@@ -307,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
                 "pilus_vs_direct": round(med(ratios["pilus"]), 3),
                 "iptables_vs_direct": round(med(ratios["iptables"]), 3),
                 "iptables_vs_pilus": round(med(per["iptables"]) / med(per["pilus"]), 3),
+                "socket_us": round(med(per["socket"]), 1) if "socket" in per else None,
+                "socket_vs_direct": round(med(ratios["socket"]), 3) if "socket" in ratios else None,
+                "socket_vs_pilus": round(med(sock_vs_pilus), 3) if sock_vs_pilus else None,
                 "install_pilus_s": round(t_pilus, 2),
                 "install_iptables_s": round(t_ipt, 2),
                 "lb_map_memlock_bytes_per_service": round(mem / n, 1) if n else None,
@@ -321,19 +388,23 @@ def main(argv: list[str] | None = None) -> int:
         for p in servers:
             stop(p)
         if dp is not None:
-            dp.close()
+            dp.close()  # also detaches the (unpinned) socket-LB links
+        if sockcg is not None:
+            sockcg.remove()
         pil.down()
         ipt.down()
         shutil.rmtree(state, ignore_errors=True)
     hdr = (f"{'services':>9} {'direct us':>10} {'pilus us':>9} {'iptables us':>12} "
            f"{'pilus/direct':>13} {'ipt/direct':>11} {'ipt/pilus':>10} {'install pilus s':>16} "
-           f"{'install ipt s':>14} {'LB B/svc':>9}")
+           f"{'install ipt s':>14} {'LB B/svc':>9} {'socket us':>10} {'sock/direct':>12} "
+           f"{'sock/pilus':>11}")
     print(hdr)
     for r in results:
         print(f"{r['services']:>9} {r['direct_us']:>10} {r['pilus_us']:>9} {r['iptables_us']:>12} "
               f"{r['pilus_vs_direct']:>13} {r['iptables_vs_direct']:>11} "
               f"{r['iptables_vs_pilus']:>10} {r['install_pilus_s']:>16} "
-              f"{r['install_iptables_s']:>14} {r['lb_map_memlock_bytes_per_service']!s:>9}")
+              f"{r['install_iptables_s']:>14} {r['lb_map_memlock_bytes_per_service']!s:>9} "
+              f"{r['socket_us']!s:>10} {r['socket_vs_direct']!s:>12} {r['socket_vs_pilus']!s:>11}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

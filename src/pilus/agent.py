@@ -35,6 +35,7 @@ from prometheus_client import CollectorRegistry
 from pilus import __version__
 from pilus.api.server import APIServer
 from pilus.datapath import Datapath, DatapathConfig
+from pilus.datapath.socklb import NetnsCookies
 from pilus.endpoint.manager import EndpointManager, NodeInfo
 from pilus.endpoint.model import EndpointStore
 from pilus.endpoint.policy_sync import PolicySync
@@ -72,6 +73,7 @@ class AgentConfig:
     policy_enforcement: str = "default"
     cluster_cidr: IPv4Network | None = None
     lb_algorithm: str = "random"
+    socket_lb: bool = False  # also translate services at connect()/sendmsg() (bpf_sock.c)
 
     @property
     def socket_path(self) -> Path:
@@ -107,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lb-algorithm", default="random", choices=["random", "maglev"],
                    help="default backend selection of services (annotation service.cilium.io/lb-algorithm)")
+    p.add_argument("--socket-lb", action="store_true",
+                   help="also load-balance services at the socket (cgroup connect4/sendmsg4/recvmsg4/"
+                        "getpeername4 on the cgroup v2 root, only for this node's pods); "
+                        "off: per-packet translation only")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     p.add_argument("--describe", action="store_true", help="print the components and settings, then exit")
     return p
@@ -139,6 +145,7 @@ class Agent:
         self.registry = CollectorRegistry()
         self.registry.register(AgentCollector(self.samples))
         self._lock_fd: int | None = None
+        self._netns_cookies = NetnsCookies()
         self._started: list[str] = []
 
     # -- lifecycle -------------------------------------------------------------
@@ -173,6 +180,7 @@ class Agent:
             state_path=cfg.state_dir / "services.json",
         )
         await asyncio.to_thread(self.services.restore)
+        await asyncio.to_thread(self._setup_socket_lb)
         if device:
             self.datapath.attach_netdev(socket.if_nametoindex(device))
         await self.identities.start()
@@ -191,6 +199,7 @@ class Agent:
         self.endpoints.namespace_labels = lambda ns: self.policy.namespace_labels.get(ns, {})
         self.policy.on_namespace_change = self._namespace_changed
         self.endpoints.on_change = self.endpoints_changed
+        await self.policy.watch_services(self.services)  # toServices follows service changes
         restored = await self.endpoints.restore()
         await self.endpoints_changed()
         self.events = EventHub(self.datapath.events())
@@ -250,6 +259,21 @@ class Agent:
         if self.services is not None and self.endpoints is not None:
             views = endpoints_for_services(self.endpoints.list())
             await asyncio.to_thread(self.services.set_endpoints, views)
+        if self.endpoints is not None and self.datapath is not None and self.datapath.socket_lb:
+            # the socket LB translates only sockets of these namespaces
+            eps = self.endpoints.list()
+            sock = self.datapath.socket_lb
+            await asyncio.to_thread(lambda: sock.sync_netns(self._netns_cookies.pods(eps)))
+
+    def _setup_socket_lb(self) -> None:
+        """--socket-lb: load bpf_sock.o and attach it (pinned links on the cgroup v2
+        root, kept when the agent stops); without it, remove links an earlier run left."""
+        assert self.datapath is not None
+        if self.cfg.socket_lb:
+            self.datapath.load_socket_lb()
+            log.info("socket LB attached to cgroup %s", self.datapath.socket_lb.cgroup)
+        elif removed := self.datapath.unload_socket_lb():
+            log.info("socket LB off: removed the links of an earlier run (%s)", ", ".join(removed))
 
     async def _namespace_changed(self, namespace: str, labels: dict[str, str]) -> None:
         if self.endpoints is not None:
@@ -406,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         policy_enforcement=args.policy_enforcement,
         cluster_cidr=args.cluster_cidr,
         lb_algorithm=args.lb_algorithm,
+        socket_lb=args.socket_lb,
     )
     if args.describe:
         print(describe(cfg))

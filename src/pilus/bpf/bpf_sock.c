@@ -193,11 +193,15 @@ int cil_sock4_getpeername(struct bpf_sock_addr *ctx)
 
 char __license[] SEC("license") = "GPL";
 
-/* BTF anchor for the socket structs that only appear as map keys/values */
+/* BTF anchor for the socket structs that only appear as map keys/values, and
+ * for the policy inner map's key/value (maps.h is included through lb.h; as in
+ * bpf_lxc.c, libbpf needs them in full to open the map-in-map definition) */
 struct pilus_sock_abi {
 	struct sock_netns_info netns;
 	struct sock_rev_key key;
 	struct sock_rev_val val;
+	struct policy_key policy_key;
+	struct policy_entry policy_entry;
 };
 
 __attribute__((noinline)) int pilus_abi_anchor_sock(struct pilus_sock_abi *p)

@@ -20,6 +20,7 @@ from .lb import LB_MAP_NAMES, LbConfig, LbMaps, configure_object
 from .loader import NETDEV_PROGRAMS, PROGRAMS, BpfObject, map_info, prog_info
 from .maps import BpfMap, CtMap, EndpointInfo, EndpointMap, EventsLostMap, IpcacheMap, MetricsMap
 from .policy import PolicyMaps
+from .socklb import SOCK_MAP_NAMES, SocketLb, remove_links
 
 DEFAULT_BPFFS_ROOT = Path("/sys/fs/bpf/pilus")
 BPFFS_MOUNT = Path("/sys/fs/bpf")
@@ -150,6 +151,7 @@ class Datapath:
         self.events_lost: EventsLostMap = _NotLoaded("events_lost")  # type: ignore[assignment]
         self.policy: PolicyMaps = _NotLoaded("policy")  # type: ignore[assignment]
         self.lb: LbMaps = _NotLoaded("lb")  # type: ignore[assignment]
+        self.socket_lb: SocketLb | None = None  # load_socket_lb()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -214,7 +216,11 @@ class Datapath:
         return self._loaded().map_fd(name)
 
     def close(self) -> None:
-        """Free the object and its fds; tc filters and pins keep the datapath running."""
+        """Free the object and its fds; tc filters and pins keep the datapath running
+        (unpinned socket-LB links go with the fds)."""
+        if self.socket_lb is not None:
+            self.socket_lb.close()
+            self.socket_lb = None
         if isinstance(self.policy, PolicyMaps):
             self.policy.close()
         if self._obj is not None:
@@ -264,6 +270,52 @@ class Datapath:
         except OSError as exc:
             raise DatapathError(f"detaching from ifindex {ifindex} failed: {exc}") from exc
 
+    # ------------------------------------------------------------ socket LB
+
+    def load_socket_lb(self, attach: bool = True, cgroup: Path | None = None) -> SocketLb:
+        """Load bpf_sock.o (socket-level LB) sharing this datapath's maps, and
+        attach it to ``cgroup`` (default: the cgroup v2 root). Pinned: the
+        links are pinned under ``<pin dir>/links/`` and survive the agent."""
+        tc = self._loaded()
+        if self.socket_lb is not None:
+            if attach:
+                self.socket_lb.attach(cgroup)
+            return self.socket_lb
+        pin_root = self.pin_root
+
+        def before_load(o: BpfObject) -> None:
+            configure_object(o, self.cfg.lb)
+            if pin_root is None:  # no pins to meet at: share the tc object's maps
+                own = set(o.map_names())
+                for name in tc.map_names():
+                    if name in own and not name.startswith("."):
+                        o.reuse_map_fd(name, tc.map_fd(name))
+
+        try:
+            path = compile_datapath(self.state_dir, name="bpf_sock")
+            obj = BpfObject(path, build_config(self.cfg), pin_root, before_load=before_load)
+        except (CompileError, LibbpfMissing) as exc:
+            raise DatapathError(str(exc).splitlines()[0]) from exc
+        except OSError as exc:
+            raise DatapathError(f"loading the socket LB (bpf_sock.o) failed: {exc}") from exc
+        sock = SocketLb(obj, pin_root)
+        if attach:
+            try:
+                sock.attach(cgroup)
+            except OSError as exc:
+                sock.close()
+                raise DatapathError(f"attaching the socket LB to the cgroup failed: {exc}") from exc
+        self.socket_lb = sock
+        return sock
+
+    def unload_socket_lb(self) -> list[str]:
+        """Detach the socket LB: close this agent's object and remove the pinned
+        links (also those left by an earlier run). Returns the removed pins."""
+        if self.socket_lb is not None:
+            self.socket_lb.close()
+            self.socket_lb = None
+        return remove_links(self.pin_root) if self.pin_root is not None else []
+
     # ------------------------------------------------------------ introspection
 
     def events(self) -> EventReader:
@@ -282,13 +334,25 @@ class Datapath:
             pid = prog_info(obj.prog_fd(name)).id
             count = sum(1 for idx, _ in ifaces if attach.query(idx, hook) == pid)
             out.append({"name": name, "hook": hook, "attached": count, "prog_id": pid})
+        if self.socket_lb is not None:
+            for row in self.socket_lb.attached():
+                out.append({
+                    "name": row["name"],
+                    "hook": row["hook"],
+                    "attached": int(row["attached"]),
+                    "prog_id": prog_info(self.socket_lb.prog_fd(row["name"])).id,
+                })
         return out
 
     def map_stats(self) -> list[dict]:
         obj = self._loaded()
         out = []
-        for name in MAP_NAMES + LB_MAP_NAMES:
-            fd = obj.map_fd(name)
+        sock = self.socket_lb
+        names = [(n, obj) for n in MAP_NAMES + LB_MAP_NAMES]
+        if sock is not None:
+            names += [(n, sock) for n in SOCK_MAP_NAMES]
+        for name, owner in names:
+            fd = owner.map_fd(name)
             info = map_info(fd)
             if info.type in _ITERABLE_TYPES:
                 entries: int | None = BpfMap(

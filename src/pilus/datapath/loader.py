@@ -99,6 +99,10 @@ class BpfObject:
         """Resize a map's value before load (maps declared without a BTF value type)."""
         check(lib.bpf_map__set_value_size(self.find_map(name), size), "bpf_map__set_value_size", name)
 
+    def reuse_map_fd(self, name: str, fd: int) -> None:
+        """Use an existing map (e.g. another object's) for ``name`` (before load)."""
+        check(lib.bpf_map__reuse_fd(self.find_map(name), fd), "bpf_map__reuse_fd", name)
+
     def _set_config(self, config: abi.PilusConfig) -> None:
         m = check_ptr(
             lib.bpf_object__find_map_by_name(self._obj, CONFIG_SECTION.encode()),

@@ -1,7 +1,8 @@
 """Keeps every local endpoint's policy map equal to what the policy engine computes.
 
 Inputs flow into the (pure) engine: the cluster's identities (allocator watch),
-the policy set and namespace labels (kvstore watch), the local endpoints and CIDR
+the policy set and namespace labels (kvstore watch), the local endpoints, the
+services (for ``toServices``, from the ServiceManager's change hook) and CIDR
 identities for prefixes that policies name. After each input change only the
 endpoints the engine reports as changed are re-synced, so a new pod matching an
 existing selector costs one identity's entries, not a recompute of every map.
@@ -16,17 +17,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from ipaddress import IPv4Network
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from ipaddress import IPv4Address, IPv4Network
 
 from pilus.datapath import ENDPOINT_F_POLICY_EGRESS, ENDPOINT_F_POLICY_INGRESS, Datapath
 from pilus.endpoint.model import PROTOCOLS, Endpoint, endpoint_info, parse_port_spec
 from pilus.identity.allocator import Identity, IdentityAllocator
 from pilus.identity.labels import Label, Labels, parse_labels
-from pilus.identity.reserved import LOCAL_IDENTITY_FLAG, RESERVED_IDENTITIES
+from pilus.identity.reserved import LOCAL_IDENTITY_FLAG, RESERVED_IDENTITIES, is_local
 from pilus.policy.distribution import NAMESPACE_PREFIX, POLICY_KEY, PolicyDistribution
-from pilus.policy.engine import PolicyEngine
+from pilus.policy.engine import PolicyEngine, ServiceRef
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,32 @@ class PolicySync:
 
         await self._run(apply)
 
+    async def watch_services(self, manager) -> None:
+        """Follow a ServiceManager's services (``toServices``): its change hook feeds the
+        engine from now on; the current services are applied before this returns."""
+        manager.on_change = self.services_changed
+        fut = self.services_changed(manager.services())
+        if fut is not None:
+            await asyncio.wrap_future(fut)
+
+    def services_changed(self, services: Iterable) -> Future | None:
+        """Thread-safe, non-blocking (the ServiceManager calls it under its lock): queue
+        the new service set on the policy worker, which re-syncs the affected endpoints."""
+        refs = service_refs(services)
+
+        def apply() -> None:
+            try:
+                self.engine.set_services(refs)
+                self._refresh_cidr_identities()
+                self._sync_changed()
+            except Exception:
+                log.exception("applying the services to policy failed")
+
+        try:
+            return self._worker.submit(apply)
+        except RuntimeError:  # the worker is shut down: the agent is stopping
+            return None
+
     def _set_cluster_named_ports(self) -> None:
         ports: dict[str, set[tuple[int, int]]] = {}
         for ep in self.endpoints.values():
@@ -166,14 +193,23 @@ class PolicySync:
         self.engine.set_cluster_named_ports(ports)
 
     def _refresh_cidr_identities(self) -> None:
-        """One local identity per CIDR that policies name; ipcache maps the prefix to it."""
+        """One local identity per CIDR that policies name; ipcache maps the prefix to it.
+
+        A prefix that the ipcache already maps to a non-CIDR identity (a pod's /32, the
+        host's addresses) keeps that entry: in-cluster peers are matched by identity,
+        never by CIDR, so a CIDR rule (or a toServices backend IP) naming them must not
+        take their entry over, nor remove it later."""
         wanted = self.engine.cidr_prefixes()
-        for prefix in list(self.cidr_identities):
-            if prefix not in wanted:
-                ident = self.cidr_identities.pop(prefix)
-                self.engine.remove_identity(ident)
-                if prefix.prefixlen:
-                    self.datapath.ipcache.delete(prefix)
+        gone = [p for p in self.cidr_identities if p not in wanted]
+        added = [p for p in wanted if p not in self.cidr_identities and p.prefixlen]
+        owners: dict[IPv4Network, int] = {}
+        if gone or added:
+            owners = {prefix: ident for prefix, ident, _tunnel in self.datapath.ipcache.items()}
+        for prefix in gone:
+            ident = self.cidr_identities.pop(prefix)
+            self.engine.remove_identity(ident)
+            if prefix.prefixlen and owners.get(prefix, ident) == ident:
+                self.datapath.ipcache.delete(prefix)
         used = set(self.cidr_identities.values())
         next_id = LOCAL_IDENTITY_FLAG | 1
         for prefix in sorted(wanted - set(self.cidr_identities), key=lambda p: (p.prefixlen, p)):
@@ -185,7 +221,8 @@ class PolicySync:
             self.cidr_identities[prefix] = next_id
             labels = Labels([Label("cidr", str(prefix)), Label("reserved", "world")])
             self.engine.upsert_identity(next_id, labels)
-            self.datapath.ipcache.upsert(prefix, next_id)
+            if prefix not in owners or is_local(owners[prefix]):
+                self.datapath.ipcache.upsert(prefix, next_id)
 
     # -- output ----------------------------------------------------------------
 
@@ -236,6 +273,18 @@ class PolicySync:
                 log.debug("conntrack GC removed %d entries", removed)
             except Exception:
                 log.exception("conntrack GC failed")
+
+
+def service_refs(services: Iterable) -> dict[tuple[str, str], ServiceRef]:
+    """ServiceManager services (pilus.loadbalancer.model.Service) -> the engine's input:
+    metadata labels, pod selector, and explicit backend IPs (every state)."""
+    out: dict[tuple[str, str], ServiceRef] = {}
+    for svc in services:
+        ips = [IPv4Address(str(e.ip)) for e in svc.endpoints or ()]
+        out[(svc.namespace, svc.name)] = ServiceRef(
+            dict(getattr(svc, "labels", None) or {}), dict(svc.selector) if svc.selector else None, ips
+        )
+    return out
 
 
 def _named_ports(raw: Mapping[str, str]) -> dict[str, tuple[int, int]]:

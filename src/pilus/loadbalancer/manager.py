@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -194,6 +194,9 @@ class ServiceManager:
         self._next_svc = 1
         self._next_be = 1
         self.last_errors: list[str] = []
+        #: called with the current services after they were restored, added, replaced or
+        #: deleted (the agent feeds policy toServices); runs under the lock: must not block
+        self.on_change: Callable[[list[Service]], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -234,6 +237,7 @@ class ServiceManager:
             for s in services:
                 self._services[s.key] = s
             self._reconcile()
+            self._notify()
             return len(services)
 
     # -- queries -----------------------------------------------------------------
@@ -297,6 +301,7 @@ class ServiceManager:
                 self._reconcile()
                 raise
             self._save()
+            self._notify()
             return services
 
     def apply_yaml(self, text: str) -> list[Service]:
@@ -309,6 +314,7 @@ class ServiceManager:
                 raise ServiceNotFound(f"service {namespace}/{name} not found")
             self._reconcile()
             self._save()
+            self._notify()
             return svc
 
     def set_endpoints(self, endpoints: Iterable[dict | EndpointView]) -> list[str]:
@@ -623,6 +629,13 @@ class ServiceManager:
         for k in [k for k, v in self._be_ids.items() if v not in live]:
             del self._be_ids[k]
         self._last_desired = desired
+
+    def _notify(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(self.services())
+            except Exception:
+                log.exception("service change hook failed")
 
     # -- persistence -------------------------------------------------------------
 

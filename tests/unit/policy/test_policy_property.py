@@ -364,7 +364,7 @@ def cnp_elem_ok(doc, el, egress, p, proto, dport, reqs, own_named):
     return True
 
 
-def np_elem_ok(doc, el, egress, p, proto, dport, own_named):
+def np_elem_ok(doc, el, egress, p, proto, dport, reqs, own_named):
     peers = el.get("to" if egress else "from")
     if peers:
         ok = False
@@ -384,7 +384,9 @@ def np_elem_ok(doc, el, egress, p, proto, dport, own_named):
                 m = has(p.labels, "k8s", "io.kubernetes.pod.namespace") == doc["metadata"]["namespace"]
             if "podSelector" in pe:
                 m = m and all_ok(p.labels, reqs_of(pe["podSelector"], "k8s"))
-            ok |= m
+            # a CNP's from/toRequires also restrict NP pod peers (Cilium: requirements of
+            # every rule selecting the endpoint are ANDed into every endpoint selector)
+            ok |= m and all_ok(p.labels, reqs)
         if not ok:
             return False
     if el.get("ports"):
@@ -439,7 +441,7 @@ def oracle(docs, mode, allow_localhost, E, own_named, p, egress, proto, dport):
 
     def ok(k, d, el):
         if k == "np":
-            return np_elem_ok(d, el, egress, p, proto, dport, own_named)
+            return np_elem_ok(d, el, egress, p, proto, dport, reqs, own_named)
         return cnp_elem_ok(d, el, egress, p, proto, dport, reqs, own_named)
 
     if any(ok(*x) for x in denies):
