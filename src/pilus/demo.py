@@ -3,9 +3,10 @@
 It drives the real CLI (``python -m pilus ...``) and prints each command like a
 shell transcript: cluster up, three Star Wars endpoints, identities, a TCP
 service in the deathstar reached by tiefighter and xwing, a spoofed packet from
-xwing dropped by the datapath and seen by ``pilus monitor``, the maps, metrics
-and status, and finally ``pilus cluster down`` -- always, even on failure or
-Ctrl-C.
+xwing dropped by the datapath and seen by ``pilus monitor``, Cilium's Star Wars
+L3/L4 policy (tiefighter lands, xwing is dropped, ``pilus policy trace`` explains
+why), the maps, metrics and status, and finally ``pilus cluster down`` -- always,
+even on failure or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -47,9 +48,13 @@ while True:
 
 CLIENT = f"""\
 import socket, sys
-with socket.create_connection((sys.argv[1], {PORT}), timeout=5) as s:
-    s.sendall(b"landing request\\n")
-    print(s.recv(64).decode().strip())
+timeout = float(sys.argv[2]) if len(sys.argv) > 2 else 5
+try:
+    with socket.create_connection((sys.argv[1], {PORT}), timeout=timeout) as s:
+        s.sendall(b"landing request\\n")
+        print(s.recv(64).decode().strip())
+except OSError as exc:
+    sys.exit("no landing: " + (str(exc) or "timed out"))
 """
 
 SPOOF = """\
@@ -62,6 +67,24 @@ s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # IP_HDR
 for _ in range(3):
     s.sendto(ip + udp, (dst, 0))
 print(f"sent 3 UDP packets {src} -> {dst} (forged source)")
+"""
+
+# Cilium's Star Wars rule: only the empire may land on the deathstar, on port 80/TCP
+POLICY = f"""\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: rule1
+  namespace: default
+spec:
+  description: "L3-L4 policy to restrict deathstar access to empire ships only"
+  endpointSelector:
+    matchLabels: {{org: empire, class: deathstar}}
+  ingress:
+  - fromEndpoints:
+    - matchLabels: {{org: empire}}
+    toPorts:
+    - ports: [{{port: "{PORT}", protocol: TCP}}]
 """
 
 _TTY = sys.stdout.isatty()
@@ -210,6 +233,33 @@ def run_demo(background: list[Background]) -> None:
         raise DemoError("no 'Invalid source ip' drop was reported by pilus monitor")
     note("the datapath dropped the forged packets before they reached the deathstar")
     mon.stop()
+
+    step("Only the empire may land: import Cilium's Star Wars L3/L4 policy")
+    policy_file = Path(f"/run/pilus/{CLUSTER}/demo-policy.yaml")
+    policy_file.write_text(POLICY)
+    print(f"$ cat {policy_file}\n{POLICY}", end="", flush=True)
+    pilus("policy", "import", str(policy_file))
+    pilus("endpoint", "list")
+
+    step("tiefighter still lands; xwing is dropped by policy, and the monitor says why")
+    mon = Background("monitor", ["monitor", "--type", "drop"])
+    background.append(mon)
+    if mon.wait_line(mon.err, lambda s: "Listening" in s, 15) is None:
+        raise DemoError("pilus monitor did not start")
+    connect("default/tiefighter", deathstar_ip)
+    denied = pilus("exec", "default/xwing", "--", python3(), "-c", CLIENT, deathstar_ip, "2",
+                   check=False, timeout=30)
+    if denied.returncode == 0:
+        raise DemoError("xwing landed although the policy denies it")
+    line = mon.wait_line(mon.lines, lambda s: "policy denied" in s.lower(), 10)
+    if line is None:
+        raise DemoError("no 'Policy denied' drop was reported by pilus monitor")
+    mon.stop()
+
+    step("Explain the verdict without sending a packet, and show the deathstar's policy map")
+    pilus("policy", "trace", "--src-endpoint", "default/xwing", "--dst-endpoint", "default/deathstar",
+          "--dport", f"{PORT}/TCP")
+    pilus("bpf", "policy", "get", "default/deathstar")
 
     step("The datapath's view: ipcache (prefix -> identity)")
     pilus("bpf", "ipcache", "list")
