@@ -35,6 +35,7 @@ from prometheus_client import CollectorRegistry
 from pilus import __version__
 from pilus.api.server import APIServer
 from pilus.datapath import Datapath, DatapathConfig
+from pilus.datapath.lb import MAGLEV_PRIMES, LbConfig
 from pilus.datapath.socklb import NetnsCookies
 from pilus.endpoint.manager import EndpointManager, NodeInfo
 from pilus.endpoint.model import EndpointStore
@@ -73,6 +74,7 @@ class AgentConfig:
     policy_enforcement: str = "default"
     cluster_cidr: IPv4Network | None = None
     lb_algorithm: str = "random"
+    maglev_table_size: int = 16381
     socket_lb: bool = False  # also translate services at connect()/sendmsg() (bpf_sock.c)
 
     @property
@@ -113,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also load-balance services at the socket (cgroup connect4/sendmsg4/recvmsg4/"
                         "getpeername4 on the cgroup v2 root, only for this node's pods); "
                         "off: per-packet translation only")
+    p.add_argument("--bpf-lb-maglev-table-size", type=_maglev_size, default=16381, metavar="M",
+                   help="Maglev lookup table size per service, a prime (Cilium's flag; default 16381)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     p.add_argument("--describe", action="store_true", help="print the components and settings, then exit")
     return p
@@ -123,6 +127,12 @@ def _cidr(text: str) -> IPv4Network:
         return IPv4Network(text, strict=True)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected an IPv4 CIDR like 10.200.1.0/24 ({exc})") from None
+
+
+def _maglev_size(text: str) -> int:
+    if not text.isdigit() or int(text) not in MAGLEV_PRIMES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(map(str, MAGLEV_PRIMES))}")
+    return int(text)
 
 
 class Agent:
@@ -159,7 +169,8 @@ class Agent:
         self.node_ip = node_ip or self.router_ip
         self.datapath = Datapath(
             DatapathConfig(
-                node_name=cfg.node_name, router_ip=self.router_ip, node_ip=self.node_ip, pod_cidr=cfg.pod_cidr
+                node_name=cfg.node_name, router_ip=self.router_ip, node_ip=self.node_ip, pod_cidr=cfg.pod_cidr,
+                lb=LbConfig(maglev_table_size=cfg.maglev_table_size),
             ),
             cfg.state_dir,
             bpffs_root=cfg.bpffs_root,
@@ -431,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster_cidr=args.cluster_cidr,
         lb_algorithm=args.lb_algorithm,
         socket_lb=args.socket_lb,
+        maglev_table_size=args.bpf_lb_maglev_table_size,
     )
     if args.describe:
         print(describe(cfg))
