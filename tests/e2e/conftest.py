@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -107,6 +108,28 @@ def external(cluster):
     finally:
         links.delete_link(host_if)
         links.delete_netns(name)
+
+
+class EventLog:
+    """Everything `pilus monitor` streams (drops and policy verdicts) while a test runs."""
+
+    def __init__(self, api) -> None:
+        self.events: list[dict] = []
+        self._stream = api.stream_monitor(type="drop,policy-verdict")
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self) -> None:
+        for event in self._stream:
+            self.events.append(event)
+
+    def find(self, predicate, timeout: float = 3.0) -> dict | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in list(self.events):
+                if predicate(event):
+                    return event
+            time.sleep(0.05)
+        return None
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):

@@ -273,9 +273,6 @@ def test_refuses_leftovers(state_root, cleanup):
         links.delete_netns(f"pilus-{name}-node1")
 
 
-@pytest.mark.skipif(
-    not (REPO / "src/pilus/agent.py").exists(), reason="the pilus agent is not written yet"
-)
 def test_real_agents(state_root, cleanup):
     """The real `pilus agent` under the supervisor: healthy, endpoint API, restart, clean down."""
     name = _name("a")

@@ -5,14 +5,13 @@ denial, and `policy trace` agreeing with what the datapath did."""
 from __future__ import annotations
 
 import textwrap
-import threading
 import time
 
 import pytest
 
 from pilus.api.client import APIError
 
-from .conftest import EXTERNAL_IP, probe, wait_for
+from .conftest import EXTERNAL_IP, EventLog, probe, wait_for
 
 HTTP, ALT, DB = 80, 8080, 5432
 
@@ -29,26 +28,6 @@ PODS = {
 _LOGS: list[EventLog] = []  # the module's monitor, reset whenever a scenario starts
 
 
-class EventLog:
-    """Everything the monitor streams while the module runs."""
-
-    def __init__(self, api) -> None:
-        self.events: list[dict] = []
-        self._stream = api.stream_monitor(type="drop,policy-verdict")
-        threading.Thread(target=self._collect, daemon=True).start()
-
-    def _collect(self) -> None:
-        for event in self._stream:
-            self.events.append(event)
-
-    def find(self, predicate, timeout: float = 3.0) -> dict | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for event in list(self.events):
-                if predicate(event):
-                    return event
-            time.sleep(0.05)
-        return None
 
 
 @pytest.fixture(scope="module")

@@ -8,45 +8,22 @@ from __future__ import annotations
 
 import contextlib
 import textwrap
-import threading
 import time
 
 import pytest
 
 from pilus.api.client import APIError
 
-from .conftest import probe, wait_for
+from .conftest import EventLog, probe, wait_for
 
 PORT = 8080
 WEB_VIP, DB_VIP, LATE_VIP = "10.96.30.10", "10.96.30.11", "10.96.30.12"
 
 
-class EventLog:
-    def __init__(self, api) -> None:
-        self.events: list[dict] = []
-        self._stream = api.stream_monitor(type="drop,policy-verdict")
-        threading.Thread(target=self._collect, daemon=True).start()
-
-    def _collect(self) -> None:
-        for event in self._stream:
-            self.events.append(event)
-
-    def find(self, predicate, timeout: float = 3.0) -> dict | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for event in list(self.events):
-                if predicate(event):
-                    return event
-            time.sleep(0.05)
-        return None
 
 
 @pytest.fixture(scope="module")
 def svc_api(api):
-    try:
-        api.list_services()
-    except APIError as exc:
-        pytest.skip(f"the agent serves no service API ({exc.status})")
     return api
 
 

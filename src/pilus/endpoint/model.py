@@ -12,9 +12,9 @@ from pathlib import Path
 
 from pilus.datapath import ENDPOINT_F_POLICY_EGRESS, ENDPOINT_F_POLICY_INGRESS, EndpointInfo
 from pilus.endpoint.state import State, check_transition
+from pilus.identity.labels import is_dns_label
 
 # Kubernetes DNS-1123 label: namespaces and pod names.
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
@@ -52,7 +52,7 @@ def split_name(name: str) -> tuple[str, str]:
     namespace, _, pod = name.rpartition("/")
     namespace = namespace or "default"
     for what, value in (("namespace", namespace), ("name", pod)):
-        if not _DNS_LABEL.match(value):
+        if not is_dns_label(value):
             raise EndpointNameError(
                 f"endpoint {what} {value!r} is invalid: use 1-63 lowercase letters, digits "
                 "and '-', starting and ending with a letter or digit (e.g. default/xwing)"

@@ -84,6 +84,11 @@ def _valid_name(s: str) -> bool:
     return len(s) <= 63 and bool(_NAME_RE.match(s))
 
 
+def is_dns_label(s: str) -> bool:
+    """A Kubernetes DNS-1123 label (namespace, pod, service names): 1-63 of [a-z0-9-]."""
+    return len(s) <= 63 and bool(_DNS_LABEL_RE.match(s))
+
+
 def _valid_dns_subdomain(s: str) -> bool:
     return 0 < len(s) <= 253 and all(_DNS_LABEL_RE.match(part) for part in s.split("."))
 

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import Mapping
 
-from pilus.identity.labels import Label, LabelError
+from pilus.identity.labels import Label, LabelError, is_dns_label
 from pilus.kvstore.base import Store
 from pilus.policy.schema import PolicyDoc, parse_policies
 
 POLICY_KEY = "pilus/state/policies/v1/set"
 NAMESPACE_PREFIX = "pilus/state/namespaces/v1/"
 METADATA_NAME = "kubernetes.io/metadata.name"
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 class PolicyNotFound(LookupError):
@@ -94,7 +92,7 @@ class PolicyDistribution:
         return out
 
     async def put_namespace(self, name: str, labels: Mapping[str, str]) -> dict[str, str]:
-        if not _DNS_LABEL.match(name):
+        if not is_dns_label(name):
             raise NamespaceError(f"namespace name {name!r} is invalid: use 1-63 lowercase letters, digits and '-'")
         for key, value in labels.items():
             try:
