@@ -117,3 +117,26 @@ def test_enforcement_always_denies_without_policy(agent):
         assert client.healthz()["policy"]["mode"] == "always"
     finally:
         servers.stop()
+
+
+def test_bpffs_not_usable_is_one_line_and_changes_nothing(tmp_path):
+    from pilus.datapath import links
+
+    netns = f"pilus-{NODE}-nobpffs"
+    links.delete_netns(netns)
+    links.create_netns(netns)
+    try:
+        done = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{netns}", "--", sys.executable, "-m", "pilus", "agent",
+             "--node-name", f"{NODE}x", "--state-dir", str(tmp_path / "s"), "--pod-cidr", "10.202.8.0/24",
+             "--bpffs-root", str(tmp_path / "not-bpffs")],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert done.returncode == 1
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "bpffs" in lines[0], done.stderr
+        # nothing was set up in the node namespace: no router device, no endpoints
+        assert links.link_info("pilus_host", netns=netns) is None
+        assert not links.list_netns(f"pilus-{NODE}x-ep")
+    finally:
+        links.delete_netns(netns)

@@ -166,3 +166,16 @@ def test_policy_deny_closure():
         PolicyKey(9, False, 6, 8000, 13),
         PolicyKey(9, False, 6, 8004, 15),
     ]
+
+
+def test_libbpf_missing_is_one_line(monkeypatch):
+    from pilus.datapath import _libbpf
+
+    def no_such_library(name, *args, **kwargs):
+        raise OSError(f"{name}: cannot open shared object file: No such file or directory")
+
+    monkeypatch.setattr(_libbpf.ctypes, "CDLL", no_such_library)
+    with pytest.raises(_libbpf.LibbpfMissing) as ei:
+        _libbpf._load()
+    msg = str(ei.value)
+    assert "\n" not in msg and "make setup" in msg and "libbpf1" in msg
