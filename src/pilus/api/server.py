@@ -22,7 +22,8 @@ from pilus.endpoint.model import EndpointNameError
 from pilus.errors import TraceInputError
 from pilus.identity.labels import LabelError
 from pilus.ipam.hostscope import IPAMExhausted
-from pilus.policy.distribution import NamespaceError, PolicyNotFound
+from pilus.policy.distribution import NamespaceError
+from pilus.policy.repository import PolicyNotFound
 from pilus.policy.schema import PolicyValidationError
 
 if TYPE_CHECKING:

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 from pilus.identity.labels import Label, LabelError, is_dns_label
 from pilus.kvstore.base import Store
+from pilus.policy.repository import PolicyNotFound, Repository
 from pilus.policy.schema import PolicyDoc, parse_policies
 
 POLICY_KEY = "pilus/state/policies/v1/set"
@@ -25,16 +26,8 @@ NAMESPACE_PREFIX = "pilus/state/namespaces/v1/"
 METADATA_NAME = "kubernetes.io/metadata.name"
 
 
-class PolicyNotFound(LookupError):
-    pass
-
-
 class NamespaceError(ValueError):
     pass
-
-
-def _identity(doc: PolicyDoc) -> tuple[str, str | None, str]:
-    return (doc.kind, doc.namespace, doc.name)
 
 
 def _parse_set(value: str) -> list[PolicyDoc]:
@@ -57,26 +50,36 @@ class PolicyDistribution:
             self._parsed = (kv.mod_revision, await asyncio.to_thread(_parse_set, kv.value))
         return self._parsed
 
+    async def _repository(self) -> Repository:
+        repo = Repository()
+        repo.add((await self.load())[1])
+        return repo
+
     async def import_text(self, text: str) -> tuple[int, list[PolicyDoc]]:
         docs = await asyncio.to_thread(parse_policies, text)  # PolicyValidationError: nothing written
         async with self._write:
-            _rev, current = await self.load()
-            incoming = {_identity(d) for d in docs}
-            merged = [d for d in current if _identity(d) not in incoming] + docs
-            return await self._write_set(merged), docs
+            repo = await self._repository()
+            repo.add(docs)  # same kind/namespace/name replaces
+            return await self._write_set(repo.docs()), docs
 
     async def delete(self, name: str | None, namespace: str | None, *, everything: bool = False) -> tuple[int, int]:
-        """Delete one policy by name (any kind, optionally in one namespace) or all; (revision, count)."""
+        """Delete all policies, or those called `name` (in `namespace`, or in any namespace and
+        cluster-wide when it is None); returns (revision, count). PolicyNotFound: nothing deleted."""
         async with self._write:
-            _rev, current = await self.load()
+            repo = await self._repository()
+            before = len(repo)
             if everything:
-                keep = []
+                repo.delete_all()
             else:
-                keep = [d for d in current if not (d.name == name and (namespace is None or d.namespace == namespace))]
-                if len(keep) == len(current):
+                scopes = {(d.kind, d.namespace) for d in repo.docs() if d.name == name}
+                if namespace is not None:
+                    scopes = {(kind, ns) for kind, ns in scopes if ns == namespace}
+                if not scopes:
                     where = f" in namespace {namespace!r}" if namespace else ""
                     raise PolicyNotFound(f"policy {name!r}{where} not found: nothing deleted (see `pilus policy get`)")
-            return await self._write_set(keep), len(current) - len(keep)
+                for kind, ns in scopes:
+                    repo.delete(name, ns, kind)
+            return await self._write_set(repo.docs()), before - len(repo)
 
     async def _write_set(self, docs: list[PolicyDoc]) -> int:
         revision = await self.store.put(POLICY_KEY, json.dumps({"policies": [d.raw for d in docs]}))
