@@ -58,8 +58,9 @@ def test_kill_agent_during_tcp_exchange(api, pair, servers):
     result = json.loads(out.strip().splitlines()[-1])
     assert result["ok"], result
     assert result["round_trips"] > 100
-    # a stall would show as a gap of a TCP retransmission timeout (>= 200 ms) or more
-    assert result["max_gap_ms"] < 200, result
+    # nothing was lost while the agent was down and restarting: TCP never retransmitted
+    assert result["retransmits"] == 0, result
+    assert result["max_gap_ms"] < 1000, result  # and it never stalled (generous: a noisy VM)
     after = api.list_endpoints()
     key = lambda eps: sorted((e["id"], e["name"], e["ipv4"], e["identity"], e["state"]) for e in eps)  # noqa: E731
     assert key(after) == key(before)

@@ -135,8 +135,15 @@ def spoof_udp(src: str, dst: str, port: str, message: str = "spoofed") -> None:
     _out(ok=True, sent=len(ip_header) + len(udp))
 
 
+def _total_retrans(conn: socket.socket) -> int:
+    """tcp_info.tcpi_total_retrans (u32 at offset 100 of struct tcp_info, linux/tcp.h)."""
+    info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return struct.unpack_from("I", info, 100)[0]
+
+
 def tcp_stream(ip: str, port: str, seconds: str) -> None:
-    """Round trips on one TCP connection for N seconds; reports the longest gap."""
+    """Round trips on one TCP connection for N seconds; reports the longest gap and how
+    many segments TCP had to retransmit (a dropped packet shows there, whatever the timing)."""
     conn = socket.create_connection((ip, int(port)), timeout=10)
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     end = time.monotonic() + float(seconds)
@@ -157,7 +164,7 @@ def tcp_stream(ip: str, port: str, seconds: str) -> None:
             last = now
             count += 1
             time.sleep(0.005)
-        _out(ok=True, round_trips=count, max_gap_ms=round(max_gap * 1000, 1))
+        _out(ok=True, round_trips=count, max_gap_ms=round(max_gap * 1000, 1), retransmits=_total_retrans(conn))
     except OSError as exc:
         _out(ok=False, error=str(exc), round_trips=count, max_gap_ms=round(max_gap * 1000, 1))
 
