@@ -12,6 +12,7 @@ Components, in start order (stop runs in reverse):
   endpoints   restore saved endpoints, then serve create/delete
   events      ring buffer -> monitor subscribers
   api         REST on <state-dir>/pilus.sock
+  prometheus  optional /metrics on --prometheus-serve-addr
 Constructors do no I/O; `start()` does.
 """
 
@@ -48,6 +49,7 @@ from pilus.ipam.hostscope import HostScopeIPAM
 from pilus.kvstore import open_store
 from pilus.loadbalancer.manager import ServiceManager, endpoints_for_services
 from pilus.metrics.collector import AgentCollector, Sample, datapath_samples
+from pilus.metrics.server import PrometheusServer, parse_addr
 from pilus.node import setup as node_setup
 from pilus.observer.monitor import EventHub
 from pilus.policy.distribution import PolicyDistribution
@@ -75,6 +77,7 @@ class AgentConfig:
     cluster_cidr: IPv4Network | None = None
     lb_algorithm: str = "random"
     maglev_table_size: int = 16381
+    prometheus_addr: tuple[str, int] | None = None
     socket_lb: bool = False  # also translate services at connect()/sendmsg() (bpf_sock.c)
 
     @property
@@ -117,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "off: per-packet translation only")
     p.add_argument("--bpf-lb-maglev-table-size", type=_maglev_size, default=16381, metavar="M",
                    help="Maglev lookup table size per service, a prime (Cilium's flag; default 16381)")
+    p.add_argument("--prometheus-serve-addr", type=_listen_addr, metavar="[HOST]:PORT",
+                   help="serve Prometheus metrics on this TCP address, e.g. :9962 (off by default)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     p.add_argument("--describe", action="store_true", help="print the components and settings, then exit")
     return p
@@ -127,6 +132,13 @@ def _cidr(text: str) -> IPv4Network:
         return IPv4Network(text, strict=True)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected an IPv4 CIDR like 10.200.1.0/24 ({exc})") from None
+
+
+def _listen_addr(text: str) -> tuple[str, int]:
+    try:
+        return parse_addr(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _maglev_size(text: str) -> int:
@@ -150,6 +162,7 @@ class Agent:
         self.policy_engine = PolicyEngine(mode=cfg.policy_enforcement, cluster=cfg.cluster_name)
         self.policy: PolicySync | None = None
         self.services: ServiceManager | None = None
+        self.prometheus: PrometheusServer | None = None
         self.events: EventHub | None = None
         self.api = APIServer(self, cfg.socket_path)
         self.registry = CollectorRegistry()
@@ -218,6 +231,10 @@ class Agent:
         self._started.append("events")
         await self.api.start()
         self._started.append("api")
+        if cfg.prometheus_addr is not None:
+            self.prometheus = PrometheusServer(self.registry, *cfg.prometheus_addr)
+            await self.prometheus.start()
+            self._started.append("prometheus")
         log.info(
             "agent %s ready: pod CIDR %s, router %s, node IP %s, %d endpoints restored",
             cfg.node_name, cfg.pod_cidr, self.router_ip, self.node_ip, len(restored),
@@ -229,6 +246,8 @@ class Agent:
             try:
                 if name == "api":
                     await self.api.stop()
+                elif name == "prometheus" and self.prometheus:
+                    await self.prometheus.stop()
                 elif name == "events" and self.events:
                     await self.events.stop()
                 elif name == "identities":
@@ -443,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         lb_algorithm=args.lb_algorithm,
         socket_lb=args.socket_lb,
         maglev_table_size=args.bpf_lb_maglev_table_size,
+        prometheus_addr=args.prometheus_serve_addr,
     )
     if args.describe:
         print(describe(cfg))

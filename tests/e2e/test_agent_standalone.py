@@ -140,3 +140,20 @@ def test_bpffs_not_usable_is_one_line_and_changes_nothing(tmp_path):
         assert not links.list_netns(f"pilus-{NODE}x-ep")
     finally:
         links.delete_netns(netns)
+
+
+@pytest.mark.parametrize("agent", [["--prometheus-serve-addr", "127.0.0.1:9962"]], indirect=True)
+def test_prometheus_endpoint_in_the_node_namespace(agent):
+    _cmd, client, created = agent
+    created.append(client.create_endpoint("default/metered", ["app=m"])["id"])
+    fetch = (
+        "import urllib.request;"
+        "print(urllib.request.urlopen('http://127.0.0.1:9962/metrics', timeout=5).read().decode())"
+    )
+    done = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{NETNS}", "--", sys.executable, "-c", fetch],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert 'pilus_endpoint_state{endpoint_state="ready"} 1.0' in done.stdout
+    assert "pilus_events_lost_total" in done.stdout
