@@ -64,3 +64,43 @@ def test_kill_agent_during_tcp_exchange(api, pair, servers):
     after = api.list_endpoints()
     key = lambda eps: sorted((e["id"], e["name"], e["ipv4"], e["identity"], e["state"]) for e in eps)  # noqa: E731
     assert key(after) == key(before)
+
+
+def test_policy_keeps_being_enforced_while_the_agent_is_down(api, servers):
+    from .conftest import probe
+
+    server = api.create_endpoint("default/vault", ["app=vault"])
+    friend = api.create_endpoint("default/friend", ["app=friend"])
+    stranger = api.create_endpoint("default/stranger", ["app=stranger"])
+    try:
+        servers.start(server["netns"], "tcp-server", PORT)
+        api.request("PUT", "/policy", {"yaml": (
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\n"
+            "metadata: {name: vault, namespace: default}\n"
+            "spec:\n  endpointSelector: {matchLabels: {app: vault}}\n"
+            f"  ingress: [{{fromEndpoints: [{{matchLabels: {{app: friend}}}}], "
+            f"toPorts: [{{ports: [{{port: \"{PORT}\", protocol: TCP}}]}}]}}]\n"
+        )})
+
+        def verdicts():
+            return (probe(friend["netns"], "tcp-connect", server["ipv4"], str(PORT), "whoami", "1")["ok"],
+                    probe(stranger["netns"], "tcp-connect", server["ipv4"], str(PORT), "whoami", "1")["ok"])
+
+        assert verdicts() == (True, False)
+        old_pid = _agent_pid(api)
+        os.kill(old_pid, signal.SIGSTOP)  # the agent is frozen: only the datapath is left
+        try:
+            assert verdicts() == (True, False)
+        finally:
+            os.kill(old_pid, signal.SIGKILL)
+            os.kill(old_pid, signal.SIGCONT)
+        assert wait_for(lambda: (p := _agent_pid(api)) and p != old_pid, timeout=20)
+        assert verdicts() == (True, False)  # and after the restart, from the restored state
+        entries = api.request("GET", "/bpf/policy/default/vault")["entries"]
+        assert any(e["identity"] == friend["identity"] and e["dport"] == PORT for e in entries)
+    finally:
+        with contextlib.suppress(Exception):
+            api.request("DELETE", "/policy?name=vault&namespace=default")
+        for ep in (server, friend, stranger):
+            with contextlib.suppress(Exception):
+                api.delete_endpoint(ep["id"])
