@@ -3,8 +3,15 @@
 import os
 
 import pytest
+from hypothesis import settings
 
 IS_ROOT = os.geteuid() == 0
+
+# Property tests explore at random while developing; CI replays a fixed set of examples
+# (derandomized) with no per-example deadline, so a noisy machine cannot make it flaky.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
 def pytest_collection_modifyitems(config, items):
