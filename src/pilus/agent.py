@@ -44,7 +44,7 @@ from pilus.endpoint.policy_sync import PolicySync
 from pilus.errors import TraceInputError
 from pilus.identity import reserved
 from pilus.identity.allocator import IdentityAllocator
-from pilus.identity.labels import Labels, endpoint_labels, parse_labels
+from pilus.identity.labels import Label, Labels, endpoint_labels, parse_labels
 from pilus.ipam.hostscope import HostScopeIPAM
 from pilus.kvstore import open_store
 from pilus.loadbalancer.manager import ServiceManager, endpoints_for_services
@@ -312,14 +312,37 @@ class Agent:
 
     # -- views for the API ---------------------------------------------------
 
-    def _trace_labels(self, body: dict, side: str) -> tuple[Labels, bool]:
-        """Labels of one side of a trace: a local endpoint, or labels as a pod would carry them."""
+    async def _identity_of_ip(self, text: str) -> tuple[int, Labels]:
+        """What the datapath would see for this address: the ipcache's longest prefix."""
+        try:
+            addr = IPv4Address(text)
+        except ValueError:
+            raise TraceInputError(f"{text!r} is not an IPv4 address") from None
+        matches = [(p, ident) for p, ident, _tep in self.datapath.ipcache.items() if addr in p]
+        ident = max(matches, key=lambda m: m[0].prefixlen)[1] if matches else reserved.WORLD
+        if reserved.is_reserved(ident):
+            return ident, reserved.reserved_by_id(ident).labels
+        for prefix, local_id in self.policy.cidr_identities.items():
+            if local_id == ident:
+                return ident, Labels([Label("cidr", str(prefix)), Label("reserved", "world")])
+        found = await self.identities.get(ident)
+        if found is None:
+            raise TraceInputError(f"{text} maps to identity {ident}, which is not known (yet)")
+        return ident, found.labels
+
+    async def _trace_labels(self, body: dict, side: str) -> tuple[Labels, bool]:
+        """Labels of one side of a trace: a local endpoint, an IP address (resolved as the
+        datapath does, through the ipcache), or labels as a pod would carry them."""
         ref = body.get(f"{side}_endpoint")
         if ref is not None:
             return parse_labels(self.endpoints.lookup(str(ref)).labels), True
+        ip = body.get(f"{side}_ip")
+        if ip is not None:
+            ident, labels = await self._identity_of_ip(str(ip))
+            return labels, not reserved.is_reserved(ident) and not reserved.is_local(ident)
         raw = body.get(f"{side}_labels")
         if raw is None:
-            raise TraceInputError(f"give {side}_endpoint or {side}_labels")
+            raise TraceInputError(f"give {side}_endpoint, {side}_ip or {side}_labels")
         parsed = parse_labels(raw)
         if any(label.source == "reserved" for label in parsed):
             return parsed, False
@@ -330,8 +353,8 @@ class Agent:
         return labels, True
 
     async def trace(self, body: dict) -> dict:
-        src, src_local = self._trace_labels(body, "src")
-        dst, dst_local = self._trace_labels(body, "dst")
+        src, src_local = await self._trace_labels(body, "src")
+        dst, dst_local = await self._trace_labels(body, "dst")
         port_text = str(body.get("dport", "0"))
         port, _, proto_name = port_text.partition("/")
         proto_name = (proto_name or body.get("protocol") or "TCP").upper()

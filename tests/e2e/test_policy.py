@@ -217,6 +217,11 @@ def test_egress_default_deny_with_cidr_and_except(api, world):
     xwing = ip(pods, "default/xwing")
     assert tcp(pods, "default/xwing", EXTERNAL_IP, ALT)
     assert not tcp(pods, "default/xwing", EXTERNAL_IP, HTTP)
+    # the trace resolves the external address through the ipcache, as the datapath did
+    for port, verdict in ((ALT, "ALLOWED"), (HTTP, "DENIED")):
+        traced = api.request("POST", "/policy/trace",
+                             {"src_endpoint": "default/xwing", "dst_ip": EXTERNAL_IP, "dport": f"{port}/TCP"})
+        assert traced["verdict"] == verdict, traced
     assert not reach(api, pods, "default/xwing", "default/deathstar", HTTP)
     assert_denied(log, xwing, ip(pods, "default/deathstar"), HTTP, 133, "egress")
     assert tcp(pods, "default/tiefighter", EXTERNAL_IP, HTTP)  # not selected
@@ -232,6 +237,9 @@ def test_egress_default_deny_with_cidr_and_except(api, world):
             - ipBlock: {{cidr: 172.31.250.0/24, except: [{EXTERNAL_IP}/32]}}
     """)
     assert not tcp(pods, "default/xwing", EXTERNAL_IP, ALT)
+    traced = api.request("POST", "/policy/trace",
+                         {"src_endpoint": "default/xwing", "dst_ip": EXTERNAL_IP, "dport": f"{ALT}/TCP"})
+    assert traced["verdict"] == "DENIED", traced  # the except carves the address out
 
 
 def test_port_range_and_named_port(api, world):

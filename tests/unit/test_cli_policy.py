@@ -202,9 +202,13 @@ def test_trace_args():
     assert (ns.src_labels, ns.src_namespace, ns.dst_labels, ns.dport) == (
         "org=alliance", "rebels", "org=empire,class=deathstar", "53/TCP")
     assert parse("policy", "trace", "-s", "reserved:world", "-d", "a=b").dport is None
+    ns = parse("policy", "trace", "--src-endpoint", "xwing", "--dst-ip", "172.31.250.200", "--dport", "80")
+    assert policy.trace_request(ns) == {"src_endpoint": "default/xwing", "dst_ip": "172.31.250.200",
+                                        "dport": "80/TCP"}
 
 
 @pytest.mark.parametrize("argv, message", [
+    (["policy", "trace", "--src-endpoint", "1", "--dst-ip", "10.1.2"], "expected an IPv4 address"),
     (["policy", "trace", "--dst-endpoint", "1"], "one of the arguments --src-endpoint"),
     (["policy", "trace", "--src-endpoint", "1", "--src-labels", "a=b", "--dst-endpoint", "2"],
      "not allowed with argument"),

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
 
 from pilus.cli import common, output
@@ -82,8 +83,9 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
         description="Evaluate the policies in force for a connection from a source to a\n"
                     "destination port, and show which rules select each side and allow or\n"
                     "deny it (egress at the source, ingress at the destination). Each side\n"
-                    "is a local endpoint (--src-endpoint) or pod labels (--src-labels, in\n"
-                    "namespace --src-namespace, default 'default').",
+                    "is a local endpoint (--src-endpoint), an address (--src-ip, resolved\n"
+                    "through the ipcache as the datapath does) or pod labels (--src-labels,\n"
+                    "in namespace --src-namespace, default 'default').",
         epilog="examples:\n"
                "  pilus policy trace --src-endpoint default/xwing --dst-endpoint "
                "default/deathstar --dport 80/TCP\n"
@@ -95,6 +97,9 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
         grp = t.add_mutually_exclusive_group(required=True)
         grp.add_argument(f"--{side}-endpoint", metavar="ENDPOINT", type=common.endpoint_ref,
                          default=None, help=f"{word} endpoint: ID or NAMESPACE/NAME")
+        grp.add_argument(f"--{side}-ip", metavar="IP", type=_ipv4, default=None,
+                         help=f"{word} address, resolved to its identity through the ipcache "
+                              "(as the datapath does: a pod, the host, a CIDR identity or world)")
         grp.add_argument(f"--{side}-labels", short, metavar="K=V[,K=V...]",
                          type=label_selector, default=None,
                          help=f"{word} labels, e.g. org=empire,class=deathstar "
@@ -116,6 +121,13 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
     common.add_output_option(s)
     s.add_argument("--no-headers", action="store_true", help="omit the header line")
     s.set_defaults(func=cmd_selectors)
+
+
+def _ipv4(text: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an IPv4 address like 10.200.1.3, got {text!r}") from None
 
 
 def _namespace(text: str) -> str:
@@ -261,7 +273,12 @@ def trace_request(args: argparse.Namespace) -> dict:
         ref = getattr(args, f"{side}_endpoint")
         labels = getattr(args, f"{side}_labels")
         ns = getattr(args, f"{side}_namespace")
-        if ref is not None:
+        ip = getattr(args, f"{side}_ip", None)
+        if ip is not None:
+            if ns is not None:
+                args._parser.error(f"--{side}-namespace goes with --{side}-labels")
+            body[f"{side}_ip"] = ip
+        elif ref is not None:
             if ns is not None:
                 args._parser.error(f"--{side}-namespace goes with --{side}-labels "
                                    f"(--{side}-endpoint names its namespace: NAMESPACE/NAME)")
