@@ -27,6 +27,7 @@ import signal
 import socket
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -177,7 +178,7 @@ class Agent:
         cfg = self.cfg
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock()
-        # pyroute2's synchronous API runs its own event loop: netlink work goes to a thread
+        # blocking work (netlink, nft, clang, libbpf) runs in threads: the loop stays free
         node_ip, device = await asyncio.to_thread(node_setup.detect_node_ip, cfg.native_device)
         self.node_ip = node_ip or self.router_ip
         self.datapath = Datapath(
@@ -380,12 +381,12 @@ class Agent:
             })
         return sorted(rows, key=lambda r: r["id"])
 
+    def _endpoints_by_state(self) -> dict[str, int]:
+        return dict(Counter(ep.state.value for ep in (self.endpoints.list() if self.endpoints else [])))
+
     def samples(self) -> list[Sample]:
         out = datapath_samples(self.datapath.metrics.items()) if self.datapath else []
-        states: dict[str, int] = {}
-        for ep in self.endpoints.list() if self.endpoints else []:
-            states[ep.state.value] = states.get(ep.state.value, 0) + 1
-        for state, count in sorted(states.items()):
+        for state, count in sorted(self._endpoints_by_state().items()):
             out.append(Sample("pilus_endpoint_state", {"endpoint_state": state}, count, "gauge",
                               "Endpoints on this node by state"))
         if self.events:
@@ -397,10 +398,7 @@ class Agent:
 
     async def status(self) -> dict:
         dp = self.datapath
-        eps = self.endpoints.list() if self.endpoints else []
-        by_state: dict[str, int] = {}
-        for ep in eps:
-            by_state[ep.state.value] = by_state.get(ep.state.value, 0) + 1
+        by_state = self._endpoints_by_state()
         try:
             kv = await self.store.status()
             kv["state"] = "Ok" if kv.get("ok", True) else "Failure"
@@ -423,7 +421,7 @@ class Agent:
                 "maps": dp.map_stats() if dp else [],
             },
             "ipam": self.ipam.stats(),
-            "endpoints": {"total": len(eps), "by_state": by_state},
+            "endpoints": {"total": sum(by_state.values()), "by_state": by_state},
             "identities": {"allocated": len(identities)},
             "policy": {
                 "mode": self.cfg.policy_enforcement,

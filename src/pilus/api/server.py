@@ -22,6 +22,7 @@ from pilus.endpoint.model import EndpointNameError
 from pilus.errors import TraceInputError
 from pilus.identity.labels import LabelError
 from pilus.ipam.hostscope import IPAMExhausted
+from pilus.metrics.server import exposition
 from pilus.policy.distribution import NamespaceError
 from pilus.policy.repository import PolicyNotFound
 from pilus.policy.schema import PolicyValidationError
@@ -194,9 +195,7 @@ class APIServer:
         )
 
     async def metrics_prometheus(self, request: web.Request) -> web.Response:
-        from prometheus_client import generate_latest
-
-        return web.Response(body=generate_latest(self.agent.registry), content_type="text/plain")
+        return exposition(self.agent.registry)
 
     async def monitor(self, request: web.Request) -> web.StreamResponse:
         types_arg = request.query.get("type")

@@ -7,6 +7,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 
+def exposition(registry: CollectorRegistry) -> web.Response:
+    """The registry in Prometheus' text format (served here and at /v1/metrics/prometheus)."""
+    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 def parse_addr(text: str) -> tuple[str, int]:
     """':9962' or '127.0.0.1:9962' -> (host, port); ValueError with what is expected."""
     host, sep, port = text.rpartition(":")
@@ -33,5 +38,4 @@ class PrometheusServer:
             await self._runner.cleanup()
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return exposition(self.registry)

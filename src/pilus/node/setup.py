@@ -11,9 +11,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
-
-from pyroute2 import IPRoute
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from pilus.datapath import links
 
@@ -43,23 +41,14 @@ def router_ip_for(pod_cidr: IPv4Network) -> IPv4Address:
 
 def detect_node_ip(native_device: str | None) -> tuple[IPv4Address | None, str | None]:
     """The first IPv4 address of the native device (or of the default route's device)."""
-    with IPRoute() as ipr:
-        if native_device is None:
-            for route in ipr.get_default_routes(family=2):
-                oif = route.get("oif")
-                if oif:
-                    native_device = ipr.get_links(oif)[0].get("ifname")
-                    break
+    if native_device is None:
+        native_device = links.default_route_device()
         if native_device is None:
             return None, None
-        idx = ipr.link_lookup(ifname=native_device)
-        if not idx:
-            raise NodeSetupError(
-                f"native device {native_device!r} does not exist in this network namespace"
-            )
-        for addr in ipr.get_addr(family=2, index=idx[0]):
-            return IPv4Address(addr.get("address")), native_device
-    return None, native_device
+    if links.link_info(native_device) is None:
+        raise NodeSetupError(f"native device {native_device!r} does not exist in this network namespace")
+    addrs = links.addresses(native_device)
+    return (IPv4Interface(addrs[0]).ip if addrs else None), native_device
 
 
 def setup_node(addressing: NodeAddressing) -> None:

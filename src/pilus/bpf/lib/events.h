@@ -82,6 +82,20 @@ static __always_inline void fill_capture_hdr(struct __sk_buff *skb,
 	hdr->version = NOTIFY_CAPTURE_VER;
 }
 
+/* Space for one event on the ring, or NULL when the rate limit or a full ring
+ * says no (both counted as lost). */
+static __always_inline void *event_reserve(__u64 size)
+{
+	void *n;
+
+	if (!events_allow())
+		return NULL;
+	n = bpf_ringbuf_reserve(&pilus_events, size, 0);
+	if (!n)
+		events_lost_inc(EVENTS_LOST_RINGBUF);
+	return n;
+}
+
 static __always_inline void send_drop_notify(struct __sk_buff *skb, __u16 source,
 					     __u32 src_label, __u32 dst_label,
 					     __u32 dst_id, __u32 ifindex,
@@ -89,13 +103,9 @@ static __always_inline void send_drop_notify(struct __sk_buff *skb, __u16 source
 {
 	struct drop_notify *n;
 
-	if (!events_allow())
+	n = event_reserve(sizeof(*n));
+	if (!n)
 		return;
-	n = bpf_ringbuf_reserve(&pilus_events, sizeof(*n), 0);
-	if (!n) {
-		events_lost_inc(EVENTS_LOST_RINGBUF);
-		return;
-	}
 	fill_capture_hdr(skb, &n->hdr, NOTIFY_DROP, reason, source);
 	n->src_label = src_label;
 	n->dst_label = dst_label;
@@ -116,13 +126,9 @@ static __always_inline void send_trace_notify(struct __sk_buff *skb, __u8 obs_po
 {
 	struct trace_notify *n;
 
-	if (!events_allow())
+	n = event_reserve(sizeof(*n));
+	if (!n)
 		return;
-	n = bpf_ringbuf_reserve(&pilus_events, sizeof(*n), 0);
-	if (!n) {
-		events_lost_inc(EVENTS_LOST_RINGBUF);
-		return;
-	}
 	fill_capture_hdr(skb, &n->hdr, NOTIFY_TRACE, obs_point, source);
 	n->src_label = src_label;
 	n->dst_label = dst_label;

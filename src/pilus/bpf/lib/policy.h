@@ -109,13 +109,9 @@ static __always_inline void send_policy_verdict(struct __sk_buff *skb, __u16 ep_
 {
 	struct policy_verdict_notify *n;
 
-	if (!events_allow())
+	n = event_reserve(sizeof(*n));
+	if (!n)
 		return;
-	n = bpf_ringbuf_reserve(&pilus_events, sizeof(*n), 0);
-	if (!n) {
-		events_lost_inc(EVENTS_LOST_RINGBUF);
-		return;
-	}
 	fill_capture_hdr(skb, &n->hdr, NOTIFY_POLICY_VERDICT, 0, ep_id);
 	n->remote_label = remote_id;
 	n->local_label = local_id;
