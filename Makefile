@@ -2,14 +2,14 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PILUS   := $(VENV)/bin/pilus
-APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool iproute2 nftables iptables ipset iperf3 util-linux \
-            python3-venv python3-pip make gcc
+# the one list of programs and their Debian packages (tests/unit/test_programs.py keeps it true)
+APT_PKGS := $(shell awk -F'\t' '!/^\#/ && NF == 3 {print $$2}' src/pilus/programs.tsv | sort -u)
 
 .PHONY: setup demo test test-unit test-bpf test-e2e bench lint clean
 
 setup:
 	@# idempotent and quick when everything is present
-	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(APT_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "setup: installing$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

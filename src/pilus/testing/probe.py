@@ -1,4 +1,4 @@
-"""Network probes run inside a namespace: `ip netns exec NS python -m pilus.testing.probe CMD ...`.
+"""Network probes run inside a namespace: `ip netns exec NS python3 -m pilus.testing.probe CMD ...`.
 
 Every client command prints one JSON line ({"ok": bool, ...}) and exits 0, so a
 caller can tell "connected" from "timed out" from "refused" by reading it. Servers
