@@ -253,6 +253,26 @@ def test_release_and_gc(tmp_path):
     run(main())
 
 
+def test_release_with_collect_deletes_only_what_nobody_uses(tmp_path):
+    async def main():
+        async with Cluster(tmp_path / "kv.db", 2) as c:
+            a1, a2 = c.allocs
+            shared, mine = parse_labels("app=shared"), parse_labels("app=mine")
+            s = await a1.allocate(shared)
+            await a2.allocate(shared)
+            m = await a1.allocate(mine)
+            await a1.allocate(mine)
+            assert await a1.release(m.id, collect=True) is False  # one local reference left
+            assert await a1.release(s.id, collect=True) is True
+            assert await c.stores[0].get(f"{PREFIX}/id/{s.id}") is not None  # node2 still uses it
+            assert await a1.release(m.id, collect=True) is True
+            assert await c.stores[0].get(f"{PREFIX}/id/{m.id}") is None  # deleted now, not at GC
+            assert m.id not in {i.id for i in await a2.list()}
+            assert (await a1.allocate(mine)).labels == mine  # and can be allocated again
+
+    run(main())
+
+
 def test_dead_node_identities_are_collected(tmp_path):
     async def main():
         async with Cluster(tmp_path / "kv.db", 2, lease_ttl=0.8) as c:

@@ -178,6 +178,11 @@ class Client:
     def delete_endpoint(self, ref: int | str) -> dict:
         return self.request("DELETE", f"/endpoint/{_ref_path(ref)}")
 
+    def relabel_endpoint(self, ref: int | str, add: list[str], delete: list[str]) -> dict:
+        """{"endpoint": ..., "previous_identity": N} after deleting, then adding, pod labels."""
+        return self.request("PATCH", f"/endpoint/{_ref_path(ref)}/labels",
+                            {"add": list(add), "delete": list(delete)})
+
     def list_identities(self) -> list[dict]:
         return self.request("GET", "/identity") or []
 

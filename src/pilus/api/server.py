@@ -82,6 +82,7 @@ class APIServer:
         r.add_post("/v1/endpoint", self.endpoint_create)
         r.add_get("/v1/endpoint/{ref:.+}", self.endpoint_get)
         r.add_delete("/v1/endpoint/{ref:.+}", self.endpoint_delete)
+        r.add_patch("/v1/endpoint/{ref:.+}/labels", self.endpoint_labels)
         r.add_get("/v1/identity", self.identity_list)
         r.add_get("/v1/identity/{id}", self.identity_get)
         r.add_get("/v1/bpf/ipcache", self.bpf_ipcache)
@@ -152,6 +153,22 @@ class APIServer:
     async def endpoint_delete(self, request: web.Request) -> web.Response:
         ep = await self.agent.endpoints.delete(request.match_info["ref"])
         return web.json_response({"deleted": ep.id})
+
+    async def endpoint_labels(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError as exc:
+            return _error(400, f"request body is not JSON: {exc}")
+        if not isinstance(body, dict):
+            return _error(400, "request body must be a JSON object with 'add' and/or 'delete' lists")
+        changes = {}
+        for field in ("add", "delete"):
+            value = body.get(field, [])
+            if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+                return _error(400, f"field '{field}' must be a list of strings like 'org=alliance'")
+            changes[field] = value
+        ep, previous = await self.agent.endpoints.relabel(request.match_info["ref"], **changes)
+        return web.json_response({"endpoint": ep.to_json(), "previous_identity": previous})
 
     async def identity_list(self, request: web.Request) -> web.Response:
         return web.json_response(await self.agent.identity_rows())

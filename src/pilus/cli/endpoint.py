@@ -1,4 +1,4 @@
-"""``pilus endpoint create|list|get|delete``."""
+"""``pilus endpoint create|list|get|delete|labels``."""
 
 from __future__ import annotations
 
@@ -59,6 +59,22 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
                    help="endpoint ID or NAMESPACE/NAME")
     common.add_output_option(d)
     d.set_defaults(func=cmd_delete)
+
+    lb = esub.add_parser("labels", parents=[parent], help="show or change an endpoint's labels",
+                         description="Show an endpoint's labels, or change the pod labels of a "
+                                     "live endpoint (as `kubectl label pod`): deletes apply "
+                                     "first, then adds; the endpoint gets the identity of its "
+                                     "new label set and policy follows.")
+    lb.add_argument("ref", metavar="ENDPOINT", type=common.endpoint_ref,
+                    help="endpoint ID or NAMESPACE/NAME")
+    lb.add_argument("-a", "--add", metavar="K=V[,K=V...]", type=common.label_list,
+                    action="extend", default=[],
+                    help="pod labels to add, or whose value to replace (repeatable)")
+    lb.add_argument("-d", "--delete", metavar="K[,K...]", type=common.label_list,
+                    action="extend", default=[],
+                    help="pod label keys to delete (repeatable); a key the pod lacks is an error")
+    common.add_output_option(lb)
+    lb.set_defaults(func=cmd_labels)
 
 
 # IANA service name, as Kubernetes' ContainerPort.name: at most 15 lowercase letters,
@@ -141,6 +157,15 @@ def format_detail(ep: dict) -> str:
     ])
 
 
+def format_labels(ep: dict) -> str:
+    """cilium-dbg's `endpoint labels` view: each label and whether it counts for the identity."""
+    identity = set(output.sorted_labels(ep.get("labels")))
+    info = set(output.sorted_labels(ep.get("user_labels"))) - identity
+    rows = [[label, "Orchestration identity" if label in identity else "Orchestration info"]
+            for label in sorted(identity | info)]
+    return output.table(["LABEL", "SOURCE"], rows)
+
+
 def format_created(ep: dict) -> str:
     return (f"Endpoint {ep.get('id')} {ep.get('name')} created: identity {ep.get('identity')}, "
             f"IPv4 {ep.get('ipv4')}, interface {ep.get('interface_name')}, "
@@ -176,4 +201,21 @@ def cmd_delete(args: argparse.Namespace) -> int:
     else:
         deleted = res.get("deleted") if isinstance(res, dict) else None
         output.emit(f"Endpoint {deleted if deleted is not None else args.ref} deleted\n")
+    return 0
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    api = common.client(args)
+    if not args.add and not args.delete:
+        ep = api.get_endpoint(args.ref)
+        output.emit(output.dump(ep, args.output) if args.output else format_labels(ep))
+        return 0
+    res = api.relabel_endpoint(args.ref, args.add, args.delete)
+    if args.output:
+        output.emit(output.dump(res, args.output))
+        return 0
+    ep, previous = res.get("endpoint") or {}, res.get("previous_identity")
+    change = (f"identity {previous} -> {ep.get('identity')}" if previous != ep.get("identity")
+              else f"identity {ep.get('identity')} unchanged")
+    output.emit(f"Endpoint {ep.get('id')} {ep.get('name')} relabelled: {change}\n" + format_labels(ep))
     return 0

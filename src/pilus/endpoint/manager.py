@@ -20,7 +20,18 @@ from pilus.datapath import Datapath, links
 from pilus.endpoint.model import Endpoint, EndpointStore, check_named_ports, endpoint_info, split_name
 from pilus.endpoint.state import State
 from pilus.identity.allocator import IdentityAllocator
-from pilus.identity.labels import K8S, Label, LabelError, endpoint_labels, parse_label
+from pilus.identity.labels import (
+    K8S,
+    LABEL_CLUSTER,
+    LABEL_NAMESPACE,
+    LABEL_NAMESPACE_LABELS,
+    LABEL_SERVICE_ACCOUNT,
+    Label,
+    LabelError,
+    Labels,
+    endpoint_labels,
+    parse_label,
+)
 from pilus.ipam.hostscope import HostScopeIPAM
 
 if TYPE_CHECKING:
@@ -32,18 +43,55 @@ POD_IFNAME = "eth0"
 MAX_ENDPOINT_ID = 4095
 
 
+# Label keys pilus derives from the endpoint (what they come from): a pod label can
+# neither set nor remove them, as Cilium refuses changes to reserved labels.
+DERIVED_KEYS = {
+    LABEL_NAMESPACE: "its namespace",
+    LABEL_SERVICE_ACCOUNT: "its service account",
+    LABEL_CLUSTER: "the cluster",
+}
+
+
+def pod_label(text: str) -> Label:
+    """One user-given pod label: `key=value` or `k8s:key=value`; other sources are the agent's."""
+    label = parse_label(text)
+    if label.source != K8S:
+        raise LabelError(
+            f"label {text!r}: endpoint labels are pod labels (source k8s), "
+            f"source {label.source!r} is set by pilus itself"
+        )
+    origin = DERIVED_KEYS.get(label.key)
+    if origin is None and label.key.startswith(LABEL_NAMESPACE_LABELS):
+        origin = "its namespace's labels (pilus namespace set)"
+    if origin is not None:
+        raise LabelError(
+            f"label {text!r}: key {label.key!r} is set by pilus from {origin}; "
+            "it cannot be set or removed as a pod label"
+        )
+    return label
+
+
 def pod_labels(raw: list[str]) -> list[Label]:
-    """User-given pod labels: `key=value` or `k8s:key=value`; other sources are the agent's."""
-    out = []
-    for text in raw:
-        label = parse_label(text)
-        if label.source != K8S:
-            raise LabelError(
-                f"label {text!r}: endpoint labels are pod labels (source k8s), "
-                f"source {label.source!r} is set by pilus itself"
-            )
-        out.append(label)
-    return out
+    return [pod_label(text) for text in raw]
+
+
+def relabeled(current: list[str], add: list[str], delete: list[str]) -> list[str]:
+    """The pod labels after `endpoint labels --delete KEY --add KEY=VALUE` (sorted).
+
+    As cilium-dbg: deletes apply first, by key (a value given is ignored), and a key
+    the pod does not carry is an error; an add replaces the value of its key.
+    """
+    labels = {label.key: label for label in map(parse_label, current)}
+    for text in delete:
+        label = pod_label(text)
+        if label.key not in labels:
+            have = ", ".join(sorted(labels)) or "none"
+            raise LabelError(f"label {text!r}: not found on the endpoint (its pod label keys: {have})")
+    for text in delete:
+        labels.pop(parse_label(text).key, None)
+    for label in Labels(pod_labels(add)):  # LabelError when one request sets a key twice
+        labels[label.key] = label
+    return [str(labels[key]) for key in sorted(labels)]
 
 
 class EndpointExists(Exception):
@@ -168,7 +216,7 @@ class EndpointManager:
                     named_ports=named_ports,
                 )
                 identity = await self.identities.allocate(security)
-                undo.push("release identity", lambda: self.identities.release(identity.id))
+                undo.push("release identity", lambda: self.identities.release(identity.id, collect=True))
                 ep.identity = identity.id
                 ep.labels = [str(label) for label in identity.labels]
                 ep.set_state(State.REGENERATING)
@@ -188,7 +236,8 @@ class EndpointManager:
         return ep
 
     def _security_labels(self, namespace: str, user_labels: list[str], service_account: str):
-        pod = {label.key: label.value for label in pod_labels(user_labels)}
+        # user labels were checked on the way in; the derived labels win over them here
+        pod = {label.key: label.value for label in map(parse_label, user_labels)}
         ns_labels = {k: v for k, v in self.namespace_labels(namespace).items()}
         return endpoint_labels(
             namespace, pod, service_account=service_account, cluster=self.node.cluster, namespace_labels=ns_labels
@@ -243,7 +292,7 @@ class EndpointManager:
             ep.set_state(State.DISCONNECTING)
             await self._unprogram_quietly(ep)
             await asyncio.to_thread(self._teardown, ep)
-            await self.identities.release(ep.identity)
+            await self.identities.release(ep.identity, collect=True)
             self.ipam.release(ep.ipv4)
             self.store.remove(ep.id)
             ep.set_state(State.DISCONNECTED)
@@ -276,24 +325,55 @@ class EndpointManager:
         changed = []
         async with self._lock:
             for ep in self.list():
-                if ep.namespace != namespace:
-                    continue
-                security = self._security_labels(ep.namespace, ep.user_labels, ep.service_account)
-                identity = await self.identities.allocate(security)
-                if identity.id == ep.identity:
-                    await self.identities.release(identity.id)  # drop the extra reference
-                    continue
-                old = ep.identity
-                ep.set_state(State.REGENERATING)
-                ep.identity, ep.labels = identity.id, [str(label) for label in identity.labels]
-                await self._program(ep)
-                ep.set_state(State.READY)
-                self.store.save(ep)
-                await self.identities.release(old)
-                changed.append(ep)
+                if ep.namespace == namespace and await self._reidentify(ep):
+                    changed.append(ep)
         if changed:
             await self._changed()
         return changed
+
+    async def relabel(self, ref: str, add: list[str], delete: list[str]) -> tuple[Endpoint, int]:
+        """`endpoint labels`: change a live pod's labels; returns it and its previous identity.
+
+        Bad labels raise LabelError before anything changes. The new labels are saved
+        in the state dir, so an agent restart restores them.
+        """
+        if not add and not delete:
+            raise LabelError("no label change given: name labels to add and/or delete")
+        async with self._lock:
+            ep = self.lookup(ref)
+            previous, old_labels = ep.identity, ep.user_labels
+            ep.user_labels = relabeled(ep.user_labels, add, delete)
+            try:
+                if not await self._reidentify(ep):
+                    self.store.save(ep)  # same identity (e.g. an info-only label): keep the labels
+            except BaseException:
+                if ep.identity == previous:  # failed before the switch: nothing changed
+                    ep.user_labels = old_labels
+                raise
+        log.info("endpoint %d %s relabelled: identity %d -> %d", ep.id, ep.name, previous, ep.identity)
+        await self._changed()
+        return ep, previous
+
+    async def _reidentify(self, ep: Endpoint) -> bool:
+        """Give `ep` the identity of its current labels (lock held); False if it keeps its own.
+
+        The new identity is taken before the old one is let go, so a label set that
+        stays in use keeps its number; `_program` rewrites the endpoint's policy map,
+        the peers' maps that name either identity, and its endpoint and ipcache entries.
+        """
+        security = self._security_labels(ep.namespace, ep.user_labels, ep.service_account)
+        identity = await self.identities.allocate(security)
+        if identity.id == ep.identity:
+            await self.identities.release(identity.id)  # drop the extra reference
+            return False
+        old = ep.identity
+        ep.set_state(State.REGENERATING)
+        ep.identity, ep.labels = identity.id, [str(label) for label in identity.labels]
+        await self._program(ep)
+        ep.set_state(State.READY)
+        self.store.save(ep)
+        await self.identities.release(old, collect=True)
+        return True
 
     # -- restore ---------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from pilus.identity.reserved import (
     reserved_by_id,
     reserved_by_labels,
 )
-from pilus.kvstore.base import Compacted, KVStoreError, LeaseNotFound, Store
+from pilus.kvstore.base import Compacted, KeyValue, KVStoreError, LeaseNotFound, Store
 
 __all__ = ["DEFAULT_PREFIX", "Identity", "IdentityAllocator", "IdentityError"]
 
@@ -283,8 +283,13 @@ class IdentityAllocator:
         free = [i for i in range(self.min_id, self.max_id + 1) if i not in used]
         return self._rng.choice(free)
 
-    async def release(self, id_: int) -> bool:
-        """Drop one local reference; True when it was the last (slave key deleted)."""
+    async def release(self, id_: int, *, collect: bool = False) -> bool:
+        """Drop one local reference; True when it was the last (slave key deleted).
+
+        With ``collect``, an identity that no node uses any more is deleted at once
+        (what GC would do at its next round), so it leaves ``identity list`` and
+        every node's policy now rather than up to ``gc_interval`` later.
+        """
         if is_reserved(id_):
             return False
         async with self._mutex:
@@ -299,7 +304,11 @@ class IdentityAllocator:
             key = labels.sorted_key()
             self._held_by_key.pop(key, None)
             await self.store.delete(self._slave_key(key))
-            return True
+        if collect:
+            master = await self.store.get(self._master_key(id_))
+            if master is not None and master.value == key:
+                await self._delete_if_unused(master)
+        return True
 
     def refcount(self, id_: int) -> int:
         return self._refs.get(id_, 0)
@@ -358,22 +367,28 @@ class IdentityAllocator:
             in_use.add(kv.key[len(self._value_prefix) :].rsplit("/", 1)[0])
         deleted = 0
         for master in await self.store.list_prefix(self._id_prefix):
-            key = master.value
-            if key in in_use or key in self._held_by_key:
-                continue
-            try:
-                async with self._kv_lock(key):
-                    if await self.store.list_prefix(f"{self._value_prefix}{key}/"):
-                        continue
-                    cur = await self.store.get(master.key)
-                    if cur is None or cur.mod_revision != master.mod_revision:
-                        continue
-                    if await self.store.delete(master.key):
-                        deleted += 1
-                        log.info("identity GC: deleted unused identity %s", master.key)
-            except IdentityError as e:  # lock held by a stuck node: try next round
-                log.warning("identity GC: %s", e)
+            if master.value not in in_use and await self._delete_if_unused(master):
+                deleted += 1
         return deleted
+
+    async def _delete_if_unused(self, master: KeyValue) -> bool:
+        """Delete a master key unless this node holds it or any node has a slave key."""
+        key = master.value
+        if key in self._held_by_key:
+            return False
+        try:
+            async with self._kv_lock(key):
+                if await self.store.list_prefix(f"{self._value_prefix}{key}/"):
+                    return False
+                cur = await self.store.get(master.key)
+                if cur is None or cur.mod_revision != master.mod_revision:
+                    return False
+                if await self.store.delete(master.key):
+                    log.info("deleted unused identity %s", master.key)
+                    return True
+        except IdentityError as e:  # lock held by a stuck node: GC tries again next round
+            log.warning("identity GC: %s", e)
+        return False
 
     # ------------------------------------------------------------------ cache
 
