@@ -363,9 +363,18 @@ class Agent:
         if not port.isdigit() or int(port) > 65535 or proto_name not in protos:
             raise TraceInputError(f"dport {port_text!r}: expected PORT[/TCP|UDP|ICMP] with PORT 0-65535")
         result = await self.policy.trace(
-            src, dst, int(port), protos[proto_name], src_is_local=src_local, dst_is_local=dst_local
+            src, dst, int(port), protos[proto_name], src_is_local=src_local, dst_is_local=dst_local,
+            src_ip=self._trace_ip(body, "src"), dst_ip=self._trace_ip(body, "dst"),
         )
         return result.to_dict()
+
+    def _trace_ip(self, body: dict, side: str) -> IPv4Address | None:
+        """The address of one side of a trace, when known (ipBlock rules match addresses)."""
+        ref = body.get(f"{side}_endpoint")
+        if ref is not None:
+            return self.endpoints.lookup(str(ref)).ipv4
+        ip = body.get(f"{side}_ip")
+        return IPv4Address(str(ip)) if ip is not None else None
 
     async def identity_rows(self) -> list[dict]:
         in_use: dict[int, int] = {}

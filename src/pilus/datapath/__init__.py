@@ -1,6 +1,11 @@
 """Python side of the pilus datapath: compile, load, maps, attach, events."""
 
-from .abi import ENDPOINT_F_POLICY_EGRESS, ENDPOINT_F_POLICY_INGRESS
+from .abi import (
+    ENDPOINT_F_IPBLOCK_EGRESS,
+    ENDPOINT_F_IPBLOCK_INGRESS,
+    ENDPOINT_F_POLICY_EGRESS,
+    ENDPOINT_F_POLICY_INGRESS,
+)
 from .datapath import Datapath, DatapathConfig, DatapathError, remove_pins
 from .events import DropEvent, EventReader, PolicyVerdictEvent, TraceEvent
 from .maps import CtMap, EndpointInfo, EndpointMap, IpcacheMap, MetricsMap
@@ -12,6 +17,8 @@ __all__ = [
     "DatapathConfig",
     "DatapathError",
     "DropEvent",
+    "ENDPOINT_F_IPBLOCK_EGRESS",
+    "ENDPOINT_F_IPBLOCK_INGRESS",
     "ENDPOINT_F_POLICY_EGRESS",
     "ENDPOINT_F_POLICY_INGRESS",
     "EndpointInfo",

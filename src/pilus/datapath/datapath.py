@@ -19,7 +19,7 @@ from .events import EventReader
 from .lb import LB_MAP_NAMES, LbConfig, LbMaps, configure_object
 from .loader import NETDEV_PROGRAMS, PROGRAMS, BpfObject, map_info, prog_info
 from .maps import BpfMap, CtMap, EndpointInfo, EndpointMap, EventsLostMap, IpcacheMap, MetricsMap
-from .policy import PolicyMaps
+from .policy import IPBlockMap, PolicyMaps
 from .socklb import SOCK_MAP_NAMES, SocketLb, remove_links
 
 DEFAULT_BPFFS_ROOT = Path("/sys/fs/bpf/pilus")
@@ -35,6 +35,7 @@ MAP_NAMES = (
     "pilus_lxc",
     "pilus_lxc_if",
     "pilus_ipcache",
+    "pilus_ipblock",
     "pilus_ct4",
     "pilus_metrics",
     "pilus_events",
@@ -150,6 +151,7 @@ class Datapath:
         self.metrics: MetricsMap = _NotLoaded("metrics")  # type: ignore[assignment]
         self.events_lost: EventsLostMap = _NotLoaded("events_lost")  # type: ignore[assignment]
         self.policy: PolicyMaps = _NotLoaded("policy")  # type: ignore[assignment]
+        self.ipblock: IPBlockMap = _NotLoaded("ipblock")  # type: ignore[assignment]
         self.lb: LbMaps = _NotLoaded("lb")  # type: ignore[assignment]
         self.socket_lb: SocketLb | None = None  # load_socket_lb()
 
@@ -202,6 +204,7 @@ class Datapath:
         self.events_lost = EventsLostMap(fd("pilus_ev_lost"))
         # per-endpoint policy maps, pinned beside the others as pilus_policy_<id>
         self.policy = PolicyMaps(fd("pilus_policy"), pin_root)
+        self.ipblock = IPBlockMap(fd("pilus_ipblock"))
         self.lb = LbMaps.from_object(fd, self.cfg.lb.maglev_table_size)
 
     def _loaded(self) -> BpfObject:

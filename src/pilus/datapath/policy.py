@@ -22,13 +22,14 @@ import ctypes
 import errno
 from collections.abc import Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
 from . import abi
 from ._libbpf import bpf_map_create_opts, check, lib
 from .loader import close_fd, map_info, obj_get
-from .maps import BpfMap, FdSource, proto_name
+from .maps import BpfMap, FdSource, _ipc_key, proto_name
 from .reasons import POLICY_MATCH_TYPES
 
 BPF_MAP_TYPE_LPM_TRIE = 11
@@ -460,9 +461,31 @@ class PolicyMaps:
             self._forget(ep_id)
 
 
+class IPBlockMap:
+    """pilus_ipblock: the prefixes Kubernetes ipBlocks name -> their local identity
+    (the datapath's second policy lookup, bpf/lib/policy.h). Keyed as the ipcache."""
+
+    def __init__(self, fd: FdSource) -> None:
+        self.map = BpfMap(fd, abi.IpcacheKey, ctypes.c_uint32, "pilus_ipblock")
+
+    def upsert(self, prefix: IPv4Network, identity: int) -> None:
+        self.map.update(_ipc_key(IPv4Network(prefix, strict=False)), ctypes.c_uint32(identity))
+
+    def delete(self, prefix: IPv4Network) -> bool:
+        return self.map.delete(_ipc_key(IPv4Network(prefix, strict=False)))
+
+    def items(self) -> list[tuple[IPv4Network, int]]:
+        out = []
+        for k, v in self.map.items():
+            plen = k.prefixlen - abi.IPCACHE_STATIC_PREFIX
+            out.append((IPv4Network((abi.raw_to_ip4(k.addr.ip4), plen), strict=False), v.value))
+        return sorted(out, key=lambda t: (t[0].network_address, t[0].prefixlen))
+
+
 __all__ = [
     "MATCH_TYPES",
     "POLICY_MAP_CAPACITY",
+    "IPBlockMap",
     "PolicyKey",
     "PolicyMaps",
     "PolicyValue",

@@ -3,7 +3,8 @@
 Inputs flow into the (pure) engine: the cluster's identities (allocator watch),
 the policy set and namespace labels (kvstore watch), the local endpoints, the
 services (for ``toServices``, from the ServiceManager's change hook) and CIDR
-identities for prefixes that policies name. After each input change only the
+identities for prefixes that policies name (ipcache), plus ipBlock identities for
+the prefixes Kubernetes ipBlocks name (``pilus_ipblock``, the second lookup). After each input change only the
 endpoints the engine reports as changed are re-synced, so a new pod matching an
 existing selector costs one identity's entries, not a recompute of every map.
 
@@ -21,21 +22,38 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from ipaddress import IPv4Address, IPv4Network
 
-from pilus.datapath import ENDPOINT_F_POLICY_EGRESS, ENDPOINT_F_POLICY_INGRESS, Datapath
+from pilus.datapath import (
+    ENDPOINT_F_IPBLOCK_EGRESS,
+    ENDPOINT_F_IPBLOCK_INGRESS,
+    ENDPOINT_F_POLICY_EGRESS,
+    ENDPOINT_F_POLICY_INGRESS,
+    Datapath,
+)
 from pilus.endpoint.model import PROTOCOLS, Endpoint, endpoint_info, parse_port_spec
 from pilus.identity.allocator import Identity, IdentityAllocator
 from pilus.identity.labels import Label, Labels, parse_labels
 from pilus.identity.reserved import LOCAL_IDENTITY_FLAG, RESERVED_IDENTITIES, is_local
 from pilus.policy.distribution import NAMESPACE_PREFIX, POLICY_KEY, PolicyDistribution
-from pilus.policy.engine import PolicyEngine, ServiceRef
+from pilus.policy.engine import EndpointPolicy, PolicyEngine, ServiceRef
+from pilus.policy.selector import ipblock_identity_labels
 
 log = logging.getLogger(__name__)
 
 CT_GC_INTERVAL_S = 30.0
 
 
-def endpoint_flags(ingress: bool, egress: bool) -> int:
-    return (ENDPOINT_F_POLICY_INGRESS if ingress else 0) | (ENDPOINT_F_POLICY_EGRESS if egress else 0)
+def endpoint_flags(policy: EndpointPolicy) -> int:
+    """The endpoint's ENDPOINT_F_POLICY_* and ENDPOINT_F_IPBLOCK_* bits."""
+    flags = 0
+    for on, bit in (
+        (policy.ingress_enforced, ENDPOINT_F_POLICY_INGRESS),
+        (policy.egress_enforced, ENDPOINT_F_POLICY_EGRESS),
+        (policy.ingress_enforced and policy.ingress_ipblock, ENDPOINT_F_IPBLOCK_INGRESS),
+        (policy.egress_enforced and policy.egress_ipblock, ENDPOINT_F_IPBLOCK_EGRESS),
+    ):
+        if on:
+            flags |= bit
+    return flags
 
 
 class PolicySync:
@@ -54,6 +72,8 @@ class PolicySync:
         self.namespace_labels: dict[str, dict[str, str]] = {}
         self.endpoints: dict[int, Endpoint] = {}
         self.cidr_identities: dict[IPv4Network, int] = {}
+        self.ipblock_identities: dict[IPv4Network, int] = {}
+        self._ipblock_map_pruned = False
         self._dirty = asyncio.Event()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
         self._tasks: list[asyncio.Task] = []
@@ -210,7 +230,7 @@ class PolicySync:
             self.engine.remove_identity(ident)
             if prefix.prefixlen and owners.get(prefix, ident) == ident:
                 self.datapath.ipcache.delete(prefix)
-        used = set(self.cidr_identities.values())
+        used = set(self.cidr_identities.values()) | set(self.ipblock_identities.values())
         next_id = LOCAL_IDENTITY_FLAG | 1
         for prefix in sorted(wanted - set(self.cidr_identities), key=lambda p: (p.prefixlen, p)):
             if prefix.prefixlen == 0:
@@ -223,6 +243,32 @@ class PolicySync:
             self.engine.upsert_identity(next_id, labels)
             if prefix not in owners or is_local(owners[prefix]):
                 self.datapath.ipcache.upsert(prefix, next_id)
+        self._refresh_ipblock_identities()
+
+    def _refresh_ipblock_identities(self) -> None:
+        """One local identity per prefix that Kubernetes ipBlocks name, selected only by
+        ipBlock selectors; pilus_ipblock maps the prefix to it (this is its only writer).
+        Unlike the ipcache, pods' addresses are no obstacle: the datapath looks these up
+        besides the peer's own identity, for endpoints whose policy uses an ipBlock."""
+        wanted = self.engine.ipblock_prefixes()
+        current = self.ipblock_identities
+        for prefix in [p for p in current if p not in wanted]:
+            self.engine.remove_identity(current.pop(prefix))
+            self.datapath.ipblock.delete(prefix)
+        used = set(self.cidr_identities.values()) | set(current.values())
+        next_id = LOCAL_IDENTITY_FLAG | 1
+        for prefix in sorted(wanted - set(current), key=lambda p: (p.prefixlen, p)):
+            while next_id in used:
+                next_id += 1
+            used.add(next_id)
+            current[prefix] = next_id
+            self.engine.upsert_identity(next_id, ipblock_identity_labels(prefix))
+            self.datapath.ipblock.upsert(prefix, next_id)
+        if not self._ipblock_map_pruned:  # entries an earlier run left (the map is pinned)
+            for prefix, ident in self.datapath.ipblock.items():
+                if current.get(prefix) != ident:
+                    self.datapath.ipblock.delete(prefix)
+            self._ipblock_map_pruned = True
 
     # -- output ----------------------------------------------------------------
 
@@ -234,7 +280,7 @@ class PolicySync:
     def _sync_endpoint(self, ep_id: int) -> int:
         policy = self.engine.policy_for(ep_id)
         self.datapath.policy.sync(ep_id, policy.entries)
-        flags = endpoint_flags(policy.ingress_enforced, policy.egress_enforced)
+        flags = endpoint_flags(policy)
         ep = self.endpoints[ep_id]
         changed = ep.policy_flags != flags
         ep.policy_flags = flags

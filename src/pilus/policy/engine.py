@@ -16,6 +16,10 @@ The datapath contract (what :class:`EndpointPolicy` means):
   longest proto/port prefix, then the same with identity 0; a deny in either wins;
   otherwise any allow found allows; nothing found -> drop (reason 133, policy
   denied); deny -> drop (reason 181, policy deny).
+* ``*_ipblock`` true (the direction's rules use a Kubernetes ``ipBlock``): also look
+  up the identity of the longest ipBlock prefix covering the peer's address
+  (:meth:`PolicyEngine.ipblock_identity`, the ``pilus_ipblock`` map) with its own
+  longest proto/port prefix; a deny there also wins, an allow there also allows.
 """
 
 from __future__ import annotations
@@ -30,7 +34,13 @@ from pilus.identity.labels import CIDR, K8S, LABEL_CLUSTER, LABEL_NAMESPACE, RES
 from pilus.identity.reserved import HOST
 from pilus.policy.rule import PROTO_NUMBERS, PeerRule, Rule, ServiceSelector, port_range_prefixes
 from pilus.policy.schema import PolicyDoc
-from pilus.policy.selector import CIDRSelector, EndpointSelector, Requirement, cidr_of_key
+from pilus.policy.selector import (
+    CIDRSelector,
+    EndpointSelector,
+    Requirement,
+    cidr_of_key,
+    is_ipblock_identity,
+)
 
 __all__ = [
     "MODES",
@@ -134,20 +144,36 @@ class EndpointPolicy:
     ingress_enforced: bool
     egress_enforced: bool
     entries: dict[PolicyKey, PolicyEntry]
+    ingress_ipblock: bool = False
+    egress_ipblock: bool = False
 
-    def lookup(self, identity: int, egress: bool, proto: int, dport: int) -> tuple[str, PolicyKey | None]:
-        """Reference datapath lookup: ("allow"|"deny"|"drop", matching key)."""
+    def lookup(
+        self, identity: int, egress: bool, proto: int, dport: int, ipblock_identity: int = 0
+    ) -> tuple[str, PolicyKey | None]:
+        """Reference datapath lookup: ("allow"|"deny"|"drop", matching key).
+        ``ipblock_identity``: of the peer's address (0: no ipBlock prefix covers it)."""
         enforced = self.egress_enforced if egress else self.ingress_enforced
         if not enforced:
             return "allow", None
-        best: list[PolicyKey | None] = []
-        for ident in (identity, 0):
-            cand = None
-            for k in self._candidates(ident, egress, proto, dport):
-                if cand is None or k.lpm_prefix_len > cand.lpm_prefix_len:
-                    cand = k
-            best.append(cand)
-        a, b = best
+        verdict, key = self._lookup_identity(identity, egress, proto, dport)
+        if verdict == "deny" or not ipblock_identity or not (self.egress_ipblock if egress else self.ingress_ipblock):
+            return verdict, key
+        c = self._best(ipblock_identity, egress, proto, dport)
+        if c is not None and self.entries[c].deny:
+            return "deny", c
+        if verdict == "allow" or c is None:
+            return verdict, key
+        return "allow", c
+
+    def _best(self, ident: int, egress: bool, proto: int, dport: int) -> PolicyKey | None:
+        cand = None
+        for k in self._candidates(ident, egress, proto, dport):
+            if cand is None or k.lpm_prefix_len > cand.lpm_prefix_len:
+                cand = k
+        return cand
+
+    def _lookup_identity(self, identity: int, egress: bool, proto: int, dport: int) -> tuple[str, PolicyKey | None]:
+        a, b = self._best(identity, egress, proto, dport), self._best(0, egress, proto, dport)
         if a is not None and self.entries[a].deny:
             return "deny", a
         if b is not None and self.entries[b].deny:
@@ -194,6 +220,7 @@ class SelectorCache:
         self.identities: dict[int, Labels] = {}
         self._by_kv: dict[str, dict[str, set[int]]] = {}
         self._world_ids: set[int] = set()  # reserved:world* identities without a cidr label
+        self.ipblock_ids: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, int] = {}  # prefix -> ipBlock identity
         # (version, prefix length) -> sorted [(network address as int, identity)]
         self._cidr_index: dict[tuple[int, int], list[tuple[int, int]]] = {}
         self.sels: dict[Selector, _CachedSel] = {}
@@ -216,6 +243,12 @@ class SelectorCache:
                     if not vals:
                         del self._by_kv[lbl.key]
         prefixes = _prefixes(labels)
+        if prefixes and is_ipblock_identity(labels):
+            for net in prefixes:
+                if add:
+                    self.ipblock_ids[net] = id_
+                elif self.ipblock_ids.get(net) == id_:
+                    del self.ipblock_ids[net]
         for net in prefixes:
             bucket = self._cidr_index.setdefault((net.version, net.prefixlen), [])
             entry = (int(net.network_address), id_)
@@ -376,6 +409,9 @@ class _Compiled:
     items: list[tuple[Selector | None, PeerRule, _Contrib]]
     static: dict[PolicyKey, PolicyEntry]
     uses_cluster_named_ports: bool = False
+    # the direction's rules use a Kubernetes ipBlock (the datapath's second lookup)
+    ingress_ipblock: bool = False
+    egress_ipblock: bool = False
     # toServices items of the selected rules (a service change recomputes the endpoint)
     service_sels: set[ServiceSelector] = field(default_factory=set)
 
@@ -392,6 +428,12 @@ class _Ep:
     zero_denies: dict[bool, list[PolicyKey]] = field(default_factory=dict)
     last: EndpointPolicy | None = None
     changed: bool = True
+
+
+def _endpoint_policy(comp: _Compiled, entries: dict[PolicyKey, PolicyEntry]) -> EndpointPolicy:
+    return EndpointPolicy(
+        comp.ingress_enforced, comp.egress_enforced, entries, comp.ingress_ipblock, comp.egress_ipblock
+    )
 
 
 def _merge(d: dict[PolicyKey, PolicyEntry], key: PolicyKey, entry: PolicyEntry) -> None:
@@ -568,7 +610,7 @@ class PolicyEngine:
             self._recompute(ep)
         if ep.changed or ep.last is None:
             assert ep.comp is not None
-            ep.last = EndpointPolicy(ep.comp.ingress_enforced, ep.comp.egress_enforced, dict(ep.entries))
+            ep.last = _endpoint_policy(ep.comp, dict(ep.entries))
             ep.changed = False
         return ep.last
 
@@ -585,12 +627,16 @@ class PolicyEngine:
         return sorted(self._eps)
 
     def cidr_prefixes(self) -> set[ipaddress.IPv4Network]:
+        """Prefixes that need a CIDR identity in the ipcache (Cilium policies' CIDR
+        rules, toServices backend IPs); ipBlocks are :meth:`ipblock_prefixes`."""
         out: set[ipaddress.IPv4Network] = set()
         for r in self._rules:
             for sec in (r.ingress, r.ingress_deny, r.egress, r.egress_deny):
                 for p in sec:
                     for c in p.cidrs or ():
-                        for n in (c.cidr, *c.excepts):
+                        if c.ipblock:
+                            continue
+                        for n in c.prefixes:
                             if isinstance(n, ipaddress.IPv4Network) and n.prefixlen > 0:
                                 out.add(n)
                     for ss in p.services or ():
@@ -598,6 +644,30 @@ class PolicyEngine:
                             if not ref.selector:
                                 out.update(ipaddress.IPv4Network(f"{ip}/32") for ip in ref.backend_ips)
         return out
+
+    def ipblock_prefixes(self) -> set[ipaddress.IPv4Network]:
+        """Every prefix a Kubernetes ipBlock names (cidr and except alike, /0 included):
+        each needs an ipBlock identity (``ipblock_identity_labels``) and a ``pilus_ipblock`` entry."""
+        out: set[ipaddress.IPv4Network] = set()
+        for r in self._rules:
+            for sec in (r.ingress, r.ingress_deny, r.egress, r.egress_deny):
+                for p in sec:
+                    for c in p.cidrs or ():
+                        if c.ipblock:
+                            out.update(n for n in c.prefixes if isinstance(n, ipaddress.IPv4Network))
+        return out
+
+    def ipblock_identity(self, addr: ipaddress.IPv4Address) -> tuple[ipaddress.IPv4Network, int] | None:
+        """The longest ipBlock prefix covering ``addr`` and its identity, as the
+        datapath's ``pilus_ipblock`` lookup finds it; ``None`` if none covers it."""
+        ids = self._cache.ipblock_ids
+        if not ids:
+            return None
+        for plen in range(32, -1, -1):
+            net = ipaddress.IPv4Network((int(addr) >> (32 - plen) << (32 - plen) if plen else 0, plen))
+            if net in ids:
+                return net, ids[net]
+        return None
 
     def selectors(self) -> list[dict[str, Any]]:
         return sorted(
@@ -760,6 +830,12 @@ class PolicyEngine:
                         comp.service_sels.update(p.services or ())
                         for sel in self._peer_selectors(p, rq):
                             comp.items.append((sel, p, c))
+        for sel, _p, c in comp.items:
+            if isinstance(sel, CIDRSelector) and sel.ipblock:
+                if c.egress:
+                    comp.egress_ipblock = True
+                else:
+                    comp.ingress_ipblock = True
         return comp
 
     # expand ----------------------------------------------------------------
@@ -803,7 +879,7 @@ class PolicyEngine:
             by_id.setdefault(k.identity, set()).add(k)
         ep.comp, ep.by_sel, ep.entries, ep.by_id, ep.zero_denies = comp, by_sel, entries, by_id, zero
         ep.dirty = False
-        new = EndpointPolicy(comp.ingress_enforced, comp.egress_enforced, entries)
+        new = _endpoint_policy(comp, entries)
         ep.changed = ep.last is None or ep.last != new
 
     def _identity_entries(self, ep: _Ep, ident: int) -> dict[PolicyKey, PolicyEntry]:
@@ -853,10 +929,14 @@ class PolicyEngine:
         proto: int,
         src_is_local: bool = True,
         dst_is_local: bool = True,
+        *,
+        src_ip: ipaddress.IPv4Address | None = None,
+        dst_ip: ipaddress.IPv4Address | None = None,
     ) -> TraceResult:
+        """Explain a verdict; the addresses (when known) let ipBlock rules match."""
         from pilus.policy.trace import run_trace
 
-        return run_trace(self, src_labels, dst_labels, dport, proto, src_is_local, dst_is_local)
+        return run_trace(self, src_labels, dst_labels, dport, proto, src_is_local, dst_is_local, src_ip, dst_ip)
 
     def _named_ports_for(self, labels: Labels) -> Mapping[str, tuple[int, int]]:
         for ep in self._eps.values():

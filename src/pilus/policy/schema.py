@@ -867,7 +867,8 @@ def _cilium_rule(ctx: _Ctx, path: str, r: RuleM) -> Rule | None:
 def _np_peer(ctx: _Ctx, peer: NPPeerM) -> tuple[list[EndpointSelector], list[CIDRSelector]]:
     if peer.ipBlock is not None:
         b = peer.ipBlock
-        return [], [CIDRSelector(_net(b.cidr), tuple(_net(e) for e in b.except_ or ()))]
+        # matches every address it covers, pods included (not Cilium's CIDR semantics)
+        return [], [CIDRSelector(_net(b.cidr), tuple(_net(e) for e in b.except_ or ()), ipblock=True)]
     if peer.podSelector is None and peer.namespaceSelector is None:
         raise _ConvError("", "a peer needs podSelector, namespaceSelector or ipBlock")
     reqs: list[Requirement] = []

@@ -11,6 +11,13 @@ CIDR identities (labels ``cidr:<prefix>`` + ``reserved:world``) whose prefix lie
 inside its ``cidr`` and not inside any ``except``; a ``/0`` cidr also selects the
 identities labelled ``reserved:world`` (world, world-ipv4) that carry no cidr label.
 
+A Kubernetes NetworkPolicy ``ipBlock`` is a CIDRSelector with ``ipblock=True``: it
+selects the *ipBlock identities* instead (labels ``cidr:<prefix>`` +
+``reserved:ipblock``, one per prefix that an ipBlock names, looked up by the peer's
+address in a second datapath lookup), so that it matches pod addresses too. Only
+ipBlock selectors select ipBlock identities; CIDR rules of Cilium policies keep
+Cilium's semantics and never select a pod.
+
 Both are immutable, hashable and have a canonical ``str()`` used as the
 selector-cache key and shown by ``pilus policy selectors``.
 """
@@ -23,18 +30,34 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from pilus.identity.labels import ANY, CIDR, RESERVED, SOURCES, Labels
+from pilus.identity.labels import ANY, CIDR, RESERVED, SOURCES, Label, Labels
 
 __all__ = [
+    "IPBLOCK_LABEL",
     "OPERATORS",
     "CIDRSelector",
     "EndpointSelector",
     "Requirement",
     "SelectorError",
+    "ipblock_identity_labels",
+    "is_ipblock_identity",
     "split_key",
 ]
 
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+
+#: the label that marks an ipBlock identity (see the module doc)
+IPBLOCK_LABEL = Label(RESERVED, "ipblock")
+
+
+def ipblock_identity_labels(prefix: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Labels:
+    """The labels of the ipBlock identity of one prefix."""
+    return Labels([Label(CIDR, str(prefix)), IPBLOCK_LABEL])
+
+
+def is_ipblock_identity(labels: Labels) -> bool:
+    lbl = labels.get(IPBLOCK_LABEL.key)
+    return lbl is not None and lbl.source == RESERVED
 
 
 class SelectorError(ValueError):
@@ -163,7 +186,7 @@ class EndpointSelector:
         return None
 
     def matches(self, labels: Labels) -> bool:
-        return all(r.matches(labels) for r in self.requirements)
+        return all(r.matches(labels) for r in self.requirements) and not is_ipblock_identity(labels)
 
     def __str__(self) -> str:
         return self._str
@@ -198,10 +221,12 @@ def cidr_of_key(key: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 @dataclass(frozen=True)
 class CIDRSelector:
-    """``cidr`` minus ``excepts``: selects CIDR identities by their ``cidr:`` label."""
+    """``cidr`` minus ``excepts``: selects CIDR identities by their ``cidr:`` label
+    (``ipblock``: ipBlock identities instead, see the module doc)."""
 
     cidr: ipaddress.IPv4Network | ipaddress.IPv6Network
     excepts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    ipblock: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "excepts", tuple(sorted(set(self.excepts), key=lambda n: (n.version, n))))
@@ -215,20 +240,27 @@ class CIDRSelector:
             return False
         return not any(net.version == e.version and net.subnet_of(e) for e in self.excepts)  # type: ignore[arg-type]
 
+    @property
+    def prefixes(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """Every prefix this selector names (its cidr and excepts)."""
+        return (self.cidr, *self.excepts)
+
     def matches(self, labels: Labels) -> bool:
+        if self.ipblock != is_ipblock_identity(labels):
+            return False
         has_cidr = False
         for lbl in labels:
             if lbl.source == CIDR:
                 has_cidr = True
                 if self.selects_prefix(cidr_of_key(lbl.key)):
                     return True
-        if not has_cidr and self.cidr.prefixlen == 0:
+        if not has_cidr and self.cidr.prefixlen == 0 and not self.ipblock:
             w = labels.get("world") or labels.get("world-ipv4" if self.cidr.version == 4 else "world-ipv6")
             return w is not None and w.source == RESERVED
         return False
 
     def __str__(self) -> str:
-        s = f"cidr:{self.cidr}"
+        s = f"{'ipblock' if self.ipblock else 'cidr'}:{self.cidr}"
         if self.excepts:
             s += " except " + ",".join(str(e) for e in self.excepts)
         return s

@@ -1,14 +1,19 @@
 """Explain a verdict: which rules select the endpoints, which allow/deny rules match.
 
 Evaluates the compiled rules (the same compilation the map entries come from)
-directly against the labels given, like ``cilium policy trace``.
+directly against the labels given, like ``cilium policy trace``. When the peer's
+address is known, Kubernetes ipBlock rules are evaluated against the ipBlock
+identity of the longest ipBlock prefix covering it, as the datapath's second
+lookup does, and the verdict says so.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from typing import TYPE_CHECKING
 
 from pilus.identity.labels import Labels
+from pilus.policy.selector import CIDRSelector, ipblock_identity_labels
 
 if TYPE_CHECKING:
     from pilus.policy.engine import DirectionTrace, PolicyEngine, TraceResult
@@ -23,7 +28,14 @@ def _port_str(dport: int, proto: int) -> str:
 
 
 def _direction(
-    eng: PolicyEngine, egress: bool, subject: Labels, peer: Labels, dport: int, proto: int, lines: list[str]
+    eng: PolicyEngine,
+    egress: bool,
+    subject: Labels,
+    peer: Labels,
+    dport: int,
+    proto: int,
+    lines: list[str],
+    peer_ip: ipaddress.IPv4Address | None = None,
 ) -> DirectionTrace:
     from pilus.policy.engine import DirectionTrace, PolicyKey
 
@@ -44,10 +56,24 @@ def _direction(
     elif not enforced:
         res.reason = f"no rule selects the endpoint for {d}: all traffic allowed"
     else:
+        uses_ipblock = comp.egress_ipblock if egress else comp.ingress_ipblock
+        covered = eng.ipblock_identity(peer_ip) if uses_ipblock and peer_ip is not None else None
+        ipblock_peer = ipblock_identity_labels(covered[0]) if covered else None
+        via: dict[str, str] = {}  # origin -> why an ipBlock rule matched
+        if uses_ipblock:
+            if peer_ip is None:
+                lines.append("    the peer's address is not known: ipBlock rules cannot match")
+            elif covered is None:
+                lines.append(f"    {peer_ip} is not covered by any ipBlock prefix")
+            else:
+                lines.append(f"    {peer_ip} is covered by ipBlock prefix {covered[0]} (identity {covered[1]})")
         for sel, _peer_rule, c in comp.items:
             if c.egress != egress:
                 continue
-            if sel is not None and not sel.matches(peer):
+            if isinstance(sel, CIDRSelector) and sel.ipblock:
+                if ipblock_peer is None or not sel.matches(ipblock_peer):
+                    continue
+            elif sel is not None and not sel.matches(peer):
                 continue
             what = "any peer" if sel is None else f"selector {sel}"
             if not any(PolicyKey(0, egress, pr, dp, pl).covers_port(proto, dport) for pr, dp, pl in c.keys):
@@ -61,11 +87,14 @@ def _direction(
                 else f"    {c.origin}: {verb} {_port_str(dport, proto)} to {what}"
             )
             (res.denied_by if c.deny else res.allowed_by).append(c.origin)
+            if isinstance(sel, CIDRSelector) and sel.ipblock and covered is not None:
+                via.setdefault(c.origin, f"{peer_ip} is covered by ipBlock prefix {covered[0]} (identity {covered[1]})")
         if res.denied_by:
             res.verdict = "denied"
             res.reason = f"denied by {_deny_reason(res.denied_by[0])}"
         elif res.allowed_by:
-            res.reason = f"allowed by {res.allowed_by[0]}"
+            first = res.allowed_by[0]
+            res.reason = f"{via[first]}: allowed by {first}" if first in via else f"allowed by {first}"
         elif not egress and eng.allow_localhost and peer.get("host") is not None and peer["host"].source == "reserved":
             res.reason = "allow-localhost: the host may always reach local endpoints"
             res.allowed_by.append("allow-localhost")
@@ -103,6 +132,8 @@ def run_trace(
     proto: int,
     src_is_local: bool,
     dst_is_local: bool,
+    src_ip: ipaddress.IPv4Address | None = None,
+    dst_ip: ipaddress.IPv4Address | None = None,
 ) -> TraceResult:
     from pilus.policy.engine import DirectionTrace, TraceResult
 
@@ -112,12 +143,12 @@ def run_trace(
         "",
     ]
     if src_is_local:
-        eg = _direction(eng, True, src, dst, dport, proto, lines)
+        eg = _direction(eng, True, src, dst, dport, proto, lines, dst_ip)
     else:
         eg = DirectionTrace("egress", False, "allowed", "source is not a local endpoint: no egress policy applies")
         lines += [f"Egress: {eg.reason}", ""]
     if dst_is_local:
-        ing = _direction(eng, False, dst, src, dport, proto, lines)
+        ing = _direction(eng, False, dst, src, dport, proto, lines, src_ip)
     else:
         ing = DirectionTrace(
             "ingress", False, "allowed", "destination is not a local endpoint: no ingress policy applies"

@@ -3,8 +3,9 @@
 1. For random policies (CNP, CCNP, K8s NP), pods, namespaces, outside addresses, ports and
    protocols, the verdict the datapath will reach from ``policy_for()`` entries (independent
    lookup: remote identity, identity 0, deny wins, longest prefix; outside addresses resolved
-   through an LPM ipcache of the CIDR identities) equals a direct evaluation of the YAML rules
-   written here from the documented semantics (it shares no code with the engine).
+   through an LPM ipcache of the CIDR identities; K8s ipBlocks through a second LPM lookup of
+   the peer's address, pods included) equals a direct evaluation of the YAML rules written
+   here from the documented semantics (it shares no code with the engine).
 2. Incremental updates (identity adds/removes, policy changes) give the same map entries as a
    full recompute from scratch.
 """
@@ -19,7 +20,18 @@ from hypothesis import strategies as st
 from pilus_policy_testlib import Cluster, dp_allows
 
 NAMESPACES = {"n1": {"team": "a"}, "n2": {"team": "b"}}
-CIDRS = ["10.0.0.0/8", "10.96.0.0/12", "10.96.0.0/11", "192.168.0.0/16", "0.0.0.0/0", "172.16.0.0/12", "10.1.2.3/32"]
+# pods get 10.1.2.10, .11, ... (pilus_policy_testlib.POD_NET): /8, /24 and /32 cover pods
+CIDRS = [
+    "10.0.0.0/8",
+    "10.96.0.0/12",
+    "10.96.0.0/11",
+    "192.168.0.0/16",
+    "0.0.0.0/0",
+    "172.16.0.0/12",
+    "10.1.2.3/32",
+    "10.1.2.0/24",
+    "10.1.2.10/32",
+]
 IPS = ["10.1.2.3", "10.96.0.5", "10.100.0.1", "192.168.1.1", "8.8.8.8", "172.17.0.1"]
 RESERVED_PEERS = ["host", "remote-node", "health"]
 PORTS = [(6, 80), (6, 81), (17, 53), (6, 53), (6, 8080), (6, 8050), (1, 8), (1, 0), (17, 9090)]
@@ -218,10 +230,11 @@ def scenarios(draw):
 
 
 class Peer:
-    def __init__(self, labels=None, ip=None):
-        # labels: key -> (source, value)
+    def __init__(self, labels=None, ip=None, pod_ip=None):
+        # labels: key -> (source, value); ip: an outside address; pod_ip: a pod's address
         self.labels = labels or {}
         self.ip = ipaddress.ip_address(ip) if ip else None
+        self.pod_ip = pod_ip
 
     @property
     def is_pod(self):
@@ -305,12 +318,15 @@ def entity_ok(ent, p, cluster="default"):
     return has(L, "reserved", ent) is not None
 
 
-def cidr_ok(cset, p):
-    if p.ip is None:
+def cidr_ok(cset, p, pods_too=False):
+    """A CIDR rule matches outside addresses only (Cilium); a K8s ipBlock (``pods_too``)
+    every address it covers, pods' included."""
+    addr = p.ip if p.ip is not None or not pods_too else p.pod_ip
+    if addr is None:
         return False
-    if p.ip not in ipaddress.ip_network(cset["cidr"]):
+    if addr not in ipaddress.ip_network(cset["cidr"]):
         return False
-    return not any(p.ip in ipaddress.ip_network(e) for e in cset.get("except") or ())
+    return not any(addr in ipaddress.ip_network(e) for e in cset.get("except") or ())
 
 
 def port_ok(entries, default_proto, proto, dport, egress, own_named):
@@ -370,7 +386,7 @@ def np_elem_ok(doc, el, egress, p, proto, dport, reqs, own_named):
         ok = False
         for pe in peers:
             if "ipBlock" in pe:
-                ok |= cidr_ok(pe["ipBlock"], p)
+                ok |= cidr_ok(pe["ipBlock"], p, pods_too=True)
                 continue
             if not p.is_pod:
                 continue
@@ -470,7 +486,8 @@ def test_entries_match_direct_evaluation(sc):
         names.append(f"pod{i}")
         named[f"pod{i}"] = nm
         c.pod(f"pod{i}", ns=ns, named_ports=nm, **lbls)
-    peers = [(n, Peer(to_oracle_labels(c.labels[c.ids[n]]))) for n in names + RESERVED_PEERS]
+    peers = [(n, Peer(to_oracle_labels(c.labels[c.ids[n]]), pod_ip=c.ips[n])) for n in names]
+    peers += [(n, Peer(to_oracle_labels(c.labels[c.ids[n]]))) for n in RESERVED_PEERS]
     peers += [(ip, Peer(ip=ip)) for ip in IPS]
     for n in names:
         eid = c.ids[n]
@@ -481,7 +498,7 @@ def test_entries_match_direct_evaluation(sc):
             for proto, dport in PORTS:
                 for egress in (False, True):
                     want = oracle(docs, mode, allow_localhost, E, named[n], p, egress, proto, dport)
-                    got = dp_allows(pol, rid, egress, proto, dport)
+                    got = dp_allows(pol, rid, egress, proto, dport, c.ipblock_of(pname))
                     assert got == want, (
                         n,
                         pname,

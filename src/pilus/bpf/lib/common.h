@@ -32,6 +32,10 @@
 #define ENDPOINT_F_HOST 1  /* entry for a local host IP: deliver to the stack */
 #define ENDPOINT_F_POLICY_INGRESS 2  /* enforce the endpoint's ingress policy */
 #define ENDPOINT_F_POLICY_EGRESS  4  /* enforce the endpoint's egress policy */
+/* the endpoint's ingress / egress policy uses a Kubernetes ipBlock: also look
+ * up the identity of the peer address's pilus_ipblock prefix (lib/policy.h) */
+#define ENDPOINT_F_IPBLOCK_INGRESS 8
+#define ENDPOINT_F_IPBLOCK_EGRESS  16
 
 /* ---- ipcache flags ---- */
 #define IPCACHE_F_HAS_TUNNEL_EP 1
@@ -135,6 +139,7 @@
 #define PILUS_METRICS_MAX  65536
 #define PILUS_POLICY_MAX   16384  /* entries of one endpoint's policy map (Cilium's default) */
 #define PILUS_POLICY_EPS   65536  /* endpoints in pilus_policy (ep_id is 16 bits) */
+#define PILUS_IPBLOCK_MAX  16384  /* prefixes that Kubernetes ipBlocks name, per node */
 #define PILUS_EVENTS_BYTES (1 << 20)
 
 /* ------------------------------------------------------------------------ */

@@ -37,6 +37,20 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pilus_ipcache SEC(".maps");
 
+/* prefix -> local identity, for the prefixes (cidr and except alike) that
+ * Kubernetes NetworkPolicy ipBlocks name and nothing else; only ipBlock
+ * selectors select these identities. The second policy lookup of lib/policy.h,
+ * so that an ipBlock matches pod addresses too (the ipcache gives pods their
+ * own identity). Written by the agent (src/pilus/endpoint/policy_sync.py). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct ipcache_key);
+	__type(value, __u32);
+	__uint(max_entries, PILUS_IPBLOCK_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pilus_ipblock SEC(".maps");
+
 /* IPv4 conntrack */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

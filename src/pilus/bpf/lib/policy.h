@@ -20,6 +20,20 @@
  * allow entries from being more specific than a deny that covers them
  * (src/pilus/datapath/policy.py writes them as denies).
  *
+ * Kubernetes ipBlocks match addresses, pods included, which an identity
+ * cannot say ("this pod's IP but not its identity-mates"). When the
+ * endpoint's policy uses an ipBlock in this direction (ENDPOINT_F_IPBLOCK_*),
+ * a second identity is looked up: C = the identity of the longest prefix in
+ * pilus_ipblock covering the peer's address (only ipBlock selectors select
+ * it), and then the longest match for {C, dir, proto, dport}:
+ *   the first lookup denied                      -> DROP_POLICY_DENY
+ *   C's entry is a deny                          -> DROP_POLICY_DENY
+ *   the first lookup allowed                     -> allowed
+ *   C's entry is an allow                        -> allowed
+ *   otherwise the first lookup's DROP_POLICY stands.
+ * An allow from either identity allows unless a deny matches either; without
+ * an ipBlock rule the flag is clear and this costs nothing.
+ *
  * Policy is consulted for CT_NEW packets only (the caller's job); ICMP puts
  * the ICMP type in the port field (protocol 1). Every decision emits a
  * rate-limited policy-verdict event; drops go through the drop funnel.
@@ -101,6 +115,52 @@ static __always_inline int __policy_can_access(void *map, __u32 remote_id, __u8 
 	return 0;
 }
 
+/* identity of the longest ipBlock prefix covering addr, 0 if none */
+static __always_inline __u32 ipblock_identity4(__be32 addr)
+{
+	struct ipcache_key key = {
+		.prefixlen = IPCACHE_STATIC_PREFIX + 32,
+		.family = ENDPOINT_KEY_IPV4,
+	};
+	__u32 *id;
+
+	key.addr.ip4 = addr;
+	id = bpf_map_lookup_elem(&pilus_ipblock, &key);
+	return id ? *id : 0;
+}
+
+/* the second lookup: combine the ipBlock identity's entry with the first
+ * lookup's verdict `ret` (see the table at the top) */
+static __always_inline int __policy_ipblock(void *map, __be32 peer, __u8 egress, __u8 proto,
+					    __be16 dport, __u64 bytes, int ret,
+					    struct policy_result *res)
+{
+	struct policy_key key = {
+		.lpm_prefixlen = POLICY_FULL_PREFIX,
+		.egress = egress,
+		.protocol = proto,
+		.dport = dport,
+	};
+	struct policy_entry *c;
+
+	if (ret == DROP_POLICY_DENY)
+		return ret;
+	key.sec_label = ipblock_identity4(peer);
+	if (!key.sec_label)
+		return ret;
+	c = bpf_map_lookup_elem(map, &key);
+	if (!c || (!c->deny && ret == 0))
+		return ret;
+	res->match_type = policy_match_type(c, false);
+	policy_account(c, bytes);
+	if (c->deny) {
+		res->proxy_port = 0;
+		return DROP_POLICY_DENY;
+	}
+	res->proxy_port = c->proxy_port;
+	return 0;
+}
+
 static __always_inline void send_policy_verdict(struct __sk_buff *skb, __u16 ep_id,
 						__u32 local_id, __u32 remote_id, __u8 dir,
 						__u8 proto, __u16 dst_port,
@@ -150,11 +210,17 @@ static __always_inline int policy_check4(struct __sk_buff *skb, const struct pkt
 		dport = bpf_htons((__u16)p->icmp_type);
 
 	map = bpf_map_lookup_elem(&pilus_policy, &ep_id);
-	if (map)
+	if (map) {
 		ret = __policy_can_access(map, remote_id, dir == POLICY_EGRESS, proto, dport,
 					  skb->len, &res);
-	else
+		if (local_ep->flags & (dir == POLICY_EGRESS ? ENDPOINT_F_IPBLOCK_EGRESS :
+							      ENDPOINT_F_IPBLOCK_INGRESS))
+			ret = __policy_ipblock(map, dir == POLICY_EGRESS ? p->ip.daddr : p->ip.saddr,
+					       dir == POLICY_EGRESS, proto, dport, skb->len, ret,
+					       &res);
+	} else {
 		ret = DROP_POLICY;
+	}
 
 	send_policy_verdict(skb, (__u16)ep_id, local_id, remote_id, dir, proto,
 			    bpf_ntohs(dport), &res, ret ? -ret : 0, ifindex);
