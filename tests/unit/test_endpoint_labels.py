@@ -237,6 +237,23 @@ def test_info_only_label_keeps_the_identity_but_is_saved(tmp_path):
     run_world(tmp_path, body)
 
 
+def test_namespace_label_change_takes_the_same_path(tmp_path):
+    async def body(w: World):
+        labels = {"prod": {}}
+        w.manager.namespace_labels = lambda ns: labels.get(ns, {})
+        ep = await w.pod(1, "prod/db", ["app=db"])
+        other = await w.pod(2, "default/db", ["app=db"])
+        old, kept = ep.identity, other.identity
+        labels["prod"] = {"team": "prod"}
+        assert await w.manager.namespace_changed("prod") == [ep]
+        assert "k8s:io.cilium.k8s.namespace.labels.team=prod" in ep.labels and other.identity == kept
+        assert w.datapath.ipcache.rows[IPv4Network(f"{ep.ipv4}/32")] == ep.identity
+        assert old not in await w.listed() and ep.identity in await w.listed()
+        assert await w.manager.namespace_changed("prod") == []  # nothing new: nothing changes
+
+    run_world(tmp_path, body)
+
+
 def test_bad_relabel_changes_nothing(tmp_path):
     async def body(w: World):
         ep = await w.pod(1, "default/pod", ["app=web"])

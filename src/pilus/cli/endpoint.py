@@ -19,7 +19,7 @@ def _enforcement(ep: dict, direction: str) -> str:
 def register(sub, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("endpoint", aliases=["ep"], parents=[parent],
                        help="manage endpoints (pods)",
-                       description="Create, list, inspect and delete endpoints (pods).")
+                       description="Create, list, inspect, relabel and delete endpoints (pods).")
     esub = p.add_subparsers(dest="endpoint_cmd", metavar="COMMAND", required=True)
 
     c = esub.add_parser("create", parents=[parent], help="create an endpoint",
