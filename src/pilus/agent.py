@@ -9,6 +9,7 @@ Components, in start order (stop runs in reverse):
   ipam        host-scope allocator over the node's pod CIDR
   policy      policies + namespaces from the kvstore -> engine -> per-endpoint policy maps
   services    service load balancing: Services -> LB maps, backends from endpoint labels
+              (restored from the maps; nothing written until the endpoints are restored)
   endpoints   restore saved endpoints, then serve create/delete
   events      ring buffer -> monitor subscribers
   api         REST on <state-dir>/pilus.sock
@@ -223,9 +224,11 @@ class Agent:
         self.endpoints.policy = self.policy
         self.endpoints.namespace_labels = lambda ns: self.policy.namespace_labels.get(ns, {})
         self.policy.on_namespace_change = self._namespace_changed
-        self.endpoints.on_change = self.endpoints_changed
         await self.policy.watch_services(self.services)  # toServices follows service changes
         restored = await self.endpoints.restore()
+        # services see the endpoints only once all are restored: a partial set taken as
+        # truth would drop backends (and refuse new connections) until the next change
+        self.endpoints.on_change = self.endpoints_changed
         await self.endpoints_changed()
         self.events = EventHub(self.datapath.events())
         await self.events.start()

@@ -65,3 +65,24 @@ def test_manager_drives_the_datapath(dp):
     }
     m2.delete("default", "web")
     assert dp.lb.dump() == [] and dp.lb.backends() == {}
+
+
+def _lb_state(dp):
+    return dp.lb.dump(), dp.lb.backends(), [dp.lb.maglev_get(r["id"]) for r in dp.lb.dump()]
+
+
+def test_restart_keeps_the_service_serving_before_endpoints_are_restored(dp, tmp_path):
+    web = [{"ip": str(EP_B.ipv4), "labels": ["k8s:app=web"]}]
+    m = ServiceManager(dp, state_path=tmp_path / "services.json")
+    m.apply_yaml(SVC)
+    m.set_endpoints(web)
+    before = _lb_state(dp)
+    # the restarted agent: services restored, its endpoints not yet
+    m2 = ServiceManager(dp, state_path=tmp_path / "services.json")
+    assert m2.restore() == 1
+    assert _lb_state(dp) == before
+    out = Ether(send(dp, syn(5000)).data)
+    assert out[TCP].flags == "S" and out[IP].dst == str(EP_B.ipv4)  # translated, not RST
+    m2.set_endpoints(web)
+    assert _lb_state(dp) == before  # the same endpoints: nothing differs in the maps
+    m2.delete("default", "web")

@@ -12,13 +12,14 @@ class FakeLb:
         self.maglev_table_size = m
         self.svc: dict[lbmaps.Frontend, dict] = {}
         self.be: dict[int, lbmaps.BackendEntry] = {}
-        self.writes = 0
+        self.writes = 0  # upserts and deletes
 
     def upsert_backend(self, be):
         self.be[be.id] = be
         self.writes += 1
 
     def delete_backend(self, bid):
+        self.writes += 1
         return self.be.pop(bid, None) is not None
 
     def backends(self):
@@ -31,6 +32,8 @@ class FakeLb:
             assert b.id in self.be, "slot written before its backend"
         if algorithm == "maglev" and any(b.state == "active" for b in backends):
             assert maglev_table is not None and len(maglev_table) == self.maglev_table_size
+        if affinity_timeout:
+            flags |= lbmaps.SVC_FLAG_AFFINITY  # as LbMaps.upsert_service
         self.svc[frontend] = dict(id=svc_id, backends=backends, algorithm=algorithm,
                                   affinity=affinity_timeout, flags=flags, flags2=flags2,
                                   table=maglev_table)
@@ -39,10 +42,13 @@ class FakeLb:
     def delete_service(self, svc_id, frontend):
         old = self.svc.get(frontend)
         assert old is None or old["id"] == svc_id
+        self.writes += 1
         return self.svc.pop(frontend, None) is not None
 
     def items(self):
-        return [lbmaps.ServiceEntry(v["id"], fe, [b.id for b in v["backends"]])
+        """As LbMaps.items: the slots hold the active backends only."""
+        return [lbmaps.ServiceEntry(v["id"], fe, [b.id for b in v["backends"] if b.state == "active"],
+                                    v["flags"], v["flags2"], v["algorithm"], v["affinity"])
                 for fe, v in self.svc.items()]
 
     # helpers for the tests

@@ -424,8 +424,12 @@ async def call(app, spec, method: str, url: str, body: Any = None) -> tuple[int,
             return json.loads(body)  # JSONDecodeError, like aiohttp's request.json()
         return body
 
+    async def raw_body():
+        return (body if isinstance(body, str) else json.dumps(body)).encode()
+
     query = dict(p.split("=", 1) for p in qs.split("&") if p)
-    request = SimpleNamespace(app=app, match_info=dict(match), query=query, json=json_body)
+    request = SimpleNamespace(app=app, match_info=dict(match), query=query, json=json_body,
+                              read=raw_body)
     resp = await match.handler(request)
     data = json.loads(resp.body)
     path, op = _doc_operation(spec, method, url_path)
@@ -478,9 +482,12 @@ def test_service_answers_match_the_schemas(spec):
         assert st == 200 and table["size"] == len(table["table"]) == 251
         st, res = await call(app, spec, "DELETE", "/v1/service/default/plain")
         assert st == 200 and res == {"deleted": "default/plain"}
+        st, res = await call(app, spec, "DELETE", "/v1/service?namespace=nowhere")
+        assert st == 200 and res == {"deleted": 0}
 
         # errors: each status the handlers return is documented with the Error shape
         errors = [
+            ("DELETE", "/v1/service", None, 400),
             ("GET", "/v1/service/default/nope", None, 404),
             ("DELETE", "/v1/service/default/nope", None, 404),
             ("PUT", "/v1/service", "{not json", 400),

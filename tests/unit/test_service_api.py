@@ -164,3 +164,21 @@ def test_cli_create_list_update_delete(agent, capsys, tmp_path):
                            "--frontend", "10.96.0.30:53/UDP", "--backend", "10.200.1.9:5353")
     assert rc == 0, err
     assert "10.200.1.9:5353/UDP" in out
+
+
+def test_cli_import_of_many_services_prints_one_summary_line(agent, capsys, tmp_path):
+    f = tmp_path / "many.yaml"
+    f.write_text("---\n".join(
+        SVC_YAML.replace("name: web", f"name: web{i}").replace("10.96.0.10", f"10.96.1.{i}")
+        for i in range(25)))
+    rc, out, err = run_cli(agent, capsys, "service", "import", str(f))
+    assert rc == 0, err
+    assert out == "Applied 25 services (25 frontends): see `pilus service list`\n"
+    assert len(agent.services.frontends()) == 25
+    rc, out, err = run_cli(agent, capsys, "service", "delete")
+    assert rc == 1 and err == "Error: say which services: NS/NAME, --namespace NS or --all\n"
+    rc, out, err = run_cli(agent, capsys, "service", "delete", "--namespace", "other")
+    assert rc == 0 and out == "Deleted 0 services\n"
+    rc, out, err = run_cli(agent, capsys, "service", "delete", "--namespace", "default")
+    assert rc == 0 and out == "Deleted 25 services\n"
+    assert agent.services.frontends() == [] and agent.datapath.lb.svc == {}

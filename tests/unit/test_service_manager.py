@@ -227,6 +227,49 @@ def test_persist_and_restore(tmp_path):
     assert parse_documents  # (documents are re-validated on restore)
 
 
+def test_restore_keeps_the_maps_until_endpoints_are_known(tmp_path):
+    """An agent restart: the new manager must not take "no endpoints yet" as truth
+    (that would leave the service without backends: SYNs answered with RST)."""
+    dp = FakeDatapath()
+    lb = dp.lb
+    m = ServiceManager(dp, state_path=tmp_path / "services.json")
+    m.apply_yaml(WEB + "---\n" + WEB.replace("name: web", "name: sticky")
+                 .replace("10.96.0.10", "10.96.0.11")
+                 .replace("ports:", "sessionAffinity: ClientIP\n  ports:"))
+    m.set_endpoints([ep("10.200.1.5", "web"), ep("10.200.1.6", "web")])
+    m.set_backend_state("10.200.1.6", 8080, "maintenance")
+    before = {fe: dict(v) for fe, v in lb.svc.items()}, dict(lb.be)
+    writes = lb.writes
+
+    m2 = ServiceManager(dp, state_path=tmp_path / "services.json")
+    assert m2.restore() == 2
+    assert lb.writes == writes  # nothing written while the endpoints are not restored
+    m2.apply_yaml(WEB.replace("name: web", "name: late").replace("10.96.0.10", "10.96.0.12"))
+    assert lb.writes == writes  # a request is kept for the first reconcile, too
+    m2.set_endpoints([ep("10.200.1.5", "web"), ep("10.200.1.6", "web")])
+    # only the difference was written: the new service (its frontend; the backends exist)
+    assert lb.writes == writes + 1
+    assert ({fe: v for fe, v in lb.svc.items() if str(fe.address) != "10.96.0.12"}, lb.be) == before
+    assert lb.slots("10.96.0.12", 80) == ["10.200.1.5:8080"]
+    m2.set_endpoints([ep("10.200.1.6", "web")])  # a pod that did not come back
+    assert lb.slots("10.96.0.10", 80) == [] and lb.slots("10.96.0.11", 80) == []
+    assert {str(b.address) for b in lb.be.values()} == {"10.200.1.6"}
+
+
+def test_restore_rewrites_a_lost_maglev_table(tmp_path):
+    dp = FakeDatapath()
+    m = ServiceManager(dp, state_path=tmp_path / "services.json")
+    m.apply_yaml(WEB.replace("metadata: {name: web}", "metadata:\n  name: web\n  annotations: "
+                             "{service.cilium.io/lb-algorithm: maglev}"))
+    m.set_endpoints([ep("10.200.1.5", "web")])
+    entry = dp.lb.entry("10.96.0.10", 80)
+    table, entry["table"] = entry["table"], None  # as if the Maglev map came back empty
+    m2 = ServiceManager(dp, state_path=tmp_path / "services.json")
+    m2.restore()
+    m2.set_endpoints([ep("10.200.1.5", "web")])
+    assert dp.lb.entry("10.96.0.10", 80)["table"] == table
+
+
 def test_endpoints_for_services_from_agent_endpoints(mgr):
     from types import SimpleNamespace
 

@@ -318,6 +318,11 @@ class Client:
             "DELETE", f"/service/{quote(namespace, safe='')}/{quote(name, safe='')}"
         )
 
+    def delete_services(self, namespace: str | None = None, all: bool = False) -> dict:  # noqa: A002
+        """Delete every service of ``namespace``, or every service (``all``)."""
+        query = {"namespace": namespace} if namespace else {"all": "true" if all else ""}
+        return self.request("DELETE", f"/service?{urlencode(query)}")
+
     def set_backend_state(self, backend: str, state: str) -> dict:
         return self.request("PATCH", "/service/backend-state",
                             {"backend": backend, "state": state})

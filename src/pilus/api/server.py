@@ -46,15 +46,30 @@ _ERRORS: list[tuple[type[BaseException], int]] = [
 
 MONITOR_TYPES = {"drop", "trace", "policy-verdict"}
 
+#: the largest request body the API takes: 20,000 services are ~4 MB, so this holds more
+#: services than the LB maps do; a larger body is refused (413) before it is parsed
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+def body_too_large(size: int | None) -> str:
+    """The 413 message; ``size`` is None when the body came without a Content-Length."""
+    what = f"{size / 2**20:.1f} MiB, over" if size else "over"
+    return (f"request body is {what} the API's limit of {MAX_BODY_BYTES >> 20} MiB: "
+            "split the input into several imports")
+
+
 @web.middleware
 async def _errors_as_json(request: web.Request, handler):
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        return _error(413, body_too_large(request.content_length))
     try:
         return await handler(request)
+    except web.HTTPRequestEntityTooLarge:  # chunked: counted while read (client_max_size)
+        return _error(413, body_too_large(None))
     except web.HTTPException as exc:
         if exc.content_type == "application/json":
             raise
@@ -74,7 +89,7 @@ class APIServer:
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[_errors_as_json])
+        app = web.Application(middlewares=[_errors_as_json], client_max_size=MAX_BODY_BYTES)
         r = app.router
         r.add_get("/v1/healthz", self.healthz)
         r.add_get("/v1/openapi.yaml", self.openapi)

@@ -6,6 +6,7 @@
                                          or {"service": {<Kubernetes Service as JSON>}}
                                          or a Kubernetes Service object itself
   DELETE /v1/service/{ns}/{name}
+  DELETE /v1/service?namespace=NS        every service of NS (?all=true: every service)
   PATCH  /v1/service/backend-state       {"backend": "10.0.1.5:8080", "state": "maintenance"}
   GET    /v1/bpf/lb                      the LB maps as the datapath sees them
   GET    /v1/bpf/lb/maglev/{id}          the Maglev table of one service id (?scope=internal)
@@ -24,7 +25,12 @@ from typing import Any
 from aiohttp import web
 
 from pilus.loadbalancer.manager import BackendNotFound, ServiceConflict, ServiceNotFound
-from pilus.loadbalancer.model import ServiceValidationError, parse_documents, service_from_json
+from pilus.loadbalancer.model import (
+    ServiceValidationError,
+    parse_documents,
+    parse_objects,
+    service_from_json,
+)
 
 AGENT_KEY: web.AppKey = web.AppKey("pilus_service_agent", object)
 
@@ -37,11 +43,15 @@ def _manager(agent):
     return getattr(agent, "services", None)
 
 
-async def _body(request: web.Request) -> Any:
+def _decode(raw: bytes) -> Any:
     try:
-        return await request.json()
+        return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ServiceValidationError([f"request body is not JSON: {exc}"]) from None
+
+
+async def _body(request: web.Request) -> Any:
+    return _decode(await request.read())
 
 
 def _guard(fn):
@@ -65,19 +75,27 @@ def _guard(fn):
 
 @_guard
 async def service_list(request, agent, mgr):
-    return web.json_response(mgr.frontends())
+    # in a thread: the manager's lock may be held by a large import for seconds
+    return web.json_response(await asyncio.to_thread(mgr.frontends))
 
 
 @_guard
 async def service_get(request, agent, mgr):
-    svc = mgr.get(request.match_info["ns"], request.match_info["name"])
-    rows = [r for r in mgr.frontends() if r["service"] == svc.full_name]
+    svc = await asyncio.to_thread(mgr.get, request.match_info["ns"], request.match_info["name"])
+    rows = [r for r in await asyncio.to_thread(mgr.frontends) if r["service"] == svc.full_name]
     return web.json_response({"service": svc.to_json(), "frontends": rows})
 
 
 @_guard
 async def service_put(request, agent, mgr):
-    body = await _body(request)
+    raw = await request.read()
+    # decoding, validating and applying 20,000 services takes seconds: off the event loop
+    reply = await asyncio.to_thread(_put_services, mgr, raw)
+    return web.Response(text=reply, content_type="application/json")
+
+
+def _put_services(mgr, raw: bytes) -> str:
+    body = _decode(raw)
     if not isinstance(body, dict):
         raise ServiceValidationError(["body: must be a JSON object"])
     if "yaml" in body:
@@ -89,21 +107,30 @@ async def service_put(request, agent, mgr):
             raise ServiceValidationError(["service: must be a Kubernetes Service object"])
         services = [service_from_json(body["service"])]
     elif body.get("kind") in ("Service", "List"):
-        services = parse_documents(json.dumps(body))
+        services = parse_objects([body])
     else:
         raise ServiceValidationError(
             ['body: expected {"yaml": "..."}, {"service": {...}} or a Kubernetes Service']
         )
-    done = await asyncio.to_thread(mgr.upsert, services)
-    names = {s.full_name for s in done}
+    names = {s.full_name for s in mgr.upsert(services)}
     rows = [r for r in mgr.frontends() if r["service"] in names]
-    return web.json_response({"applied": sorted(names), "frontends": rows}, status=200)
+    return json.dumps({"applied": sorted(names), "frontends": rows})
 
 
 @_guard
 async def service_delete(request, agent, mgr):
     svc = await asyncio.to_thread(mgr.delete, request.match_info["ns"], request.match_info["name"])
     return web.json_response({"deleted": svc.full_name})
+
+
+@_guard
+async def service_delete_all(request, agent, mgr):
+    everything = request.query.get("all") in ("1", "true", "yes")
+    namespace = request.query.get("namespace")
+    if not everything and not namespace:
+        raise ServiceValidationError(["say which services: ?namespace=NS or ?all=true"])
+    n = await asyncio.to_thread(mgr.delete_all, namespace or None)
+    return web.json_response({"deleted": n})
 
 
 @_guard
@@ -171,6 +198,7 @@ def add_service_routes(app: web.Application, agent) -> None:
     r = app.router
     r.add_get("/v1/service", service_list)
     r.add_put("/v1/service", service_put)
+    r.add_delete("/v1/service", service_delete_all)
     r.add_patch("/v1/service/backend-state", backend_state)
     r.add_get("/v1/service/{ns}/{name}", service_get)
     r.add_delete("/v1/service/{ns}/{name}", service_delete)

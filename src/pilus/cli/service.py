@@ -76,8 +76,11 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
     common.add_output_option(get)
     get.set_defaults(func=cmd_get)
 
-    de = ssub.add_parser("delete", aliases=["rm"], parents=[parent], help="delete a service")
-    de.add_argument("name", type=common.endpoint_name, metavar="NS/NAME")
+    de = ssub.add_parser("delete", aliases=["rm"], parents=[parent], help="delete services",
+                         description="Delete one service, every service of a namespace, or all.")
+    de.add_argument("name", nargs="?", type=common.endpoint_name, metavar="NS/NAME")
+    de.add_argument("--namespace", metavar="NS", help="delete every service of this namespace")
+    de.add_argument("--all", action="store_true", help="delete every service")
     common.add_output_option(de)
     de.set_defaults(func=cmd_delete)
 
@@ -288,9 +291,17 @@ def _show(args, data, formatter) -> int:
     return 0
 
 
+#: an import of more services prints one summary line instead of every frontend
+APPLIED_LISTED_MAX = 20
+
+
 def _applied(res: dict) -> str:
-    names = ", ".join(res.get("applied") or [])
-    return f"Applied {names}\n" + format_services(res.get("frontends") or [])
+    applied = res.get("applied") or []
+    frontends = res.get("frontends") or []
+    if len(applied) > APPLIED_LISTED_MAX:
+        return (f"Applied {len(applied)} services ({len(frontends)} frontends): "
+                "see `pilus service list`\n")
+    return f"Applied {', '.join(applied)}\n" + format_services(frontends)
 
 
 def cmd_import(args) -> int:
@@ -343,6 +354,11 @@ def cmd_get(args) -> int:
 
 
 def cmd_delete(args) -> int:
+    if sum((args.name is not None, args.namespace is not None, args.all)) != 1:
+        raise common.CLIError("say which services: NS/NAME, --namespace NS or --all")
+    if args.name is None:
+        res = common.client(args).delete_services(args.namespace, all=args.all)
+        return _show(args, res, lambda r: f"Deleted {r.get('deleted')} services\n")
     ns, name = args.name.split("/", 1)
     res = common.client(args).delete_service(ns, name)
     return _show(args, res, lambda r: f"Deleted service {r.get('deleted')}\n")

@@ -13,6 +13,13 @@ and recovered from the maps after a restart (so connections tracked with an
 id keep their meaning). Requests are all-or-nothing: a request that fails
 validation (overlapping frontends, unknown networks, capacity) changes nothing.
 
+Restart: ``restore`` adopts what the maps hold (ids, and every frontend as it
+was written) and the saved services, then writes nothing until the first
+``set_endpoints``: the agent restores its endpoints after the services, and
+taking "no endpoints yet" as truth would program selector services without
+backends, so the datapath would refuse new connections for a moment. That
+first reconcile then writes only what differs from the maps.
+
 Thread-safety: one lock around every public method (the API may call from a
 worker thread while the agent calls set_endpoints from its loop).
 """
@@ -26,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pilus.datapath import lb as lbmaps
 from pilus.loadbalancer import maglev
@@ -36,6 +43,7 @@ from pilus.loadbalancer.model import (
     Service,
     ServiceValidationError,
     parse_documents,
+    parse_objects,
 )
 
 log = logging.getLogger(__name__)
@@ -93,6 +101,18 @@ class EndpointView:
             bool(d.get("node_local", True)),
             state,
         )
+
+
+class _Written(NamedTuple):
+    """One frontend as the maps hold it (what ``LbMaps.items`` reads back): equal
+    means nothing to rewrite."""
+
+    id: int
+    slots: tuple[int, ...]  # active backend ids in slot order
+    flags: int
+    flags2: int
+    algorithm: str
+    affinity_timeout: int
 
 
 @dataclass(frozen=True)
@@ -183,12 +203,12 @@ class ServiceManager:
         self.state_path = Path(state_path) if state_path else None
         self._lock = threading.RLock()
         self._services: dict[tuple[str, str], Service] = {}
-        self._endpoints: list[EndpointView] = []
+        #: None after restore() until the agent's endpoints are known (nothing is written)
+        self._endpoints: list[EndpointView] | None = []
         self._overrides: dict[tuple[IPv4Address, int], str] = {}  # PATCH backend-state
         self._svc_ids: dict[tuple[IPv4Address, int, str], int] = {}
         self._be_ids: dict[tuple[IPv4Address, int, str], int] = {}
-        self._applied: dict[tuple, FrontendSpec | None] = {}  # mkey -> spec written
-        self._applied_ids: dict[tuple, int] = {}  # mkey -> service id written
+        self._applied: dict[tuple, _Written] = {}  # mkey -> as written to the maps
         self._be_applied: dict[int, tuple[IPv4Address, int, str, str]] = {}
         self._last_desired: list[FrontendSpec] = []
         self._next_svc = 1
@@ -209,25 +229,27 @@ class ServiceManager:
         return self.maps.maglev_table_size
 
     def restore(self) -> int:
-        """Adopt the ids already in the maps (agent restart) and reload the saved
-        services; returns the number of services restored. The next reconcile
-        rewrites what changed and removes what is no longer wanted."""
+        """Agent restart: adopt the maps' ids and frontends and reload the saved
+        services; returns how many. Writes nothing: the first ``set_endpoints``
+        reconciles, rewriting what changed and removing what is no longer wanted."""
         with self._lock:
             for e in self.maps.items():
                 fe = e.frontend
                 self._svc_ids[(fe.address, fe.port, fe.proto)] = e.id
-                self._applied[(fe.address, fe.port, fe.proto, fe.scope)] = None
-                self._applied_ids[(fe.address, fe.port, fe.proto, fe.scope)] = e.id
+                if e.algorithm == "maglev" and e.backend_ids and self.maps.maglev_get(e.id, fe.scope) is None:
+                    continue  # its Maglev table is gone (e.g. a new table size): rewrite it
+                self._applied[(fe.address, fe.port, fe.proto, fe.scope)] = _Written(
+                    e.id, tuple(e.backend_ids), e.flags, e.flags2, e.algorithm, e.affinity_timeout)
             for bid, be in self.maps.backends().items():
                 self._be_ids[(be.address, be.port, be.proto)] = bid
-                self._be_applied[bid] = (be.address, be.port, be.proto, "?")
+                self._be_applied[bid] = (be.address, be.port, be.proto, be.state)
             services: list[Service] = []
             if self.state_path and self.state_path.exists():
                 try:
                     data = json.loads(self.state_path.read_text())
                     docs = data.get("documents") or []
                     if docs:
-                        services = parse_documents(json.dumps({"kind": "List", "items": docs}))
+                        services = parse_objects(docs)
                     self._overrides = {
                         (IPv4Address(k.rsplit(":", 1)[0]), int(k.rsplit(":", 1)[1])): v
                         for k, v in (data.get("backend_states") or {}).items()
@@ -236,7 +258,7 @@ class ServiceManager:
                     log.error("cannot restore services from %s: %s", self.state_path, exc)
             for s in services:
                 self._services[s.key] = s
-            self._reconcile()
+            self._endpoints = None
             self._notify()
             return len(services)
 
@@ -291,11 +313,11 @@ class ServiceManager:
             new = dict(self._services)
             for s in services:
                 new[s.key] = s
-            self._check(services, new)
+            desired = self._check(services, new)
             old = self._services
             self._services = new
             try:
-                self._reconcile(strict=True)
+                self._reconcile(strict=True, desired=desired)
             except Exception:
                 self._services = old
                 self._reconcile()
@@ -316,6 +338,18 @@ class ServiceManager:
             self._save()
             self._notify()
             return svc
+
+    def delete_all(self, namespace: str | None = None) -> int:
+        """Delete every service, or every service of ``namespace``; returns how many."""
+        with self._lock:
+            keys = [k for k in self._services if namespace is None or k[0] == namespace]
+            for k in keys:
+                del self._services[k]
+            if keys:
+                self._reconcile()
+                self._save()
+                self._notify()
+            return len(keys)
 
     def set_endpoints(self, endpoints: Iterable[dict | EndpointView]) -> list[str]:
         """The agent's endpoints changed: recompute selector-based backends.
@@ -367,7 +401,8 @@ class ServiceManager:
                              (IPv4Address("0.0.0.0"), p.node_port, p.protocol)))
         return out
 
-    def _check(self, request: list[Service], new: dict[tuple[str, str], Service]) -> None:
+    def _check(self, request: list[Service], new: dict[tuple[str, str], Service]) -> list[FrontendSpec]:
+        """Raise for a request that cannot be applied; else its desired frontends."""
         problems: list[str] = []
         conflicts: list[str] = []
         owners: dict[tuple, str] = {}
@@ -398,6 +433,7 @@ class ServiceManager:
         # capacity: what the request would need, computed like the real thing
         desired = self._desired(new)
         self._check_capacity(desired, request)
+        return desired
 
     def _check_capacity(self, desired: list[FrontendSpec], request: list[Service] | None) -> None:
         problems = []
@@ -453,7 +489,7 @@ class ServiceManager:
                 if port:
                     out.append((ep.ip, port, sp.protocol, ep.state, self._is_local(ep.ip)))
         elif svc.selector:
-            for ep in self._endpoints:
+            for ep in self._endpoints or ():
                 if not _selector_matches(svc, ep):
                     continue
                 if isinstance(sp.target, int):
@@ -542,8 +578,11 @@ class ServiceManager:
                 return cand
         raise ServiceValidationError(["no free backend id"])
 
-    def _reconcile(self, strict: bool = False) -> None:
-        desired = self._desired(self._services)
+    def _reconcile(self, strict: bool = False, desired: list[FrontendSpec] | None = None) -> None:
+        if self._endpoints is None:
+            return  # restored, endpoints not yet known: the maps keep what the last run wrote
+        if desired is None:
+            desired = self._desired(self._services)
         try:
             self._check_capacity(desired, None)
         except ServiceValidationError as exc:
@@ -559,7 +598,8 @@ class ServiceManager:
         want_fronts = {s.fkey for s in desired}
         for k in [k for k in self._svc_ids if k not in want_fronts]:
             del self._svc_ids[k]
-        used = set(self._svc_ids.values())
+        # ids of frontends leaving stay taken until step 2 removed them
+        used = set(self._svc_ids.values()) | {w.id for w in self._applied.values()}
         for s in desired:
             if s.fkey not in self._svc_ids:
                 sid = self._alloc_svc_id(used)
@@ -572,7 +612,8 @@ class ServiceManager:
                 cur = want_bes.get((ip, port, proto))
                 if cur is None or BACKEND_STATES.index(state) < BACKEND_STATES.index(cur):
                     want_bes[(ip, port, proto)] = state
-        used_be = {v for k, v in self._be_ids.items() if k in want_bes}
+        # ids of backends leaving stay taken until step 3 removed them
+        used_be = set(self._be_ids.values()) | set(self._be_applied)
         for k in want_bes:
             if k not in self._be_ids:
                 bid = self._alloc_be_id(used_be)
@@ -590,8 +631,11 @@ class ServiceManager:
         want = {s.mkey: s for s in desired}
         for mkey, s in want.items():
             sid = self._svc_ids[s.fkey]
+            flags = s.flags | (lbmaps.SVC_FLAG_AFFINITY if s.affinity_timeout else 0)
+            slots = tuple(self._be_ids[b[:3]] for b in s.backends if b[3] == "active")
+            written = _Written(sid, slots, flags, s.flags2, s.algorithm, s.affinity_timeout)
             old = self._applied.get(mkey)
-            if old is not None and old == s and self._applied_ids.get(mkey) == sid:
+            if old == written:
                 continue
             # slots follow the backend's state in this frontend
             entries = [
@@ -606,20 +650,15 @@ class ServiceManager:
                     self.maglev_table_size,
                 )
             fe = lbmaps.Frontend(s.address, s.port, s.proto, s.scope)
-            if self._applied_ids.get(mkey) not in (None, sid):
-                maps.delete_service(self._applied_ids[mkey], fe)
+            if old is not None and old.id != sid:
+                maps.delete_service(old.id, fe)
             maps.upsert_service(
                 sid, fe, entries, algorithm=s.algorithm, affinity_timeout=s.affinity_timeout,
                 flags=s.flags, flags2=s.flags2, maglev_table=table, write_backends=False,
             )
-            self._applied[mkey] = s
-            self._applied_ids[mkey] = sid
+            self._applied[mkey] = written
         for mkey in [k for k in self._applied if k not in want]:
-            sid = self._applied_ids.get(mkey)
-            if sid is not None:
-                maps.delete_service(sid, lbmaps.Frontend(*mkey))
-            del self._applied[mkey]
-            self._applied_ids.pop(mkey, None)
+            maps.delete_service(self._applied.pop(mkey).id, lbmaps.Frontend(*mkey))
 
         # 3. backends nobody references any more
         live = {self._be_ids[k] for k in want_bes}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import struct
 import sys
@@ -169,6 +170,37 @@ def tcp_stream(ip: str, port: str, seconds: str) -> None:
         _out(ok=False, error=str(exc), round_trips=count, max_gap_ms=round(max_gap * 1000, 1))
 
 
+def tcp_connect_loop(ip: str, port: str, seconds: str, interval_ms: str = "4") -> None:
+    """A new connection (connect, 'whoami', reply, close) every interval for N seconds or
+    until SIGTERM; reports the successes per second and every failure with its time, so
+    an outage of a few milliseconds shows up as failed connections."""
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    start = time.monotonic()
+    end = start + float(seconds)
+    per_second: list[int] = []
+    failures: list[dict] = []
+    while not stop and time.monotonic() < end:
+        t = time.monotonic() - start
+        try:
+            with socket.create_connection((ip, int(port)), timeout=2) as conn:
+                conn.sendall(b"whoami")
+                if not conn.recv(64):
+                    raise ConnectionError("closed without a reply")
+            second = int(t)
+            per_second.extend([0] * (second + 1 - len(per_second)))
+            per_second[second] += 1
+        except TimeoutError:
+            failures.append({"t": round(t, 3), "error": "timeout"})
+        except ConnectionRefusedError:
+            failures.append({"t": round(t, 3), "error": "refused"})
+        except OSError as exc:
+            failures.append({"t": round(t, 3), "error": exc.strerror or str(exc)})
+        time.sleep(float(interval_ms) / 1000)
+    _out(ok=not failures, connected=sum(per_second), per_second=per_second,
+         failed=len(failures), failures=failures[:20], seconds=round(time.monotonic() - start, 1))
+
+
 COMMANDS = {
     "tcp-server": tcp_server,
     "udp-server": udp_server,
@@ -177,6 +209,7 @@ COMMANDS = {
     "ping": ping,
     "spoof-udp": spoof_udp,
     "tcp-stream": tcp_stream,
+    "tcp-connect-loop": tcp_connect_loop,
 }
 
 
