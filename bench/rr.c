@@ -1,5 +1,6 @@
 /* rr: 1-byte TCP request/response over one persistent connection (TCP_NODELAY),
- * and crr: connect, 1 byte each way, close (the server closes first).
+ * and crr: connect, 1 byte each way, close (the server closes first, or with
+ * -X the client: netperf's TCP_CRR order).
  *
  *   rr -s [-p PORT]                       server: echo one byte per request; a request
  *                                          byte 'C' is echoed and then the server closes
@@ -12,6 +13,11 @@
  *                                          (connect, send 'C', read 1 byte, wait for the
  *                                          server's FIN, close), then print JSON:
  *   {"connections":N,"seconds":S,"cps":R,"p50_us":A,"p99_us":B,"mean_us":C}
+ *   rr -X HOST [-p PORT] [-t SEC] [-w SEC] CRR client that closes first (sends 'c',
+ *                                          reads 1 byte, closes; the server sees EOF
+ *                                          and closes): TIME_WAIT stays on the client,
+ *                                          which then needs net.ipv4.tcp_tw_reuse=1
+ *                                          to find free ports; same JSON as -C.
  *
  * Latency is measured per transaction with CLOCK_MONOTONIC into a histogram of
  * 100 ns buckets (up to 50 ms; slower ones count in the last bucket).
@@ -131,8 +137,9 @@ static int parse_addr(const char *host, int port, struct sockaddr_in *a)
 	return 0;
 }
 
-/* one connection per transaction; the server closes first */
-static int crr_client(const char *host, int port, double secs, double warm)
+/* one connection per transaction; the server closes first, or the client
+ * (client_first) */
+static int crr_client(const char *host, int port, double secs, double warm, int client_first)
 {
 	struct sockaddr_in a;
 	uint32_t *hist = calloc(NBUCKETS, sizeof(*hist));
@@ -153,13 +160,13 @@ static int crr_client(const char *host, int port, double secs, double warm)
 			die("socket");
 		if (connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0)
 			die("connect");
-		b = 'C';
+		b = client_first ? 'c' : 'C';
 		if (full_io(fd, &b, 1) || full_io(fd, &b, 0)) {
 			fprintf(stderr, "rr: crr transaction failed\n");
 			return 1;
 		}
-		/* wait for the server's FIN so that TIME_WAIT stays on the server */
-		while (read(fd, &b, 1) < 0 && errno == EINTR)
+		/* server first: wait for its FIN so that TIME_WAIT stays on the server */
+		while (!client_first && read(fd, &b, 1) < 0 && errno == EINTR)
 			;
 		close(fd);
 		t1 = now_ns();
@@ -229,29 +236,30 @@ static int client(const char *host, int port, double secs, double warm)
 
 int main(int argc, char **argv)
 {
-	int opt, port = 7001, server = 0, crr = 0;
+	int opt, port = 7001, server = 0, crr = 0, client_first = 0;
 	const char *host = NULL;
 	double secs = 3, warm = 1;
 
 	signal(SIGPIPE, SIG_IGN);
-	while ((opt = getopt(argc, argv, "sc:C:p:t:w:")) != -1) {
+	while ((opt = getopt(argc, argv, "sc:C:X:p:t:w:")) != -1) {
 		switch (opt) {
 		case 's': server = 1; break;
 		case 'c': host = optarg; break;
 		case 'C': host = optarg; crr = 1; break;
+		case 'X': host = optarg; crr = 1; client_first = 1; break;
 		case 'p': port = atoi(optarg); break;
 		case 't': secs = atof(optarg); break;
 		case 'w': warm = atof(optarg); break;
 		default:
-			fprintf(stderr, "usage: rr -s [-p PORT] | rr -c|-C HOST [-p PORT] [-t SEC] [-w SEC]\n");
+			fprintf(stderr, "usage: rr -s [-p PORT] | rr -c|-C|-X HOST [-p PORT] [-t SEC] [-w SEC]\n");
 			return 2;
 		}
 	}
 	if (server)
 		serve(port);
 	if (!host) {
-		fprintf(stderr, "rr: need -s, -c HOST or -C HOST\n");
+		fprintf(stderr, "rr: need -s, -c HOST, -C HOST or -X HOST\n");
 		return 2;
 	}
-	return crr ? crr_client(host, port, secs, warm) : client(host, port, secs, warm);
+	return crr ? crr_client(host, port, secs, warm, client_first) : client(host, port, secs, warm);
 }

@@ -1,7 +1,7 @@
 """Side-by-side pod-to-pod benchmark: plain routing (the limit) vs pilus vs iptables.
 
     python -m bench.run [--rounds 5] [--duration 2] [--no-pilus] [--no-policy]
-                        [--no-pol10k] [--no-iptables] [--json FILE]
+                        [--no-pol10k] [--no-monitor] [--no-iptables] [--json FILE]
 
 Configurations, each its own set of network namespaces (performance.md §8.1):
   A   client and server namespaces joined to a routing namespace by veth pairs,
@@ -15,6 +15,11 @@ Configurations, each its own set of network namespaces (performance.md §8.1):
       allows client -> server on the benchmark ports (§8's "B"); the run checks
       that the policy drops a connection it does not allow. Skipped with a note
       when the agent has no policy API (--no-policy skips it and B+pol10k).
+  B+pol+mon  the B+pol endpoints while a monitor subscriber (`pilus monitor`'s
+      GET /v1/monitor, every event type) streams from the agent: the datapath
+      then emits trace and policy-verdict events and the agent decodes them.
+      In every other configuration nobody listens, so the datapath emits no
+      events at all (--no-monitor skips it).
   B+pol10k  two more endpoints; the server's ingress policy map holds >= 10,000
       entries: one CiliumNetworkPolicy allows the client on 10,000 filler ports
       (20000-29999, 250 toPorts rules of 40 ports) plus the benchmark port. The
@@ -36,15 +41,20 @@ Configurations, each its own set of network namespaces (performance.md §8.1):
 
 Workloads: RR = 1-byte ping-pong on one TCP connection (bench/rr.c, TCP_NODELAY),
 trans/s and p50/p99 latency; CRR = connect, 1 byte each way, the server closes
-first (bench/rr.c -C), conn/s and p50/p99; STREAM = `iperf3 -J`, one stream (A,
-A', B, B+pol only: policies act on the first packet of a connection, which RR
-and CRR cover). The client is pinned to CPU 0 and the server to CPU 1 in every
-configuration. Every round runs every (configuration, workload) once in random
+first (bench/rr.c -C), conn/s and p50/p99; CRR-cf = the same, but the client
+closes first (rr.c -X, netperf's order: TIME_WAIT on the client, whose namespace
+gets net.ipv4.tcp_tw_reuse=1 in every configuration; A, A', B, B+pol,
+B+pol+mon); STREAM = `iperf3 -J`, one stream (A, A', B, B+pol only: policies
+act on the first packet of a connection, which RR and CRR cover). The client is
+pinned to CPU 0 and the server to CPU 1 in every configuration; the agent is
+not pinned and competes with both. Every round runs every (configuration, workload) once in random
 order; ratios are computed per round against that round's A and the median
 over rounds is reported, with the inter-quartile range and the absolute
-medians. A short warm-up round is discarded. After the rounds, one extra RR and
-CRR run per pilus configuration with kernel.bpf_stats_enabled=1 gives the ns
-per run of cil_from_container / cil_to_container.
+medians. A short warm-up round is discarded. For pilus configurations the
+agent's own CPU time per transaction is recorded too (/proc/<pid>/stat). After
+the rounds, extra RR and CRR runs per pilus configuration with
+kernel.bpf_stats_enabled=1 give the ns per run of cil_from_container /
+cil_to_container and the runs per connection.
 Everything made here is removed at the end, also on failure or Ctrl-C.
 """
 
@@ -57,9 +67,11 @@ import os
 import random
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
@@ -132,8 +144,9 @@ def cpu_sample() -> tuple[int, int, int]:
 # -------------------------------------------------------------- topologies
 
 
-WORKLOADS = ("rr", "crr", "stream")
+WORKLOADS = ("rr", "crr", "crr_cf", "stream")
 NO_STREAM = ("rr", "crr")
+CRR_WORKLOADS = ("crr", "crr_cf")
 
 
 @dataclass
@@ -148,6 +161,8 @@ class Config:
     node_ns: str = ""  # plain/iptables configurations: the routing namespace
     probe_ns: str = ""  # iptables configurations: a pod the filter does not allow
     probe_ip: str = ""
+    agent_pid: int = 0  # pilus configurations: the agent, whose CPU time is recorded
+    monitor_socket: str = ""  # B+pol+mon: a monitor subscriber streams during each test
     servers: list[subprocess.Popen] = field(default_factory=list)
 
 
@@ -389,11 +404,14 @@ def _import_policy(sock: str, text: str) -> None:
         raise BenchError(f"policy import answered {status}: {body}")
 
 
-def build_pilus(timeout: float, with_policy: bool, with_10k: bool) -> tuple[list[Config], dict, dict]:
+def build_pilus(
+    timeout: float, with_policy: bool, with_10k: bool, with_monitor: bool
+) -> tuple[list[Config], dict, dict]:
     """B: two endpoints, no policy selects them (allow-all; §8's B0).
     B+pol: two more endpoints, an L3/L4 policy allows pclient -> pserver on the
-    benchmark ports (§8's B). B+pol10k: two more, the server's policy map holds
-    >= BIG_N entries. Returns (configs, cluster doc, notes)."""
+    benchmark ports (§8's B). B+pol+mon: the B+pol endpoints with a monitor
+    subscriber. B+pol10k: two more, the server's policy map holds >= BIG_N
+    entries. Returns (configs, cluster doc, notes)."""
     from pilus.cluster import ClusterSpec, cluster_up
 
     log(f"pilus: cluster up {BENCH_CLUSTER!r} (1 node)")
@@ -417,6 +435,19 @@ def build_pilus(timeout: float, with_policy: bool, with_10k: bool) -> tuple[list
                     "B+pol", "pilus + L3/L4 allow policy (3 map entries)", pc["netns"], ps["netns"], _ip(pc), _ip(ps)
                 )
             )
+            if with_monitor:
+                configs.append(
+                    Config(
+                        "B+pol+mon",
+                        "B+pol while a monitor subscriber streams every event type",
+                        pc["netns"],
+                        ps["netns"],
+                        _ip(pc),
+                        _ip(ps),
+                        workloads=("rr", *CRR_WORKLOADS),
+                        monitor_socket=sock,
+                    )
+                )
         except (BenchError, OSError) as e:
             notes["policy_error"] = " ".join(str(e).split())[:300]
             log(f"pilus: no policy configuration: {notes['policy_error']}")
@@ -441,7 +472,69 @@ def build_pilus(timeout: float, with_policy: bool, with_10k: bool) -> tuple[list
         except (BenchError, OSError) as e:
             notes["pol10k_error"] = " ".join(str(e).split())[:300]
             log(f"pilus: no B+pol10k configuration: {notes['pol10k_error']}")
+    pid = agent_pid(sock)
+    for cfg in configs:
+        cfg.agent_pid = pid
     return configs, doc, notes
+
+
+def agent_pid(sock: str) -> int:
+    from pilus.cluster import unix_http
+
+    _status, body = unix_http(sock, "GET", "/v1/healthz", timeout=30)
+    return int(((body or {}).get("agent") or {}).get("pid") or 0)
+
+
+def process_cpu_s(pid: int) -> float:
+    """utime + stime of a process, in seconds (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class MonitorStream:
+    """A `pilus monitor` subscriber (GET /v1/monitor, every type) reading in a thread
+    while a test runs; counts the events it received."""
+
+    def __init__(self, sock_path: str) -> None:
+        self.events = 0
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(10)
+        self._sock.connect(sock_path)
+        self._sock.sendall(b"GET /v1/monitor HTTP/1.1\r\nHost: pilus\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:  # the agent has subscribed once it answers
+            chunk = self._sock.recv(4096)
+            if not chunk:
+                raise BenchError("the agent closed the monitor stream")
+            head += chunk
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise BenchError(f"GET /v1/monitor answered {head.splitlines()[0]!r}")
+        self._sock.settimeout(None)
+        self._tail = b""
+        self._count(head.split(b"\r\n\r\n", 1)[1])
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _count(self, chunk: bytes) -> None:
+        # ndjson in HTTP chunks: every event ends with "}\n" (chunk sizes are hex lines)
+        data = self._tail + chunk
+        self.events += data.count(b"}\n")
+        self._tail = data[-1:]
+
+    def _read(self) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := self._sock.recv(65536):
+                self._count(chunk)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        self._thread.join(timeout=5)
 
 
 def _policy_entries(sock: str, ref: str) -> list[dict]:
@@ -545,23 +638,35 @@ def _run_client(cfg: Config, argv: list[str], timeout: float) -> str:
     return r.stdout
 
 
-def run_rr(cfg: Config, duration: float, warmup: float, crr: bool = False) -> dict[str, Any]:
-    """RR (one connection) or CRR (-C: one connection per transaction)."""
-    c0 = cpu_sample()
-    out = _run_client(
-        cfg,
-        [str(RR_BIN), "-C" if crr else "-c", cfg.server_ip, "-p", str(RR_PORT)]
-        + ["-t", str(duration), "-w", str(warmup)],
-        timeout=duration + warmup + 20,
-    )
-    c1 = cpu_sample()
+RR_MODES = {"rr": "-c", "crr": "-C", "crr_cf": "-X"}
+
+
+def run_rr(cfg: Config, duration: float, warmup: float, mode: str = "rr") -> dict[str, Any]:
+    """RR (one connection), CRR (-C: one connection per transaction, the server
+    closes first) or CRR-cf (-X: the client closes first)."""
+    monitor = MonitorStream(cfg.monitor_socket) if cfg.monitor_socket else None
+    try:
+        c0, a0 = cpu_sample(), process_cpu_s(cfg.agent_pid) if cfg.agent_pid else 0.0
+        out = _run_client(
+            cfg,
+            [str(RR_BIN), RR_MODES[mode], cfg.server_ip, "-p", str(RR_PORT)] + ["-t", str(duration), "-w", str(warmup)],
+            timeout=duration + warmup + 20,
+        )
+        c1, a1 = cpu_sample(), process_cpu_s(cfg.agent_pid) if cfg.agent_pid else 0.0
+    finally:
+        if monitor is not None:
+            monitor.close()
     res = json.loads(out.strip().splitlines()[-1])
     res.update(_cpu(c0, c1))
-    rate = res.get("cps" if crr else "tps") or 0
+    rate = res.get("tps" if mode == "rr" else "cps") or 0
     if rate:
         # cpu jiffies over the whole test incl. warm-up -> µs of CPU per transaction
-        total_s = duration + warmup
-        res["cpu_us_per_tx"] = round(res["busy_s"] / (rate * total_s) * 1e6, 2)
+        txs = rate * (duration + warmup)
+        res["cpu_us_per_tx"] = round(res["busy_s"] / txs * 1e6, 2)
+        if cfg.agent_pid:
+            res["agent_us_per_tx"] = round((a1 - a0) / txs * 1e6, 2)
+        if monitor is not None:
+            res["monitor_events_per_tx"] = round(monitor.events / txs, 2)
     return res
 
 
@@ -632,7 +737,7 @@ def measure_bpf_cost(cfg: Config, seconds: float, prog_ids: set[int], crr: bool)
     only this configuration carries traffic while it runs. Only the agent's
     programs count (other clusters may run on this machine)."""
     before = bpf_prog_stats()
-    res = run_rr(cfg, seconds, 0.2, crr=crr)
+    res = run_rr(cfg, seconds, 0.2, mode="crr" if crr else "rr")
     after = bpf_prog_stats()
     txs = res.get("connections" if crr else "transactions") or 1
     progs = {}
@@ -693,15 +798,20 @@ METRICS = [
     # (workload, field, label, higher_is_better, format)
     ("rr", "tps", "RR trans/s", True, "{:,.0f}"),
     ("crr", "cps", "CRR conn/s", True, "{:,.0f}"),
+    ("crr_cf", "cps", "CRR-cf conn/s", True, "{:,.0f}"),
     ("stream", "gbit_s", "STREAM Gbit/s", True, "{:.2f}"),
     ("rr", "p50_us", "RR p50 µs", False, "{:.1f}"),
     ("rr", "p99_us", "RR p99 µs", False, "{:.1f}"),
     ("crr", "p50_us", "CRR p50 µs", False, "{:.1f}"),
     ("crr", "p99_us", "CRR p99 µs", False, "{:.1f}"),
+    ("crr_cf", "p50_us", "CRR-cf p50 µs", False, "{:.1f}"),
     ("rr", "cpu_us_per_tx", "RR CPU µs/trans", False, "{:.1f}"),
     ("crr", "cpu_us_per_tx", "CRR CPU µs/conn", False, "{:.1f}"),
+    # the agent's own CPU (pilus only: no ratio to A, which has no agent)
+    ("crr", "agent_us_per_tx", "CRR agent µs/conn", False, "{:.2f}"),
+    ("crr", "monitor_events_per_tx", "CRR monitor ev/conn", False, "{:.2f}"),
 ]
-MAIN_METRICS = 3  # the rates: shown with IQR and clean medians; the rest as medians
+MAIN_METRICS = 4  # the rates: shown with IQR and clean medians; the rest as medians
 
 
 def summarize(results: dict[str, list[dict]], keys: list[str]) -> dict[str, Any]:
@@ -843,8 +953,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-pilus", action="store_true", help="no cluster (no B configurations)")
     ap.add_argument("--no-policy", action="store_true", help="skip B+pol and B+pol10k")
     ap.add_argument("--no-pol10k", action="store_true", help="skip B+pol10k")
+    ap.add_argument("--no-monitor", action="store_true", help="skip B+pol+mon")
     ap.add_argument("--no-iptables", action="store_true", help="skip C-ipt and C-ipt-linear")
-    ap.add_argument("--no-crr", action="store_true", help="skip the CRR workload")
+    ap.add_argument("--no-crr", action="store_true", help="skip the CRR and CRR-cf workloads")
     ap.add_argument("--seed", type=int, default=None, help="seed of the run order")
     ap.add_argument("--json", type=Path, default=None, help="write all samples here")
     ap.add_argument("--up-timeout", type=float, default=60.0, help="cluster up timeout")
@@ -878,7 +989,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_pilus:
             pilus_made = True
             try:
-                pcfgs, doc, notes = build_pilus(args.up_timeout, not args.no_policy, not args.no_pol10k)
+                pcfgs, doc, notes = build_pilus(
+                    args.up_timeout, not args.no_policy, not args.no_pol10k, not args.no_monitor
+                )
                 configs += pcfgs
                 meta.update(notes)
                 bench_socket = doc["nodes"][0]["socket"]
@@ -907,8 +1020,16 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"skipping {key}: {e}")
             meta["iptables_setup_s"] = round(time.monotonic() - t0, 2)
             meta["iptables_version"] = subprocess.run(["iptables", "-V"], capture_output=True, text=True).stdout.strip()
+        from pilus.datapath import links
+
+        servers: dict[tuple[str, str], Config] = {}
         for cfg in configs:
-            start_servers(cfg)
+            # B+pol+mon shares the B+pol pods: one server serves both
+            if (cfg.server_ns, cfg.server_ip) not in servers:
+                start_servers(cfg)
+                servers[(cfg.server_ns, cfg.server_ip)] = cfg
+            # CRR-cf leaves TIME_WAIT on the client: reuse it (netperf setups do the same)
+            links.set_sysctl("net.ipv4.tcp_tw_reuse", 1, cfg.client_ns)
         keys = [c.key for c in configs]
         by_key = {c.key: c for c in configs}
         labels = {c.key: c.label for c in configs}
@@ -926,14 +1047,16 @@ def main(argv: list[str] | None = None) -> int:
             if not e["ok"]:
                 exit_code = 1
 
-        wl_all = tuple(w for w in WORKLOADS if not (args.no_crr and w == "crr"))
+        wl_all = tuple(w for w in WORKLOADS if not (args.no_crr and w in CRR_WORKLOADS))
         log("warm-up round (discarded)")
         for cfg in configs:
-            run_rr(cfg, 0.5, 0.2)
-            if "crr" in wl_all:
-                run_rr(cfg, 0.5, 0.2, crr=True)
-            if "stream" in cfg.workloads:
-                run_stream(cfg, 1)
+            for wl in wl_all:
+                if wl not in cfg.workloads:
+                    continue
+                if wl == "stream":
+                    run_stream(cfg, 1)
+                else:
+                    run_rr(cfg, 0.5, 0.2, mode=wl)
 
         results: dict[str, list[dict]] = {k: [] for k in keys}
         max_steal = 0.0
@@ -946,22 +1069,24 @@ def main(argv: list[str] | None = None) -> int:
                 if wl == "stream":
                     sample[k][wl] = run_stream(cfg, args.duration)
                 else:
-                    sample[k][wl] = run_rr(cfg, args.duration, args.warmup, crr=wl == "crr")
+                    sample[k][wl] = run_rr(cfg, args.duration, args.warmup, mode=wl)
                 max_steal = max(max_steal, sample[k][wl]["steal_pct"])
             for k in keys:
                 results[k].append(sample[k])
             a = sample["A"]
             line = f"round {rnd}/{args.rounds}: A rr {a['rr']['tps']:,.0f}/s"
-            if "crr" in a:
-                line += f" crr {a['crr']['cps']:,.0f}/s"
+            for wl in CRR_WORKLOADS:
+                if wl in a:
+                    line += f" {wl} {a[wl]['cps']:,.0f}/s"
             for k in keys[1:]:
                 s = sample[k]
                 line += f" | {k} rr {s['rr']['tps'] / a['rr']['tps']:.3f}"
-                if "crr" in s:
-                    line += f" crr {s['crr']['cps'] / a['crr']['cps']:.3f}"
+                for wl in CRR_WORKLOADS:
+                    if wl in s and wl in a:
+                        line += f" {wl} {s[wl]['cps'] / a[wl]['cps']:.3f}"
             log(line)
         meta["max_steal_pct"] = max_steal
-        bkeys = [k for k in ("B", "B+pol10k") if k in by_key]
+        bkeys = [k for k in ("B", "B+pol", "B+pol+mon", "B+pol10k") if k in by_key]
         if bkeys:
             prog_ids = pilus_prog_ids(bench_socket)
             raw: dict[str, dict[str, list]] = {k: {} for k in bkeys}

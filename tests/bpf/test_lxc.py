@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -14,7 +15,17 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import raw
 
-from pilus.datapath import Datapath, DatapathConfig, DropEvent, TraceEvent, remove_pins
+from pilus.datapath import (
+    ENDPOINT_F_POLICY_INGRESS,
+    Datapath,
+    DatapathConfig,
+    DropEvent,
+    PolicyVerdictEvent,
+    TraceEvent,
+    remove_pins,
+)
+from pilus.datapath.abi import NOTIFY_TRACE
+from pilus.datapath.events import listen_mask
 from pilus.datapath.testrun import run_skb
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
@@ -371,3 +382,47 @@ def test_attach_replace_detach_on_veth(bpf_state_dir):
 def test_tcp_flags_never_crash(dp, flags):
     pkt = a_eth() / IP(src=str(EP_A.ipv4), dst=str(EP_B.ipv4)) / TCP(sport=1, dport=2, flags=flags)
     assert from_a(dp, pkt).retval == TC_ACT_REDIRECT
+
+
+def test_events_only_for_types_somebody_listens_to(dp, events):
+    """The agent's listen mask: nothing is emitted (nor counted as lost) for a type
+    nobody listens to, every drop is still counted in metrics, and a subscriber's
+    types come back as soon as the mask has them."""
+    a, b = str(EP_A.ipv4), str(EP_B.ipv4)
+    spoofed = a_eth() / IP(src="10.200.1.66", dst=b) / UDP()
+
+    def syn(sport):
+        return a_eth() / IP(src=a, dst=b) / TCP(sport=sport, dport=8080, flags="S")
+
+    lost0, drops0 = events.lost(), metric(dp, 132, "egress")
+    events.set_listen_mask(listen_mask([]))
+    assert from_a(dp, spoofed).retval == TC_ACT_SHOT
+    assert from_a(dp, syn(51000)).retval == TC_ACT_REDIRECT
+    assert events.poll() == [] and events.records == 0
+    assert events.lost() == lost0  # not wanted is not lost
+    assert metric(dp, 132, "egress") == drops0 + 1
+
+    events.set_listen_mask(listen_mask([frozenset({"drop"})]))
+    assert from_a(dp, spoofed).retval == TC_ACT_SHOT
+    assert from_a(dp, syn(51001)).retval == TC_ACT_REDIRECT
+    assert [(type(e), e.reason) for e in events.poll()] == [(DropEvent, 132)]
+
+    events.set_listen_mask(listen_mask([frozenset({"trace"}), frozenset({"drop"})]))
+    assert from_a(dp, spoofed).retval == TC_ACT_SHOT
+    assert from_a(dp, syn(51002)).retval == TC_ACT_REDIRECT
+    # both reach the ring; the reader decodes only what the caller wants
+    got = events.poll(want=lambda t: t == NOTIFY_TRACE)
+    assert [(type(e), e.to_dict()["ct_state"]) for e in got] == [(TraceEvent, "new")]
+    assert events.records == 3
+    assert metric(dp, 132, "egress") == drops0 + 3
+
+    # B enforces ingress with nothing allowed: a policy drop, and its verdict event
+    # only for a policy-verdict subscriber
+    dp.endpoints.upsert(replace(EP_B, flags=ENDPOINT_F_POLICY_INGRESS))
+    events.set_listen_mask(listen_mask([frozenset({"drop"})]))
+    assert from_a(dp, syn(51003)).retval == TC_ACT_SHOT
+    assert [(type(e), e.reason) for e in events.poll()] == [(DropEvent, 133)]
+    events.set_listen_mask(listen_mask([frozenset({"policy-verdict"})]))
+    assert from_a(dp, syn(51004)).retval == TC_ACT_SHOT
+    assert [(type(e), e.verdict) for e in events.poll()] == [(PolicyVerdictEvent, -133)]
+    assert metric(dp, 133, "ingress") == 2

@@ -16,9 +16,12 @@ from pilus.datapath.events import (
     TraceEvent,
     UnknownEvent,
     decode,
+    decode_records,
+    listen_mask,
     parse_packet,
 )
 from pilus.datapath.reasons import DROP_REASONS, drop_reason_desc
+from pilus.observer.monitor import EventHub
 
 
 def record(
@@ -211,3 +214,79 @@ def test_policy_verdict_record_ingress_deny_and_match_names():
     assert d["drop_reason_desc"] == "Policy denied by denylist"
     assert (d["src_identity"], d["dst_identity"], d["dst_ep"]) == (2, 1000, 6)
     assert (d["proto"], d["dport"], d["icmp_type"]) == ("ICMP", 13, 13)
+
+
+# -- who listens: the datapath's listen mask and decoding only wanted records
+
+MASK_DROP, MASK_TRACE, MASK_VERDICT = (1 << abi.NOTIFY_DROP, 1 << abi.NOTIFY_TRACE,
+                                       1 << abi.NOTIFY_POLICY_VERDICT)
+
+
+@pytest.mark.parametrize(
+    ("subscribers", "mask"),
+    [
+        ([], 0),  # nobody listens: the datapath emits nothing
+        ([None], MASK_DROP | MASK_TRACE | MASK_VERDICT),  # `pilus monitor` without --type
+        ([frozenset({"drop"})], MASK_DROP),
+        ([frozenset({"drop", "policy-verdict"})], MASK_DROP | MASK_VERDICT),  # e2e EventLog
+        ([frozenset({"drop"}), frozenset({"trace"})], MASK_DROP | MASK_TRACE),
+        ([frozenset({"trace"}), None], MASK_DROP | MASK_TRACE | MASK_VERDICT),
+    ],
+)
+def test_listen_mask(subscribers, mask):
+    assert listen_mask(subscribers) == mask
+
+
+def test_decode_records_decodes_only_wanted_types():
+    recs = [
+        record(abi.NOTIFY_TRACE, 0, tcp_syn()),
+        record(abi.NOTIFY_DROP, 133, tcp_syn()),
+        b"\x01\x00",  # a drop record cut short: counted, not raised
+    ]
+    events, errors = decode_records(recs, want=lambda t: t == abi.NOTIFY_DROP)
+    assert [type(e) for e in events] == [DropEvent] and events[0].reason == 133
+    assert errors == 1
+    events, errors = decode_records(recs[:2])
+    assert [type(e) for e in events] == [TraceEvent, DropEvent] and errors == 0
+
+
+class RingStandIn:
+    """EventReader's interface over a list of records (the ring buffer itself is
+    tested in tests/bpf); decoding is the real decode_records."""
+
+    def __init__(self) -> None:
+        self.ring: list[bytes] = []
+        self.records = 0
+        self.masks: list[int] = []
+
+    def poll(self, timeout_ms: int = 0, want=None):
+        raw, self.ring = self.ring, []
+        self.records += len(raw)
+        return decode_records(raw, want)[0]
+
+    def set_listen_mask(self, mask: int) -> None:
+        self.masks.append(mask)
+
+
+def test_hub_keeps_the_datapath_mask_to_its_subscribers():
+    reader = RingStandIn()
+    hub = EventHub(reader)
+    drops = hub.subscribe(frozenset({"drop"}), None)
+    everything = hub.subscribe(None, None)
+    hub.unsubscribe(everything)
+    hub.unsubscribe(drops)
+    assert reader.masks == [MASK_DROP, MASK_DROP | MASK_TRACE | MASK_VERDICT, MASK_DROP, 0]
+
+
+def test_hub_offers_only_wanted_events_and_counts_every_record():
+    reader = RingStandIn()
+    hub = EventHub(reader)
+    sub = hub.subscribe(frozenset({"drop"}), None)
+    reader.ring = [record(abi.NOTIFY_TRACE, 0, tcp_syn()), record(abi.NOTIFY_DROP, 133, tcp_syn())]
+    hub._drain()
+    got = [sub.queue.get_nowait() for _ in range(sub.queue.qsize())]
+    assert [(e["type"], e["reason"]) for e in got] == [("drop", 133)]
+    hub.unsubscribe(sub)
+    reader.ring = [record(abi.NOTIFY_DROP, 133, tcp_syn())]  # emitted before the mask changed
+    hub._drain()
+    assert hub.received == 3 and sub.queue.empty()

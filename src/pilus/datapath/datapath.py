@@ -15,7 +15,7 @@ from pathlib import Path
 from . import abi, attach
 from ._libbpf import LibbpfMissing
 from .compile import CompileError, compile_datapath
-from .events import EventReader
+from .events import MONITOR_MASK_SECTION, EventReader
 from .lb import LB_MAP_NAMES, LbConfig, LbMaps, configure_object
 from .loader import NETDEV_PROGRAMS, PROGRAMS, BpfObject, map_info, prog_info
 from .maps import BpfMap, CtMap, EndpointInfo, EndpointMap, EventsLostMap, IpcacheMap, MetricsMap
@@ -324,7 +324,11 @@ class Datapath:
     def events(self) -> EventReader:
         obj = self._loaded()
         try:
-            return EventReader(obj.map_fd("pilus_events"), lost_fn=self.events_lost.total)
+            return EventReader(
+                obj.map_fd("pilus_events"),
+                lost_fn=self.events_lost.total,
+                mask_fd=obj.map_fd(MONITOR_MASK_SECTION),
+            )
         except OSError as exc:
             raise DatapathError(f"opening the event ring buffer failed: {exc}") from exc
 

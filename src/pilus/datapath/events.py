@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address
 
 from . import abi
 from ._libbpf import check, check_ptr, lib, ring_buffer_sample_fn
-from .maps import proto_name, tcp_flag_names
+from .maps import BpfMap, proto_name, tcp_flag_names
 from .reasons import (
     POLICY_DIRECTIONS,
     ct_state_desc,
@@ -22,6 +22,26 @@ from .reasons import (
 
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806
+
+#: record type (NOTIFY_*) -> the `pilus monitor --type` name of its events
+MONITOR_TYPES = {
+    abi.NOTIFY_DROP: "drop",
+    abi.NOTIFY_TRACE: "trace",
+    abi.NOTIFY_POLICY_VERDICT: "policy-verdict",
+}
+#: the writable section holding the datapath's pilus_monitor_mask (lib/events.h)
+MONITOR_MASK_SECTION = ".data.monitor"
+
+
+def listen_mask(wanted: Iterable[frozenset[str] | None]) -> int:
+    """pilus_monitor_mask for subscribers that each want a set of type names
+    (None: every type); 0 when there is nobody, so the datapath emits nothing."""
+    mask = 0
+    for types in wanted:
+        for notify, name in MONITOR_TYPES.items():
+            if types is None or name in types:
+                mask |= 1 << notify
+    return mask
 
 
 @dataclass
@@ -302,22 +322,44 @@ def _decode_policy_verdict(n: abi.PolicyVerdictNotify) -> PolicyVerdictEvent:
     )
 
 
+def decode_records(raw: Iterable[bytes], want: Callable[[int], bool] | None = None) -> tuple[list[Event], int]:
+    """Decode the records whose type (NOTIFY_*, the first byte) ``want`` accepts
+    (all if None); returns the events and how many records did not decode."""
+    out: list[Event] = []
+    errors = 0
+    for rec in raw:
+        if want is not None and not (rec and want(rec[0])):
+            continue
+        try:
+            out.append(decode(rec))
+        except Exception:  # noqa: BLE001 - one bad record must not lose the batch
+            errors += 1
+    return out, errors
+
+
 class EventReader:
     """Non-blocking reader of pilus_events.
 
     ``fileno()`` is an epoll fd that becomes readable when records arrive (for
-    ``loop.add_reader``); ``poll()`` drains what is there.
+    ``loop.add_reader``); ``poll()`` drains what is there. ``mask_fd`` is the
+    datapath's MONITOR_MASK_SECTION map: ``set_listen_mask()`` tells the
+    datapath which event types to emit at all.
     """
 
-    def __init__(self, ringbuf_fd: int, lost_fn: Callable[[], int] | None = None):
-        self._pending: list[Event] = []
+    def __init__(
+        self, ringbuf_fd: int, lost_fn: Callable[[], int] | None = None, mask_fd: int | None = None
+    ):
+        self._pending: list[bytes] = []
         self._decode_errors = 0
+        self.records = 0  # records read from the ring, decoded or not
+        self._mask = (
+            BpfMap(mask_fd, ctypes.c_uint32, ctypes.c_uint32, MONITOR_MASK_SECTION)
+            if mask_fd is not None
+            else None
+        )
 
         def _cb(_ctx, data, size):
-            try:
-                self._pending.append(decode(ctypes.string_at(data, size)))
-            except Exception:  # noqa: BLE001 - never raise through C
-                self._decode_errors += 1
+            self._pending.append(ctypes.string_at(data, size))
             return 0
 
         self._cb = ring_buffer_sample_fn(_cb)  # keep a reference
@@ -334,15 +376,25 @@ class EventReader:
             raise OSError(9, "event reader is closed")
         return self._rb
 
-    def poll(self, timeout_ms: int = 0) -> list[Event]:
-        """Drain available records (wait up to ``timeout_ms`` if none; 0 = don't wait)."""
+    def poll(self, timeout_ms: int = 0, want: Callable[[int], bool] | None = None) -> list[Event]:
+        """Drain available records (wait up to ``timeout_ms`` if none; 0 = don't wait).
+        ``want(type)`` picks the record types (NOTIFY_*) to decode; the others
+        are read and dropped without decoding."""
         h = self._handle()
         if timeout_ms > 0:
             check(lib.ring_buffer__poll(h, timeout_ms), "ring_buffer__poll")
         else:
             check(lib.ring_buffer__consume(h), "ring_buffer__consume")
-        out, self._pending = self._pending, []
+        raw, self._pending = self._pending, []
+        self.records += len(raw)
+        out, errors = decode_records(raw, want)
+        self._decode_errors += errors
         return out
+
+    def set_listen_mask(self, mask: int) -> None:
+        """Which event types (bits 1 << NOTIFY_*, see listen_mask) the datapath emits."""
+        if self._mask is not None:
+            self._mask.update(ctypes.c_uint32(0), ctypes.c_uint32(mask))
 
     def lost(self) -> int:
         """Events the datapath could not emit (rate limited or ring full), all CPUs."""
@@ -375,7 +427,11 @@ __all__ = [
     "UnknownEvent",
     "Event",
     "EventReader",
+    "MONITOR_MASK_SECTION",
+    "MONITOR_TYPES",
     "decode",
+    "decode_records",
+    "listen_mask",
     "parse_packet",
     "asdict",
 ]

@@ -1,6 +1,11 @@
 """Fan-out of datapath events from the ring buffer to `pilus monitor` clients.
 
-The ring buffer is drained whenever its epoll fd is readable. Each subscriber has a
+The datapath emits only the event types some subscriber wants (the hub keeps its
+listen mask up to date, as Cilium reads events only while a monitor listener
+exists), and the hub decodes only records a subscriber wants: with nobody
+listening, new connections cost neither ring-buffer records nor agent CPU.
+The ring buffer is drained when its epoll fd is readable, then left alone for
+DRAIN_INTERVAL so that a busy ring is read in batches. Each subscriber has a
 bounded queue: a slow client loses events (counted and reported to it as a "lost"
 record) instead of stalling the agent or other clients.
 """
@@ -12,9 +17,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from pilus.datapath.events import MONITOR_TYPES, listen_mask
+
 log = logging.getLogger(__name__)
 
 SUBSCRIBER_QUEUE = 4096
+DRAIN_INTERVAL = 0.01  # seconds between two drains of a busy ring
 
 
 @dataclass(eq=False)  # identity-hashed: kept in a set
@@ -23,6 +31,9 @@ class Subscriber:
     endpoint: int | None
     queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(SUBSCRIBER_QUEUE))
     lost: int = 0
+
+    def wants_type(self, notify_type: int) -> bool:
+        return self.types is None or MONITOR_TYPES.get(notify_type) in self.types
 
     def wants(self, event: dict) -> bool:
         if self.types is not None and event["type"] not in self.types:
@@ -47,14 +58,23 @@ class EventHub:
     def __init__(self, reader) -> None:
         self.reader = reader
         self.subscribers: set[Subscriber] = set()
-        self.received = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._resume: asyncio.TimerHandle | None = None
+
+    @property
+    def received(self) -> int:
+        """Records read from the ring buffer (decoded or not)."""
+        return self.reader.records
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._set_mask()  # nobody listens yet (a restarted agent starts from zero)
         self._loop.add_reader(self.reader.fileno(), self._drain)
 
     async def stop(self) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
         if self._loop is not None:
             self._loop.remove_reader(self.reader.fileno())
         self.reader.close()
@@ -65,22 +85,40 @@ class EventHub:
     def subscribe(self, types: frozenset[str] | None, endpoint: int | None) -> Subscriber:
         sub = Subscriber(types, endpoint)
         self.subscribers.add(sub)
+        self._set_mask()
         return sub
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self.subscribers.discard(sub)
+        self._set_mask()
+
+    def _set_mask(self) -> None:
+        self.reader.set_listen_mask(listen_mask(sub.types for sub in self.subscribers))
+
+    def _wanted(self, notify_type: int) -> bool:
+        return any(sub.wants_type(notify_type) for sub in self.subscribers)
 
     def _drain(self) -> None:
+        read0 = self.reader.records
         try:
-            events = self.reader.poll()
+            events = self.reader.poll(want=self._wanted)
         except Exception:  # a decoding bug must not kill the agent's loop
             log.exception("reading datapath events failed")
             return
+        if self.reader.records > read0 and self._loop is not None:
+            # more will follow: read them in one batch a little later
+            self._loop.remove_reader(self.reader.fileno())
+            self._resume = self._loop.call_later(DRAIN_INTERVAL, self._resume_reading)
         now = time.time()
         for event in events:
-            self.received += 1
             record = event.to_dict()
             record.setdefault("time", now)
             for sub in self.subscribers:
                 if sub.wants(record):
                     sub.offer(record)
+
+    def _resume_reading(self) -> None:
+        self._resume = None
+        if self._loop is not None:
+            self._loop.add_reader(self.reader.fileno(), self._drain)
+            self._drain()

@@ -10,6 +10,22 @@
 
 #define NSEC_PER_SEC 1000000000ULL
 
+/*
+ * Event types somebody listens to, one bit per NOTIFY_* type. The agent
+ * writes it whenever its monitor subscribers change (as Cilium, which reads
+ * and decodes events only while a monitor listener exists): a type nobody
+ * listens to is not rate limited, reserved or copied, and costs one load.
+ * Drops are counted in metrics either way (drop.h). Writable data, not load
+ * time config: it changes while the programs run. Every type by default, for
+ * tests that read the ring buffer directly.
+ */
+volatile __u32 pilus_monitor_mask SEC(".data.monitor") = 0xffffffff;
+
+static __always_inline bool events_wanted(__u8 type)
+{
+	return pilus_monitor_mask & (1U << type);
+}
+
 static __always_inline void events_lost_inc(__u32 slot)
 {
 	__u64 *cnt = bpf_map_lookup_elem(&pilus_ev_lost, &slot);
@@ -82,12 +98,15 @@ static __always_inline void fill_capture_hdr(struct __sk_buff *skb,
 	hdr->version = NOTIFY_CAPTURE_VER;
 }
 
-/* Space for one event on the ring, or NULL when the rate limit or a full ring
- * says no (both counted as lost). */
-static __always_inline void *event_reserve(__u64 size)
+/* Space for one event of `type` (NOTIFY_*) on the ring, or NULL when nobody
+ * listens to the type (not counted), or the rate limit or a full ring says no
+ * (both counted as lost). */
+static __always_inline void *event_reserve(__u8 type, __u64 size)
 {
 	void *n;
 
+	if (!events_wanted(type))
+		return NULL;
 	if (!events_allow())
 		return NULL;
 	n = bpf_ringbuf_reserve(&pilus_events, size, 0);
@@ -103,7 +122,7 @@ static __always_inline void send_drop_notify(struct __sk_buff *skb, __u16 source
 {
 	struct drop_notify *n;
 
-	n = event_reserve(sizeof(*n));
+	n = event_reserve(NOTIFY_DROP, sizeof(*n));
 	if (!n)
 		return;
 	fill_capture_hdr(skb, &n->hdr, NOTIFY_DROP, reason, source);
@@ -126,7 +145,7 @@ static __always_inline void send_trace_notify(struct __sk_buff *skb, __u8 obs_po
 {
 	struct trace_notify *n;
 
-	n = event_reserve(sizeof(*n));
+	n = event_reserve(NOTIFY_TRACE, sizeof(*n));
 	if (!n)
 		return;
 	fill_capture_hdr(skb, &n->hdr, NOTIFY_TRACE, obs_point, source);

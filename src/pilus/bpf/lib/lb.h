@@ -653,7 +653,10 @@ static __always_inline void lb4_forget_rev_nat(const struct pkt4 *p)
 	t.dport = p->sport;
 	t.nexthdr = p->ip.protocol;
 	t.flags = LB_TUPLE_F_REVNAT;
-	bpf_map_delete_elem(&pilus_lb4_ct, &t);
+	/* a lookup is lock-free, a delete locks the bucket even for a missing key:
+	 * most new connections have nothing to forget */
+	if (bpf_map_lookup_elem(&pilus_lb4_ct, &t))
+		bpf_map_delete_elem(&pilus_lb4_ct, &t);
 }
 
 /*

@@ -169,7 +169,7 @@ static __always_inline void send_policy_verdict(struct __sk_buff *skb, __u16 ep_
 {
 	struct policy_verdict_notify *n;
 
-	n = event_reserve(sizeof(*n));
+	n = event_reserve(NOTIFY_POLICY_VERDICT, sizeof(*n));
 	if (!n)
 		return;
 	fill_capture_hdr(skb, &n->hdr, NOTIFY_POLICY_VERDICT, 0, ep_id);
