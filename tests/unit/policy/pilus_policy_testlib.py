@@ -9,9 +9,9 @@ from __future__ import annotations
 import ipaddress
 
 from pilus.identity.labels import Label, Labels, endpoint_labels
-from pilus.policy.selector import ipblock_identity_labels
 from pilus.identity.reserved import RESERVED_IDENTITIES
 from pilus.policy import PolicyEngine, parse_policies
+from pilus.policy.selector import ipblock_identity_labels
 
 PROTOS = {"TCP": 6, "UDP": 17, "ICMP": 1, "SCTP": 132}
 
