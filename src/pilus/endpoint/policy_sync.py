@@ -40,6 +40,9 @@ from pilus.policy.selector import ipblock_identity_labels
 log = logging.getLogger(__name__)
 
 CT_GC_INTERVAL_S = 30.0
+#: ipBlock identities are local identities numbered apart from the CIDR ones (which start
+#: at LOCAL_IDENTITY_FLAG | 1), so that neither numbering shifts the other across restarts
+IPBLOCK_IDENTITY_BASE = LOCAL_IDENTITY_FLAG | 1 << 23
 
 
 def endpoint_flags(policy: EndpointPolicy) -> int:
@@ -73,7 +76,7 @@ class PolicySync:
         self.endpoints: dict[int, Endpoint] = {}
         self.cidr_identities: dict[IPv4Network, int] = {}
         self.ipblock_identities: dict[IPv4Network, int] = {}
-        self._ipblock_map_pruned = False
+        self._ipblock_restored = False
         self._dirty = asyncio.Event()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
         self._tasks: list[asyncio.Task] = []
@@ -252,23 +255,30 @@ class PolicySync:
         besides the peer's own identity, for endpoints whose policy uses an ipBlock."""
         wanted = self.engine.ipblock_prefixes()
         current = self.ipblock_identities
+        # the first time, the pinned map holds what an earlier run chose: keep its numbers,
+        # so that a restart rewrites neither this map nor the policy maps
+        pinned = {} if self._ipblock_restored else dict(self.datapath.ipblock.items())
         for prefix in [p for p in current if p not in wanted]:
             self.engine.remove_identity(current.pop(prefix))
             self.datapath.ipblock.delete(prefix)
-        used = set(self.cidr_identities.values()) | set(current.values())
-        next_id = LOCAL_IDENTITY_FLAG | 1
+        taken = set(self.cidr_identities.values()) | set(current.values())
+        used = taken | set(pinned.values())  # fresh numbers avoid the pinned ones still to come
+        next_id = IPBLOCK_IDENTITY_BASE
         for prefix in sorted(wanted - set(current), key=lambda p: (p.prefixlen, p)):
-            while next_id in used:
-                next_id += 1
-            used.add(next_id)
-            current[prefix] = next_id
-            self.engine.upsert_identity(next_id, ipblock_identity_labels(prefix))
-            self.datapath.ipblock.upsert(prefix, next_id)
-        if not self._ipblock_map_pruned:  # entries an earlier run left (the map is pinned)
-            for prefix, ident in self.datapath.ipblock.items():
-                if current.get(prefix) != ident:
-                    self.datapath.ipblock.delete(prefix)
-            self._ipblock_map_pruned = True
+            ident = pinned.get(prefix)
+            if ident is None or ident in taken:
+                while next_id in used:
+                    next_id += 1
+                ident = next_id
+            taken.add(ident)
+            used.add(ident)
+            current[prefix] = ident
+            self.engine.upsert_identity(ident, ipblock_identity_labels(prefix))
+            if pinned.get(prefix) != ident:
+                self.datapath.ipblock.upsert(prefix, ident)
+        for prefix in pinned.keys() - current.keys():  # an earlier run's, no policy names them now
+            self.datapath.ipblock.delete(prefix)
+        self._ipblock_restored = True
 
     # -- output ----------------------------------------------------------------
 
