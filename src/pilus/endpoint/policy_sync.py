@@ -77,6 +77,8 @@ class PolicySync:
         self.cidr_identities: dict[IPv4Network, int] = {}
         self.ipblock_identities: dict[IPv4Network, int] = {}
         self._ipblock_restored = False
+        # new pilus_ipblock entries, written once the policy maps know their identities
+        self._ipblock_pending: dict[IPv4Network, int] = {}
         self._dirty = asyncio.Event()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
         self._tasks: list[asyncio.Task] = []
@@ -260,7 +262,8 @@ class PolicySync:
         pinned = {} if self._ipblock_restored else dict(self.datapath.ipblock.items())
         for prefix in [p for p in current if p not in wanted]:
             self.engine.remove_identity(current.pop(prefix))
-            self.datapath.ipblock.delete(prefix)
+            self._ipblock_pending.pop(prefix, None)
+            self.datapath.ipblock.delete(prefix)  # first: addresses fall back to shorter prefixes
         taken = set(self.cidr_identities.values()) | set(current.values())
         used = taken | set(pinned.values())  # fresh numbers avoid the pinned ones still to come
         next_id = IPBLOCK_IDENTITY_BASE
@@ -275,7 +278,7 @@ class PolicySync:
             current[prefix] = ident
             self.engine.upsert_identity(ident, ipblock_identity_labels(prefix))
             if pinned.get(prefix) != ident:
-                self.datapath.ipblock.upsert(prefix, ident)
+                self._ipblock_pending[prefix] = ident
         for prefix in pinned.keys() - current.keys():  # an earlier run's, no policy names them now
             self.datapath.ipblock.delete(prefix)
         self._ipblock_restored = True
@@ -286,6 +289,8 @@ class PolicySync:
         for ep_id in sorted(self.engine.changed_endpoints()):
             if ep_id in self.endpoints:
                 self._sync_endpoint(ep_id)
+        while self._ipblock_pending:
+            self.datapath.ipblock.upsert(*self._ipblock_pending.popitem())
 
     def _sync_endpoint(self, ep_id: int) -> int:
         policy = self.engine.policy_for(ep_id)

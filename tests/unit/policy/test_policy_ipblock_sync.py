@@ -71,6 +71,7 @@ def make_sync():
 def apply(sync: PolicySync, text: str) -> None:
     sync.engine.set_policies(parse_policies(text) if text else [])
     sync._refresh_cidr_identities()
+    sync._sync_changed()  # the policy maps, then the new pilus_ipblock entries
 
 
 def test_every_named_prefix_gets_an_ipblock_identity(make_sync):
@@ -124,3 +125,14 @@ def test_restart_keeps_the_numbers_and_prunes_what_no_policy_names(make_sync):
 )
 def test_endpoint_flags(policy, flags):
     assert endpoint_flags(policy) == flags
+
+
+def test_new_entries_wait_for_the_policy_maps(make_sync):
+    """An address must not resolve to an ipBlock identity the policy maps do not know yet."""
+    dp = FakeDatapath()
+    sync = make_sync(dp)
+    sync.engine.set_policies(parse_policies(EGRESS_TO_SERVER))
+    sync._refresh_cidr_identities()
+    assert dp.ipblock.items() == [] and sync.ipblock_identities  # engine first ...
+    sync._sync_changed()
+    assert dict(dp.ipblock.items()) == sync.ipblock_identities  # ... the map after the policy maps
