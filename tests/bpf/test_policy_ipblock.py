@@ -192,6 +192,27 @@ def test_tc_to_container_ipblock_ingress(dp, events):
     assert packets(dp, c.ep_id, IB_EXT) == 1
 
 
+def test_python_verdict_agrees_with_the_two_lookups(dp, events):
+    a = enforce(dp, EP_A, EGR)
+    dp.ipblock.upsert(IPv4Network(f"{EP_B.ipv4}/32"), IB_B)
+    dp.policy.sync(
+        a.ep_id,
+        {
+            key(EP_B.identity, True, TCP_, 80): ALLOW,
+            key(IB_B, True, TCP_, 443): ALLOW,
+            key(IB_B, True, TCP_, 80): DENY,
+            key(0, True, TCP_, 22): DENY,
+            key(IB_B, True, TCP_, 22): ALLOW,
+        },
+    )
+    for i, port in enumerate((80, 443, 22, 8080)):
+        ret = from_a(dp, a, EP_B.ipv4, port, 41100 + i)
+        ((action, _reason, _remote, match),) = outcome(events.poll())
+        py = dp.policy.verdict(a.ep_id, EP_B.identity, True, TCP_, port, ipblock_identity=IB_B)
+        assert (py["action"], py["match_type"]) == (action, match), port
+        assert (ret == TC_ACT_REDIRECT) == (action == "allow"), port
+
+
 def test_ipblock_map_round_trip(dp):
     dp.ipblock.upsert(IPv4Network("10.0.0.0/8"), IB_NET)
     dp.ipblock.upsert(IPv4Network("0.0.0.0/0"), IB_EXT)

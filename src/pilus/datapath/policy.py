@@ -396,9 +396,13 @@ class PolicyMaps:
         rows.sort(key=lambda r: (r["direction"], r["identity"], r["proto"], r["dport"], r["prefix_len"]))
         return rows
 
-    def verdict(self, ep_id: int, identity: int, egress: bool, proto: int, dport: int) -> dict:
+    def verdict(
+        self, ep_id: int, identity: int, egress: bool, proto: int, dport: int, ipblock_identity: int = 0
+    ) -> dict:
         """What the datapath decides for the first packet of such a connection,
-        with the same algorithm on the same map (for `policy trace`)."""
+        with the same algorithm on the same map (for `policy trace`).
+        ``ipblock_identity``: of the peer's address in pilus_ipblock, for an endpoint
+        whose ENDPOINT_F_IPBLOCK_* flag is set (0: no second lookup)."""
         fd = self._published_fd(ep_id)
         if fd is None:
             return {"action": "deny", "reason": abi.DROP_POLICY, "match_type": "none", "entry": None}
@@ -440,6 +444,12 @@ class PolicyMaps:
                 chosen, any_id = b, True
             else:
                 chosen = a
+        if ipblock_identity and (chosen is None or not chosen[1].deny):
+            # the second lookup (bpf/lib/policy.h __policy_ipblock): its deny wins, its
+            # allow stands in for "nothing matched"
+            c = lookup(ipblock_identity)
+            if c is not None and (c[1].deny or chosen is None):
+                chosen, any_id = c, False
         if chosen is None:
             return {"action": "deny", "reason": abi.DROP_POLICY, "match_type": "none", "entry": None}
         k, v = chosen
