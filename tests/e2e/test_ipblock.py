@@ -135,7 +135,8 @@ def test_egress_ipblock_except(api, world):
 def test_overlapping_except(api, world):
     """Upstream: "should ensure an IP overlapping both IPBlock.CIDR and IPBlock.Except is
     allowed": one policy excepts the server, a second allows exactly it; and an except
-    equal to its own cidr leaves nothing."""
+    equal to its own cidr (Kubernetes' API server would reject it, pilus accepts it)
+    leaves nothing."""
     pods, log = world
     server = ip(pods, "server")
     apply(api, log, knp_egress("except", f"{{ipBlock: {{cidr: {POD_CIDR}, except: [{server}/32]}}}}")

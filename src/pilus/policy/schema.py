@@ -864,11 +864,14 @@ def _cilium_rule(ctx: _Ctx, path: str, r: RuleM) -> Rule | None:
     )
 
 
-def _np_peer(ctx: _Ctx, peer: NPPeerM) -> tuple[list[EndpointSelector], list[CIDRSelector]]:
+def _np_peer(ctx: _Ctx, peer: NPPeerM, path: str) -> tuple[list[EndpointSelector], list[CIDRSelector]]:
     if peer.ipBlock is not None:
         b = peer.ipBlock
         # matches every address it covers, pods included (not Cilium's CIDR semantics)
-        return [], [CIDRSelector(_net(b.cidr), tuple(_net(e) for e in b.except_ or ()), ipblock=True)]
+        sel = CIDRSelector(_net(b.cidr), tuple(_net(e) for e in b.except_ or ()), ipblock=True)
+        if sel.cidr.version == 6:
+            ctx.warn(path + ".ipBlock", f"IPv6 prefix {sel.cidr} cannot match on this IPv4-only datapath")
+        return [], [sel]
     if peer.podSelector is None and peer.namespaceSelector is None:
         raise _ConvError("", "a peer needs podSelector, namespaceSelector or ipBlock")
     reqs: list[Requirement] = []
@@ -918,10 +921,11 @@ def _np_rule(ctx: _Ctx, spec: NPSpecM) -> Rule:
         eps: list[EndpointSelector] = []
         cidrs: list[CIDRSelector] = []
         for i, pe in enumerate(items):
+            where = f"{path}.{'to' if egress else 'from'}[{i}]"
             try:
-                e, c = _np_peer(ctx, pe)
+                e, c = _np_peer(ctx, pe, where)
             except _ConvError as err:
-                raise _ConvError(f"{path}.{'to' if egress else 'from'}[{i}]", err.reason) from None
+                raise _ConvError(where, err.reason) from None
             eps += e
             cidrs += c
         return PeerRule(endpoints=tuple(eps), cidrs=tuple(cidrs), to_ports=tuple(conv))

@@ -171,3 +171,18 @@ def test_removing_the_policy_clears_the_second_lookup():
     c.set_policies("")
     pol = c.eng.policy_for(c.ids["client"])
     assert not pol.egress_ipblock and not pol.egress_enforced and c.eng.ipblock_prefixes() == set()
+
+
+def test_bad_ipblock_names_the_field():
+    from pilus.policy import PolicyValidationError, parse_policies
+
+    bad = knp("bad", CLIENT + "egress:\n- to: [{ipBlock: {cidr: 10.1.2.0/24, except: [10.1.3.0/24]}}]\n")
+    with pytest.raises(PolicyValidationError, match=r"spec\.egress\[0\]\.to\[0\]\.ipBlock\.except\[0\]: 10\.1\.3\.0/24 is not inside cidr"):
+        parse_policies(EGRESS_EXCEPT + bad)  # the whole import fails
+
+
+def test_ipv6_ipblock_warns_that_it_cannot_match():
+    from pilus.policy import parse_policies
+
+    (doc,) = parse_policies(knp("v6", CLIENT + "egress:\n- to: [{ipBlock: {cidr: '2001:db8::/64'}}]\n"))
+    assert doc.warnings == ["spec.egress[0].to[0].ipBlock: IPv6 prefix 2001:db8::/64 cannot match on this IPv4-only datapath"]
