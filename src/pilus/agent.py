@@ -403,7 +403,7 @@ class Agent:
                               "Endpoints on this node by state"))
         if self.events:
             out.append(Sample("pilus_events_received_total", {}, self.events.received, "counter",
-                              "Datapath events decoded by the agent"))
+                              "Datapath events read by the agent"))
             out.append(Sample("pilus_events_lost_total", {}, self.events.lost(), "counter",
                               "Datapath events suppressed by the rate limit or a full ring"))
         return out
@@ -442,6 +442,9 @@ class Agent:
             "events": {
                 "received": self.events.received if self.events else 0,
                 "lost": self.events.lost() if self.events else 0,
+                "received_by_type": self.events.received_by_type() if self.events else {},
+                # event types the datapath emits: those some monitor subscriber wants
+                "listening": self.events.listening() if self.events else [],
             },
         }
 

@@ -257,11 +257,14 @@ class RingStandIn:
     def __init__(self) -> None:
         self.ring: list[bytes] = []
         self.records = 0
+        self.records_by_type: dict[int, int] = {}
         self.masks: list[int] = []
 
     def poll(self, timeout_ms: int = 0, want=None):
         raw, self.ring = self.ring, []
         self.records += len(raw)
+        for rec in raw:
+            self.records_by_type[rec[0]] = self.records_by_type.get(rec[0], 0) + 1
         return decode_records(raw, want)[0]
 
     def set_listen_mask(self, mask: int) -> None:
@@ -290,3 +293,5 @@ def test_hub_offers_only_wanted_events_and_counts_every_record():
     reader.ring = [record(abi.NOTIFY_DROP, 133, tcp_syn())]  # emitted before the mask changed
     hub._drain()
     assert hub.received == 3 and sub.queue.empty()
+    assert hub.received_by_type() == {"drop": 2, "trace": 1, "policy-verdict": 0}
+    assert hub.listening() == []

@@ -242,8 +242,11 @@ class APIServer:
         await response.prepare(request)
         try:
             while True:
-                event = await sub.queue.get()
-                await response.write(json.dumps(event).encode() + b"\n")
+                # everything queued in one write: the hub offers events in batches
+                events = [await sub.queue.get()]
+                while not sub.queue.empty():
+                    events.append(sub.queue.get_nowait())
+                await response.write(b"".join(json.dumps(e).encode() + b"\n" for e in events))
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import socket
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from ipaddress import IPv4Address
 
 from . import abi
 from ._libbpf import check, check_ptr, lib, ring_buffer_sample_fn
@@ -87,18 +87,24 @@ class PacketSummary:
         return f"{self.src_ip} -> {self.dst_ip} proto {p}"
 
 
+def _mac(b: bytes) -> str:
+    return b.hex(":")  # as abi.bytes_to_mac, without a Python loop per byte
+
+
 def parse_packet(data: bytes) -> PacketSummary:
+    # runs for every event the agent decodes: C-level helpers (inet_ntoa, hex)
+    # instead of IPv4Address and per-byte formatting
     s = PacketSummary()
     if len(data) < 14:
         return s
-    s.dst_mac = abi.bytes_to_mac(data[0:6])
-    s.src_mac = abi.bytes_to_mac(data[6:12])
+    s.dst_mac = _mac(data[0:6])
+    s.src_mac = _mac(data[6:12])
     s.ethertype = struct.unpack("!H", data[12:14])[0]
     off = 14
     if s.ethertype == ETH_P_ARP and len(data) >= off + 28:
         s.arp_op = struct.unpack("!H", data[off + 6 : off + 8])[0]
-        s.src_ip = str(IPv4Address(data[off + 14 : off + 18]))
-        s.dst_ip = str(IPv4Address(data[off + 24 : off + 28]))
+        s.src_ip = socket.inet_ntoa(data[off + 14 : off + 18])
+        s.dst_ip = socket.inet_ntoa(data[off + 24 : off + 28])
         return s
     if s.ethertype != ETH_P_IP or len(data) < off + 20:
         return s
@@ -109,8 +115,8 @@ def parse_packet(data: bytes) -> PacketSummary:
     s.ttl = data[off + 8]
     proto = data[off + 9]
     frag = struct.unpack("!H", data[off + 6 : off + 8])[0] & 0x1FFF
-    s.src_ip = str(IPv4Address(data[off + 12 : off + 16]))
-    s.dst_ip = str(IPv4Address(data[off + 16 : off + 20]))
+    s.src_ip = socket.inet_ntoa(data[off + 12 : off + 16])
+    s.dst_ip = socket.inet_ntoa(data[off + 16 : off + 20])
     s.proto = proto_name(proto)
     l4 = off + ihl
     if frag:
@@ -352,6 +358,7 @@ class EventReader:
         self._pending: list[bytes] = []
         self._decode_errors = 0
         self.records = 0  # records read from the ring, decoded or not
+        self.records_by_type: dict[int, int] = {}  # NOTIFY_* -> records read
         self._mask = (
             BpfMap(mask_fd, ctypes.c_uint32, ctypes.c_uint32, MONITOR_MASK_SECTION)
             if mask_fd is not None
@@ -387,6 +394,9 @@ class EventReader:
             check(lib.ring_buffer__consume(h), "ring_buffer__consume")
         raw, self._pending = self._pending, []
         self.records += len(raw)
+        for rec in raw:
+            t = rec[0] if rec else 0
+            self.records_by_type[t] = self.records_by_type.get(t, 0) + 1
         out, errors = decode_records(raw, want)
         self._decode_errors += errors
         return out

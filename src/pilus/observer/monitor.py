@@ -92,6 +92,16 @@ class EventHub:
         self.subscribers.discard(sub)
         self._set_mask()
 
+    def received_by_type(self) -> dict[str, int]:
+        """Records read from the ring buffer per event type."""
+        counts = self.reader.records_by_type
+        return {name: counts.get(notify, 0) for notify, name in sorted(MONITOR_TYPES.items())}
+
+    def listening(self) -> list[str]:
+        """The event types the datapath emits now (some subscriber wants them)."""
+        mask = listen_mask(sub.types for sub in self.subscribers)
+        return [name for notify, name in sorted(MONITOR_TYPES.items()) if mask & (1 << notify)]
+
     def _set_mask(self) -> None:
         self.reader.set_listen_mask(listen_mask(sub.types for sub in self.subscribers))
 
