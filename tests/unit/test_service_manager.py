@@ -69,6 +69,33 @@ def test_named_target_port(mgr):
     assert mgr.datapath.lb.slots("10.96.0.10", 80) == ["10.200.1.5:9090"]
 
 
+def test_backends_follow_every_change_of_an_endpoint(mgr):
+    """Derived frontends are kept per service between reconciles: each change of an
+    endpoint that a selector matches (labels, named port, state, node) must reach them."""
+    mgr.apply_yaml(WEB.replace("targetPort: 8080", "targetPort: http") + "---\n"
+                   + WEB.replace("name: web", "name: db").replace("10.96.0.10", "10.96.0.11")
+                   .replace("app: web", "app: db"))
+    lb = mgr.datapath.lb
+    mgr.set_endpoints([ep("10.200.1.5", "web", named={"http": (9090, "TCP")})])
+    assert lb.slots("10.96.0.10", 80) == ["10.200.1.5:9090"] and lb.slots("10.96.0.11", 80) == []
+    mgr.set_endpoints([ep("10.200.1.5", "web", named={"http": (9091, "TCP")})])  # port moved
+    assert lb.slots("10.96.0.10", 80) == ["10.200.1.5:9091"]
+    mgr.set_endpoints([ep("10.200.1.5", "db")])  # relabelled: from web to db
+    assert lb.slots("10.96.0.10", 80) == [] and lb.slots("10.96.0.11", 80) == ["10.200.1.5:8080"]
+    mgr.set_endpoints([ep("10.200.1.5", "db", state="terminating")])
+    assert lb.slots("10.96.0.11", 80) == []
+    assert lb.entry("10.96.0.11", 80)["backends"][0].state == "terminating"
+    mgr.set_endpoints([ep("10.200.1.5", "db")])
+    mgr.set_backend_state("10.200.1.5", 8080, "maintenance")
+    assert lb.slots("10.96.0.11", 80) == []
+    mgr.set_backend_state("10.200.1.5", 8080, "active")
+    assert lb.slots("10.96.0.11", 80) == ["10.200.1.5:8080"]
+    mgr.delete("default", "db")
+    mgr.apply_yaml(WEB.replace("name: web", "name: db").replace("10.96.0.10", "10.96.0.11")
+                   .replace("app: web", "app: db"))
+    assert lb.slots("10.96.0.11", 80) == ["10.200.1.5:8080"]
+
+
 def test_ids_are_stable_and_reused(mgr):
     mgr.apply_yaml(WEB)
     mgr.apply_yaml(WEB.replace("name: web", "name: api").replace("10.96.0.10", "10.96.0.11"))

@@ -132,13 +132,13 @@ class FrontendSpec:
     flags2: int
     port_name: str = ""
 
-    @property
-    def fkey(self) -> tuple[IPv4Address, int, str]:
-        return (self.address, self.port, self.proto)
+    # map keys, looked up for every frontend on every reconcile: computed once
+    fkey: tuple[IPv4Address, int, str] = field(init=False, repr=False, compare=False)
+    mkey: tuple[IPv4Address, int, str, int] = field(init=False, repr=False, compare=False)
 
-    @property
-    def mkey(self) -> tuple[IPv4Address, int, str, int]:
-        return (self.address, self.port, self.proto, self.scope)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fkey", (self.address, self.port, self.proto))
+        object.__setattr__(self, "mkey", (self.address, self.port, self.proto, self.scope))
 
 
 #: endpoint states whose pods serve (ready, or being regenerated/restored
@@ -169,6 +169,11 @@ def endpoints_for_services(endpoints: Iterable[Any], node_local: bool = True) ->
             "state": be_state,
         })
     return out
+
+
+def _view_key(v: EndpointView) -> tuple:
+    """Everything of an endpoint that a service's backends depend on."""
+    return (v.ip, v.labels, tuple(sorted(v.named_ports.items())), v.node_local, v.state)
 
 
 def _selector_matches(svc: Service, ep: EndpointView) -> bool:
@@ -211,6 +216,9 @@ class ServiceManager:
         self._applied: dict[tuple, _Written] = {}  # mkey -> as written to the maps
         self._be_applied: dict[int, tuple[IPv4Address, int, str, str]] = {}
         self._last_desired: list[FrontendSpec] = []
+        #: service key -> (the Service, its frontends): derived frontends are kept until the
+        #: service, the endpoints its selector matches or the backend states change
+        self._specs: dict[tuple[str, str], tuple[Service, list[FrontendSpec]]] = {}
         self._next_svc = 1
         self._next_be = 1
         self.last_errors: list[str] = []
@@ -258,6 +266,7 @@ class ServiceManager:
                     log.error("cannot restore services from %s: %s", self.state_path, exc)
             for s in services:
                 self._services[s.key] = s
+            self._specs.clear()
             self._endpoints = None
             self._notify()
             return len(services)
@@ -334,6 +343,7 @@ class ServiceManager:
             svc = self._services.pop((namespace, name), None)
             if svc is None:
                 raise ServiceNotFound(f"service {namespace}/{name} not found")
+            self._specs.pop(svc.key, None)
             self._reconcile()
             self._save()
             self._notify()
@@ -345,6 +355,7 @@ class ServiceManager:
             keys = [k for k in self._services if namespace is None or k[0] == namespace]
             for k in keys:
                 del self._services[k]
+                self._specs.pop(k, None)
             if keys:
                 self._reconcile()
                 self._save()
@@ -359,9 +370,29 @@ class ServiceManager:
         problems found (also logged); never raises for bad services."""
         views = [e if isinstance(e, EndpointView) else EndpointView.from_dict(e) for e in endpoints]
         with self._lock:
+            before = {_view_key(v): v for v in self._endpoints or ()}
+            after = {_view_key(v): v for v in views}
+            self._forget_specs_of([v for k, v in before.items() if k not in after]
+                                  + [v for k, v in after.items() if k not in before])
             self._endpoints = views
             self._reconcile()
             return self.last_errors
+
+    def _forget_specs_of(self, changed: list[EndpointView]) -> None:
+        """Drop the derived frontends of the selector services that match an endpoint
+        which came, went or changed (found through one selector label per service)."""
+        if not changed:
+            return
+        by_label: dict[str, list[Service]] = {}
+        for svc in self._services.values():
+            if svc.selector:
+                k, v = min(svc.selector.items())
+                by_label.setdefault(f"k8s:{k}={v}", []).append(svc)
+        for ep in changed:
+            for label in ep.labels:
+                for svc in by_label.get(label, ()):
+                    if _selector_matches(svc, ep):
+                        self._specs.pop(svc.key, None)
 
     def set_backend_state(self, address: IPv4Address | str, port: int, state: str) -> int:
         """Administrative state of a backend (all services, all protocols):
@@ -379,6 +410,7 @@ class ServiceManager:
                 self._overrides.pop((address, port), None)
             else:
                 self._overrides[(address, port)] = state
+            self._specs.clear()  # administrative states win in every service's backends
             self._reconcile()
             self._save()
             return len(known)
@@ -512,45 +544,55 @@ class ServiceManager:
         return res
 
     def _desired(self, services: dict[tuple[str, str], Service]) -> list[FrontendSpec]:
+        """Every frontend of ``services``, ordered by service; a service's frontends are
+        derived once and kept until it, its endpoints or the backend states change."""
         out: list[FrontendSpec] = []
         for svc in sorted(services.values(), key=lambda s: s.key):
-            algo = svc.algorithm or self.default_algorithm
-            aff = svc.affinity_timeout if svc.session_affinity else 0
-            aflag = lbmaps.SVC_FLAG_AFFINITY if aff else 0
-            itp_local = svc.internal_traffic_policy == "Local"
-            etp_local = svc.external_traffic_policy == "Local"
-            for i, sp in enumerate(svc.ports):
-                bes = self._backends_for(svc, i)
-                every = tuple(b[:4] for b in bes)
-                local = tuple(b[:4] for b in bes if b[4])
-                internal = local if itp_local else every
-                external = local if etp_local else every
+            cached = self._specs.get(svc.key)
+            if cached is None or cached[0] is not svc:
+                cached = self._specs[svc.key] = (svc, self._service_specs(svc))
+            out.extend(cached[1])
+        return out
 
-                def spec(kind, addr, port, scope, backends, flags, flags2, svc=svc, sp=sp,
-                         algo=algo, aff=aff):
-                    return FrontendSpec(svc.key, kind, addr, port, sp.protocol, scope, backends,
-                                        algo, aff, flags, flags2, sp.name)
+    def _service_specs(self, svc: Service) -> list[FrontendSpec]:
+        out: list[FrontendSpec] = []
+        algo = svc.algorithm or self.default_algorithm
+        aff = svc.affinity_timeout if svc.session_affinity else 0
+        aflag = lbmaps.SVC_FLAG_AFFINITY if aff else 0
+        itp_local = svc.internal_traffic_policy == "Local"
+        etp_local = svc.external_traffic_policy == "Local"
+        for i, sp in enumerate(svc.ports):
+            bes = self._backends_for(svc, i)
+            every = tuple(b[:4] for b in bes)
+            local = tuple(b[:4] for b in bes if b[4])
+            internal = local if itp_local else every
+            external = local if etp_local else every
 
-                f2_int = lbmaps.SVC_FLAG2_INT_LOCAL_SCOPE if itp_local else 0
-                out.append(spec("ClusterIP", svc.cluster_ip, sp.port, 0, internal, aflag, f2_int))
-                ext_fronts = []
-                if sp.node_port:
-                    for ip in self.node_ips:
-                        ext_fronts.append(("NodePort", ip, sp.node_port,
-                                           lbmaps.SVC_FLAG_NODEPORT))
-                for ip in svc.external_ips:
-                    ext_fronts.append(("ExternalIPs", ip, sp.port, lbmaps.SVC_FLAG_EXTERNAL_IP))
-                for ip in svc.lb_ips:
-                    ext_fronts.append(("LoadBalancer", ip, sp.port, lbmaps.SVC_FLAG_LOADBALANCER))
-                for kind, ip, port, f in ext_fronts:
-                    flags = f | lbmaps.SVC_FLAG_ROUTABLE | aflag
-                    if etp_local:
-                        flags |= lbmaps.SVC_FLAG_EXT_LOCAL_SCOPE
-                    two = set(internal) != set(external)
-                    flags2 = f2_int | (lbmaps.SVC_FLAG2_TWO_SCOPES if two else 0)
-                    out.append(spec(kind, ip, port, 0, external, flags, flags2))
-                    if two:
-                        out.append(spec(kind, ip, port, 1, internal, flags, flags2))
+            def spec(kind, addr, port, scope, backends, flags, flags2, svc=svc, sp=sp,
+                     algo=algo, aff=aff):
+                return FrontendSpec(svc.key, kind, addr, port, sp.protocol, scope, backends,
+                                    algo, aff, flags, flags2, sp.name)
+
+            f2_int = lbmaps.SVC_FLAG2_INT_LOCAL_SCOPE if itp_local else 0
+            out.append(spec("ClusterIP", svc.cluster_ip, sp.port, 0, internal, aflag, f2_int))
+            ext_fronts = []
+            if sp.node_port:
+                for ip in self.node_ips:
+                    ext_fronts.append(("NodePort", ip, sp.node_port,
+                                       lbmaps.SVC_FLAG_NODEPORT))
+            for ip in svc.external_ips:
+                ext_fronts.append(("ExternalIPs", ip, sp.port, lbmaps.SVC_FLAG_EXTERNAL_IP))
+            for ip in svc.lb_ips:
+                ext_fronts.append(("LoadBalancer", ip, sp.port, lbmaps.SVC_FLAG_LOADBALANCER))
+            for kind, ip, port, f in ext_fronts:
+                flags = f | lbmaps.SVC_FLAG_ROUTABLE | aflag
+                if etp_local:
+                    flags |= lbmaps.SVC_FLAG_EXT_LOCAL_SCOPE
+                two = set(internal) != set(external)
+                flags2 = f2_int | (lbmaps.SVC_FLAG2_TWO_SCOPES if two else 0)
+                out.append(spec(kind, ip, port, 0, external, flags, flags2))
+                if two:
+                    out.append(spec(kind, ip, port, 1, internal, flags, flags2))
         return out
 
     @property
