@@ -75,6 +75,8 @@ def test_new_connections_to_a_service_survive_two_agent_restarts(api, servers):
         loop.send_signal(signal.SIGTERM)
         out, _ = loop.communicate(timeout=30)
         result = json.loads(out.strip().splitlines()[-1])
+        print(f"\n{result['connected']} connections in {result['seconds']} s, "
+              f"{result['failed']} failed, agent pids {pids}")
         assert len(set(pids)) == 3, pids  # two real restarts
         assert result["failed"] == 0, result["failures"]
         assert result["connected"] > 300, result
