@@ -58,12 +58,14 @@ ROUNDS = 10  # the cases take turns, in this many rounds
 CLIENT = EndpointInfo(IPv4Address("10.200.1.5"), 100, 5, 1000, "02:00:00:00:00:05", "02:00:00:00:01:05")
 SERVER = EndpointInfo(IPv4Address("10.200.1.6"), 101, 6, 1001, "02:00:00:00:00:06", "02:00:00:00:01:06")
 
-# one rr.c -C connection as seen by the two lxc devices: (sender, TCP flags, payload)
+# one rr.c -C connection as seen by the two lxc devices: (sender, TCP flags,
+# payload); 5 packets each way, as the veth counters show for real ones
 CONNECTION = (
     ("client", "S", b""),
     ("server", "SA", b""),
     ("client", "A", b""),
     ("client", "PA", b"C"),
+    ("server", "A", b""),
     ("server", "PA", b"C"),
     ("server", "FA", b""),
     ("client", "A", b""),

@@ -737,7 +737,9 @@ def measure_bpf_cost(cfg: Config, seconds: float, prog_ids: set[int], crr: bool)
     only this configuration carries traffic while it runs. Only the agent's
     programs count (other clusters may run on this machine)."""
     before = bpf_prog_stats()
-    res = run_rr(cfg, seconds, 0.2, mode="crr" if crr else "rr")
+    # no warm-up: the programs count every run, so every transaction must count too
+    # (a 0.2 s warm-up made 10 packets per connection look like 12 runs)
+    res = run_rr(cfg, seconds, 0.0, mode="crr" if crr else "rr")
     after = bpf_prog_stats()
     txs = res.get("connections" if crr else "transactions") or 1
     progs = {}
