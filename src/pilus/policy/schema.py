@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
+from pilus import manifests
 from pilus.identity.labels import ANY, K8S, LABEL_NAMESPACE, LABEL_NAMESPACE_LABELS, RESERVED, Label, LabelError
 from pilus.policy.rule import (
     ENTITIES,
@@ -1136,9 +1136,9 @@ def parse_policies(text: str) -> list[PolicyDoc]:
         raise TypeError("text must be a str")
     objs: list[Any] = []
     try:
-        for obj in yaml.safe_load_all(text):
+        for obj in manifests.load_all(text):
             objs.append(obj)
-    except yaml.YAMLError as e:
+    except manifests.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e)
