@@ -2,8 +2,9 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PILUS   := $(VENV)/bin/pilus
-# the one list of programs and their Debian packages (tests/unit/test_programs.py keeps it true)
-APT_PKGS := $(shell awk -F'\t' '!/^\#/ && NF == 3 {print $$2}' src/pilus/programs.tsv | sort -u)
+# the packages of every program in src/pilus/programs.tsv (tests/unit/test_programs.py keeps both equal)
+APT_PKGS := bpftool clang curl gcc iperf3 iproute2 ipset iptables iputils-ping libbpf-dev libbpf1 llvm make \
+            mount nftables procps python3 python3-pip python3-venv util-linux coreutils dash debianutils
 
 .PHONY: setup demo test test-unit test-bpf test-e2e bench lint clean
 

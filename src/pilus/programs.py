@@ -1,7 +1,7 @@
 """The programs pilus and its tests, demo and benchmarks run, and the Debian packages
-that provide them: one table (``programs.tsv`` beside this file) that ``make setup``
-installs from and that callers check against, so a missing program is one line naming
-its package instead of a failure deep inside a test."""
+that provide them: one table (``programs.tsv`` beside this file) whose packages
+``make setup`` installs and that callers check against, so a missing program is one
+line naming its package instead of a failure deep inside a test."""
 
 from __future__ import annotations
 
