@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from pilus.datapath import Datapath, DatapathConfig, EndpointInfo
+from pilus.datapath import Datapath, DatapathConfig, EndpointInfo, PolicyKey
 
 ROUTER_IP = IPv4Address("10.200.1.1")
 NODE_IP = IPv4Address("172.30.0.11")
@@ -27,6 +28,30 @@ EP_B = EndpointInfo(
     mac="02:00:00:00:00:06",
     host_mac="02:00:00:00:01:06",
 )
+
+
+EP_C = EndpointInfo(
+    ipv4=IPv4Address("10.200.1.7"),
+    ifindex=1,
+    ep_id=7,
+    identity=1007,
+    mac="02:00:00:00:00:07",
+    host_mac="02:00:00:00:01:07",
+)
+
+
+def key(identity, egress, proto=0, dport=0, prefix_len=None):
+    """A policy key; a port rule matches its port in full unless prefix_len says otherwise."""
+    if prefix_len is None:
+        prefix_len = 16 if proto and dport else 0
+    return PolicyKey(identity, egress, proto, dport, prefix_len)
+
+
+def enforce(dp, ep, flags):
+    """Write `ep` into the endpoint map with enforcement `flags`; returns it."""
+    ep = replace(ep, flags=flags)
+    dp.endpoints.upsert(ep)
+    return ep
 
 
 def make_datapath(state_dir: Path, **cfg_kw) -> Datapath:

@@ -11,11 +11,10 @@ for to-container.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
-from lxc_env import EP_A, EP_B
+from lxc_env import EP_A, EP_B, EP_C, enforce, key
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.packet import raw
@@ -26,8 +25,6 @@ from pilus.datapath import (
     ENDPOINT_F_POLICY_EGRESS,
     ENDPOINT_F_POLICY_INGRESS,
     DropEvent,
-    EndpointInfo,
-    PolicyKey,
     PolicyValue,
     PolicyVerdictEvent,
 )
@@ -40,26 +37,6 @@ TCP_ = 6
 ALLOW, DENY = PolicyValue(deny=False), PolicyValue(deny=True)
 MATE = IPv4Address("10.200.2.8")  # B's identity, another address
 IB_B, IB_NET, IB_EXT = (1 << 24) | 0x101, (1 << 24) | 0x102, (1 << 24) | 0x103  # ipBlock identities
-
-EP_C = EndpointInfo(
-    ipv4=IPv4Address("10.200.1.7"),
-    ifindex=1,
-    ep_id=7,
-    identity=1007,
-    mac="02:00:00:00:00:07",
-    host_mac="02:00:00:00:01:07",
-)
-
-
-def key(identity, egress, proto=0, dport=0):
-    return PolicyKey(identity, egress, proto, dport, 16 if proto and dport else 0)
-
-
-def enforce(dp, ep, flags):
-    ep = replace(ep, flags=flags)
-    dp.endpoints.upsert(ep)
-    return ep
-
 
 def syn(src, dst, dport, sport):
     return Ether() / IP(src=str(src), dst=str(dst)) / TCP(sport=sport, dport=dport, flags="S")

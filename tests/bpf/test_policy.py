@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
-from lxc_env import EP_A, EP_B, NODE_IP, POD_CIDR, ROUTER_IP
+from lxc_env import EP_A, EP_B, EP_C, NODE_IP, POD_CIDR, ROUTER_IP, enforce, key
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
 from scapy.layers.l2 import Ether
 from scapy.packet import raw
@@ -27,7 +26,6 @@ from pilus.datapath import (
     DatapathConfig,
     DatapathError,
     DropEvent,
-    EndpointInfo,
     PolicyKey,
     PolicyValue,
     PolicyVerdictEvent,
@@ -41,28 +39,6 @@ ING, EGR = ENDPOINT_F_POLICY_INGRESS, ENDPOINT_F_POLICY_EGRESS
 TCP_, UDP_, ICMP_ = 6, 17, 1
 HOST, WORLD = 1, 2
 ALLOW, DENY = PolicyValue(deny=False), PolicyValue(deny=True)
-
-EP_C = EndpointInfo(
-    ipv4=IPv4Address("10.200.1.7"),
-    ifindex=1,
-    ep_id=7,
-    identity=1007,
-    mac="02:00:00:00:00:07",
-    host_mac="02:00:00:00:01:07",
-)
-
-
-def key(identity, egress, proto=0, dport=0, prefix_len=None):
-    if prefix_len is None:
-        prefix_len = 16 if proto and dport else 0
-    return PolicyKey(identity, egress, proto, dport, prefix_len)
-
-
-def enforce(dp, ep, flags):
-    ep = replace(ep, flags=flags)
-    dp.endpoints.upsert(ep)
-    return ep
-
 
 def from_ep(dp, ep, pkt):
     return run_skb(dp.prog_fd("cil_from_container"), raw(pkt), ingress_ifindex=ep.ifindex)
