@@ -630,32 +630,27 @@ class PolicyEngine:
         """Prefixes that need a CIDR identity in the ipcache (Cilium policies' CIDR
         rules, toServices backend IPs); ipBlocks are :meth:`ipblock_prefixes`."""
         out: set[ipaddress.IPv4Network] = set()
-        for r in self._rules:
-            for sec in (r.ingress, r.ingress_deny, r.egress, r.egress_deny):
-                for p in sec:
-                    for c in p.cidrs or ():
-                        if c.ipblock:
-                            continue
-                        for n in c.prefixes:
-                            if isinstance(n, ipaddress.IPv4Network) and n.prefixlen > 0:
-                                out.add(n)
-                    for ss in p.services or ():
-                        for _key, ref in self._matching_services(ss):
-                            if not ref.selector:
-                                out.update(ipaddress.IPv4Network(f"{ip}/32") for ip in ref.backend_ips)
+        for p in self._peers():
+            for c in p.cidrs or ():
+                if not c.ipblock:
+                    out.update(n for n in c.prefixes if isinstance(n, ipaddress.IPv4Network) and n.prefixlen > 0)
+            for ss in p.services or ():
+                for _key, ref in self._matching_services(ss):
+                    if not ref.selector:
+                        out.update(ipaddress.IPv4Network(f"{ip}/32") for ip in ref.backend_ips)
         return out
 
     def ipblock_prefixes(self) -> set[ipaddress.IPv4Network]:
         """Every prefix a Kubernetes ipBlock names (cidr and except alike, /0 included):
         each needs an ipBlock identity (``ipblock_identity_labels``) and a ``pilus_ipblock`` entry."""
-        out: set[ipaddress.IPv4Network] = set()
+        return {n for p in self._peers() for c in p.cidrs or () if c.ipblock
+                for n in c.prefixes if isinstance(n, ipaddress.IPv4Network)}
+
+    def _peers(self):
+        """Every peer rule of every policy rule, allow and deny, both directions."""
         for r in self._rules:
             for sec in (r.ingress, r.ingress_deny, r.egress, r.egress_deny):
-                for p in sec:
-                    for c in p.cidrs or ():
-                        if c.ipblock:
-                            out.update(n for n in c.prefixes if isinstance(n, ipaddress.IPv4Network))
-        return out
+                yield from sec
 
     def ipblock_identity(self, addr: ipaddress.IPv4Address) -> tuple[ipaddress.IPv4Network, int] | None:
         """The longest ipBlock prefix covering ``addr`` and its identity, as the
