@@ -48,8 +48,9 @@ def test_large_import_does_not_stall_the_api(api, node):
         importer.join()
         duration = time.monotonic() - started
         assert len(result["reply"]["imported"]) == DOCS
-        # the API answered all along the import (liveness, not a benchmark: generous bound)
-        assert len(answered) >= 3, (duration, answered)
+        # the API answered all along the import (liveness, not a benchmark: generous bound):
+        # at least one answer per 2.2 s poll cycle, however fast the import itself is
+        assert answered and len(answered) >= int(duration / 2.2), (duration, answered)
         assert max(answered) < 2.0, answered
         assert api.request("GET", "/policy")["revision"] == result["reply"]["revision"]
     finally:
