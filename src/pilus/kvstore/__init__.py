@@ -1,17 +1,17 @@
 """Cluster state store: one async interface, an embedded (SQLite) backend.
 
-See :mod:`pilus.kvstore.base` for the contract every backend follows.
+See :mod:`pilus.kvstore.base` for the contract every backend follows and
+:mod:`pilus.kvstore.backends` for the table of backends.
 """
 
+from pilus.kvstore.backends import BACKENDS, open_store
 from pilus.kvstore.base import (
-    BACKENDS,
     Compacted,
     KeyValue,
     KVStoreError,
     LeaseNotFound,
     Store,
     WatchEvent,
-    open_store,
     prefix_end,
 )
 

@@ -23,18 +23,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 __all__ = [
-    "BACKENDS",
     "Compacted",
     "KVStoreError",
     "KeyValue",
     "LeaseNotFound",
     "Store",
     "WatchEvent",
-    "open_store",
     "prefix_end",
 ]
 
@@ -114,9 +111,6 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
-BACKENDS = ("embedded",)
-
-
 def prefix_end(prefix: str) -> str | None:
     """The smallest string greater than every string starting with ``prefix``.
 
@@ -133,14 +127,3 @@ def prefix_end(prefix: str) -> str | None:
             return p[:-1] + chr(nxt)
         p = p[:-1]
     return None
-
-
-def open_store(backend: str = "embedded", *, path: Path | str | None = None, **opts) -> Store:
-    """Open a kvstore backend. ``embedded`` needs ``path`` (the SQLite file)."""
-    if backend == "embedded":
-        from pilus.kvstore.embedded import EmbeddedStore
-
-        if path is None:
-            raise KVStoreError("kvstore backend 'embedded' needs a path to its database file")
-        return EmbeddedStore(Path(path), **opts)
-    raise KVStoreError(f"unknown kvstore backend {backend!r} (choices: {', '.join(BACKENDS)})")
