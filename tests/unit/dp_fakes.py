@@ -1,0 +1,120 @@
+"""In-memory stand-ins for the datapath parts the endpoint room writes (no root).
+
+Each behaves like the real wrapper in datapath/maps.py and datapath/policy.py on the
+properties the tests use: the same methods and return shapes, an LPM map keyed by
+normalised prefixes, a delete of a missing key that reports False, and ``fail`` to
+make writes of chosen keys raise as a full or refused BPF map does.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+
+
+class FakeIpcacheMap:
+    """pilus_ipcache: prefix -> identity (+ tunnel endpoint), as IpcacheMap."""
+
+    def __init__(self) -> None:
+        self.rows: dict[IPv4Network, int] = {}
+        self.tunnels: dict[IPv4Network, IPv4Address] = {}
+        self.fail: set[IPv4Network] = set()
+        self.writes = 0
+
+    def upsert(self, prefix, identity: int, tunnel_endpoint: IPv4Address | None = None) -> None:
+        prefix = IPv4Network(prefix, strict=False)
+        if prefix in self.fail:
+            raise OSError(28, f"pilus_ipcache update {prefix}: no space left on device")
+        self.writes += 1
+        self.rows[prefix] = identity
+        if tunnel_endpoint is None:
+            self.tunnels.pop(prefix, None)
+        else:
+            self.tunnels[prefix] = tunnel_endpoint
+
+    def delete(self, prefix) -> bool:
+        prefix = IPv4Network(prefix, strict=False)
+        if prefix in self.fail:
+            raise OSError(1, f"pilus_ipcache delete {prefix}: operation not permitted")
+        self.writes += 1
+        self.tunnels.pop(prefix, None)
+        return self.rows.pop(prefix, None) is not None
+
+    def items(self) -> list[tuple[IPv4Network, int, IPv4Address | None]]:
+        out = [(p, i, self.tunnels.get(p)) for p, i in self.rows.items()]
+        return sorted(out, key=lambda t: (t[0].network_address, t[0].prefixlen))
+
+
+class FakeEndpointMap:
+    """pilus_lxc (+ pilus_lxc_if): EndpointInfo rows keyed by IP, as EndpointMap."""
+
+    def __init__(self) -> None:
+        self.rows: dict = {}
+        self.writes = 0
+
+    def upsert(self, ep) -> None:
+        self.writes += 1
+        self.rows[IPv4Address(ep.ipv4)] = ep
+
+    def get(self, ipv4):
+        return self.rows.get(IPv4Address(ipv4))
+
+    def delete(self, ipv4) -> bool:
+        self.writes += 1
+        return self.rows.pop(IPv4Address(ipv4), None) is not None
+
+    def items(self) -> list:
+        return sorted(self.rows.values(), key=lambda e: e.ipv4)
+
+
+class FakePolicyMaps:
+    """Per-endpoint policy maps, as PolicyMaps: sync writes the whole set of keys."""
+
+    def __init__(self) -> None:
+        self.maps: dict[int, dict] = {}
+
+    def sync(self, ep_id: int, entries) -> dict:
+        self.maps[ep_id] = dict(entries)
+        return {"entries": len(entries)}
+
+    def delete(self, ep_id: int) -> None:
+        self.maps.pop(ep_id, None)
+
+
+class FakePrefixMap:
+    """pilus_ipblock: prefix -> identity, as IpblockMap."""
+
+    def __init__(self) -> None:
+        self.entries: dict[IPv4Network, int] = {}
+
+    def upsert(self, prefix, identity: int) -> None:
+        self.entries[IPv4Network(prefix, strict=False)] = identity
+
+    def delete(self, prefix) -> bool:
+        return self.entries.pop(IPv4Network(prefix, strict=False), None) is not None
+
+    def items(self) -> list[tuple[IPv4Network, int]]:
+        return sorted(self.entries.items())
+
+
+class FakeCt:
+    def gc(self) -> int:
+        return 0
+
+
+class FakeDatapath:
+    """The datapath attributes the endpoint manager and the policy sync use."""
+
+    def __init__(self) -> None:
+        self.endpoints = FakeEndpointMap()
+        self.ipcache = FakeIpcacheMap()
+        self.policy = FakePolicyMaps()
+        self.ipblock = FakePrefixMap()
+        self.ct = FakeCt()
+        self.attached: list[int] = []
+
+    def attach_endpoint(self, ifindex: int) -> None:
+        self.attached.append(ifindex)
+
+    def detach_endpoint(self, ifindex: int) -> None:
+        if ifindex in self.attached:
+            self.attached.remove(ifindex)
