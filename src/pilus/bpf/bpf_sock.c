@@ -29,11 +29,15 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+/* this object owns the socket LB maps (lib/maps.h) */
+#define PILUS_SOCK_MAPS
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/config.h"
 #include "lib/metrics.h"
 #include "lib/lb.h"
+#include "lib/conntrack.h"  /* bpf_now_sec: the clock of the LB maps */
+#include "lib/lb_select.h"
 #include "lib/sock.h"
 
 #define SYS_REJECT  0
@@ -45,6 +49,15 @@
 #ifndef ENOMEM
 #define ENOMEM 12
 #endif
+
+static __always_inline void sock_stat_inc(__u32 slot)
+{
+	__u64 *v = bpf_map_lookup_elem(&pilus_sock_stats, &slot);
+
+	if (v)
+		*v += 1;  /* per CPU */
+}
+
 
 static __always_inline struct sock_netns_info *sock_pod(void *ctx)
 {
@@ -193,15 +206,12 @@ int cil_sock4_getpeername(struct bpf_sock_addr *ctx)
 
 char __license[] SEC("license") = "GPL";
 
-/* BTF anchor for the socket structs that only appear as map keys/values, and
- * for the policy inner map's key/value (maps.h is included through lb.h; as in
- * bpf_lxc.c, libbpf needs them in full to open the map-in-map definition) */
+/* BTF anchor for the socket structs that only appear as map keys/values (the
+ * policy structs have theirs in maps.h) */
 struct pilus_sock_abi {
 	struct sock_netns_info netns;
 	struct sock_rev_key key;
 	struct sock_rev_val val;
-	struct policy_key policy_key;
-	struct policy_entry policy_entry;
 };
 
 __attribute__((noinline)) int pilus_abi_anchor_sock(struct pilus_sock_abi *p)

@@ -6,7 +6,9 @@ from .abi import (
     ENDPOINT_F_POLICY_EGRESS,
     ENDPOINT_F_POLICY_INGRESS,
 )
-from .datapath import Datapath, DatapathConfig, DatapathError, remove_pins
+from .config import DatapathConfig
+from .datapath import Datapath, remove_pins
+from .errors import DatapathError
 from .events import DropEvent, EventReader, PolicyVerdictEvent, TraceEvent
 from .maps import CtMap, EndpointInfo, EndpointMap, IpcacheMap, MetricsMap
 from .policy import PolicyKey, PolicyMaps, PolicyValue

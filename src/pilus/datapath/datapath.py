@@ -8,28 +8,25 @@ import ctypes.util
 import errno
 import os
 import shutil
-from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+import socket
 from pathlib import Path
 
-from . import abi, attach
-from ._libbpf import LibbpfMissing
-from .compile import CompileError, compile_datapath
+from . import attach
+from .config import DatapathConfig
+from .errors import DatapathError
 from .events import MONITOR_MASK_SECTION, EventReader
-from .lb import LB_MAP_NAMES, LbConfig, LbMaps, configure_object
-from .loader import NETDEV_PROGRAMS, PROGRAMS, BpfObject, map_info, prog_info
+from .lb import LB_MAP_NAMES, LbMaps
+from .loader import BpfObject, map_info, prog_info
 from .maps import BpfMap, CtMap, EndpointInfo, EndpointMap, EventsLostMap, IpcacheMap, MetricsMap
+from .objects import ATTACH_CGROUP, ATTACH_NETDEV, HOST, LXC, OBJECTS, SOCK, ObjectSpec, load_object
 from .policy import IPBlockMap, PolicyMaps
 from .socklb import SOCK_MAP_NAMES, SocketLb, remove_links
 
 DEFAULT_BPFFS_ROOT = Path("/sys/fs/bpf/pilus")
 BPFFS_MOUNT = Path("/sys/fs/bpf")
 
-PROG_HOOKS = {
-    "cil_from_container": "tc-ingress",
-    "cil_to_container": "tc-egress",
-    "cil_from_netdev": "tc-ingress",  # native device: NodePort / ExternalIPs / LB IPs
-}
+#: program -> hook, of every object in the table
+PROG_HOOKS = {prog: hook for spec in OBJECTS for prog, hook in spec.programs.items()}
 
 MAP_NAMES = (
     "pilus_lxc",
@@ -55,38 +52,6 @@ _MAP_TYPES = {
     27: "ringbuf",
 }
 _ITERABLE_TYPES = {1, 5, 9, 10, 11, 13}
-
-
-class DatapathError(Exception):
-    """A datapath operation failed; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class DatapathConfig:
-    node_name: str
-    router_ip: IPv4Address
-    node_ip: IPv4Address
-    pod_cidr: IPv4Network
-    events_rate: int = 1000  # events per second per CPU
-    events_burst: int = 200
-    lb: LbConfig = field(default_factory=LbConfig)  # service LB: Maglev size, hairpin IP
-
-
-def build_config(cfg: DatapathConfig, trace_aggregate: bool = True) -> abi.PilusConfig:
-    c = abi.PilusConfig()
-    c.router_ip = abi.ip4_to_raw(cfg.router_ip)
-    c.node_ip = abi.ip4_to_raw(cfg.node_ip)
-    net = IPv4Network(cfg.pod_cidr, strict=False)
-    c.pod_cidr = abi.ip4_to_raw(net.network_address)
-    c.pod_prefixlen = net.prefixlen
-    c.events_rate = cfg.events_rate
-    c.events_burst = cfg.events_burst
-    c.ct_lifetime_tcp = 8000
-    c.ct_syn_timeout = 60
-    c.ct_close_timeout = 10
-    c.ct_lifetime_nontcp = 60
-    c.trace_aggregate = 1 if trace_aggregate else 0
-    return c
 
 
 def _bpffs_mounted_for(path: Path) -> bool:
@@ -129,7 +94,8 @@ class _NotLoaded:
 
 
 class Datapath:
-    """Compile, load, pin and attach the pilus datapath of one node.
+    """Compile, load, pin and attach the pilus datapath of one node: the
+    objects of ``objects.OBJECTS`` (lxc, host, sock), sharing one set of maps.
 
     ``bpffs_root=None`` loads without any pinning (tests); the contract use is
     a directory on bpffs (default /sys/fs/bpf/pilus), pins go to
@@ -142,9 +108,9 @@ class Datapath:
         self.cfg = cfg
         self.state_dir = Path(state_dir)
         self.bpffs_root = Path(bpffs_root) if bpffs_root is not None else None
-        self._obj: BpfObject | None = None
+        self._objects: dict[str, BpfObject] = {}  # row name -> loaded object, in table order
         self._attached: set[int] = set()
-        self.object_path: Path | None = None
+        self.object_path: Path | None = None  # bpf_lxc.o
         self.endpoints: EndpointMap = _NotLoaded("endpoints")  # type: ignore[assignment]
         self.ipcache: IpcacheMap = _NotLoaded("ipcache")  # type: ignore[assignment]
         self.ct: CtMap = _NotLoaded("ct")  # type: ignore[assignment]
@@ -153,7 +119,7 @@ class Datapath:
         self.policy: PolicyMaps = _NotLoaded("policy")  # type: ignore[assignment]
         self.ipblock: IPBlockMap = _NotLoaded("ipblock")  # type: ignore[assignment]
         self.lb: LbMaps = _NotLoaded("lb")  # type: ignore[assignment]
-        self.socket_lb: SocketLb | None = None  # load_socket_lb()
+        self.socket_lb: SocketLb | None = None  # the sock row, when loaded
 
     # ------------------------------------------------------------ lifecycle
 
@@ -162,40 +128,65 @@ class Datapath:
         return self.bpffs_root / self.cfg.node_name if self.bpffs_root is not None else None
 
     def load(self) -> None:
-        if self._obj is not None:
+        """Walk the object table: load (and attach) the enabled rows, remove
+        what a disabled row left attached. Idempotent."""
+        if LXC.name in self._objects:
             return
         pin_root = self.pin_root
-        try:
-            if pin_root is not None:
+        if pin_root is not None:
+            try:
                 ensure_bpffs(pin_root)
                 pin_root.mkdir(parents=True, exist_ok=True)
-            self.object_path = compile_datapath(self.state_dir)
-            obj = BpfObject(
-                self.object_path,
-                build_config(self.cfg),
-                pin_root,
-                before_load=lambda o: configure_object(o, self.cfg.lb),
-            )
-        except (CompileError, LibbpfMissing) as exc:
-            raise DatapathError(str(exc).splitlines()[0]) from exc
-        except OSError as exc:
-            hint = ""
-            if exc.errno in (errno.EPERM, errno.EACCES):
-                hint = ": run as root (CAP_BPF, CAP_NET_ADMIN)"
-            elif exc.errno == errno.EINVAL and pin_root is not None:
-                hint = (
-                    f": pinned maps under {pin_root} may be from an incompatible build; "
-                    f"remove them (pilus cluster down / remove_pins)"
-                )
-            raise DatapathError(f"loading the datapath failed: {exc}{hint}") from exc
-        self._obj = obj
+            except OSError as exc:
+                raise DatapathError(f"creating the pin directory {pin_root} failed: {exc}") from exc
         try:
-            if pin_root is not None:
-                for name in PROGRAMS + NETDEV_PROGRAMS:
-                    obj.pin_program(name, pin_root / "progs" / name)
-        except OSError as exc:
+            for spec in OBJECTS:
+                enabled = spec.enabled(self.cfg)
+                if enabled:
+                    self._load_row(spec)
+                elif enabled is not None:
+                    self._remove_row(spec)
+        except BaseException:
             self.close()
-            raise DatapathError(f"pinning programs under {pin_root}/progs failed: {exc}") from exc
+            raise
+
+    def _load_row(self, spec: ObjectSpec, attach: bool = True, cgroup: Path | None = None) -> BpfObject:
+        first = self._objects.get(LXC.name)
+        obj = load_object(spec, self.cfg, self.state_dir, self.pin_root, maps_from=first)
+        self._objects[spec.name] = obj
+        if spec is LXC:
+            self.object_path = obj.path
+            self._open_maps(obj)
+        elif spec.attach == ATTACH_NETDEV and attach and self.cfg.native_device:
+            self.attach_netdev(_ifindex(self.cfg.native_device))
+        elif spec.attach == ATTACH_CGROUP:
+            sock = SocketLb(obj, self.pin_root)
+            self.socket_lb = sock
+            if attach:
+                try:
+                    sock.attach(cgroup or self.cfg.socket_lb_cgroup)
+                except OSError as exc:
+                    self._close_row(spec)
+                    raise DatapathError(f"attaching the socket LB to the cgroup failed: {exc}") from exc
+        return obj
+
+    def _remove_row(self, spec: ObjectSpec) -> list[str]:
+        """Detach a disabled row: close its object, and for the socket LB remove the
+        pinned links (also those an earlier run left). Returns the removed pins."""
+        self._close_row(spec)
+        if spec.attach == ATTACH_CGROUP and self.pin_root is not None:
+            return remove_links(self.pin_root)
+        return []
+
+    def _close_row(self, spec: ObjectSpec) -> None:
+        if spec.attach == ATTACH_CGROUP and self.socket_lb is not None:
+            self.socket_lb.close()  # closes its object
+            self.socket_lb = None
+            self._objects.pop(spec.name, None)
+        elif (obj := self._objects.pop(spec.name, None)) is not None:
+            obj.close()
+
+    def _open_maps(self, obj: BpfObject) -> None:
         fd = obj.map_fd
         self.endpoints = EndpointMap(fd("pilus_lxc"), fd("pilus_lxc_if"))
         self.ipcache = IpcacheMap(fd("pilus_ipcache"))
@@ -203,48 +194,46 @@ class Datapath:
         self.metrics = MetricsMap(fd("pilus_metrics"))
         self.events_lost = EventsLostMap(fd("pilus_ev_lost"))
         # per-endpoint policy maps, pinned beside the others as pilus_policy_<id>
-        self.policy = PolicyMaps(fd("pilus_policy"), pin_root)
+        self.policy = PolicyMaps(fd("pilus_policy"), self.pin_root)
         self.ipblock = IPBlockMap(fd("pilus_ipblock"))
         self.lb = LbMaps.from_object(fd, self.cfg.lb.maglev_table_size)
 
     def _loaded(self) -> BpfObject:
-        if self._obj is None:
+        obj = self._objects.get(LXC.name)
+        if obj is None:
             raise DatapathError("datapath not loaded: call Datapath.load() first")
-        return self._obj
+        return obj
 
     def prog_fd(self, name: str) -> int:
-        return self._loaded().prog_fd(name)
+        """fd of a program of any loaded object."""
+        self._loaded()
+        for spec in OBJECTS:
+            if name in spec.programs and spec.name in self._objects:
+                return self._objects[spec.name].prog_fd(name)
+        raise DatapathError(f"no loaded BPF object has a program {name!r}")
 
     def map_fd(self, name: str) -> int:
         return self._loaded().map_fd(name)
 
     def close(self) -> None:
-        """Free the object and its fds; tc filters and pins keep the datapath running
+        """Free the objects and their fds; tc filters and pins keep the datapath running
         (unpinned socket-LB links go with the fds)."""
-        if self.socket_lb is not None:
-            self.socket_lb.close()
-            self.socket_lb = None
         if isinstance(self.policy, PolicyMaps):
             self.policy.close()
-        if self._obj is not None:
-            self._obj.close()
-            self._obj = None
+        for spec in reversed(OBJECTS):
+            self._close_row(spec)
 
     # ------------------------------------------------------------ attach
 
     def attach_endpoint(self, ifindex: int) -> None:
-        obj = self._loaded()
+        self._loaded()
         try:
-            attach.attach(ifindex, "tc-ingress", obj.prog_fd("cil_from_container"))
-            attach.attach(ifindex, "tc-egress", obj.prog_fd("cil_to_container"))
+            for prog, hook in LXC.programs.items():
+                attach.attach(ifindex, hook, self.prog_fd(prog))
         except OSError as exc:
             hint = (
                 ": does the device exist in this network namespace?"
-                if exc.errno
-                in (
-                    errno.ENODEV,
-                    errno.EINVAL,
-                )
+                if exc.errno in (errno.ENODEV, errno.EINVAL)
                 else ""
             )
             raise DatapathError(f"attaching to ifindex {ifindex} failed: {exc}{hint}") from exc
@@ -252,72 +241,49 @@ class Datapath:
 
     def detach_endpoint(self, ifindex: int) -> None:
         try:
-            for hook in ("tc-ingress", "tc-egress"):
+            for hook in LXC.programs.values():
                 attach.detach(ifindex, hook)
         except OSError as exc:
             raise DatapathError(f"detaching from ifindex {ifindex} failed: {exc}") from exc
         self._attached.discard(ifindex)
 
     def attach_netdev(self, ifindex: int) -> None:
-        """cil_from_netdev at tc ingress of the node's native device (services
-        reached from outside: NodePort, ExternalIPs, LoadBalancer IPs)."""
-        obj = self._loaded()
+        """bpf_host.o's cil_from_netdev at tc ingress of the node's native device
+        (services reached from outside: NodePort, ExternalIPs, LoadBalancer IPs).
+        ``load()`` does this itself when DatapathConfig.native_device is set."""
         try:
-            attach.attach(ifindex, "tc-ingress", obj.prog_fd("cil_from_netdev"))
+            for prog, hook in HOST.programs.items():
+                attach.attach(ifindex, hook, self.prog_fd(prog))
         except OSError as exc:
             raise DatapathError(f"attaching to the native device ifindex {ifindex} failed: {exc}") from exc
 
     def detach_netdev(self, ifindex: int) -> None:
         try:
-            attach.detach(ifindex, "tc-ingress")
+            for hook in HOST.programs.values():
+                attach.detach(ifindex, hook)
         except OSError as exc:
             raise DatapathError(f"detaching from ifindex {ifindex} failed: {exc}") from exc
 
     # ------------------------------------------------------------ socket LB
 
     def load_socket_lb(self, attach: bool = True, cgroup: Path | None = None) -> SocketLb:
-        """Load bpf_sock.o (socket-level LB) sharing this datapath's maps, and
-        attach it to ``cgroup`` (default: the cgroup v2 root). Pinned: the
-        links are pinned under ``<pin dir>/links/`` and survive the agent."""
-        tc = self._loaded()
-        if self.socket_lb is not None:
-            if attach:
-                self.socket_lb.attach(cgroup)
-            return self.socket_lb
-        pin_root = self.pin_root
-
-        def before_load(o: BpfObject) -> None:
-            configure_object(o, self.cfg.lb)
-            if pin_root is None:  # no pins to meet at: share the tc object's maps
-                own = set(o.map_names())
-                for name in tc.map_names():
-                    if name in own and not name.startswith("."):
-                        o.reuse_map_fd(name, tc.map_fd(name))
-
-        try:
-            path = compile_datapath(self.state_dir, name="bpf_sock")
-            obj = BpfObject(path, build_config(self.cfg), pin_root, before_load=before_load)
-        except (CompileError, LibbpfMissing) as exc:
-            raise DatapathError(str(exc).splitlines()[0]) from exc
-        except OSError as exc:
-            raise DatapathError(f"loading the socket LB (bpf_sock.o) failed: {exc}") from exc
-        sock = SocketLb(obj, pin_root)
-        if attach:
-            try:
-                sock.attach(cgroup)
-            except OSError as exc:
-                sock.close()
-                raise DatapathError(f"attaching the socket LB to the cgroup failed: {exc}") from exc
-        self.socket_lb = sock
-        return sock
+        """The sock row on demand (DatapathConfig.socket_lb=True does it in load()):
+        bpf_sock.o sharing this datapath's maps, attached to ``cgroup`` (default:
+        the cgroup v2 root). Pinned: the links are pinned under ``<pin dir>/links/``
+        and survive the agent."""
+        self._loaded()
+        if self.socket_lb is None:
+            self._load_row(SOCK, attach=attach, cgroup=cgroup)
+        elif attach:
+            self.socket_lb.attach(cgroup or self.cfg.socket_lb_cgroup)
+        assert self.socket_lb is not None
+        return self.socket_lb
 
     def unload_socket_lb(self) -> list[str]:
-        """Detach the socket LB: close this agent's object and remove the pinned
-        links (also those left by an earlier run). Returns the removed pins."""
-        if self.socket_lb is not None:
-            self.socket_lb.close()
-            self.socket_lb = None
-        return remove_links(self.pin_root) if self.pin_root is not None else []
+        """The sock row disabled (DatapathConfig.socket_lb=False does it in load()):
+        close this agent's object and remove the pinned links (also those left by
+        an earlier run). Returns the removed pins."""
+        return self._remove_row(SOCK)
 
     # ------------------------------------------------------------ introspection
 
@@ -336,8 +302,7 @@ class Datapath:
         obj = self._loaded()
         ifaces = attach.interfaces()
         out = []
-        for name in PROGRAMS:
-            hook = PROG_HOOKS[name]
+        for name, hook in LXC.programs.items():  # per endpoint; the netdev's is one device
             pid = prog_info(obj.prog_fd(name)).id
             count = sum(1 for idx, _ in ifaces if attach.query(idx, hook) == pid)
             out.append({"name": name, "hook": hook, "attached": count, "prog_id": pid})
@@ -384,6 +349,13 @@ class Datapath:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _ifindex(ifname: str) -> int:
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError as exc:
+        raise DatapathError(f"native device {ifname!r} not found: {exc}") from exc
 
 
 def remove_pins(node_name: str, bpffs_root: Path = DEFAULT_BPFFS_ROOT) -> None:

@@ -1,4 +1,5 @@
-"""Open, configure, load and pin the datapath object through libbpf."""
+"""Open, configure, load and pin one BPF object through libbpf (the table of
+objects is in objects.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,6 @@ from . import abi
 from ._libbpf import bpf_object_open_opts, check, check_ptr, lib, route_print_to_logging
 
 CONFIG_SECTION = ".rodata.config"
-PROGRAMS = ("cil_from_container", "cil_to_container")
-#: programs for the node's native device (attached by Datapath.attach_netdev)
-NETDEV_PROGRAMS = ("cil_from_netdev",)
 
 
 class BpfObject:

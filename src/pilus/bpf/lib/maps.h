@@ -1,11 +1,20 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* All pilus maps. Pinned by name under <bpffs>/pilus/<node>/ by the loader. */
+/*
+ * All pilus maps. Pinned by name under <bpffs>/pilus/<node>/ by the loader:
+ * every object (bpf_lxc.o, bpf_host.o, bpf_sock.o) declares the same maps and
+ * libbpf reuses the pins, so the objects share one set of maps (without pins,
+ * in tests, the loader hands the first object's map fds to the others). The
+ * socket LB's own maps exist only in bpf_sock.o (PILUS_SOCK_MAPS), so a node
+ * without --socket-lb does not allocate them.
+ */
 #ifndef __PILUS_MAPS_H
 #define __PILUS_MAPS_H
 
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include "common.h"
+#include "lb.h"
+#include "sock.h"
 
 /* endpoint IP -> endpoint (local delivery decision) */
 struct {
@@ -80,6 +89,21 @@ struct {
 	__array(values, struct pilus_policy_inner);
 } pilus_policy SEC(".maps");
 
+/* BTF anchor, never called: the inner map's key and value are only reached
+ * through the map-in-map definition, where clang emits them as forward
+ * declarations; libbpf needs them in full to open the map (so every object
+ * needs this), and tests/unit/test_abi.py compares them with abi.py */
+struct pilus_policy_abi {
+	struct policy_key key;
+	struct policy_entry entry;
+	struct policy_verdict_notify verdict;
+};
+
+__attribute__((noinline)) int pilus_abi_anchor_policy(struct pilus_policy_abi *p)
+{
+	return p != 0;
+}
+
 /* (reason, direction) -> packets, bytes; per CPU, summed by the agent */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
@@ -113,5 +137,97 @@ struct {
 	__uint(max_entries, EVENTS_LOST_SLOTS);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pilus_ev_lost SEC(".maps");
+
+/* ---- service load balancing (lb.h: layout and meaning) ---- */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb4_key);
+	__type(value, struct lb4_service);
+	__uint(max_entries, PILUS_LB_SVC_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pilus_lb4_svc SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct lb4_backend);
+	__uint(max_entries, PILUS_LB_BE_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pilus_lb4_be SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct lb4_reverse_nat);
+	__uint(max_entries, PILUS_LB_REVNAT_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pilus_lb4_revnat SEC(".maps");
+
+/* value size patched to 4 * maglev_size by the loader (no BTF value type, so
+ * the size can differ from this default) */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(__u32) * LB_MAGLEV_DEFAULT_M);
+	__uint(max_entries, PILUS_LB_MAGLEV_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pilus_lb4_maglev SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ipv4_ct_tuple);
+	__type(value, struct lb4_ct_entry);
+	__uint(max_entries, PILUS_LB_CT_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pilus_lb4_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct lb4_affinity_key);
+	__type(value, struct lb4_affinity_val);
+	__uint(max_entries, PILUS_LB_AFFINITY_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pilus_lb4_affinity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb4_affinity_match);
+	__type(value, __u8);
+	__uint(max_entries, PILUS_LB_AFFINITY_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pilus_lb4_affinity_match SEC(".maps");
+
+#ifdef PILUS_SOCK_MAPS
+/* ---- socket LB (sock.h), bpf_sock.o only ---- */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u64);
+	__type(value, struct sock_netns_info);
+	__uint(max_entries, PILUS_SOCK_NETNS_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pilus_sock_netns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct sock_rev_key);
+	__type(value, struct sock_rev_val);
+	__uint(max_entries, PILUS_SOCK_REVERSE_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pilus_lb4_reverse_sk SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, SOCK_STAT_SLOTS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pilus_sock_stats SEC(".maps");
+#endif /* PILUS_SOCK_MAPS */
 
 #endif /* __PILUS_MAPS_H */

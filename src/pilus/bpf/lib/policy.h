@@ -192,11 +192,13 @@ static __always_inline void send_policy_verdict(struct __sk_buff *skb, __u16 ep_
  * direction `dir` (POLICY_INGRESS: remote_id sends to local_ep; POLICY_EGRESS:
  * local_ep sends to remote_id). The caller checks the endpoint's
  * ENDPOINT_F_POLICY_* flag first. An enforced endpoint without a policy map
- * has nothing allowed. Returns 0 or DROP_POLICY / DROP_POLICY_DENY.
+ * has nothing allowed. Returns 0 or DROP_POLICY / DROP_POLICY_DENY; when
+ * allowed, *proxy_port is the matched entry's proxy port (network order, 0:
+ * no L7 proxy), else 0.
  */
 static __always_inline int policy_check4(struct __sk_buff *skb, const struct pkt4 *p,
 					 const struct endpoint_info *local_ep, __u32 remote_id,
-					 __u8 dir, __u32 ifindex)
+					 __u8 dir, __u32 ifindex, __be16 *proxy_port)
 {
 	struct policy_result res = {};
 	__u32 ep_id = local_ep->ep_id;
@@ -224,6 +226,7 @@ static __always_inline int policy_check4(struct __sk_buff *skb, const struct pkt
 
 	send_policy_verdict(skb, (__u16)ep_id, local_id, remote_id, dir, proto,
 			    bpf_ntohs(dport), &res, ret ? -ret : 0, ifindex);
+	*proxy_port = ret ? 0 : res.proxy_port;
 	return ret;
 }
 

@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * Socket-level load balancing (bpf_sock.c): structs and maps. Python mirrors
+ * Socket-level load balancing (bpf_sock.c): structs (the maps are in maps.h). Python mirrors
  * live in src/pilus/datapath/socklb.py (tests/unit/test_sock_abi.py compares
- * them through the BTF of bpf_sock.o). The service maps themselves are lb.h's,
- * shared with the tc object through their pins (or reused fds).
+ * them through the BTF of bpf_sock.o). The service maps are the tc objects',
+ * shared through their pins (or reused fds).
  *
  *   pilus_sock_netns      netns cookie -> the pod living in it. Only sockets
  *                         of these namespaces are translated: the node's own
@@ -52,38 +52,5 @@ struct sock_rev_val {
 	__u32  rev_nat_index;
 	__u32  pad2;
 };
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, __u64);
-	__type(value, struct sock_netns_info);
-	__uint(max_entries, PILUS_SOCK_NETNS_MAX);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} pilus_sock_netns SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct sock_rev_key);
-	__type(value, struct sock_rev_val);
-	__uint(max_entries, PILUS_SOCK_REVERSE_MAX);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} pilus_lb4_reverse_sk SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__type(key, __u32);
-	__type(value, __u64);
-	__uint(max_entries, SOCK_STAT_SLOTS);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} pilus_sock_stats SEC(".maps");
-
-static __always_inline void sock_stat_inc(__u32 slot)
-{
-	__u64 *v = bpf_map_lookup_elem(&pilus_sock_stats, &slot);
-
-	if (v)
-		*v += 1;  /* per CPU */
-}
 
 #endif /* __PILUS_SOCK_H */

@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * NodePort, ExternalIPs and LoadBalancer IPs for clients outside the node:
- * cil_from_netdev runs at tc ingress of the node's native (underlay) device.
- * (A program in a header, as Cilium's nodeport.h; bpf_lxc.c includes it so
- * the single object carries it and shares every map.)
+ * pilus host datapath (Cilium's bpf_host.c), attached to the node's native
+ * (underlay) device:
+ *   cil_from_netdev  tc ingress: NodePort, ExternalIPs and LoadBalancer IPs
+ *                    for clients outside the node
+ * Its maps are bpf_lxc.o's (lib/maps.h: shared through their pins).
  *
  * A TCP/UDP packet to a routable frontend (SVC_FLAG_ROUTABLE: node address :
  * nodePort, external IP, LoadBalancer IP; never a ClusterIP) is DNATed to a
@@ -17,13 +18,23 @@
  * back here; that is not done yet, so externalTrafficPolicy: Cluster reaches
  * remote backends only if their node routes the client through this one.
  */
-#ifndef __PILUS_NODEPORT_H
-#define __PILUS_NODEPORT_H
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <linux/if_ether.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
 
-#include "lb.h"
-#include "drop.h"
-#include "eth.h"
-#include "ipcache.h"
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/config.h"
+#include "lib/eth.h"
+#include "lib/ipv4.h"
+#include "lib/ipcache.h"
+#include "lib/metrics.h"
+#include "lib/events.h"
+#include "lib/drop.h"
+#include "lib/lb_packet.h"
+#include "lib/lb_reply.h"
 
 SEC("tc")
 int cil_from_netdev(struct __sk_buff *skb)
@@ -52,4 +63,4 @@ int cil_from_netdev(struct __sk_buff *skb)
 	return send_drop(skb, &d, ret, METRIC_INGRESS);
 }
 
-#endif /* __PILUS_NODEPORT_H */
+char __license[] SEC("license") = "GPL";

@@ -1,0 +1,45 @@
+"""What one node's datapath is configured with (DatapathConfig), and its C mirror."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+from . import abi
+from .lb import LbConfig
+
+
+@dataclass(frozen=True)
+class DatapathConfig:
+    node_name: str
+    router_ip: IPv4Address
+    node_ip: IPv4Address
+    pod_cidr: IPv4Network
+    events_rate: int = 1000  # events per second per CPU
+    events_burst: int = 200
+    lb: LbConfig = field(default_factory=LbConfig)  # service LB: Maglev size, hairpin IP
+    #: the socket LB (bpf_sock.o, agent --socket-lb): True loads and attaches it,
+    #: False removes the links an earlier run left; None leaves it to
+    #: load_socket_lb() / unload_socket_lb()
+    socket_lb: bool | None = None
+    socket_lb_cgroup: Path | None = None  # where the socket LB attaches (default: the cgroup v2 root)
+    #: the node's native device (interface name): load() attaches bpf_host.o there
+    native_device: str | None = None
+
+
+def build_config(cfg: DatapathConfig, trace_aggregate: bool = True) -> abi.PilusConfig:
+    c = abi.PilusConfig()
+    c.router_ip = abi.ip4_to_raw(cfg.router_ip)
+    c.node_ip = abi.ip4_to_raw(cfg.node_ip)
+    net = IPv4Network(cfg.pod_cidr, strict=False)
+    c.pod_cidr = abi.ip4_to_raw(net.network_address)
+    c.pod_prefixlen = net.prefixlen
+    c.events_rate = cfg.events_rate
+    c.events_burst = cfg.events_burst
+    c.ct_lifetime_tcp = 8000
+    c.ct_syn_timeout = 60
+    c.ct_close_timeout = 10
+    c.ct_lifetime_nontcp = 60
+    c.trace_aggregate = 1 if trace_aggregate else 0
+    return c
