@@ -21,6 +21,7 @@ from pilus.datapath.events import (
     parse_packet,
 )
 from pilus.datapath.reasons import DROP_REASONS, drop_reason_desc
+from pilus.observer.format import event_record
 from pilus.observer.monitor import EventHub
 
 
@@ -66,7 +67,7 @@ def tcp_syn():
 def test_trace_record():
     ev = decode(record(abi.NOTIFY_TRACE, abi.TRACE_TO_LXC, tcp_syn(), ct=abi.CT_NEW))
     assert isinstance(ev, TraceEvent)
-    d = ev.to_dict()
+    d = event_record(ev)
     assert d["type"] == "trace"
     assert d["observation_point"] == "to-endpoint"
     assert d["ct_state"] == "new"
@@ -89,7 +90,7 @@ def test_drop_record():
     pkt = raw(Ether() / IP(src="10.200.1.99", dst="10.200.1.6") / UDP(sport=1, dport=53))
     ev = decode(record(abi.NOTIFY_DROP, 132, pkt, dst_id=0))
     assert isinstance(ev, DropEvent)
-    d = ev.to_dict()
+    d = event_record(ev)
     assert d["type"] == "drop" and d["reason"] == 132
     assert d["reason_desc"] == "Invalid source ip"
     assert d["proto"] == "UDP" and d["summary"] == "10.200.1.99:1 -> 10.200.1.6:53 udp"
@@ -105,7 +106,7 @@ def test_trace_points_and_states():
 
 def test_icmp_summary():
     pkt = raw(Ether() / IP(src="10.200.1.5", dst="10.200.1.1") / ICMP(type=8, code=0, id=3))
-    d = decode(record(abi.NOTIFY_TRACE, abi.TRACE_TO_STACK, pkt)).to_dict()
+    d = event_record(decode(record(abi.NOTIFY_TRACE, abi.TRACE_TO_STACK, pkt)))
     assert d["proto"] == "ICMP" and d["icmp_type"] == 8 and d["icmp_code"] == 0
     assert d["sport"] is None
     assert d["summary"] == "10.200.1.5 -> 10.200.1.1 icmp EchoRequest"
@@ -113,17 +114,17 @@ def test_icmp_summary():
 
 def test_truncated_capture_and_long_packet():
     big = raw(Ether() / IP(src="1.2.3.4", dst="5.6.7.8") / UDP(sport=9, dport=10) / (b"x" * 1000))
-    d = decode(record(abi.NOTIFY_DROP, 134, big)).to_dict()
+    d = event_record(decode(record(abi.NOTIFY_DROP, 134, big)))
     assert d["orig_len"] == len(big) and d["cap_len"] == abi.TRACE_PAYLOAD_LEN
     assert d["sport"] == 9
     # a capture that stops inside the IP header: no tuple, no crash
-    d = decode(record(abi.NOTIFY_DROP, 134, tcp_syn(), cap=20)).to_dict()
+    d = event_record(decode(record(abi.NOTIFY_DROP, 134, tcp_syn(), cap=20)))
     assert d["src_ip"] is None and d["summary"].startswith("ethertype 0x0800")
 
 
 def test_non_ip_capture():
     pkt = raw(Ether() / ARP(op=1, psrc="10.200.1.5", pdst="10.200.1.1"))
-    d = decode(record(abi.NOTIFY_DROP, 172, pkt)).to_dict()
+    d = event_record(decode(record(abi.NOTIFY_DROP, 172, pkt)))
     assert d["summary"] == "ARP request 10.200.1.5 -> 10.200.1.1"
     assert d["reason_desc"] == "Unknown sender"
 
@@ -176,7 +177,7 @@ def test_policy_verdict_record_egress_allow():
         )
     )
     assert isinstance(ev, PolicyVerdictEvent)
-    d = ev.to_dict()
+    d = event_record(ev)
     assert d["type"] == "policy-verdict"
     assert (d["direction"], d["action"], d["match_type"]) == ("egress", "allow", "L3-L4")
     assert (d["source_ep"], d["remote_identity"], d["local_identity"]) == (5, 1001, 1000)
@@ -198,7 +199,7 @@ def test_policy_verdict_record_ingress_deny_and_match_names():
         abi.POLICY_MATCH_PROTO_ONLY: "Proto-Only",
     }
     for mt, name in names.items():
-        d = decode(
+        d = event_record(decode(
             verdict_record(
                 pkt,
                 direction=abi.POLICY_INGRESS,
@@ -208,7 +209,7 @@ def test_policy_verdict_record_ingress_deny_and_match_names():
                 dport=13,
                 source=6,
             )
-        ).to_dict()
+        ))
         assert d["match_type"] == name
     assert (d["direction"], d["action"], d["drop_reason"]) == ("ingress", "deny", 181)
     assert d["drop_reason_desc"] == "Policy denied by denylist"
@@ -287,7 +288,7 @@ def test_hub_offers_only_wanted_events_and_counts_every_record():
     sub = hub.subscribe(frozenset({"drop"}), None)
     reader.ring = [record(abi.NOTIFY_TRACE, 0, tcp_syn()), record(abi.NOTIFY_DROP, 133, tcp_syn())]
     hub._drain()
-    got = [sub.queue.get_nowait() for _ in range(sub.queue.qsize())]
+    got = [event_record(sub.queue.get_nowait()) for _ in range(sub.queue.qsize())]
     assert [(e["type"], e["reason"]) for e in got] == [("drop", 133)]
     hub.unsubscribe(sub)
     reader.ring = [record(abi.NOTIFY_DROP, 133, tcp_syn())]  # emitted before the mask changed

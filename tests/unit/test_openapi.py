@@ -14,6 +14,7 @@ No root, no sockets: the app is only built, handlers are called directly.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 from importlib import resources
@@ -429,8 +430,11 @@ async def call(app, spec, method: str, url: str, body: Any = None) -> tuple[int,
 
     query = dict(p.split("=", 1) for p in qs.split("&") if p)
     request = SimpleNamespace(app=app, match_info=dict(match), query=query, json=json_body,
-                              read=raw_body)
-    resp = await match.handler(request)
+                              read=raw_body, method=method, path=url_path, content_length=None)
+    handler = match.handler
+    for middleware in reversed(app.middlewares):  # errors become answers there, as served
+        handler = functools.partial(middleware, handler=handler)
+    resp = await handler(request)
     data = json.loads(resp.body)
     path, op = _doc_operation(spec, method, url_path)
     code = str(resp.status)

@@ -16,6 +16,7 @@ from aiohttp import web
 from lb_fakes import FakeDatapath
 
 from pilus.api.client import APIError, Client
+from pilus.api.errors import json_errors
 from pilus.api.service_routes import add_service_routes
 from pilus.cli.main import main as cli
 from pilus.loadbalancer.manager import ServiceManager
@@ -48,7 +49,7 @@ def agent():
     state = {}
 
     async def start():
-        app = web.Application()
+        app = web.Application(middlewares=[json_errors])  # as the agent's API app
         add_service_routes(app, a)
         runner = web.AppRunner(app)
         await runner.setup()

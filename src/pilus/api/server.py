@@ -1,7 +1,8 @@
 """The agent's REST API (JSON) on a UNIX socket; described by openapi.yaml beside it.
 
-Handlers only translate HTTP to calls on the agent's components and errors to
-{"error": "..."} bodies with a status code; they hold no state of their own.
+Handlers only translate HTTP to calls on the agent's components; errors become
+{"error": "..."} bodies with a status code in one place (pilus.api.errors); they hold
+no state of their own.
 """
 
 from __future__ import annotations
@@ -10,86 +11,53 @@ import asyncio
 import json
 import logging
 import os
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from aiohttp import web
 
+from pilus.api.errors import MAX_BODY_BYTES, error_response, json_errors
 from pilus.api.service_routes import add_service_routes
-from pilus.endpoint.manager import EndpointExists, EndpointNotFound
-from pilus.endpoint.model import EndpointNameError
-from pilus.errors import TraceInputError
-from pilus.identity.labels import LabelError
-from pilus.ipam.hostscope import IPAMExhausted
+from pilus.datapath.events import MONITOR_TYPES
 from pilus.metrics.server import exposition
-from pilus.policy.distribution import NamespaceError
-from pilus.policy.repository import PolicyNotFound
-from pilus.policy.schema import PolicyValidationError
-
-if TYPE_CHECKING:
-    from pilus.agent import Agent
+from pilus.observer.format import event_record
 
 log = logging.getLogger(__name__)
 
-# exception type -> HTTP status; the exception's text is the message users see
-_ERRORS: list[tuple[type[BaseException], int]] = [
-    (EndpointNotFound, 404),
-    (EndpointExists, 409),
-    (EndpointNameError, 400),
-    (LabelError, 400),
-    (IPAMExhausted, 503),
-    (PolicyNotFound, 404),
-    (NamespaceError, 400),
-    (TraceInputError, 400),
-]
-
-MONITOR_TYPES = {"drop", "trace", "policy-verdict"}
-
-#: the largest request body the API takes: 20,000 services are ~4 MB, so this holds more
-#: services than the LB maps do; a larger body is refused (413) before it is parsed
-MAX_BODY_BYTES = 64 * 1024 * 1024
+#: the ?type= values of GET /v1/monitor
+MONITOR_TYPE_NAMES = frozenset(MONITOR_TYPES.values())
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+class AgentSurface(Protocol):
+    """What the handlers use of the agent (pilus.agent.Agent): its components and a few
+    questions. The API holds no state of its own and never imports the agent."""
 
+    endpoints: Any
+    datapath: Any
+    events: Any
+    distribution: Any
+    policy: Any
+    registry: Any
 
-def body_too_large(size: int | None) -> str:
-    """The 413 message; ``size`` is None when the body came without a Content-Length."""
-    what = f"{size / 2**20:.1f} MiB, over" if size else "over"
-    return (f"request body is {what} the API's limit of {MAX_BODY_BYTES >> 20} MiB: "
-            "split the input into several imports")
+    async def status(self) -> dict: ...
 
+    async def identity_rows(self) -> list[dict]: ...
 
-@web.middleware
-async def _errors_as_json(request: web.Request, handler):
-    if (request.content_length or 0) > MAX_BODY_BYTES:
-        return _error(413, body_too_large(request.content_length))
-    try:
-        return await handler(request)
-    except web.HTTPRequestEntityTooLarge:  # chunked: counted while read (client_max_size)
-        return _error(413, body_too_large(None))
-    except web.HTTPException as exc:
-        if exc.content_type == "application/json":
-            raise
-        return _error(exc.status, exc.reason)
-    except Exception as exc:
-        for cls, status in _ERRORS:
-            if isinstance(exc, cls):
-                return _error(status, str(exc))
-        log.exception("API %s %s failed", request.method, request.path)
-        return _error(500, f"internal error: {exc}")
+    def samples(self) -> Iterable[Any]: ...
+
+    async def trace(self, body: dict) -> dict: ...
 
 
 class APIServer:
-    def __init__(self, agent: Agent, socket_path: Path) -> None:
+    def __init__(self, agent: AgentSurface, socket_path: Path) -> None:
         self.agent = agent
         self.socket_path = socket_path
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[_errors_as_json], client_max_size=MAX_BODY_BYTES)
+        app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
         r = app.router
         r.add_get("/v1/healthz", self.healthz)
         r.add_get("/v1/openapi.yaml", self.openapi)
@@ -148,17 +116,17 @@ class APIServer:
         try:
             body = await request.json()
         except json.JSONDecodeError as exc:
-            return _error(400, f"request body is not JSON: {exc}")
+            return error_response(400, f"request body is not JSON: {exc}")
         name = body.get("name")
         labels = body.get("labels", [])
         if not isinstance(name, str) or not name:
-            return _error(400, "field 'name' is required: the endpoint name as ns/name")
+            return error_response(400, "field 'name' is required: the endpoint name as ns/name")
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-            return _error(400, "field 'labels' must be a list of strings like 'org=alliance'")
+            return error_response(400, "field 'labels' must be a list of strings like 'org=alliance'")
         sa = body.get("service_account") or "default"
         ports = body.get("named_ports") or {}
         if not isinstance(ports, dict) or not all(isinstance(v, str) for v in ports.values()):
-            return _error(400, "field 'named_ports' must map port names to 'PORT/PROTOCOL' strings")
+            return error_response(400, "field 'named_ports' must map port names to 'PORT/PROTOCOL' strings")
         ep = await self.agent.endpoints.create(name, labels, service_account=sa, named_ports=ports)
         return web.json_response(ep.to_json(), status=201)
 
@@ -173,14 +141,14 @@ class APIServer:
         try:
             body = await request.json()
         except json.JSONDecodeError as exc:
-            return _error(400, f"request body is not JSON: {exc}")
+            return error_response(400, f"request body is not JSON: {exc}")
         if not isinstance(body, dict):
-            return _error(400, "request body must be a JSON object with 'add' and/or 'delete' lists")
+            return error_response(400, "request body must be a JSON object with 'add' and/or 'delete' lists")
         changes = {}
         for field in ("add", "delete"):
             value = body.get(field, [])
             if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-                return _error(400, f"field '{field}' must be a list of strings like 'org=alliance'")
+                return error_response(400, f"field '{field}' must be a list of strings like 'org=alliance'")
             changes[field] = value
         ep, previous = await self.agent.endpoints.relabel(request.match_info["ref"], **changes)
         return web.json_response({"endpoint": ep.to_json(), "previous_identity": previous})
@@ -191,11 +159,11 @@ class APIServer:
     async def identity_get(self, request: web.Request) -> web.Response:
         raw = request.match_info["id"]
         if not raw.isdigit():
-            return _error(400, f"identity {raw!r} is not a number")
+            return error_response(400, f"identity {raw!r} is not a number")
         for row in await self.agent.identity_rows():
             if row["id"] == int(raw):
                 return web.json_response(row)
-        return _error(404, f"identity {raw} not found")
+        return error_response(404, f"identity {raw} not found")
 
     async def bpf_ipcache(self, request: web.Request) -> web.Response:
         rows = [
@@ -232,11 +200,12 @@ class APIServer:
     async def monitor(self, request: web.Request) -> web.StreamResponse:
         types_arg = request.query.get("type")
         types = frozenset(types_arg.split(",")) if types_arg else None
-        if types and not types <= MONITOR_TYPES:
-            return _error(400, f"unknown event type {types_arg!r}: expected one of {', '.join(sorted(MONITOR_TYPES))}")
+        if types and not types <= MONITOR_TYPE_NAMES:
+            return error_response(400, f"unknown event type {types_arg!r}: expected one of "
+                                       f"{', '.join(sorted(MONITOR_TYPE_NAMES))}")
         endpoint = request.query.get("endpoint")
         if endpoint is not None and not endpoint.isdigit():
-            return _error(400, f"endpoint {endpoint!r} is not an endpoint id")
+            return error_response(400, f"endpoint {endpoint!r} is not an endpoint id")
         sub = self.agent.events.subscribe(types, int(endpoint) if endpoint else None)
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
@@ -246,7 +215,8 @@ class APIServer:
                 events = [await sub.queue.get()]
                 while not sub.queue.empty():
                     events.append(sub.queue.get_nowait())
-                await response.write(b"".join(json.dumps(e).encode() + b"\n" for e in events))
+                await response.write(
+                    b"".join(json.dumps(event_record(e)).encode() + b"\n" for e in events))
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
@@ -265,14 +235,9 @@ class APIServer:
             try:
                 body = json.loads(text)
             except json.JSONDecodeError as exc:
-                return _error(400, f"request body is not JSON: {exc}")
+                return error_response(400, f"request body is not JSON: {exc}")
             text = body.get("yaml", text) if isinstance(body, dict) and "yaml" in body else text
-        try:
-            _rev, docs = await self.agent.distribution.import_text(text)
-        except PolicyValidationError as exc:
-            return web.json_response(
-                {"error": str(exc), "errors": [vars(issue) for issue in exc.errors]}, status=400
-            )
+        _rev, docs = await self.agent.distribution.import_text(text)  # 400 if invalid
         revision = await self.agent.policy.reload_policies()
         return web.json_response({
             "revision": revision,
@@ -284,7 +249,7 @@ class APIServer:
         everything = request.query.get("all") in ("1", "true", "yes")
         name = request.query.get("name")
         if not everything and not name:
-            return _error(400, "say which policy: ?name=NAME[&namespace=NS] or ?all=true")
+            return error_response(400, "say which policy: ?name=NAME[&namespace=NS] or ?all=true")
         _rev, count = await self.agent.distribution.delete(
             name, request.query.get("namespace"), everything=everything
         )
@@ -295,7 +260,7 @@ class APIServer:
         try:
             body = await request.json()
         except json.JSONDecodeError as exc:
-            return _error(400, f"request body is not JSON: {exc}")
+            return error_response(400, f"request body is not JSON: {exc}")
         return web.json_response(await self.agent.trace(body))
 
     async def policy_selectors(self, request: web.Request) -> web.Response:
@@ -316,10 +281,10 @@ class APIServer:
         try:
             body = await request.json() if request.can_read_body else {}
         except json.JSONDecodeError as exc:
-            return _error(400, f"request body is not JSON: {exc}")
+            return error_response(400, f"request body is not JSON: {exc}")
         labels = body.get("labels", {})
         if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
-            return _error(400, "field 'labels' must be an object of string values")
+            return error_response(400, "field 'labels' must be an object of string values")
         name = request.match_info["name"]
         full = await self.agent.distribution.put_namespace(name, labels)
         await self.agent.policy.refresh_namespaces()
@@ -328,6 +293,6 @@ class APIServer:
     async def namespace_delete(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         if not await self.agent.distribution.delete_namespace(name):
-            return _error(404, f"namespace {name!r} not found")
+            return error_response(404, f"namespace {name!r} not found")
         await self.agent.policy.refresh_namespaces()
         return web.json_response({"deleted": name})

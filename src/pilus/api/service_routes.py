@@ -11,8 +11,8 @@
   GET    /v1/bpf/lb                      the LB maps as the datapath sees them
   GET    /v1/bpf/lb/maglev/{id}          the Maglev table of one service id (?scope=internal)
 
-Errors are {"error": "..."}: 400 invalid request, 404 unknown service/backend,
-409 a frontend already used by another service, 503 no service manager.
+Errors are {"error": "..."} (pilus.api.errors): 400 invalid request, 404 unknown
+service/backend, 409 a frontend already used by another service, 503 no service manager.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pilus.loadbalancer.manager import BackendNotFound, ServiceConflict, ServiceNotFound
+from pilus.api.errors import error_response
 from pilus.loadbalancer.model import (
     ServiceValidationError,
     parse_documents,
@@ -33,10 +33,6 @@ from pilus.loadbalancer.model import (
 )
 
 AGENT_KEY: web.AppKey = web.AppKey("pilus_service_agent", object)
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
 
 
 def _manager(agent):
@@ -55,19 +51,15 @@ async def _body(request: web.Request) -> Any:
 
 
 def _guard(fn):
+    """A route that needs the service manager: 503 without one. Its errors become
+    responses in the app's middleware (pilus.api.errors)."""
+
     async def handler(request: web.Request) -> web.StreamResponse:
         agent = request.app[AGENT_KEY]
         mgr = _manager(agent)
         if mgr is None:
-            return _error(503, "service load balancing is not running on this agent")
-        try:
-            return await fn(request, agent, mgr)
-        except ServiceValidationError as exc:
-            return _error(400, str(exc))
-        except ServiceConflict as exc:
-            return _error(409, str(exc))
-        except (ServiceNotFound, BackendNotFound) as exc:
-            return _error(404, str(exc))
+            return error_response(503, "service load balancing is not running on this agent")
+        return await fn(request, agent, mgr)
 
     handler.__name__ = fn.__name__
     return handler
@@ -161,7 +153,7 @@ async def bpf_lb(request: web.Request) -> web.Response:
     agent = request.app[AGENT_KEY]
     dp = getattr(agent, "datapath", None)
     if dp is None:
-        return _error(503, "the datapath is not loaded")
+        return error_response(503, "the datapath is not loaded")
     return web.json_response(await asyncio.to_thread(dp.lb.dump))
 
 
@@ -169,16 +161,16 @@ async def bpf_lb_maglev(request: web.Request) -> web.Response:
     agent = request.app[AGENT_KEY]
     dp = getattr(agent, "datapath", None)
     if dp is None:
-        return _error(503, "the datapath is not loaded")
+        return error_response(503, "the datapath is not loaded")
     raw = request.match_info["id"]
     if not raw.isdigit() or not 1 <= int(raw) <= 65535:
-        return _error(400, f"service id {raw!r}: expected a number 1-65535")
+        return error_response(400, f"service id {raw!r}: expected a number 1-65535")
     scope = request.query.get("scope", "external")
     if scope not in ("external", "internal"):
-        return _error(400, f"scope {scope!r}: expected external or internal")
+        return error_response(400, f"scope {scope!r}: expected external or internal")
     table = await asyncio.to_thread(dp.lb.maglev_get, int(raw), 1 if scope == "internal" else 0)
     if table is None:
-        return _error(404, f"service {raw} has no Maglev table (not a Maglev service, "
+        return error_response(404, f"service {raw} has no Maglev table (not a Maglev service, "
                            "no active backends, or no such service)")
     counts: dict[int, int] = {}
     for b in table:

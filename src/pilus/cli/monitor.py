@@ -1,4 +1,5 @@
-"""``pilus monitor``: live datapath events in cilium-dbg monitor's one-line formats."""
+"""``pilus monitor``: live datapath events in cilium-dbg monitor's one-line formats
+(the formats are pilus.observer.format's)."""
 
 from __future__ import annotations
 
@@ -8,20 +9,13 @@ import sys
 import time
 
 from pilus.cli import common
+from pilus.datapath.events import MONITOR_TYPES
+from pilus.observer.format import format_event
 
-# observation point -> (monitor name); numbers as the datapath's TRACE_* values
-OBS_POINTS = {
-    0: "to-endpoint", 1: "to-proxy", 2: "to-host", 3: "to-stack", 4: "to-overlay",
-    5: "from-endpoint", 6: "from-proxy", 7: "from-host", 8: "from-stack",
-    9: "from-overlay", 10: "from-network", 11: "to-network", 12: "to-crypto",
-    13: "from-crypto",
-}
-CT_STATES = {0: "new", 1: "established", 2: "reply", 3: "related", 5: "unknown"}
-EVENT_TYPES = ("drop", "trace", "policy-verdict")
-IP_PROTOCOLS = {"icmp": 1, "icmpv4": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132}
-# policy match types as the datapath numbers them (cilium's POLICY_MATCH_*)
-MATCH_TYPES = {0: "none", 1: "L3-Only", 2: "L3-L4", 3: "L4-Only", 4: "all", 5: "L3-Proto",
-               6: "Proto-Only"}
+__all__ = ["EVENT_TYPES", "IfNames", "cmd_monitor", "format_event", "register"]
+
+#: the --type choices: the datapath's event types
+EVENT_TYPES = tuple(MONITOR_TYPES.values())
 
 
 def register(sub, parent: argparse.ArgumentParser) -> None:
@@ -39,176 +33,6 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
     p.add_argument("-j", "--json", dest="output", action="store_const", const="json",
                    help="same as -o json")
     p.set_defaults(func=cmd_monitor)
-
-
-# -- formatting ---------------------------------------------------------------------
-
-def _obs_name(point) -> str:
-    if isinstance(point, int):
-        return OBS_POINTS.get(point, "unknown")
-    name = str(point or "unknown").lower().replace("_", "-")
-    if name == "to-lxc":
-        return "to-endpoint"
-    if name == "from-lxc":
-        return "from-endpoint"
-    return name
-
-
-def trace_summary(ev: dict) -> str:
-    name = _obs_name(ev.get("observation_point"))
-    if name == "to-endpoint":
-        return f"-> endpoint {ev.get('dst_ep', 0)}"
-    if name == "from-endpoint":
-        return f"<- endpoint {ev.get('source_ep', 0)}"
-    if name.startswith("to-"):
-        return "-> " + name[3:]
-    if name.startswith("from-"):
-        return "<- " + name[5:]
-    return "unknown trace"
-
-
-def ct_state(state) -> str:
-    if isinstance(state, int):
-        return CT_STATES.get(state, str(state))
-    return str(state or "unknown").lower()
-
-
-def flow_hash(value) -> str:
-    if isinstance(value, int):
-        return hex(value)
-    return str(value if value not in (None, "") else "0x0")
-
-
-def _hostport(ip, port) -> str:
-    if ip is None:
-        return "?"
-    if port in (None, 0) and port is not None:
-        return f"{ip}:0"
-    return str(ip) if port is None else f"{ip}:{port}"
-
-
-def connection_summary(ev: dict) -> str:
-    """``10.0.0.1:1234 -> 10.0.0.2:80 tcp SYN`` (the agent's ``summary`` when it sent one)."""
-    if ev.get("summary"):
-        return str(ev["summary"])
-    proto = ev.get("proto")
-    if isinstance(proto, int):  # an IP protocol number (policy-verdict events may send one)
-        proto = {n: name for name, n in IP_PROTOCOLS.items()}.get(proto, str(proto))
-    proto = str(proto or "").lower()
-    src, dst = ev.get("src_ip"), ev.get("dst_ip")
-    if src is None and dst is None:
-        return f"{ev.get('cap_len', ev.get('orig_len', 0))} bytes"
-    if proto in ("tcp", "udp", "sctp"):
-        text = f"{_hostport(src, ev.get('sport'))} -> {_hostport(dst, ev.get('dport'))} {proto}"
-        if proto == "tcp" and ev.get("tcp_flags"):
-            text += " " + ", ".join(ev["tcp_flags"])
-        return text
-    if proto in ("icmp", "icmpv4"):
-        code = ev.get("icmp_type")
-        return f"{src} -> {dst} icmp " + (
-            ICMP_TYPES.get(code, f"type {code} code {ev.get('icmp_code', 0)}")
-            if code is not None else "")
-    return f"{src} -> {dst} {proto or 'ip'}".rstrip()
-
-
-ICMP_TYPES = {0: "EchoReply", 3: "DestinationUnreachable", 5: "Redirect", 8: "EchoRequest",
-              11: "TimeExceeded"}
-
-
-def format_drop(ev: dict) -> str:
-    reason = ev.get("reason_desc") or f"reason {ev.get('reason')}"
-    return (f"xx drop ({reason}) flow {flow_hash(ev.get('hash'))} "
-            f"to endpoint {ev.get('dst_ep', 0)}, ifindex {ev.get('ifindex', 0)}, "
-            f"identity {ev.get('src_identity', 0)}->{ev.get('dst_identity', 0)}: "
-            f"{connection_summary(ev)}")
-
-
-def format_trace(ev: dict, ifnames: dict[int, str] | None = None) -> str:
-    ifindex = ev.get("ifindex", 0)
-    ifname = (ifnames or {}).get(ifindex) or str(ifindex)
-    orig_ip = ev.get("orig_ip") or "0.0.0.0"
-    return (f"{trace_summary(ev)} flow {flow_hash(ev.get('hash'))} , "
-            f"identity {ev.get('src_identity', 0)}->{ev.get('dst_identity', 0)} "
-            f"state {ct_state(ev.get('ct_state'))} ifindex {ifname} orig-ip {orig_ip}: "
-            f"{connection_summary(ev)}")
-
-
-def hexdump(data_hex: str) -> list[str]:
-    """``hexdump -C``-like lines of the captured bytes."""
-    try:
-        data = bytes.fromhex(data_hex or "")
-    except ValueError:
-        return [f"(undecodable packet_hex: {data_hex[:32]}...)"]
-    out = []
-    for off in range(0, len(data), 16):
-        chunk = data[off:off + 16]
-        hx = " ".join(f"{b:02x}" for b in chunk[:8])
-        if len(chunk) > 8:
-            hx += "  " + " ".join(f"{b:02x}" for b in chunk[8:])
-        text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
-        out.append(f"{off:08x}  {hx.ljust(49)} |{text}|")
-    return out
-
-
-def proto_number(proto) -> str:
-    if isinstance(proto, int):
-        return str(proto)
-    text = str(proto or "").lower()
-    if text.isdigit():
-        return text
-    return str(IP_PROTOCOLS.get(text, 0))
-
-
-def match_type(value) -> str:
-    if isinstance(value, int):
-        return MATCH_TYPES.get(value, str(value))
-    return str(value) if value not in (None, "") else "none"
-
-
-def _direction(value) -> str:
-    if isinstance(value, int):  # the datapath's traffic direction: 1 ingress, 2 egress
-        return {1: "ingress", 2: "egress"}.get(value, "unknown")
-    return str(value or "unknown").lower()
-
-
-def format_policy_verdict(ev: dict) -> str:
-    """``Policy verdict log: flow 0x.. local EP ID 3, remote ID 12345, proto 6, ingress,
-    action allow, match L3-L4, 10.200.1.2:40000 -> 10.200.1.3:80 tcp SYN``."""
-    action = ev.get("action")
-    if isinstance(action, bool):  # tolerate {"allowed": true}-like encodings
-        action = "allow" if action else "deny"
-    if ev.get("audited"):  # audit mode let a denied connection through
-        action = "audit"
-    return (f"Policy verdict log: flow {flow_hash(ev.get('hash'))} "
-            f"local EP ID {ev.get('source_ep', 0)}, "
-            f"remote ID {ev.get('remote_identity', 0)}, proto {proto_number(ev.get('proto'))}, "
-            f"{_direction(ev.get('direction'))}, action {str(action or 'unknown').lower()}, "
-            f"match {match_type(ev.get('match_type'))}, {connection_summary(ev)}")
-
-
-def format_event(ev: dict, verbose: int = 0, ifnames: dict[int, str] | None = None) -> str:
-    """One event -> text (one line, plus the packet bytes with -v)."""
-    kind = ev.get("type")
-    if kind == "lost":
-        return f"EVENTS LOST: {ev.get('count', 0)}"
-    if kind == "drop":
-        line = format_drop(ev)
-    elif kind == "trace":
-        line = format_trace(ev, ifnames)
-    elif kind == "policy-verdict":
-        line = format_policy_verdict(ev)
-    else:
-        line = f"{kind or 'unknown'} event: {connection_summary(ev)}"
-    if not verbose:
-        return line
-    lines = ["-" * 78, line]
-    orig, cap = ev.get("orig_len"), ev.get("cap_len")
-    if orig is not None:
-        lines.append(f"  {orig} bytes on the wire, {cap if cap is not None else orig} captured"
-                     + (f", at {ev['time']}" if ev.get("time") else ""))
-    if ev.get("packet_hex"):
-        lines.extend("  " + h for h in hexdump(ev["packet_hex"]))
-    return "\n".join(lines)
 
 
 class IfNames:

@@ -1,4 +1,8 @@
-"""Decode datapath notifications from the ring buffer; read them without blocking."""
+"""Decode datapath notifications from the ring buffer into typed events; read them
+without blocking.
+
+Decoding only: bytes -> DropEvent / TraceEvent / PolicyVerdictEvent with every field
+the record carries. Their text and JSON presentation is pilus.observer.format."""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import ctypes
 import socket
 import struct
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from . import abi
 from ._libbpf import check, check_ptr, lib, ring_buffer_sample_fn
@@ -62,30 +67,6 @@ class PacketSummary:
     ttl: int | None = None
     arp_op: int | None = None
 
-    def text(self) -> str:
-        if self.ethertype == ETH_P_ARP:
-            op = {1: "request", 2: "reply"}.get(self.arp_op or 0, str(self.arp_op))
-            return f"ARP {op} {self.src_ip} -> {self.dst_ip}"
-        if self.src_ip is None:
-            et = f"0x{self.ethertype:04x}" if self.ethertype is not None else "?"
-            return f"ethertype {et}"
-        p = self.proto
-        if p in ("TCP", "UDP"):
-            s = f"{self.src_ip}:{self.sport} -> {self.dst_ip}:{self.dport} {str(p).lower()}"
-            if p == "TCP" and self.tcp_flags:
-                s += " " + ",".join(self.tcp_flags)
-            return s
-        if p == "ICMP":
-            name = {
-                0: "EchoReply",
-                3: "DestinationUnreachable",
-                8: "EchoRequest",
-                11: "TimeExceeded",
-            }
-            t = name.get(self.icmp_type or 0, f"type {self.icmp_type}")
-            return f"{self.src_ip} -> {self.dst_ip} icmp {t}"
-        return f"{self.src_ip} -> {self.dst_ip} proto {p}"
-
 
 def _mac(b: bytes) -> str:
     return b.hex(":")  # as abi.bytes_to_mac, without a Python loop per byte
@@ -132,6 +113,10 @@ def parse_packet(data: bytes) -> PacketSummary:
 
 @dataclass
 class _EventBase:
+    """Fields every packet notification carries (lib/events.h's common header)."""
+
+    kind: ClassVar[str]  # the `pilus monitor --type` name (MONITOR_TYPES)
+
     source_ep: int
     src_identity: int
     dst_identity: int
@@ -142,34 +127,17 @@ class _EventBase:
     cap_len: int
     data: bytes
     packet: PacketSummary
+    time: float | None = None  # when the agent read it (seconds since the epoch)
 
-    def _common(self) -> dict:
-        p = self.packet
-        return {
-            "source_ep": self.source_ep,
-            "dst_ep": self.dst_ep,
-            "src_identity": self.src_identity,
-            "dst_identity": self.dst_identity,
-            "ifindex": self.ifindex,
-            "hash": self.hash,
-            "orig_len": self.orig_len,
-            "cap_len": self.cap_len,
-            "src_ip": p.src_ip,
-            "dst_ip": p.dst_ip,
-            "proto": p.proto,
-            "sport": p.sport,
-            "dport": p.dport,
-            "tcp_flags": list(p.tcp_flags),
-            "icmp_type": p.icmp_type,
-            "icmp_code": p.icmp_code,
-            "src_mac": p.src_mac,
-            "dst_mac": p.dst_mac,
-            "summary": p.text(),
-        }
+    def related_to(self, endpoint: int) -> bool:
+        """The event is to or from this endpoint id."""
+        return endpoint in (self.source_ep, self.dst_ep)
 
 
 @dataclass
 class DropEvent(_EventBase):
+    kind: ClassVar[str] = "drop"
+
     reason: int = 0
     line: int = 0
 
@@ -177,15 +145,11 @@ class DropEvent(_EventBase):
     def reason_desc(self) -> str:
         return drop_reason_desc(self.reason)
 
-    def to_dict(self) -> dict:
-        d = {"type": "drop", "reason": self.reason, "reason_desc": self.reason_desc}
-        d.update(self._common())
-        d["line"] = self.line
-        return d
-
 
 @dataclass
 class TraceEvent(_EventBase):
+    kind: ClassVar[str] = "trace"
+
     obs_point: int = 0
     ct_reason: int = 0
 
@@ -197,16 +161,6 @@ class TraceEvent(_EventBase):
     def ct_state(self) -> str:
         return ct_state_desc(self.ct_reason)
 
-    def to_dict(self) -> dict:
-        d = {
-            "type": "trace",
-            "observation_point": self.observation_point,
-            "obs_point": self.obs_point,
-            "ct_state": self.ct_state,
-        }
-        d.update(self._common())
-        return d
-
 
 @dataclass
 class PolicyVerdictEvent(_EventBase):
@@ -216,6 +170,8 @@ class PolicyVerdictEvent(_EventBase):
     is the source, for egress the destination (``src_identity`` /
     ``dst_identity`` are oriented like the packet).
     """
+
+    kind: ClassVar[str] = "policy-verdict"
 
     direction: int = 0  # POLICY_INGRESS / POLICY_EGRESS
     remote_identity: int = 0
@@ -235,34 +191,29 @@ class PolicyVerdictEvent(_EventBase):
     def drop_reason(self) -> int:
         return -self.verdict if self.verdict < 0 else 0
 
-    def to_dict(self) -> dict:
-        d = {
-            "type": "policy-verdict",
-            "direction": POLICY_DIRECTIONS.get(self.direction, str(self.direction)),
-            "action": self.action,
-            "match_type": policy_match_desc(self.match_type),
-            "remote_identity": self.remote_identity,
-            "local_identity": self.local_identity,
-            "verdict": self.verdict,
-            "drop_reason": self.drop_reason,
-            "drop_reason_desc": drop_reason_desc(self.drop_reason) if self.verdict < 0 else None,
-            "proxy_port": self.proxy_port,
-            "audited": self.audited,
-        }
-        d.update(self._common())
-        # the policy's view of L4 (the ICMP type for ICMP) wins over the capture's
-        d["proto"] = proto_name(self.policy_proto)
-        d["dport"] = self.policy_dport
-        return d
+    @property
+    def direction_name(self) -> str:
+        return POLICY_DIRECTIONS.get(self.direction, str(self.direction))
+
+    @property
+    def match_name(self) -> str:
+        return policy_match_desc(self.match_type)
 
 
 @dataclass
 class UnknownEvent:
+    """A record of a type this agent does not decode (a newer datapath's)."""
+
     type: int
     raw: bytes
+    time: float | None = None
 
-    def to_dict(self) -> dict:
-        return {"type": f"unknown-{self.type}", "len": len(self.raw)}
+    @property
+    def kind(self) -> str:
+        return f"unknown-{self.type}"
+
+    def related_to(self, endpoint: int) -> bool:
+        return False
 
 
 Event = DropEvent | TraceEvent | PolicyVerdictEvent | UnknownEvent
@@ -440,8 +391,8 @@ __all__ = [
     "MONITOR_MASK_SECTION",
     "MONITOR_TYPES",
     "decode",
+    "PacketSummary",
     "decode_records",
     "listen_mask",
     "parse_packet",
-    "asdict",
 ]

@@ -6,8 +6,11 @@ exists), and the hub decodes only records a subscriber wants: with nobody
 listening, new connections cost neither ring-buffer records nor agent CPU.
 The ring buffer is drained when its epoll fd is readable, then left alone for
 DRAIN_INTERVAL so that a busy ring is read in batches. Each subscriber has a
-bounded queue: a slow client loses events (counted and reported to it as a "lost"
-record) instead of stalling the agent or other clients.
+bounded queue: a slow client loses events (counted and reported to it as a
+LostEvents note) instead of stalling the agent or other clients.
+
+Subscribers receive the typed events of pilus.datapath.events (stamped with the time
+the agent read them) and filter on their fields; pilus.observer.format presents them.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from pilus.datapath.events import MONITOR_TYPES, listen_mask
+from pilus.datapath.events import MONITOR_TYPES, Event, listen_mask
 
 log = logging.getLogger(__name__)
 
@@ -25,25 +28,38 @@ SUBSCRIBER_QUEUE = 4096
 DRAIN_INTERVAL = 0.01  # seconds between two drains of a busy ring
 
 
+@dataclass(frozen=True)
+class LostEvents:
+    """In a subscriber's queue: this many events were not queued for it (it was full)."""
+
+    count: int
+
+    kind = "lost"
+
+
 @dataclass(eq=False)  # identity-hashed: kept in a set
 class Subscriber:
+    """One listener: the event types it wants (None: all) and the endpoint id the events
+    must be to or from (None: any); its queue holds typed events and LostEvents notes."""
+
     types: frozenset[str] | None
     endpoint: int | None
-    queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(SUBSCRIBER_QUEUE))
+    queue: asyncio.Queue[Event | LostEvents] = field(
+        default_factory=lambda: asyncio.Queue(SUBSCRIBER_QUEUE))
     lost: int = 0
 
     def wants_type(self, notify_type: int) -> bool:
         return self.types is None or MONITOR_TYPES.get(notify_type) in self.types
 
-    def wants(self, event: dict) -> bool:
-        if self.types is not None and event["type"] not in self.types:
+    def wants(self, event: Event) -> bool:
+        if self.types is not None and event.kind not in self.types:
             return False
-        return self.endpoint is None or self.endpoint in (event.get("source_ep"), event.get("dst_ep"))
+        return self.endpoint is None or event.related_to(self.endpoint)
 
-    def offer(self, event: dict) -> None:
+    def offer(self, event: Event) -> None:
         if self.lost:
             try:
-                self.queue.put_nowait({"type": "lost", "count": self.lost})
+                self.queue.put_nowait(LostEvents(self.lost))
                 self.lost = 0
             except asyncio.QueueFull:
                 self.lost += 1
@@ -121,11 +137,11 @@ class EventHub:
             self._resume = self._loop.call_later(DRAIN_INTERVAL, self._resume_reading)
         now = time.time()
         for event in events:
-            record = event.to_dict()
-            record.setdefault("time", now)
+            if event.time is None:
+                event.time = now
             for sub in self.subscribers:
-                if sub.wants(record):
-                    sub.offer(record)
+                if sub.wants(event):
+                    sub.offer(event)
 
     def _resume_reading(self) -> None:
         self._resume = None
