@@ -1,6 +1,6 @@
 """`pilus endpoint labels`: the label rules, the manager's re-identification of a live
 endpoint (real allocator on the embedded kvstore, real state dir, datapath maps as
-dicts), and the whole chain CLI -> client -> API -> manager on a UNIX socket."""
+dicts, tests/unit/dp_fakes.py), and the whole chain CLI -> client -> API -> manager on a UNIX socket."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 from aiohttp import web
+from dp_fakes import FakeDatapath
 
 from pilus.api.client import APIError, Client
 from pilus.api.server import APIServer
@@ -109,31 +110,6 @@ def test_labels_view_marks_identity_and_info_labels():
 # -- the manager, without root -----------------------------------------------------------
 
 
-class DictTable:
-    """The part of a datapath map handle the endpoint manager uses, as a dict."""
-
-    def __init__(self):
-        self.rows: dict = {}
-
-    def upsert(self, key, value=None):
-        if value is None:  # the endpoint map takes EndpointInfo rows keyed by IP
-            key, value = key.ipv4, key
-        self.rows[key] = value
-
-    def delete(self, key):
-        self.rows.pop(key, None)
-
-
-class DictDatapath:
-    def __init__(self):
-        self.endpoints = DictTable()
-        self.ipcache = DictTable()
-        self.attached: list[int] = []
-
-    def attach_endpoint(self, ifindex: int) -> None:
-        self.attached.append(ifindex)
-
-
 class World:
     """An EndpointManager on a real allocator and state dir; pods are put in place as
     create() leaves them (netns and veth need root, relabel does not touch them)."""
@@ -142,7 +118,7 @@ class World:
         self.tmp = tmp
         self.store = open_store(path=tmp / "kv.db", poll_interval=0.02)
         self.identities = IdentityAllocator(self.store, "node1")
-        self.datapath = DictDatapath()
+        self.datapath = FakeDatapath()
         self.manager = EndpointManager(
             NodeInfo("node1", "default", IPv4Address("10.200.1.1"), IPv4Network("10.200.1.0/24")),
             self.datapath, self.identities, ipam=None, store=EndpointStore(tmp),

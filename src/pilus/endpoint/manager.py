@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import TYPE_CHECKING
 
-from pilus.datapath import Datapath, links
+from pilus.datapath import Datapath
+from pilus.endpoint import owners
+from pilus.endpoint.entries import EndpointEntries
 from pilus.endpoint.model import Endpoint, EndpointStore, check_named_ports, endpoint_info, split_name
+from pilus.endpoint.plumbing import VethPlumbing
 from pilus.endpoint.state import State
 from pilus.identity.allocator import IdentityAllocator
 from pilus.identity.labels import (
@@ -32,14 +35,15 @@ from pilus.identity.labels import (
     endpoint_labels,
     parse_label,
 )
+from pilus.identity.reserved import HOST, WORLD
 from pilus.ipam.hostscope import HostScopeIPAM
+from pilus.ipcache import IPCache, Source
 
 if TYPE_CHECKING:
     from pilus.endpoint.policy_sync import PolicySync
 
 log = logging.getLogger(__name__)
 
-POD_IFNAME = "eth0"
 MAX_ENDPOINT_ID = 4095
 
 
@@ -143,17 +147,30 @@ class EndpointManager:
         identities: IdentityAllocator,
         ipam: HostScopeIPAM,
         store: EndpointStore,
+        *,
+        ipcache: IPCache | None = None,
+        entries: EndpointEntries | None = None,
+        plumbing: VethPlumbing | None = None,
+        policy: PolicySync | None = None,
+        namespace_labels: Callable[[str], dict[str, str]] | None = None,
+        on_change: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.node = node
-        self.datapath = datapath
+        self.datapath = datapath  # programs attach and detach here; its maps have owners
         self.identities = identities
         self.ipam = ipam
         self.store = store
+        # TEMPORARY: without an ipcache passed in, the agent writes the node entries itself
+        # and knows no resync: restore() then adopts them and resyncs (see owners.py)
+        self._own_start = ipcache is None
+        self.ipcache = ipcache if ipcache is not None else owners.ipcache_of(datapath)
+        self.entries = entries if entries is not None else owners.entries_of(datapath)
+        self.plumbing = plumbing if plumbing is not None else VethPlumbing()
         self.endpoints: dict[int, Endpoint] = {}
         self._lock = asyncio.Lock()
-        self.policy: PolicySync | None = None  # set by the agent once policy is running
-        self.namespace_labels: Callable[[str], dict[str, str]] = lambda ns: {}
-        self.on_change: Callable[[], Awaitable[None]] | None = None  # after any create/delete/relabel
+        self.policy = policy  # the policy sync, once policy is running
+        self.namespace_labels: Callable[[str], dict[str, str]] = namespace_labels or (lambda ns: {})
+        self.on_change = on_change  # after any create/delete/relabel
 
     async def _changed(self) -> None:
         if self.on_change is not None:
@@ -220,9 +237,9 @@ class EndpointManager:
                 ep.identity = identity.id
                 ep.labels = [str(label) for label in identity.labels]
                 ep.set_state(State.REGENERATING)
-                undo.push("remove netns", lambda: links.delete_netns(ep.netns))
-                undo.push("remove veth", lambda: links.delete_link(ep.interface_name))
-                await asyncio.to_thread(self._plumb, ep)
+                undo.push("remove netns", lambda: self.plumbing.remove_netns(ep))
+                undo.push("remove veth", lambda: self.plumbing.remove_veth(ep))
+                await asyncio.to_thread(self.plumbing.plumb, ep, self.node.router_ip, self.node.mtu)
                 undo.push("remove map entries", lambda: self._unprogram(ep))  # a coroutine: awaited
                 await self._program(ep)
                 ep.set_state(State.READY)
@@ -250,39 +267,20 @@ class EndpointManager:
                 return candidate
         raise RuntimeError(f"node {self.node.name} has {MAX_ENDPOINT_ID} endpoints: delete some first")
 
-    def _plumb(self, ep: Endpoint) -> None:
-        """Network namespace, veth pair, addresses, routes and neighbours (blocking netlink)."""
-        router = str(self.node.router_ip)
-        links.create_netns(ep.netns)
-        for key in ("all", "default"):
-            links.set_sysctl(f"net.ipv6.conf.{key}.disable_ipv6", 1, netns=ep.netns)
-        veth = links.create_veth(ep.interface_name, POD_IFNAME, peer_netns=ep.netns, mtu=self.node.mtu)
-        ep.interface_index, ep.host_mac, ep.mac = veth.host_ifindex, veth.host_mac, veth.peer_mac
-        links.set_sysctl(f"net.ipv6.conf.{ep.interface_name}.disable_ipv6", 1)
-        links.set_sysctl(f"net.ipv4.conf.{ep.interface_name}.rp_filter", 0)
-        # pod side: /32, the router on-link, default via the router, router's MAC pinned
-        links.add_address(POD_IFNAME, f"{ep.ipv4}/32", netns=ep.netns)
-        links.add_route(f"{router}/32", dev=POD_IFNAME, scope="link", netns=ep.netns)
-        links.add_route("default", gateway=router, dev=POD_IFNAME, netns=ep.netns)
-        links.add_neigh(router, ep.host_mac, POD_IFNAME, netns=ep.netns)
-        # node side: a /32 route to the pod through its lxc device, its MAC pinned
-        links.add_route(f"{ep.ipv4}/32", dev=ep.interface_name, scope="link", src=router)
-        links.add_neigh(str(ep.ipv4), ep.mac, ep.interface_name)
-
     async def _program(self, ep: Endpoint) -> None:
         """Datapath state for the endpoint: policy map, endpoint and ipcache entries, then programs."""
         if self.policy is not None:
             ep.policy_flags = await self.policy.endpoint_upserted(ep)
-        self.datapath.endpoints.upsert(endpoint_info(ep))
-        self.datapath.ipcache.upsert(IPv4Network(f"{ep.ipv4}/32"), ep.identity)
+        self.entries.upsert(endpoint_info(ep))
+        self.ipcache.upsert(IPv4Network(f"{ep.ipv4}/32"), ep.identity, Source.LOCAL)
         self.datapath.attach_endpoint(ep.interface_index)
 
     async def _unprogram(self, ep: Endpoint) -> None:
         if self.policy is not None:
             await self.policy.endpoint_removed(ep)
         self.datapath.detach_endpoint(ep.interface_index)
-        self.datapath.ipcache.delete(IPv4Network(f"{ep.ipv4}/32"))
-        self.datapath.endpoints.delete(ep.ipv4)
+        self.ipcache.delete(IPv4Network(f"{ep.ipv4}/32"), Source.LOCAL)
+        self.entries.delete(ep.ipv4)
 
     # -- delete ----------------------------------------------------------------
 
@@ -291,7 +289,7 @@ class EndpointManager:
             ep = self.lookup(ref)
             ep.set_state(State.DISCONNECTING)
             await self._unprogram_quietly(ep)
-            await asyncio.to_thread(self._teardown, ep)
+            await asyncio.to_thread(self.plumbing.teardown, ep)
             await self.identities.release(ep.identity, collect=True)
             self.ipam.release(ep.ipv4)
             self.store.remove(ep.id)
@@ -305,18 +303,6 @@ class EndpointManager:
             await self._unprogram(ep)
         except Exception as exc:  # a half-gone endpoint is still deleted
             log.warning("deleting endpoint %d: %s", ep.id, exc)
-
-    def _teardown(self, ep: Endpoint) -> None:
-        """Links and namespace of the endpoint (blocking netlink)."""
-        for step in (
-            lambda: links.del_route(f"{ep.ipv4}/32"),
-            lambda: links.delete_link(ep.interface_name),
-            lambda: links.delete_netns(ep.netns),
-        ):
-            try:
-                step()
-            except Exception as exc:  # a half-gone endpoint is still deleted
-                log.warning("deleting endpoint %d: %s", ep.id, exc)
 
     # -- relabel -----------------------------------------------------------------
 
@@ -387,35 +373,33 @@ class EndpointManager:
         restored = []
         for ep in self.store.load_all():
             ep.state = State.RESTORING
-            link = await asyncio.to_thread(links.link_info, ep.interface_name)
-            if link is None or not links.netns_exists(ep.netns):
+            ifindex = await asyncio.to_thread(self.plumbing.find, ep)
+            if ifindex is None:
                 log.warning("endpoint %d %s lost its netns or veth; removing it", ep.id, ep.name)
                 self.store.remove(ep.id)
                 await self._unprogram_quietly(ep)
-                await asyncio.to_thread(self._teardown, ep)
+                await asyncio.to_thread(self.plumbing.teardown, ep)
                 continue
             self.ipam.allocate_specific(ep.ipv4, owner=ep.name)
             security = self._security_labels(ep.namespace, ep.user_labels, ep.service_account)
             identity = await self.identities.allocate(security)
             ep.identity = identity.id
             ep.labels = [str(label) for label in identity.labels]
-            ep.interface_index = link["ifindex"]
+            ep.interface_index = ifindex
             await self._program(ep)
             ep.set_state(State.READY)
             self.store.save(ep)
             self.endpoints[ep.id] = ep
             restored.append(ep)
-        self._prune_maps()
+        self.entries.resync()  # the entries of endpoints that did not come back go
+        if self._own_start:
+            self._adopt_node_entries()
+            self.ipcache.resync()
         return restored
 
-    def _prune_maps(self) -> None:
-        """Map entries of endpoints that no longer exist go (the 'prune' of reconcile)."""
-        live = {ep.ipv4 for ep in self.endpoints.values()}
-        for info in self.datapath.endpoints.items():
-            if info.ipv4 not in live:
-                self.datapath.endpoints.delete(info.ipv4)
-        pod_cidr = self.node.pod_cidr
-        for prefix, _identity, _tunnel in self.datapath.ipcache.items():
-            addr = prefix.network_address
-            if prefix.prefixlen == 32 and addr in pod_cidr and addr not in live and addr != self.node.router_ip:
-                self.datapath.ipcache.delete(prefix)
+    def _adopt_node_entries(self) -> None:
+        """TEMPORARY, until the agent claims them: the host and world entries it wrote
+        to the map directly become LOCAL claims, so that the resync keeps them."""
+        for entry in self.ipcache.items():
+            if entry.source is None and entry.identity in (HOST, WORLD):
+                self.ipcache.upsert(entry.prefix, entry.identity, Source.LOCAL)

@@ -10,14 +10,11 @@ from datetime import UTC, datetime
 from ipaddress import IPv4Address
 from pathlib import Path
 
+from pilus import protocols
 from pilus.datapath import ENDPOINT_F_POLICY_EGRESS, ENDPOINT_F_POLICY_INGRESS, EndpointInfo
 from pilus.endpoint.state import State, check_transition
 from pilus.identity.labels import is_dns_label
 
-# Kubernetes DNS-1123 label: namespaces and pod names.
-
-
-PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
 # IANA service name, as Kubernetes validates container port names
 _PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?$")
 
@@ -30,7 +27,8 @@ def parse_port_spec(spec: str) -> tuple[int, str]:
     """'80', '80/TCP', '53/udp' -> (port, protocol)."""
     port_text, _, proto = spec.partition("/")
     proto = (proto or "TCP").upper()
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535 or proto not in PROTOCOLS:
+    ported = protocols.NUMBERS.get(proto) in protocols.PORT_PROTOCOLS
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535 or not ported:
         raise EndpointNameError(f"port {spec!r} is invalid: expected PORT[/TCP|UDP|SCTP] with PORT 1-65535")
     return int(port_text), proto
 

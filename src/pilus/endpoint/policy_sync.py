@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from ipaddress import IPv4Address, IPv4Network
 
+from pilus import protocols
 from pilus.datapath import (
     ENDPOINT_F_IPBLOCK_EGRESS,
     ENDPOINT_F_IPBLOCK_INGRESS,
@@ -29,10 +30,13 @@ from pilus.datapath import (
     ENDPOINT_F_POLICY_INGRESS,
     Datapath,
 )
-from pilus.endpoint.model import PROTOCOLS, Endpoint, endpoint_info, parse_port_spec
+from pilus.endpoint import owners
+from pilus.endpoint.entries import EndpointEntries
+from pilus.endpoint.model import Endpoint, endpoint_info, parse_port_spec
 from pilus.identity.allocator import Identity, IdentityAllocator
 from pilus.identity.labels import Label, Labels, parse_labels
-from pilus.identity.reserved import LOCAL_IDENTITY_FLAG, RESERVED_IDENTITIES, is_local
+from pilus.identity.reserved import LOCAL_IDENTITY_FLAG, RESERVED_IDENTITIES
+from pilus.ipcache import IPCache, Source
 from pilus.policy.distribution import NAMESPACE_PREFIX, POLICY_KEY, PolicyDistribution
 from pilus.policy.engine import EndpointPolicy, PolicyEngine, ServiceRef
 from pilus.policy.selector import ipblock_identity_labels
@@ -66,9 +70,14 @@ class PolicySync:
         datapath: Datapath,
         identities: IdentityAllocator,
         distribution: PolicyDistribution,
+        *,
+        ipcache: IPCache | None = None,
+        entries: EndpointEntries | None = None,
+        on_namespace_change=None,
     ) -> None:
         self.engine = engine
-        self.datapath = datapath
+        self.datapath = datapath  # its policy, ipblock and ct maps
+        self._ipcache, self._entries = ipcache, entries
         self.identities = identities
         self.distribution = distribution
         self.revision = 0
@@ -83,7 +92,21 @@ class PolicySync:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
         self._tasks: list[asyncio.Task] = []
         self._unsubscribe = None
-        self.on_namespace_change = None  # set by the agent: async fn(namespace, labels)
+        self.on_namespace_change = on_namespace_change  # async fn(namespace, labels)
+
+    # TEMPORARY fallbacks until the agent passes the owners (see owners.py); looked up
+    # on first use, as callers that never write these maps pass datapaths without them
+    @property
+    def ipcache(self) -> IPCache:
+        if self._ipcache is None:
+            self._ipcache = owners.ipcache_of(self.datapath)
+        return self._ipcache
+
+    @property
+    def entries(self) -> EndpointEntries:
+        if self._entries is None:
+            self._entries = owners.entries_of(self.datapath)
+        return self._entries
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -218,36 +241,27 @@ class PolicySync:
         self.engine.set_cluster_named_ports(ports)
 
     def _refresh_cidr_identities(self) -> None:
-        """One local identity per CIDR that policies name; ipcache maps the prefix to it.
-
-        A prefix that the ipcache already maps to a non-CIDR identity (a pod's /32, the
-        host's addresses) keeps that entry: in-cluster peers are matched by identity,
-        never by CIDR, so a CIDR rule (or a toServices backend IP) naming them must not
-        take their entry over, nor remove it later."""
+        """One local identity per CIDR that policies name; the ipcache maps the prefix to
+        it as a GENERATED claim. A pod's /32 or a host address that a CIDR rule (or a
+        toServices backend IP) names keeps its own entry: in-cluster peers are matched by
+        identity, never by CIDR, and the ipcache's precedence lets the LOCAL claim win."""
         wanted = self.engine.cidr_prefixes()
-        gone = [p for p in self.cidr_identities if p not in wanted]
-        added = [p for p in wanted if p not in self.cidr_identities and p.prefixlen]
-        owners: dict[IPv4Network, int] = {}
-        if gone or added:
-            owners = {prefix: ident for prefix, ident, _tunnel in self.datapath.ipcache.items()}
-        for prefix in gone:
-            ident = self.cidr_identities.pop(prefix)
-            self.engine.remove_identity(ident)
-            if prefix.prefixlen and owners.get(prefix, ident) == ident:
-                self.datapath.ipcache.delete(prefix)
+        for prefix in [p for p in self.cidr_identities if p not in wanted]:
+            self.engine.remove_identity(self.cidr_identities.pop(prefix))
+            if prefix.prefixlen:
+                self.ipcache.delete(prefix, Source.GENERATED)
         used = set(self.cidr_identities.values()) | set(self.ipblock_identities.values())
         next_id = LOCAL_IDENTITY_FLAG | 1
         for prefix in sorted(wanted - set(self.cidr_identities), key=lambda p: (p.prefixlen, p)):
             if prefix.prefixlen == 0:
-                continue  # 0.0.0.0/0 is reserved:world, already in the ipcache
+                continue  # 0.0.0.0/0 is reserved:world, the agent's LOCAL entry
             while next_id in used:
                 next_id += 1
             used.add(next_id)
             self.cidr_identities[prefix] = next_id
             labels = Labels([Label("cidr", str(prefix)), Label("reserved", "world")])
             self.engine.upsert_identity(next_id, labels)
-            if prefix not in owners or is_local(owners[prefix]):
-                self.datapath.ipcache.upsert(prefix, next_id)
+            self.ipcache.upsert(prefix, next_id, Source.GENERATED)
         self._refresh_ipblock_identities()
 
     def _refresh_ipblock_identities(self) -> None:
@@ -300,7 +314,7 @@ class PolicySync:
         changed = ep.policy_flags != flags
         ep.policy_flags = flags
         if changed and ep.interface_index:  # already programmed: flip enforcement in place
-            self.datapath.endpoints.upsert(endpoint_info(ep))
+            self.entries.upsert(endpoint_info(ep))
         return flags
 
     async def _run_sync(self) -> None:
@@ -352,6 +366,6 @@ def _named_ports(raw: Mapping[str, str]) -> dict[str, tuple[int, int]]:
     out = {}
     for name, spec in raw.items():
         port, proto = parse_port_spec(spec)
-        out[name] = (port, PROTOCOLS[proto])
+        out[name] = (port, protocols.number(proto))
     return out
 
