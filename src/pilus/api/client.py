@@ -11,6 +11,7 @@ import http.client
 import json
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -66,6 +67,35 @@ class UnixHTTPConnection(http.client.HTTPConnection):
             sock.close()
             raise
         self.sock = sock
+
+
+def unix_http(
+    socket_path: str | Path,
+    method: str,
+    path: str,
+    body: Any = None,
+    timeout: float = 10.0,
+) -> tuple[int, Any]:
+    """One HTTP request on a UNIX socket: (status, decoded JSON or text), whatever the
+    status. OSError if nobody answers (for callers that poll, like ``cluster up``)."""
+    conn = UnixHTTPConnection(str(socket_path), timeout)
+    try:
+        headers = {}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+        try:
+            return resp.status, json.loads(raw) if raw else None
+        except ValueError:
+            return resp.status, raw.decode(errors="replace")
+    except http.client.HTTPException as e:
+        raise OSError(f"bad HTTP answer on {socket_path}: {e}") from None
+    finally:
+        conn.close()
 
 
 def _ref_path(ref: int | str) -> str:

@@ -14,18 +14,16 @@ bridge; node i's pod CIDR is the i-th /24 of the cluster's. A supervisor daemon
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
+from pilus.api.client import unix_http
 from pilus.cluster.plan import (
     BPFFS_ROOT,
     DEFAULT_STATE_ROOT,
@@ -57,51 +55,6 @@ FAIL_FAST_RESTARTS = 3  # an agent that exited this often during `up` will not c
 
 
 # ------------------------------------------------------------ HTTP over UNIX
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(self._path)
-        except OSError:
-            s.close()
-            raise
-        self.sock = s
-
-
-def unix_http(
-    socket_path: str | Path,
-    method: str,
-    path: str,
-    body: Any = None,
-    timeout: float = 10.0,
-) -> tuple[int, Any]:
-    """One HTTP request on a UNIX socket: (status, decoded JSON or text). OSError if
-    nobody answers."""
-    conn = _UnixHTTPConnection(str(socket_path), timeout)
-    try:
-        headers = {}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        conn.request(method, path, body=data, headers=headers)
-        resp = conn.getresponse()
-        raw = resp.read()
-        try:
-            return resp.status, json.loads(raw) if raw else None
-        except ValueError:
-            return resp.status, raw.decode(errors="replace")
-    except http.client.HTTPException as e:
-        raise OSError(f"bad HTTP answer on {socket_path}: {e}") from None
-    finally:
-        conn.close()
 
 
 def healthy(socket_path: str | Path, timeout: float = 2.0) -> bool:
