@@ -58,19 +58,33 @@ def udp_server(port: str) -> None:
         sock.sendto(data, peer)
 
 
+def _tcp_open(ip: str, port: str, timeout: float) -> socket.socket:
+    return socket.create_connection((ip, int(port)), timeout=timeout)
+
+
+def tcp_request(ip: str, port: str, message: bytes, timeout: float, reply_max: int = 65536) -> bytes:
+    """The TCP probe: connect, send ``message``, read one reply, close. OSError on failure."""
+    with _tcp_open(ip, port, timeout) as conn:
+        conn.sendall(message)
+        return conn.recv(reply_max)
+
+
+def tcp_failure(exc: OSError) -> str:
+    """How a TCP probe failed, as the JSON lines say it: timeout, refused or the errno text."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    return exc.strerror or str(exc)
+
+
 def tcp_connect(ip: str, port: str, message: str = "whoami", timeout: str = "2") -> None:
     start = time.monotonic()
     try:
-        with socket.create_connection((ip, int(port)), timeout=float(timeout)) as conn:
-            conn.sendall(message.encode())
-            reply = conn.recv(65536).decode(errors="replace")
+        reply = tcp_request(ip, port, message.encode(), float(timeout)).decode(errors="replace")
         _out(ok=True, reply=reply, rtt_ms=round((time.monotonic() - start) * 1000, 3))
-    except TimeoutError:
-        _out(ok=False, error="timeout")
-    except ConnectionRefusedError:
-        _out(ok=False, error="refused")
     except OSError as exc:
-        _out(ok=False, error=exc.strerror or str(exc))
+        _out(ok=False, error=tcp_failure(exc))
 
 
 def udp_send(ip: str, port: str, message: str = "ping", timeout: str = "2") -> None:
@@ -145,7 +159,7 @@ def _total_retrans(conn: socket.socket) -> int:
 def tcp_stream(ip: str, port: str, seconds: str) -> None:
     """Round trips on one TCP connection for N seconds; reports the longest gap and how
     many segments TCP had to retransmit (a dropped packet shows there, whatever the timing)."""
-    conn = socket.create_connection((ip, int(port)), timeout=10)
+    conn = _tcp_open(ip, port, timeout=10)
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     end = time.monotonic() + float(seconds)
     last = time.monotonic()
@@ -183,19 +197,13 @@ def tcp_connect_loop(ip: str, port: str, seconds: str, interval_ms: str = "4") -
     while not stop and time.monotonic() < end:
         t = time.monotonic() - start
         try:
-            with socket.create_connection((ip, int(port)), timeout=2) as conn:
-                conn.sendall(b"whoami")
-                if not conn.recv(64):
-                    raise ConnectionError("closed without a reply")
+            if not tcp_request(ip, port, b"whoami", 2, reply_max=64):
+                raise ConnectionError("closed without a reply")
             second = int(t)
             per_second.extend([0] * (second + 1 - len(per_second)))
             per_second[second] += 1
-        except TimeoutError:
-            failures.append({"t": round(t, 3), "error": "timeout"})
-        except ConnectionRefusedError:
-            failures.append({"t": round(t, 3), "error": "refused"})
         except OSError as exc:
-            failures.append({"t": round(t, 3), "error": exc.strerror or str(exc)})
+            failures.append({"t": round(t, 3), "error": tcp_failure(exc)})
         time.sleep(float(interval_ms) / 1000)
     _out(ok=not failures, connected=sum(per_second), per_second=per_second,
          failed=len(failures), failures=failures[:20], seconds=round(time.monotonic() - start, 1))
