@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pilus.identity.labels import Labels
+from pilus.policy.l7 import L7Rules
 from pilus.policy.selector import CIDRSelector, EndpointSelector
 
 __all__ = [
     "ENTITIES",
     "ICMP4_TYPES",
     "ICMP6_TYPES",
-    "PROTO_NUMBERS",
     "ICMPField",
     "PeerRule",
     "PortProtocol",
@@ -42,8 +42,6 @@ ENTITIES = (
     "unmanaged",
     "none",
 )
-
-PROTO_NUMBERS = {"ANY": 0, "ICMP": 1, "TCP": 6, "UDP": 17, "ICMPV6": 58, "SCTP": 132}
 
 #: Cilium's ICMP type names (pkg/policy/api/icmp.go)
 ICMP4_TYPES = {
@@ -134,10 +132,10 @@ class ICMPField:
 
 @dataclass(frozen=True)
 class PortRule:
-    """One ``toPorts[]`` item. ``l7`` is the canonical JSON of its ``rules`` ('' if none)."""
+    """One ``toPorts[]`` item; ``l7``: its typed ``rules`` (None: no ``rules``)."""
 
     ports: tuple[PortProtocol, ...] = ()
-    l7: str = ""
+    l7: L7Rules | None = None
 
 
 @dataclass(frozen=True)

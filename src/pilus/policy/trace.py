@@ -4,31 +4,83 @@ Evaluates the compiled rules (the same compilation the map entries come from)
 directly against the labels given, like ``cilium policy trace``. When the peer's
 address is known, Kubernetes ipBlock rules are evaluated against the ipBlock
 identity of the longest ipBlock prefix covering it, as the datapath's second
-lookup does, and the verdict says so.
+lookup does, and the verdict says so. Each direction's verdict is the datapath's
+lookup (``mapstate.lookup``) over the map entries these rules give the peer, so the
+trace and the datapath cannot disagree; the text says which rules matched.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+from pilus import protocols
 from pilus.identity.labels import Labels
+from pilus.identity.reserved import HOST
+from pilus.policy.compiled import CompiledPolicy
+from pilus.policy.mapstate import PolicyEntry, PolicyKey, lookup, merge_entry, normalize
+from pilus.policy.rule import Rule
 from pilus.policy.selector import CIDRSelector, ipblock_identity_labels
 
-if TYPE_CHECKING:
-    from pilus.policy.engine import DirectionTrace, PolicyEngine, TraceResult
+__all__ = ["DirectionTrace", "TraceResult", "run_trace"]
 
-PROTO_NAMES = {0: "ANY", 1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
+#: the traced peer's identity in the trace's map entries (labels are matched, not identities)
+TRACE_PEER = 0xFFFFFFFF
+
+
+class TraceSource(Protocol):
+    """What the trace reads from the policy engine."""
+
+    mode: str
+    allow_localhost: bool
+
+    def compile_for(self, labels: Labels) -> CompiledPolicy: ...
+    def rules(self) -> list[Rule]: ...
+    def ipblock_identity(self, addr: ipaddress.IPv4Address) -> tuple[ipaddress.IPv4Network, int] | None: ...
+
+
+@dataclass
+class DirectionTrace:
+    direction: str
+    evaluated: bool
+    verdict: str  # "allowed" / "denied"
+    reason: str
+    rules_selected: list[str] = field(default_factory=list)
+    allowed_by: list[str] = field(default_factory=list)
+    denied_by: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TraceResult:
+    lines: list[str]
+    ingress: DirectionTrace
+    egress: DirectionTrace
+    verdict: str  # "ALLOWED" / "DENIED"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict,
+            "ingress": self.ingress.to_dict(),
+            "egress": self.egress.to_dict(),
+            "lines": list(self.lines),
+        }
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
 
 
 def _port_str(dport: int, proto: int) -> str:
-    if proto in (1, 58):
-        return f"{PROTO_NAMES[proto]} type {dport}"
-    return f"{dport}/{PROTO_NAMES.get(proto, str(proto))}"
+    if proto in (protocols.ICMP, protocols.ICMPV6):
+        return f"{protocols.name(proto)} type {dport}"
+    return f"{dport}/{protocols.name(proto)}"
 
 
 def _direction(
-    eng: PolicyEngine,
+    eng: TraceSource,
     egress: bool,
     subject: Labels,
     peer: Labels,
@@ -37,29 +89,29 @@ def _direction(
     lines: list[str],
     peer_ip: ipaddress.IPv4Address | None = None,
 ) -> DirectionTrace:
-    from pilus.policy.engine import DirectionTrace, PolicyKey
-
     d = "egress" if egress else "ingress"
     lines.append(f"Resolving {d} policy for [{subject}]")
-    named = eng._named_ports_for(subject)
-    comp = eng._compile(subject, named)
-    enforced = comp.egress_enforced if egress else comp.ingress_enforced
-    dd = comp.egress_default_deny if egress else comp.ingress_default_deny
+    comp = eng.compile_for(subject)
+    enforced = comp.enforced(egress)
+    dd = comp.default_deny(egress)
     res = DirectionTrace(d, True, "allowed", "")
     for r in comp.rules:
         has = r.has_egress if egress else r.has_ingress
         lines.append(f"* Rule {r.origin}: selected" + ("" if has else f" (no {d} rules)"))
         res.rules_selected.append(r.origin)
-    lines.append(f"{len(comp.rules)}/{len(eng._rules)} rules selected")
+    lines.append(f"{len(comp.rules)}/{len(eng.rules())} rules selected")
     if eng.mode == "never":
         res.reason = "policy enforcement is disabled (mode never)"
     elif not enforced:
         res.reason = f"no rule selects the endpoint for {d}: all traffic allowed"
     else:
-        uses_ipblock = comp.egress_ipblock if egress else comp.ingress_ipblock
+        uses_ipblock = comp.ipblock(egress)
         covered = eng.ipblock_identity(peer_ip) if uses_ipblock and peer_ip is not None else None
         ipblock_peer = ipblock_identity_labels(covered[0]) if covered else None
         via: dict[str, str] = {}  # origin -> why an ipBlock rule matched
+        peer_id = HOST if _is_host(peer) else TRACE_PEER
+        # the map entries these rules give this peer (identity 0: any peer)
+        entries = {k: e for k, e in comp.static.items() if k.egress == egress and k.identity in (0, peer_id)}
         if uses_ipblock:
             if peer_ip is None:
                 lines.append("    the peer's address is not known: ipBlock rules cannot match")
@@ -76,8 +128,13 @@ def _direction(
             elif sel is not None and not sel.matches(peer):
                 continue
             what = "any peer" if sel is None else f"selector {sel}"
-            if not any(PolicyKey(0, egress, pr, dp, pl).covers_port(proto, dport) for pr, dp, pl in c.keys):
-                ports = ", ".join(PolicyKey(0, egress, *k).port_str() for k in c.keys)
+            ident = peer_id if sel is not None else 0
+            if isinstance(sel, CIDRSelector) and sel.ipblock and covered is not None:
+                ident = covered[1]
+            for k in c.keys:
+                merge_entry(entries, PolicyKey(ident, egress, *k), PolicyEntry(c.deny, 0, c.origin))
+            if not any(PolicyKey(0, egress, *k).matches(proto, dport) for k in c.keys):
+                ports = ", ".join(PolicyKey(0, egress, *k).text() for k in c.keys)
                 lines.append(f"    {c.origin}: {what} matches, but port {_port_str(dport, proto)} is not in [{ports}]")
                 continue
             verb = "Denies" if c.deny else "Allows"
@@ -89,17 +146,20 @@ def _direction(
             (res.denied_by if c.deny else res.allowed_by).append(c.origin)
             if isinstance(sel, CIDRSelector) and sel.ipblock and covered is not None:
                 via.setdefault(c.origin, f"{peer_ip} is covered by ipBlock prefix {covered[0]} (identity {covered[1]})")
-        if res.denied_by:
+        verdict = lookup(normalize(entries), peer_id, egress, proto, dport, covered[1] if covered else 0)
+        if not verdict.allowed and res.denied_by:
             res.verdict = "denied"
             res.reason = f"denied by {_deny_reason(res.denied_by[0])}"
-        elif res.allowed_by:
+        elif verdict.allowed and res.allowed_by:
             first = res.allowed_by[0]
             res.reason = f"{via[first]}: allowed by {first}" if first in via else f"allowed by {first}"
-        elif not egress and eng.allow_localhost and peer.get("host") is not None and peer["host"].source == "reserved":
+        elif verdict.allowed and not egress and eng.allow_localhost and peer_id == HOST:
             res.reason = "allow-localhost: the host may always reach local endpoints"
             res.allowed_by.append("allow-localhost")
-        elif not dd:
+        elif verdict.allowed and not dd:
             res.reason = f"rules select the endpoint for {d} with enableDefaultDeny=false: default allow"
+        elif verdict.allowed:
+            res.reason = f"allowed by {verdict.entry.rule if verdict.entry else 'the policy map'}"
         else:
             res.verdict = "denied"
             why = (
@@ -116,6 +176,11 @@ def _direction(
     return res
 
 
+def _is_host(peer: Labels) -> bool:
+    lbl = peer.get("host")
+    return lbl is not None and lbl.source == "reserved"
+
+
 def _deny_reason(origin: str) -> str:
     # "CiliumNetworkPolicy default/x (ingressDeny)" -> "ingressDeny in CiliumNetworkPolicy default/x"
     if origin.endswith(")") and " (" in origin:
@@ -125,7 +190,7 @@ def _deny_reason(origin: str) -> str:
 
 
 def run_trace(
-    eng: PolicyEngine,
+    eng: TraceSource,
     src: Labels,
     dst: Labels,
     dport: int,
@@ -135,8 +200,6 @@ def run_trace(
     src_ip: ipaddress.IPv4Address | None = None,
     dst_ip: ipaddress.IPv4Address | None = None,
 ) -> TraceResult:
-    from pilus.policy.engine import DirectionTrace, TraceResult
-
     lines = [
         "----------------------------------------------------------------",
         f"Tracing From: [{src}] => To: [{dst}] Ports: [{_port_str(dport, proto)}]",

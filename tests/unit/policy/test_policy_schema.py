@@ -8,6 +8,7 @@ import json
 import pytest
 
 from pilus.policy import PolicyNotFound, PolicyValidationError, Repository, parse_policies
+from pilus.policy.l7 import HeaderMatch, L7Rules, PortRuleDNS, PortRuleHTTP, PortRuleKafka, PortRuleL7, Secret
 from pilus.policy.schema import SCTP_WARNING
 
 
@@ -253,7 +254,56 @@ ingress:
     assert any(SCTP_WARNING in x and "spec.ingress[0].toPorts[0].ports[0]" in x for x in w)
     assert any("L7" in x for x in w)
     pr = docs[0].rules[0].ingress[0].to_ports
-    assert len(pr) == 1 and json.loads(pr[0].l7) == {"http": [{"method": "GET", "path": "/public"}]}
+    assert len(pr) == 1 and json.loads(pr[0].l7.to_json()) == {"http": [{"method": "GET", "path": "/public"}]}
+    assert pr[0].l7 == L7Rules(http=(PortRuleHTTP(method="GET", path="/public"),)) and pr[0].l7.parser == "http"
+
+
+def l7_rules(rules: str):
+    """The typed rules of one port rule with ``rules: <rules>`` (flow YAML)."""
+    doc = parse_policies(cnp(SEL + f"ingress:\n- toPorts:\n  - ports: [{{port: '80', protocol: TCP}}]\n    rules: {rules}\n"))
+    return doc[0].rules[0].ingress[0].to_ports[0].l7
+
+
+def l7_error(rules: str) -> str:
+    with pytest.raises(PolicyValidationError) as ei:
+        l7_rules(rules)
+    return str(ei.value)
+
+
+def test_typed_l7_rules():
+    http = l7_rules(
+        "{http: [{method: 'GET|POST', path: '/api/.*', headers: ['X-Test'],"
+        " headerMatches: [{name: X-Token, secret: {namespace: ns, name: tok}, mismatch: REPLACE}]}]}"
+    )
+    (h,) = http.http
+    assert (h.method, h.path, h.headers) == ("GET|POST", "/api/.*", ("X-Test",))
+    assert h.headerMatches == (HeaderMatch("X-Token", None, Secret("ns", "tok"), "REPLACE"),)
+    kafka = l7_rules("{kafka: [{role: produce, topic: orders.v1}, {apiKey: fetch, clientID: c1}]}")
+    assert kafka.kafka == (PortRuleKafka(role="produce", topic="orders.v1"), PortRuleKafka(apiKey="fetch", clientID="c1"))
+    assert l7_rules("{dns: [{matchPattern: '*.example.com'}]}").dns == (PortRuleDNS(matchPattern="*.example.com"),)
+    generic = l7_rules("{l7proto: r2d2, l7: [{cmd: READ, file: '/x'}]}")
+    assert generic.parser == "r2d2" and generic.l7 == (PortRuleL7((("cmd", "READ"), ("file", "/x"))),)
+    assert l7_rules("{}") == L7Rules()  # present but empty: still an L7 port (warned)
+
+
+def test_l7_rules_are_validated_as_cilium_does():
+    base = "spec.ingress[0].toPorts[0].rules"
+    assert f"{base}.http[0].path: not a valid regular expression" in l7_error("{http: [{path: '(['}]}")
+    assert f"{base}.http[0].headerMatches[0].mismatch: must be LOG" in l7_error(
+        "{http: [{headerMatches: [{name: a, mismatch: DROP}]}]}"
+    )
+    assert f"{base}.kafka[0]: role and apiKey are mutually exclusive" in l7_error(
+        "{kafka: [{role: produce, apiKey: fetch}]}"
+    )
+    assert f"{base}.kafka[0].topic: at most 255 characters" in l7_error("{kafka: [{topic: " + "a" * 256 + "}]}")
+    assert f"{base}.kafka[0].topic: 'a/b' is not a Kafka topic" in l7_error("{kafka: [{topic: 'a/b'}]}")
+    assert f"{base}.dns[0]: exactly one of matchName and matchPattern" in l7_error(
+        "{dns: [{matchName: a.com, matchPattern: '*.com'}]}"
+    )
+    assert f"{base}.dns[0]: exactly one of matchName and matchPattern" in l7_error("{dns: [{}]}")
+    assert f"{base}.dns[0].matchName: '*.com' is not a DNS name" in l7_error("{dns: [{matchName: '*.com'}]}")
+    assert f"{base}: only one L7 rule type" in l7_error("{http: [{}], dns: [{matchName: a.com}]}")
+    assert f"{base}.l7proto: l7 rules need l7proto" in l7_error("{l7: [{cmd: READ}]}")
 
 
 def test_repository():
