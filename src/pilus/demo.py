@@ -46,16 +46,8 @@ while True:
     print("landing request from", peer, flush=True)
 """
 
-CLIENT = f"""\
-import socket, sys
-timeout = float(sys.argv[2]) if len(sys.argv) > 2 else 5
-try:
-    with socket.create_connection((sys.argv[1], {PORT}), timeout=timeout) as s:
-        s.sendall(b"landing request\\n")
-        print(s.recv(64).decode().strip())
-except OSError as exc:
-    sys.exit("no landing: " + (str(exc) or "timed out"))
-"""
+# the landing request: the TCP probe the e2e tests use, run in the client's namespace
+PROBE = [sys.executable, "-m", "pilus.testing.probe"]
 
 SPOOF = """\
 import socket, struct, sys
@@ -181,14 +173,29 @@ def endpoint_ip(name: str) -> str:
     return ip
 
 
+def land(client: str, ip: str, timeout: float = 5, shown: bool = True) -> bool:
+    """One landing request from ``client`` to the deathstar; prints its answer (or why
+    there was none) as the command's output."""
+    args = ["exec", client, "--", *PROBE, "tcp-connect", ip, str(PORT), "landing request",
+            f"{timeout:g}"]
+    if shown:
+        show(args)
+    res = subprocess.run(pilus_argv(args), text=True, timeout=30, stdout=subprocess.PIPE)
+    try:
+        verdict = json.loads(res.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        verdict = {"ok": False, "error": f"the probe failed with exit code {res.returncode}"}
+    if verdict.get("ok"):
+        print(verdict.get("reply", "").strip(), flush=True)
+        return True
+    print(f"no landing: {verdict.get('error')}", file=sys.stderr, flush=True)
+    return False
+
+
 def connect(client: str, ip: str) -> None:
     # the service may need a moment to listen
     for attempt in range(10):
-        res = pilus("exec", client, "--", python3(), "-c", CLIENT, ip, check=False,
-                    timeout=30) if attempt == 0 else subprocess.run(
-            pilus_argv(["exec", client, "--", python3(), "-c", CLIENT, ip]),
-            text=True, timeout=30)
-        if res.returncode == 0:
+        if land(client, ip, shown=attempt == 0):
             return
         time.sleep(0.5)
     raise DemoError(f"{client} could not connect to {ip}:{PORT}")
@@ -247,9 +254,7 @@ def run_demo(background: list[Background]) -> None:
     if mon.wait_line(mon.err, lambda s: "Listening" in s, 15) is None:
         raise DemoError("pilus monitor did not start")
     connect("default/tiefighter", deathstar_ip)
-    denied = pilus("exec", "default/xwing", "--", python3(), "-c", CLIENT, deathstar_ip, "2",
-                   check=False, timeout=30)
-    if denied.returncode == 0:
+    if land("default/xwing", deathstar_ip, timeout=2):
         raise DemoError("xwing landed although the policy denies it")
     line = mon.wait_line(mon.lines, lambda s: "policy denied" in s.lower(), 10)
     if line is None:
