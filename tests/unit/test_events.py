@@ -1,4 +1,5 @@
-"""Decoding raw ring buffer records into DropEvent / TraceEvent."""
+"""Decoding raw ring buffer records into DropEvent / TraceEvent / PolicyVerdictEvent, and
+their JSON records (pilus.observer.format). The hub: tests/unit/test_event_hub.py."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from pilus.datapath.events import (
 )
 from pilus.datapath.reasons import DROP_REASONS, drop_reason_desc
 from pilus.observer.format import event_record
-from pilus.observer.monitor import EventHub
 
 
 def record(
@@ -249,50 +249,3 @@ def test_decode_records_decodes_only_wanted_types():
     assert errors == 1
     events, errors = decode_records(recs[:2])
     assert [type(e) for e in events] == [TraceEvent, DropEvent] and errors == 0
-
-
-class RingStandIn:
-    """EventReader's interface over a list of records (the ring buffer itself is
-    tested in tests/bpf); decoding is the real decode_records."""
-
-    def __init__(self) -> None:
-        self.ring: list[bytes] = []
-        self.records = 0
-        self.records_by_type: dict[int, int] = {}
-        self.masks: list[int] = []
-
-    def poll(self, timeout_ms: int = 0, want=None):
-        raw, self.ring = self.ring, []
-        self.records += len(raw)
-        for rec in raw:
-            self.records_by_type[rec[0]] = self.records_by_type.get(rec[0], 0) + 1
-        return decode_records(raw, want)[0]
-
-    def set_listen_mask(self, mask: int) -> None:
-        self.masks.append(mask)
-
-
-def test_hub_keeps_the_datapath_mask_to_its_subscribers():
-    reader = RingStandIn()
-    hub = EventHub(reader)
-    drops = hub.subscribe(frozenset({"drop"}), None)
-    everything = hub.subscribe(None, None)
-    hub.unsubscribe(everything)
-    hub.unsubscribe(drops)
-    assert reader.masks == [MASK_DROP, MASK_DROP | MASK_TRACE | MASK_VERDICT, MASK_DROP, 0]
-
-
-def test_hub_offers_only_wanted_events_and_counts_every_record():
-    reader = RingStandIn()
-    hub = EventHub(reader)
-    sub = hub.subscribe(frozenset({"drop"}), None)
-    reader.ring = [record(abi.NOTIFY_TRACE, 0, tcp_syn()), record(abi.NOTIFY_DROP, 133, tcp_syn())]
-    hub._drain()
-    got = [event_record(sub.queue.get_nowait()) for _ in range(sub.queue.qsize())]
-    assert [(e["type"], e["reason"]) for e in got] == [("drop", 133)]
-    hub.unsubscribe(sub)
-    reader.ring = [record(abi.NOTIFY_DROP, 133, tcp_syn())]  # emitted before the mask changed
-    hub._drain()
-    assert hub.received == 3 and sub.queue.empty()
-    assert hub.received_by_type() == {"drop": 2, "trace": 1, "policy-verdict": 0}
-    assert hub.listening() == []
