@@ -1,42 +1,43 @@
 """`pilus agent`: the composition root of one node.
 
-Components, in start order (stop runs in reverse):
-  lock        one agent per state dir (flock on <state-dir>/agent.lock)
-  kvstore     cluster state (identities); embedded SQLite shared by the cluster's agents
-  datapath    compile (cached) + load bpf_lxc.o, maps pinned under /sys/fs/bpf/pilus/<node>/
-  node        pilus_host router device, sysctls, masquerade; host/world ipcache entries
-  identities  label set -> numeric identity through the kvstore
-  ipam        host-scope allocator over the node's pod CIDR
-  policy      policies + namespaces from the kvstore -> engine -> per-endpoint policy maps
-  services    service load balancing: Services -> LB maps, backends from endpoint labels
-              (restored from the maps; nothing written until the endpoints are restored)
-  endpoints   restore saved endpoints, then serve create/delete
-  events      ring buffer -> monitor subscribers
-  api         REST on <state-dir>/pilus.sock
-  prometheus  optional /metrics on --prometheus-serve-addr
-Constructors do no I/O; `start()` does.
+The agent is a table of components (``Agent.rows``): each row names a component,
+says its job in one line, builds it without I/O (``make``), and starts and stops
+it. Rows are built and started in table order, so a row's constructor gets the
+components above it as arguments; they stop in reverse order, also when a start
+fails half-way. ``status()`` and ``describe()`` are derived from the table.
+A test replaces rows by name (``Agent(cfg, replace={"node": ...})``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from pilus import __version__
+from pilus import __version__, protocols
 from pilus.api.server import APIServer
+from pilus.components import (
+    EventsPart,
+    KVStoreConnection,
+    NativeDevice,
+    NodeAddresses,
+    NodeIpcacheEntries,
+    NodeNetwork,
+    SocketLbSetup,
+    StateDirLock,
+)
 from pilus.datapath import Datapath, DatapathConfig
 from pilus.datapath.lb import MAGLEV_PRIMES, LbConfig
 from pilus.datapath.socklb import NetnsCookies
@@ -48,8 +49,9 @@ from pilus.identity import reserved
 from pilus.identity.allocator import IdentityAllocator
 from pilus.identity.labels import Label, Labels, endpoint_labels, parse_labels
 from pilus.ipam.hostscope import HostScopeIPAM
-from pilus.kvstore import open_store
-from pilus.loadbalancer.manager import ServiceManager, endpoints_for_services
+from pilus.ipcache import IPCache
+from pilus.loadbalancer.endpoints import endpoints_for_services
+from pilus.loadbalancer.manager import ServiceManager
 from pilus.metrics.collector import AgentCollector, Sample, datapath_samples
 from pilus.metrics.server import PrometheusServer, parse_addr
 from pilus.node import setup as node_setup
@@ -58,10 +60,6 @@ from pilus.policy.distribution import PolicyDistribution
 from pilus.policy.engine import PolicyEngine
 
 log = logging.getLogger("pilus.agent")
-
-
-class AgentError(RuntimeError):
-    """A start-up problem the user can fix; printed as one line."""
 
 
 @dataclass(frozen=True)
@@ -149,55 +147,167 @@ def _maglev_size(text: str) -> int:
     return int(text)
 
 
+def _call(method: str) -> Callable[[Any], Awaitable[None] | None]:
+    return lambda part: getattr(part, method)()
+
+
+def _call_if(method: str) -> Callable[[Any], Awaitable[None] | None]:
+    return lambda part: getattr(part, method)() if hasattr(part, method) else None
+
+
+@dataclass(frozen=True)
+class Row:
+    """One component: ``make`` builds it (no I/O) once the rows above it started."""
+
+    name: str
+    job: str
+    make: Callable[[], Any]
+    start: Callable[[Any], Awaitable[None] | None] = _call("start")
+    stop: Callable[[Any], Awaitable[None] | None] | None = _call("stop")
+    #: the status of the reconcilers of the maps this component owns
+    maps: Callable[[Any], list[dict]] | None = None
+    enabled: bool = True
+
+
+async def _maybe_await(value: Awaitable[None] | None) -> None:
+    if value is not None:
+        await value
+
+
 class Agent:
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, *, replace: Mapping[str, Callable[[], Any]] | None = None) -> None:
         self.cfg = cfg
         self.started = time.monotonic()
         self.router_ip = node_setup.router_ip_for(cfg.pod_cidr)
-        self.node_ip: IPv4Address = self.router_ip
-        self.store = open_store(cfg.kvstore, path=cfg.kvstore_path or cfg.state_dir / "kvstore.db")
-        self.datapath: Datapath | None = None
-        self.identities = IdentityAllocator(self.store, cfg.node_name)
-        self.ipam = HostScopeIPAM(cfg.pod_cidr, reserved=[self.router_ip])
-        self.endpoints: EndpointManager | None = None
-        self.distribution = PolicyDistribution(self.store)
         self.policy_engine = PolicyEngine(mode=cfg.policy_enforcement, cluster=cfg.cluster_name)
-        self.policy: PolicySync | None = None
-        self.services: ServiceManager | None = None
-        self.prometheus: PrometheusServer | None = None
-        self.events: EventHub | None = None
-        self.api = APIServer(self, cfg.socket_path)
         self.registry = CollectorRegistry()
         self.registry.register(AgentCollector(self.samples))
-        self._lock_fd: int | None = None
         self._netns_cookies = NetnsCookies()
-        self._started: list[str] = []
+        self.parts: dict[str, Any] = {}  # built components by row name
+        self.state: dict[str, str] = {}  # row name -> Pending / Ok / Failed: ... / Stopped
+        self._started: list[Row] = []
+        self.rows = self._table(dict(replace or {}))
+        unknown = set(replace or {}) - {r.name for r in self.rows}
+        if unknown:
+            raise ValueError(f"no component named {', '.join(sorted(unknown))}")
+        for row in self.rows:
+            self.state[row.name] = "Pending" if row.enabled else "Disabled"
 
-    # -- lifecycle -------------------------------------------------------------
-
-    async def start(self) -> None:
+    def _table(self, replace: dict[str, Callable[[], Any]]) -> list[Row]:
         cfg = self.cfg
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self._take_lock()
-        # blocking work (netlink, nft, clang, libbpf) runs in threads: the loop stays free
-        node_ip, device = await asyncio.to_thread(node_setup.detect_node_ip, cfg.native_device)
-        self.node_ip = node_ip or self.router_ip
-        self.datapath = Datapath(
-            DatapathConfig(
-                node_name=cfg.node_name, router_ip=self.router_ip, node_ip=self.node_ip, pod_cidr=cfg.pod_cidr,
-                lb=LbConfig(maglev_table_size=cfg.maglev_table_size),
-            ),
-            cfg.state_dir,
-            bpffs_root=cfg.bpffs_root,
+        rows = [
+            Row("lock", "one agent per state dir (flock on <state-dir>/agent.lock)",
+                lambda: StateDirLock(cfg.state_dir), _call("acquire"), _call("release")),
+            Row("kvstore", "cluster state (identities, policies); embedded SQLite shared by the cluster",
+                lambda: KVStoreConnection(cfg.kvstore, cfg.kvstore_path or cfg.state_dir / "kvstore.db"),
+                _call("open"), _call("close")),
+            Row("addresses", "node IP and native device from the routing table",
+                lambda: NodeAddresses(cfg.native_device, self.router_ip), _call("detect"), None),
+            Row("datapath", "compile (cached) + load bpf_lxc.o, maps pinned under <bpffs-root>/<node>/",
+                lambda: Datapath(self._datapath_config(), cfg.state_dir, bpffs_root=cfg.bpffs_root),
+                lambda dp: asyncio.to_thread(dp.load), _call("close")),
+            Row("node", "pilus_host router device, sysctls, masquerade (netlink, nft)",
+                lambda: NodeNetwork(node_setup.NodeAddressing(
+                    cfg.pod_cidr, self.router_ip, self.node_ip, self.parts["addresses"].device)),
+                stop=None),
+            Row("ipcache", "one owner of pilus_ipcache: claims by source, merged by precedence",
+                lambda: IPCache(self.datapath.ipcache), lambda _: None, None,
+                maps=lambda ipcache: [ipcache.status()]),
+            Row("node-ipcache", "ipcache claims: router and node IP -> host, 0.0.0.0/0 -> world",
+                lambda: NodeIpcacheEntries(self.ipcache, self.router_ip, self.node_ip),
+                _call("write"), None),
+            Row("services", "Services -> LB maps; restored from the maps, written once endpoints are known",
+                self._make_services, lambda s: asyncio.to_thread(s.restore), None,
+                maps=lambda s: s.reconcilers_status()),
+            Row("socket-lb", "bpf_sock.o on the cgroup v2 root (--socket-lb), else remove old links",
+                lambda: SocketLbSetup(self.datapath, cfg.socket_lb), stop=None),
+            Row("netdev", "cil_from_netdev on the native device (NodePort, ExternalIPs, LB IPs)",
+                lambda: NativeDevice(self.datapath, self.parts["addresses"].device), _call("attach"), None),
+            Row("identities", "label set -> numeric identity through the kvstore",
+                lambda: IdentityAllocator(self.store, cfg.node_name)),
+            Row("ipam", "host-scope allocator over the node's pod CIDR",
+                lambda: HostScopeIPAM(cfg.pod_cidr, reserved=[self.router_ip]), lambda _: None, None),
+            Row("policy", "policies + namespaces from the kvstore -> engine -> per-endpoint policy maps",
+                self._make_policy, self._start_policy),
+            Row("endpoints", "restore saved endpoints, then serve create/delete; feeds service backends",
+                self._make_endpoints, self._start_endpoints, None),
+            Row("events", "ring buffer -> monitor subscribers", lambda: EventsPart(self.datapath)),
+            Row("api", "REST on <state-dir>/pilus.sock", lambda: APIServer(self, cfg.socket_path)),
+            Row("prometheus", "/metrics on --prometheus-serve-addr",
+                lambda: PrometheusServer(self.registry, *cfg.prometheus_addr),
+                enabled=cfg.prometheus_addr is not None),
+        ]
+        # a replacement (a test's fake) has start() and stop() when it needs them
+        return [Row(r.name, r.job, replace[r.name], _call_if("start"), _call_if("stop"), r.maps, r.enabled)
+                if r.name in replace else r for r in rows]
+
+    # -- components (built in table order: each may use the ones above) --------
+
+    @property
+    def node_ip(self) -> IPv4Address:
+        addresses = self.parts.get("addresses")
+        return addresses.node_ip if addresses is not None else self.router_ip
+
+    @property
+    def store(self):
+        conn = self.parts.get("kvstore")
+        return conn.store if conn is not None else None
+
+    @property
+    def datapath(self) -> Datapath | None:
+        return self.parts.get("datapath")
+
+    @property
+    def ipcache(self) -> IPCache | None:
+        return self.parts.get("ipcache")
+
+    @property
+    def services(self) -> ServiceManager | None:
+        return self.parts.get("services")
+
+    @property
+    def identities(self) -> IdentityAllocator | None:
+        return self.parts.get("identities")
+
+    @property
+    def ipam(self) -> HostScopeIPAM | None:
+        return self.parts.get("ipam")
+
+    @property
+    def policy(self) -> PolicySync | None:
+        return self.parts.get("policy")
+
+    @property
+    def distribution(self) -> PolicyDistribution | None:
+        return self.policy.distribution if self.policy else None
+
+    @property
+    def endpoints(self) -> EndpointManager | None:
+        return self.parts.get("endpoints")
+
+    @property
+    def events(self) -> EventHub | None:
+        part = self.parts.get("events")
+        return part.hub if part is not None else None
+
+    @property
+    def api(self) -> APIServer | None:
+        return self.parts.get("api")
+
+    @property
+    def prometheus(self) -> PrometheusServer | None:
+        return self.parts.get("prometheus")
+
+    def _datapath_config(self) -> DatapathConfig:
+        cfg = self.cfg
+        return DatapathConfig(
+            node_name=cfg.node_name, router_ip=self.router_ip, node_ip=self.node_ip, pod_cidr=cfg.pod_cidr,
+            lb=LbConfig(maglev_table_size=cfg.maglev_table_size),
         )
-        await asyncio.to_thread(self.datapath.load)
-        self._started.append("datapath")
-        await asyncio.to_thread(
-            node_setup.setup_node,
-            node_setup.NodeAddressing(cfg.pod_cidr, self.router_ip, self.node_ip, device),
-        )
-        self._program_node_ipcache()
-        self.services = ServiceManager(
+
+    def _make_services(self) -> ServiceManager:
+        cfg = self.cfg
+        return ServiceManager(
             self.datapath,
             default_algorithm=cfg.lb_algorithm,
             node_ips=[self.node_ip],
@@ -205,88 +315,78 @@ class Agent:
             local_networks=[cfg.pod_cidr],
             state_path=cfg.state_dir / "services.json",
         )
-        await asyncio.to_thread(self.services.restore)
-        await asyncio.to_thread(self._setup_socket_lb)
-        if device:
-            self.datapath.attach_netdev(socket.if_nametoindex(device))
-        await self.identities.start()
-        self._started.append("identities")
-        self.endpoints = EndpointManager(
+
+    def _make_policy(self) -> PolicySync:
+        policy = PolicySync(self.policy_engine, self.datapath, self.identities, PolicyDistribution(self.store))
+        # TODO(integrator): a constructor argument once PolicySync takes it
+        policy.on_namespace_change = self._namespace_changed
+        return policy
+
+    async def _start_policy(self, policy: PolicySync) -> None:
+        await policy.start()
+        await policy.watch_services(self.services)  # toServices follows service changes
+
+    def _make_endpoints(self) -> EndpointManager:
+        cfg = self.cfg
+        policy = self.policy
+        return EndpointManager(
             NodeInfo(cfg.node_name, cfg.cluster_name, self.router_ip, cfg.pod_cidr, cfg.mtu),
             self.datapath,
             self.identities,
             self.ipam,
             EndpointStore(cfg.state_dir),
+            ipcache=self.ipcache,
+            policy=policy,
+            namespace_labels=lambda ns: policy.namespace_labels.get(ns, {}),
+            on_change=self.endpoints_changed,  # after create/delete/relabel; restore() calls nothing
         )
-        self.policy = PolicySync(self.policy_engine, self.datapath, self.identities, self.distribution)
-        await self.policy.start()
-        self._started.append("policy")
-        self.endpoints.policy = self.policy
-        self.endpoints.namespace_labels = lambda ns: self.policy.namespace_labels.get(ns, {})
-        self.policy.on_namespace_change = self._namespace_changed
-        await self.policy.watch_services(self.services)  # toServices follows service changes
-        restored = await self.endpoints.restore()
+
+    async def _start_endpoints(self, endpoints: EndpointManager) -> None:
+        restored = await endpoints.restore()
+        self._restored = len(restored)
+        # every source has claimed its ipcache entries again: what nobody claims goes
+        await asyncio.to_thread(self.ipcache.resync)
         # services see the endpoints only once all are restored: a partial set taken as
         # truth would drop backends (and refuse new connections) until the next change
-        self.endpoints.on_change = self.endpoints_changed
         await self.endpoints_changed()
-        self.events = EventHub(self.datapath.events())
-        await self.events.start()
-        self._started.append("events")
-        await self.api.start()
-        self._started.append("api")
-        if cfg.prometheus_addr is not None:
-            self.prometheus = PrometheusServer(self.registry, *cfg.prometheus_addr)
-            await self.prometheus.start()
-            self._started.append("prometheus")
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Build and start every enabled row in table order; on a failure, stop the
+        rows already started (in reverse) and raise."""
+        self._restored = 0
+        for row in self.rows:
+            if not row.enabled:
+                continue
+            self.state[row.name] = "Starting"
+            try:
+                part = self.parts[row.name] = row.make()
+                self._started.append(row)
+                await _maybe_await(row.start(part))
+            except BaseException as exc:
+                self.state[row.name] = f"Failed: {exc}"
+                await self.stop()
+                raise
+            self.state[row.name] = "Ok"
         log.info(
             "agent %s ready: pod CIDR %s, router %s, node IP %s, %d endpoints restored",
-            cfg.node_name, cfg.pod_cidr, self.router_ip, self.node_ip, len(restored),
+            self.cfg.node_name, self.cfg.pod_cidr, self.router_ip, self.node_ip, self._restored,
         )
 
     async def stop(self) -> None:
-        """Stop serving; the datapath (pinned maps, attached programs) keeps running."""
-        for name in reversed(self._started):
+        """Stop serving, in reverse table order; the datapath (pinned maps, attached
+        programs) keeps running."""
+        while self._started:
+            row = self._started.pop()
             try:
-                if name == "api":
-                    await self.api.stop()
-                elif name == "prometheus" and self.prometheus:
-                    await self.prometheus.stop()
-                elif name == "events" and self.events:
-                    await self.events.stop()
-                elif name == "identities":
-                    await self.identities.stop()
-                elif name == "policy" and self.policy:
-                    await self.policy.stop()
-                elif name == "datapath" and self.datapath:
-                    self.datapath.close()
-            except Exception:
-                log.exception("stopping %s failed", name)
-        self._started.clear()
-        await self.store.close()
-
-    def _take_lock(self) -> None:
-        path = self.cfg.state_dir / "agent.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise AgentError(
-                f"another pilus agent (pid {holder}) is running on state dir {self.cfg.state_dir}: "
-                "stop it first or use another --state-dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
-
-    def _program_node_ipcache(self) -> None:
-        assert self.datapath is not None
-        host = reserved.HOST
-        self.datapath.ipcache.upsert(IPv4Network(f"{self.router_ip}/32"), host)
-        self.datapath.ipcache.upsert(IPv4Network(f"{self.node_ip}/32"), host)
-        self.datapath.ipcache.upsert(IPv4Network("0.0.0.0/0"), reserved.WORLD)
+                if row.stop is not None:
+                    await _maybe_await(row.stop(self.parts[row.name]))
+                if not self.state[row.name].startswith("Failed"):
+                    self.state[row.name] = "Stopped"
+            except Exception as exc:
+                self.state[row.name] = f"Failed: stopping: {exc}"
+                log.exception("stopping %s failed", row.name)
 
     async def endpoints_changed(self) -> None:
         """Service backends follow the endpoints (like Kubernetes Endpoints)."""
@@ -299,20 +399,24 @@ class Agent:
             sock = self.datapath.socket_lb
             await asyncio.to_thread(lambda: sock.sync_netns(self._netns_cookies.pods(eps)))
 
-    def _setup_socket_lb(self) -> None:
-        """--socket-lb: load bpf_sock.o and attach it (pinned links on the cgroup v2
-        root, kept when the agent stops); without it, remove links an earlier run left."""
-        assert self.datapath is not None
-        if self.cfg.socket_lb:
-            self.datapath.load_socket_lb()
-            log.info("socket LB attached to cgroup %s", self.datapath.socket_lb.cgroup)
-        elif removed := self.datapath.unload_socket_lb():
-            log.info("socket LB off: removed the links of an earlier run (%s)", ", ".join(removed))
-
     async def _namespace_changed(self, namespace: str, labels: dict[str, str]) -> None:
         if self.endpoints is not None:
             for ep in await self.endpoints.namespace_changed(namespace):
                 log.info("endpoint %d %s now has identity %d", ep.id, ep.name, ep.identity)
+
+    def components(self) -> list[dict]:
+        """Every row of the table: name, job, state, and the reconcilers of its maps."""
+        out = []
+        for row in self.rows:
+            entry: dict[str, Any] = {"name": row.name, "job": row.job, "state": self.state[row.name]}
+            part = self.parts.get(row.name)
+            if row.maps is not None and part is not None:
+                try:
+                    entry["maps"] = row.maps(part)
+                except Exception as exc:  # noqa: BLE001 - status must answer
+                    entry["maps"] = [{"state": "Failure", "error": str(exc)}]
+            out.append(entry)
+        return out
 
     # -- views for the API ---------------------------------------------------
 
@@ -322,8 +426,8 @@ class Agent:
             addr = IPv4Address(text)
         except ValueError:
             raise TraceInputError(f"{text!r} is not an IPv4 address") from None
-        matches = [(p, ident) for p, ident, _tep in self.datapath.ipcache.items() if addr in p]
-        ident = max(matches, key=lambda m: m[0].prefixlen)[1] if matches else reserved.WORLD
+        entry = self.ipcache.lookup(addr)
+        ident = entry.identity if entry is not None else reserved.WORLD
         if reserved.is_reserved(ident):
             return ident, reserved.reserved_by_id(ident).labels
         for prefix, local_id in self.policy.cidr_identities.items():
@@ -362,11 +466,10 @@ class Agent:
         port_text = str(body.get("dport", "0"))
         port, _, proto_name = port_text.partition("/")
         proto_name = (proto_name or body.get("protocol") or "TCP").upper()
-        protos = {"TCP": 6, "UDP": 17, "ICMP": 1, "ANY": 0, "SCTP": 132}
-        if not port.isdigit() or int(port) > 65535 or proto_name not in protos:
+        if not port.isdigit() or int(port) > 65535 or proto_name not in protocols.NUMBERS:
             raise TraceInputError(f"dport {port_text!r}: expected PORT[/TCP|UDP|ICMP] with PORT 0-65535")
         result = await self.policy.trace(
-            src, dst, int(port), protos[proto_name], src_is_local=src_local, dst_is_local=dst_local,
+            src, dst, int(port), protocols.NUMBERS[proto_name], src_is_local=src_local, dst_is_local=dst_local,
             src_ip=self._trace_ip(body, "src"), dst_ip=self._trace_ip(body, "dst"),
         )
         return result.to_dict()
@@ -426,6 +529,7 @@ class Agent:
             "node_ip": str(self.node_ip),
             "pod_cidr": str(self.cfg.pod_cidr),
             "agent": {"state": "Ok", "pid": os.getpid()},
+            "components": self.components(),
             "kvstore": kv,
             "datapath": {
                 "state": "Ok" if dp else "Failure",
@@ -433,7 +537,7 @@ class Agent:
                 # in a thread: counting walks every map (60k keys with 20k services)
                 "maps": await asyncio.to_thread(dp.map_stats) if dp else [],
             },
-            "ipam": self.ipam.stats(),
+            "ipam": self.ipam.stats() if self.ipam else {},
             "endpoints": {"total": sum(by_state.values()), "by_state": by_state},
             "identities": {"allocated": len(identities)},
             "policy": {
@@ -451,10 +555,10 @@ class Agent:
 
 
 def describe(cfg: AgentConfig) -> str:
+    """The table (start order; stop runs in reverse) and the settings."""
     lines = [f"pilus agent {__version__} for node {cfg.node_name}", "components (start order):"]
-    for line in (__doc__ or "").splitlines():
-        if line.startswith("  ") and line.strip():
-            lines.append(line)
+    for row in Agent(cfg).rows:
+        lines.append(f"  {row.name:<13}{row.job}" + ("" if row.enabled else " (off)"))
     lines.append("settings:")
     for key, value in vars(cfg).items():
         lines.append(f"  {key} = {value}")
@@ -467,11 +571,7 @@ async def _run(cfg: AgentConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await agent.start()
-    except BaseException:
-        await agent.stop()
-        raise
+    await agent.start()  # stops what it started when a component fails
     await stop.wait()
     log.info("stopping (the datapath keeps forwarding)")
     await agent.stop()

@@ -300,7 +300,7 @@ def test_restore_rewrites_a_lost_maglev_table(tmp_path):
 def test_endpoints_for_services_from_agent_endpoints(mgr):
     from types import SimpleNamespace
 
-    from pilus.loadbalancer.manager import endpoints_for_services
+    from pilus.loadbalancer.endpoints import endpoints_for_services
 
     eps = [
         SimpleNamespace(ipv4=IPv4Address("10.200.1.5"), state=SimpleNamespace(value="ready"),

@@ -30,13 +30,12 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from pilus.datapath import lb as lbmaps
-from pilus.loadbalancer import maglev
+from pilus.loadbalancer.endpoints import EndpointView, selector_matches, view_key
 from pilus.loadbalancer.model import (
     ALGORITHMS,
     BACKEND_STATES,
@@ -45,13 +44,10 @@ from pilus.loadbalancer.model import (
     parse_documents,
     parse_objects,
 )
+from pilus.loadbalancer.writer import MAX_SERVICE_ID, FrontendSpec, LbWriter
 
 log = logging.getLogger(__name__)
 
-NAMESPACE_LABEL = "k8s:io.kubernetes.pod.namespace"
-#: service ids (rev_nat_index) 1..MAX_SERVICE_ID: u32 in the maps (Cilium's are
-#: u16); bounded by how many frontends pilus_lb4_revnat holds
-MAX_SERVICE_ID = lbmaps.PILUS_LB_REVNAT_MAX
 #: backends of one frontend (slots); Maglev frontends are also bounded by M
 MAX_BACKENDS_PER_FRONTEND = 16384
 
@@ -68,121 +64,6 @@ class ServiceConflict(ValueError):
 class BackendNotFound(KeyError):
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "backend not found"
-
-
-@dataclass(frozen=True)
-class EndpointView:
-    """What the manager needs to know about one of the agent's endpoints."""
-
-    ip: IPv4Address
-    labels: frozenset[str]  # "k8s:app=web", ...
-    named_ports: dict[str, tuple[int, str]] = field(default_factory=dict, hash=False, compare=False)
-    node_local: bool = True
-    state: str = "active"  # "terminating" while it is being deleted
-
-    @classmethod
-    def from_dict(cls, d: dict) -> EndpointView:
-        named: dict[str, tuple[int, str]] = {}
-        for name, v in (d.get("named_ports") or {}).items():
-            if isinstance(v, str):  # the endpoint model's "8080/TCP"
-                num, _, proto = v.partition("/")
-                named[name] = (int(num), (proto or "TCP").upper())
-            elif isinstance(v, (list, tuple)):
-                named[name] = (int(v[0]), str(v[1] if len(v) > 1 else "TCP").upper())
-            else:
-                named[name] = (int(v), "TCP")
-        state = d.get("state", "active")
-        if state not in BACKEND_STATES:
-            raise ValueError(f"endpoint {d.get('ip')}: unknown state {state!r}")
-        return cls(
-            IPv4Address(str(d["ip"])),
-            frozenset(str(x) for x in d.get("labels") or []),
-            named,
-            bool(d.get("node_local", True)),
-            state,
-        )
-
-
-class _Written(NamedTuple):
-    """One frontend as the maps hold it (what ``LbMaps.items`` reads back): equal
-    means nothing to rewrite."""
-
-    id: int
-    slots: tuple[int, ...]  # active backend ids in slot order
-    flags: int
-    flags2: int
-    algorithm: str
-    affinity_timeout: int
-
-
-@dataclass(frozen=True)
-class FrontendSpec:
-    """One frontend as it goes into the maps."""
-
-    service: tuple[str, str]
-    kind: str  # ClusterIP / NodePort / ExternalIPs / LoadBalancer
-    address: IPv4Address
-    port: int
-    proto: str
-    scope: int
-    backends: tuple[tuple[IPv4Address, int, str, str], ...]  # (ip, port, proto, state)
-    algorithm: str
-    affinity_timeout: int
-    flags: int
-    flags2: int
-    port_name: str = ""
-
-    # map keys, looked up for every frontend on every reconcile: computed once
-    fkey: tuple[IPv4Address, int, str] = field(init=False, repr=False, compare=False)
-    mkey: tuple[IPv4Address, int, str, int] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "fkey", (self.address, self.port, self.proto))
-        object.__setattr__(self, "mkey", (self.address, self.port, self.proto, self.scope))
-
-
-#: endpoint states whose pods serve (ready, or being regenerated/restored
-#: while their datapath keeps forwarding); "disconnecting" ones terminate
-_SERVING = {"ready", "regenerating", "restoring"}
-_TERMINATING = {"disconnecting"}
-
-
-def endpoints_for_services(endpoints: Iterable[Any], node_local: bool = True) -> list[dict]:
-    """The agent's Endpoint objects (pilus.endpoint.model.Endpoint: ipv4,
-    labels, named_ports "8080/TCP", state) -> ``set_endpoints`` entries."""
-    out = []
-    for ep in endpoints:
-        state = str(getattr(ep.state, "value", ep.state))
-        if state in _SERVING:
-            be_state = "active"
-        elif state in _TERMINATING:
-            be_state = "terminating"
-        else:
-            continue
-        if not ep.ipv4 or not ep.labels:
-            continue
-        out.append({
-            "ip": str(ep.ipv4),
-            "labels": [str(x) for x in ep.labels],
-            "named_ports": dict(getattr(ep, "named_ports", None) or {}),
-            "node_local": node_local,
-            "state": be_state,
-        })
-    return out
-
-
-def _view_key(v: EndpointView) -> tuple:
-    """Everything of an endpoint that a service's backends depend on."""
-    return (v.ip, v.labels, tuple(sorted(v.named_ports.items())), v.node_local, v.state)
-
-
-def _selector_matches(svc: Service, ep: EndpointView) -> bool:
-    if not svc.selector:
-        return False
-    ns = next((x.split("=", 1)[1] for x in ep.labels if x.startswith(NAMESPACE_LABEL + "=")), None)
-    if ns is not None and ns != svc.namespace:
-        return False
-    return all(f"k8s:{k}={v}" in ep.labels for k, v in svc.selector.items())
 
 
 class ServiceManager:
@@ -211,16 +92,11 @@ class ServiceManager:
         #: None after restore() until the agent's endpoints are known (nothing is written)
         self._endpoints: list[EndpointView] | None = []
         self._overrides: dict[tuple[IPv4Address, int], str] = {}  # PATCH backend-state
-        self._svc_ids: dict[tuple[IPv4Address, int, str], int] = {}
-        self._be_ids: dict[tuple[IPv4Address, int, str], int] = {}
-        self._applied: dict[tuple, _Written] = {}  # mkey -> as written to the maps
-        self._be_applied: dict[int, tuple[IPv4Address, int, str, str]] = {}
+        self._lb_writer: LbWriter | None = None  # ids and the reconcilers of the LB maps
         self._last_desired: list[FrontendSpec] = []
         #: service key -> (the Service, its frontends): derived frontends are kept until the
         #: service, the endpoints its selector matches or the backend states change
         self._specs: dict[tuple[str, str], tuple[Service, list[FrontendSpec]]] = {}
-        self._next_svc = 1
-        self._next_be = 1
         self.last_errors: list[str] = []
         #: called with the current services after they were restored, added, replaced or
         #: deleted (the agent feeds policy toServices); runs under the lock: must not block
@@ -233,6 +109,12 @@ class ServiceManager:
         return self.datapath.lb
 
     @property
+    def _writer(self) -> LbWriter:
+        if self._lb_writer is None or self._lb_writer.maps is not self.maps:
+            self._lb_writer = LbWriter(self.maps)  # bound to the loaded maps on first use
+        return self._lb_writer
+
+    @property
     def maglev_table_size(self) -> int:
         return self.maps.maglev_table_size
 
@@ -241,16 +123,7 @@ class ServiceManager:
         services; returns how many. Writes nothing: the first ``set_endpoints``
         reconciles, rewriting what changed and removing what is no longer wanted."""
         with self._lock:
-            for e in self.maps.items():
-                fe = e.frontend
-                self._svc_ids[(fe.address, fe.port, fe.proto)] = e.id
-                if e.algorithm == "maglev" and e.backend_ids and self.maps.maglev_get(e.id, fe.scope) is None:
-                    continue  # its Maglev table is gone (e.g. a new table size): rewrite it
-                self._applied[(fe.address, fe.port, fe.proto, fe.scope)] = _Written(
-                    e.id, tuple(e.backend_ids), e.flags, e.flags2, e.algorithm, e.affinity_timeout)
-            for bid, be in self.maps.backends().items():
-                self._be_ids[(be.address, be.port, be.proto)] = bid
-                self._be_applied[bid] = (be.address, be.port, be.proto, be.state)
+            self._writer.adopt()
             services: list[Service] = []
             if self.state_path and self.state_path.exists():
                 try:
@@ -289,7 +162,7 @@ class ServiceManager:
         with self._lock:
             rows = []
             for spec in self._desired_cache:
-                sid = self._svc_ids.get(spec.fkey, 0)
+                sid = self._writer.svc_ids.get(spec.fkey, 0)
                 rows.append(
                     {
                         "id": sid,
@@ -304,7 +177,7 @@ class ServiceManager:
                         "flags2": spec.flags2,
                         "backends": [
                             {
-                                "id": self._be_ids.get((ip, port, proto), 0),
+                                "id": self._writer.be_ids.get((ip, port, proto), 0),
                                 "address": f"{ip}:{port}/{proto}",
                                 "state": state,
                             }
@@ -370,8 +243,8 @@ class ServiceManager:
         problems found (also logged); never raises for bad services."""
         views = [e if isinstance(e, EndpointView) else EndpointView.from_dict(e) for e in endpoints]
         with self._lock:
-            before = {_view_key(v): v for v in self._endpoints or ()}
-            after = {_view_key(v): v for v in views}
+            before = {view_key(v): v for v in self._endpoints or ()}
+            after = {view_key(v): v for v in views}
             self._forget_specs_of([v for k, v in before.items() if k not in after]
                                   + [v for k, v in after.items() if k not in before])
             self._endpoints = views
@@ -391,7 +264,7 @@ class ServiceManager:
         for ep in changed:
             for label in ep.labels:
                 for svc in by_label.get(label, ()):
-                    if _selector_matches(svc, ep):
+                    if selector_matches(svc, ep):
                         self._specs.pop(svc.key, None)
 
     def set_backend_state(self, address: IPv4Address | str, port: int, state: str) -> int:
@@ -522,7 +395,7 @@ class ServiceManager:
                     out.append((ep.ip, port, sp.protocol, ep.state, self._is_local(ep.ip)))
         elif svc.selector:
             for ep in self._endpoints or ():
-                if not _selector_matches(svc, ep):
+                if not selector_matches(svc, ep):
                     continue
                 if isinstance(sp.target, int):
                     port, proto = sp.target, sp.protocol
@@ -604,21 +477,10 @@ class ServiceManager:
 
     # -- reconcile ---------------------------------------------------------------
 
-    def _alloc_svc_id(self, used: set[int]) -> int:
-        for _ in range(MAX_SERVICE_ID):
-            cand = self._next_svc
-            self._next_svc = self._next_svc % MAX_SERVICE_ID + 1
-            if cand not in used:
-                return cand
-        raise ServiceValidationError([f"no free service id: all {MAX_SERVICE_ID} are in use"])
-
-    def _alloc_be_id(self, used: set[int]) -> int:
-        for _ in range(lbmaps.PILUS_LB_BE_MAX * 2):
-            cand = self._next_be
-            self._next_be = self._next_be % 0xFFFFFFF + 1
-            if cand not in used:
-                return cand
-        raise ServiceValidationError(["no free backend id"])
+    def reconcilers_status(self) -> list[dict]:
+        """The reconcilers of the LB maps (pending writes, errors) for ``pilus status``."""
+        with self._lock:
+            return self._writer.status()
 
     def _reconcile(self, strict: bool = False, desired: list[FrontendSpec] | None = None) -> None:
         if self._endpoints is None:
@@ -634,81 +496,7 @@ class ServiceManager:
             log.error("services exceed the datapath's capacity, not applied: %s", exc)
             return
         self.last_errors = []
-        maps = self.maps
-
-        # ids: keep the ones of frontends/backends still wanted
-        want_fronts = {s.fkey for s in desired}
-        for k in [k for k in self._svc_ids if k not in want_fronts]:
-            del self._svc_ids[k]
-        # ids of frontends leaving stay taken until step 2 removed them
-        used = set(self._svc_ids.values()) | {w.id for w in self._applied.values()}
-        for s in desired:
-            if s.fkey not in self._svc_ids:
-                sid = self._alloc_svc_id(used)
-                used.add(sid)
-                self._svc_ids[s.fkey] = sid
-        want_bes: dict[tuple, str] = {}
-        for s in desired:
-            for ip, port, proto, state in s.backends:
-                # a backend shared by services: the most available state wins
-                cur = want_bes.get((ip, port, proto))
-                if cur is None or BACKEND_STATES.index(state) < BACKEND_STATES.index(cur):
-                    want_bes[(ip, port, proto)] = state
-        # ids of backends leaving stay taken until step 3 removed them
-        used_be = set(self._be_ids.values()) | set(self._be_applied)
-        for k in want_bes:
-            if k not in self._be_ids:
-                bid = self._alloc_be_id(used_be)
-                used_be.add(bid)
-                self._be_ids[k] = bid
-
-        # 1. backends (new or changed state) before anything points at them
-        for k, state in want_bes.items():
-            bid = self._be_ids[k]
-            if self._be_applied.get(bid) != (*k, state):
-                maps.upsert_backend(lbmaps.BackendEntry(bid, k[0], k[1], k[2], state))
-                self._be_applied[bid] = (*k, state)
-
-        # 2. frontends
-        want = {s.mkey: s for s in desired}
-        for mkey, s in want.items():
-            sid = self._svc_ids[s.fkey]
-            flags = s.flags | (lbmaps.SVC_FLAG_AFFINITY if s.affinity_timeout else 0)
-            slots = tuple(self._be_ids[b[:3]] for b in s.backends if b[3] == "active")
-            written = _Written(sid, slots, flags, s.flags2, s.algorithm, s.affinity_timeout)
-            old = self._applied.get(mkey)
-            if old == written:
-                continue
-            # slots follow the backend's state in this frontend
-            entries = [
-                lbmaps.BackendEntry(self._be_ids[b[:3]], b[0], b[1], b[2], b[3])
-                for b in s.backends
-            ]
-            table = None
-            active = [e for e in entries if e.state == "active"]
-            if s.algorithm == "maglev" and active:
-                table = maglev.build_table(
-                    [(e.id, f"{e.address}:{e.port}/{e.proto}") for e in active],
-                    self.maglev_table_size,
-                )
-            fe = lbmaps.Frontend(s.address, s.port, s.proto, s.scope)
-            if old is not None and old.id != sid:
-                maps.delete_service(old.id, fe)
-            maps.upsert_service(
-                sid, fe, entries, algorithm=s.algorithm, affinity_timeout=s.affinity_timeout,
-                flags=s.flags, flags2=s.flags2, maglev_table=table, write_backends=False,
-            )
-            self._applied[mkey] = written
-        for mkey in [k for k in self._applied if k not in want]:
-            maps.delete_service(self._applied.pop(mkey).id, lbmaps.Frontend(*mkey))
-
-        # 3. backends nobody references any more
-        live = {self._be_ids[k] for k in want_bes}
-        for bid in [b for b in self._be_applied if b not in live]:
-            maps.delete_backend(bid)
-            del self._be_applied[bid]
-        for k in [k for k, v in self._be_ids.items() if v not in live]:
-            del self._be_ids[k]
+        self._writer.write(desired)
         self._last_desired = desired
 
     def _notify(self) -> None:

@@ -1,0 +1,152 @@
+"""The agent's small components: the start/stop steps that belong to no other room
+(the state-dir lock, opening the kvstore, node addresses and plumbing, the node's
+ipcache entries, socket LB and native-device attachment, the event ring).
+
+Each constructor does no I/O; ``pilus.agent`` lists them in its table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import socket
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from pilus.errors import AgentError
+from pilus.identity import reserved
+from pilus.ipcache import IPCache, Source
+from pilus.kvstore import open_store
+from pilus.node import setup as node_setup
+from pilus.observer.monitor import EventHub
+
+log = logging.getLogger("pilus.agent")
+
+
+class StateDirLock:
+    """One agent per state dir: flock on <state-dir>/agent.lock, holding our pid."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.state_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise AgentError(
+                f"another pilus agent (pid {holder}) is running on state dir {self.state_dir}: "
+                "stop it first or use another --state-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class KVStoreConnection:
+    """The cluster store, opened on start (opening creates and migrates the file)."""
+
+    def __init__(self, backend: str, path: Path) -> None:
+        self.backend, self.path = backend, path
+        self.store: Any = None
+
+    def open(self) -> None:
+        self.store = open_store(self.backend, path=self.path)
+
+    async def close(self) -> None:
+        if self.store is not None:
+            await self.store.close()
+
+
+class NodeAddresses:
+    """The node IP and native device, read from the routing table on start."""
+
+    def __init__(self, native_device: str | None, router_ip: IPv4Address) -> None:
+        self.native_device = native_device
+        self.node_ip = router_ip  # until detected; the router IP when the node has none
+        self.device: str | None = None
+
+    async def detect(self) -> None:
+        node_ip, self.device = await asyncio.to_thread(node_setup.detect_node_ip, self.native_device)
+        self.node_ip = node_ip or self.node_ip
+
+
+class NodeNetwork:
+    """The node plumbing the datapath relies on (netlink, sysctls, nft): the seam a
+    test without root replaces."""
+
+    def __init__(self, addressing: node_setup.NodeAddressing) -> None:
+        self.addressing = addressing
+
+    async def start(self) -> None:
+        await asyncio.to_thread(node_setup.setup_node, self.addressing)
+
+
+class NodeIpcacheEntries:
+    """The node's own ipcache claims: router and node IP are the host, the rest the world."""
+
+    def __init__(self, ipcache: IPCache, router_ip: IPv4Address, node_ip: IPv4Address) -> None:
+        self.ipcache = ipcache
+        self.router_ip, self.node_ip = router_ip, node_ip
+
+    def write(self) -> None:
+        self.ipcache.upsert(IPv4Network(f"{self.router_ip}/32"), reserved.HOST, Source.LOCAL)
+        self.ipcache.upsert(IPv4Network(f"{self.node_ip}/32"), reserved.HOST, Source.LOCAL)
+        self.ipcache.upsert(IPv4Network("0.0.0.0/0"), reserved.WORLD, Source.LOCAL)
+
+
+class SocketLbSetup:
+    """--socket-lb: bpf_sock.o on the cgroup v2 root (pinned links, kept when the agent
+    stops); without it, the links an earlier run left are removed."""
+
+    def __init__(self, datapath, enabled: bool) -> None:
+        self.datapath, self.enabled = datapath, enabled
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._apply)
+
+    def _apply(self) -> None:
+        if self.enabled:
+            self.datapath.load_socket_lb()
+            log.info("socket LB attached to cgroup %s", self.datapath.socket_lb.cgroup)
+        elif removed := self.datapath.unload_socket_lb():
+            log.info("socket LB off: removed the links of an earlier run (%s)", ", ".join(removed))
+
+
+class NativeDevice:
+    """cil_from_netdev at tc ingress of the native device (NodePort, ExternalIPs, LB IPs)."""
+
+    def __init__(self, datapath, device: str | None) -> None:
+        self.datapath, self.device = datapath, device
+
+    def attach(self) -> None:
+        if self.device:
+            self.datapath.attach_netdev(socket.if_nametoindex(self.device))
+
+
+class EventsPart:
+    """The datapath's ring buffer -> monitor subscribers; the ring is opened on start."""
+
+    def __init__(self, datapath) -> None:
+        self.datapath = datapath
+        self.hub: EventHub | None = None
+
+    async def start(self) -> None:
+        self.hub = EventHub(self.datapath.events())
+        await self.hub.start()
+
+    async def stop(self) -> None:
+        if self.hub is not None:
+            await self.hub.stop()
