@@ -31,11 +31,9 @@ from pilus.api.server import APIServer
 from pilus.components import (
     EventsPart,
     KVStoreConnection,
-    NativeDevice,
     NodeAddresses,
     NodeIpcacheEntries,
     NodeNetwork,
-    SocketLbSetup,
     StateDirLock,
 )
 from pilus.datapath import Datapath, DatapathConfig
@@ -203,7 +201,8 @@ class Agent:
                 _call("open"), _call("close")),
             Row("addresses", "node IP and native device from the routing table",
                 lambda: NodeAddresses(cfg.native_device, self.router_ip), _call("detect"), None),
-            Row("datapath", "compile (cached) + load bpf_lxc.o, maps pinned under <bpffs-root>/<node>/",
+            Row("datapath", "compile (cached) + load bpf_lxc.o, bpf_host.o on the native device, bpf_sock.o "
+                "(--socket-lb; else its old links go); maps pinned under <bpffs-root>/<node>/",
                 lambda: Datapath(self._datapath_config(), cfg.state_dir, bpffs_root=cfg.bpffs_root),
                 lambda dp: asyncio.to_thread(dp.load), _call("close")),
             Row("node", "pilus_host router device, sysctls, masquerade (netlink, nft)",
@@ -219,10 +218,6 @@ class Agent:
             Row("services", "Services -> LB maps; restored from the maps, written once endpoints are known",
                 self._make_services, lambda s: asyncio.to_thread(s.restore), None,
                 maps=lambda s: s.reconcilers_status()),
-            Row("socket-lb", "bpf_sock.o on the cgroup v2 root (--socket-lb), else remove old links",
-                lambda: SocketLbSetup(self.datapath, cfg.socket_lb), stop=None),
-            Row("netdev", "cil_from_netdev on the native device (NodePort, ExternalIPs, LB IPs)",
-                lambda: NativeDevice(self.datapath, self.parts["addresses"].device), _call("attach"), None),
             Row("identities", "label set -> numeric identity through the kvstore",
                 lambda: IdentityAllocator(self.store, cfg.node_name)),
             Row("ipam", "host-scope allocator over the node's pod CIDR",
@@ -303,6 +298,7 @@ class Agent:
         return DatapathConfig(
             node_name=cfg.node_name, router_ip=self.router_ip, node_ip=self.node_ip, pod_cidr=cfg.pod_cidr,
             lb=LbConfig(maglev_table_size=cfg.maglev_table_size),
+            socket_lb=cfg.socket_lb, native_device=self.parts["addresses"].device,
         )
 
     def _make_services(self) -> ServiceManager:
@@ -317,10 +313,8 @@ class Agent:
         )
 
     def _make_policy(self) -> PolicySync:
-        policy = PolicySync(self.policy_engine, self.datapath, self.identities, PolicyDistribution(self.store))
-        # TODO(integrator): a constructor argument once PolicySync takes it
-        policy.on_namespace_change = self._namespace_changed
-        return policy
+        return PolicySync(self.policy_engine, self.datapath, self.identities, PolicyDistribution(self.store),
+                          ipcache=self.ipcache, on_namespace_change=self._namespace_changed)
 
     async def _start_policy(self, policy: PolicySync) -> None:
         await policy.start()

@@ -1,6 +1,6 @@
 """The agent's small components: the start/stop steps that belong to no other room
 (the state-dir lock, opening the kvstore, node addresses and plumbing, the node's
-ipcache entries, socket LB and native-device attachment, the event ring).
+ipcache entries, the event ring).
 
 Each constructor does no I/O; ``pilus.agent`` lists them in its table.
 """
@@ -11,7 +11,6 @@ import asyncio
 import fcntl
 import logging
 import os
-import socket
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -105,35 +104,6 @@ class NodeIpcacheEntries:
         self.ipcache.upsert(IPv4Network(f"{self.router_ip}/32"), reserved.HOST, Source.LOCAL)
         self.ipcache.upsert(IPv4Network(f"{self.node_ip}/32"), reserved.HOST, Source.LOCAL)
         self.ipcache.upsert(IPv4Network("0.0.0.0/0"), reserved.WORLD, Source.LOCAL)
-
-
-class SocketLbSetup:
-    """--socket-lb: bpf_sock.o on the cgroup v2 root (pinned links, kept when the agent
-    stops); without it, the links an earlier run left are removed."""
-
-    def __init__(self, datapath, enabled: bool) -> None:
-        self.datapath, self.enabled = datapath, enabled
-
-    async def start(self) -> None:
-        await asyncio.to_thread(self._apply)
-
-    def _apply(self) -> None:
-        if self.enabled:
-            self.datapath.load_socket_lb()
-            log.info("socket LB attached to cgroup %s", self.datapath.socket_lb.cgroup)
-        elif removed := self.datapath.unload_socket_lb():
-            log.info("socket LB off: removed the links of an earlier run (%s)", ", ".join(removed))
-
-
-class NativeDevice:
-    """cil_from_netdev at tc ingress of the native device (NodePort, ExternalIPs, LB IPs)."""
-
-    def __init__(self, datapath, device: str | None) -> None:
-        self.datapath, self.device = datapath, device
-
-    def attach(self) -> None:
-        if self.device:
-            self.datapath.attach_netdev(socket.if_nametoindex(self.device))
 
 
 class EventsPart:
