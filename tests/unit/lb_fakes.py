@@ -1,10 +1,13 @@
-"""An in-memory stand-in for pilus.datapath.lb.LbMaps (unit tests need no root)."""
+"""An in-memory stand-in for pilus.datapath.lb.LbMaps that counts writes and checks
+their order (unit tests need no root); it passes the LB part of check_datapath, and
+``FakeDatapath()`` is pilus.testing's fake datapath with these maps."""
 
 from __future__ import annotations
 
 from ipaddress import IPv4Address
 
 from pilus.datapath import lb as lbmaps
+from pilus.testing import fake_datapath
 
 
 class FakeLb:
@@ -59,7 +62,6 @@ class FakeLb:
     def entry(self, vip, port, proto="TCP", scope=0):
         return self.svc[lbmaps.Frontend(IPv4Address(vip), port, proto, scope)]
 
-
     def dump(self):
         return [{"id": v["id"], "frontend": str(fe), "scope": "internal" if fe.scope else "external",
                  "flags": v["flags"], "flags2": v["flags2"], "algorithm": v["algorithm"],
@@ -75,6 +77,7 @@ class FakeLb:
         return None
 
 
-class FakeDatapath:
-    def __init__(self):
-        self.lb = FakeLb()
+def FakeDatapath():  # noqa: N802 - named as the class the tests used to build
+    dp = fake_datapath.FakeDatapath()
+    dp.lb = FakeLb()
+    return dp

@@ -16,6 +16,7 @@ from pilus.loadbalancer.manager import (
     ServiceNotFound,
 )
 from pilus.loadbalancer.model import ServiceValidationError, parse_documents
+from pilus.testing.check_datapath import check_datapath
 
 
 def ep(ip, app, ns="default", local=True, named=None, state="active"):
@@ -317,3 +318,7 @@ def test_endpoints_for_services_from_agent_endpoints(mgr):
     mgr.apply_yaml(WEB.replace("targetPort: 8080", "targetPort: http"))
     mgr.set_endpoints(got)
     assert mgr.datapath.lb.slots("10.96.0.10", 80) == ["10.200.1.5:8080"]
+
+
+def test_the_write_counting_fake_passes_the_datapath_check():
+    check_datapath(FakeDatapath())

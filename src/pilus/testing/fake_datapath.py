@@ -339,6 +339,7 @@ class FakeDatapath:
                 for i, (name, hook) in enumerate(PROGRAM_HOOKS.items(), start=1)]
 
     def map_stats(self) -> list[dict]:
+        services = self.lb.items()
         counts = {
             "pilus_lxc": len(self.endpoints.entries),
             "pilus_lxc_if": len(self.endpoints.entries),
@@ -347,10 +348,11 @@ class FakeDatapath:
             "pilus_ct4": 0,
             "pilus_metrics": 0,
             "pilus_policy": len(self.policy.maps),
-            "pilus_lb4_svc": sum(1 + len(e.backend_ids) for e in self.lb.services.values()),
-            "pilus_lb4_be": len(self.lb.be),
-            "pilus_lb4_revnat": len(self.lb.revnat),
-            "pilus_lb4_maglev": len(self.lb.maglev),
+            # through the LbMaps surface: a test may put other LB maps in
+            "pilus_lb4_svc": sum(1 + len(e.backend_ids) for e in services),
+            "pilus_lb4_be": len(self.lb.backends()),
+            "pilus_lb4_revnat": sum(1 for e in services if e.frontend.scope == lbmaps.LB_SCOPE_EXT),
+            "pilus_lb4_maglev": sum(1 for e in services if self.lb.maglev_get(e.id, e.frontend.scope)),
         }
         return [{"name": name, "type": kind, "max_entries": size, "entries": counts[name]}
                 for name, (kind, size) in MAP_KINDS.items()]
