@@ -35,14 +35,15 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
 
-from pilus import manifests
+from pilus import manifests, protocols
 
 ALGORITHM_ANNOTATION = "service.cilium.io/lb-algorithm"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 DEFAULT_AFFINITY_TIMEOUT = 10800
 NODEPORT_MIN, NODEPORT_MAX = 30000, 32767
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
-PROTOCOLS = ("TCP", "UDP")
+#: service protocols: those the LB datapath translates
+PROTOCOLS = tuple(protocols.name(p) for p in (protocols.TCP, protocols.UDP))
 ALGORITHMS = ("random", "maglev")
 BACKEND_STATES = ("active", "terminating", "quarantined", "maintenance")
 
