@@ -31,6 +31,7 @@ from pilus.api.server import APIServer
 from pilus.components import (
     EventsPart,
     KVStoreConnection,
+    MapRetrier,
     NodeAddresses,
     NodeIpcacheEntries,
     NodeNetwork,
@@ -39,6 +40,7 @@ from pilus.components import (
 from pilus.datapath import Datapath, DatapathConfig
 from pilus.datapath.lb import MAGLEV_PRIMES, LbConfig
 from pilus.datapath.socklb import NetnsCookies
+from pilus.endpoint.entries import EndpointEntries
 from pilus.endpoint.manager import EndpointManager, NodeInfo
 from pilus.endpoint.model import EndpointStore
 from pilus.endpoint.policy_sync import PolicySync
@@ -212,6 +214,9 @@ class Agent:
             Row("ipcache", "one owner of pilus_ipcache: claims by source, merged by precedence",
                 lambda: IPCache(self.datapath.ipcache), lambda _: None, None,
                 maps=lambda ipcache: [ipcache.status()]),
+            Row("endpoint-map", "one owner of pilus_lxc / pilus_lxc_if (endpoint entries)",
+                lambda: EndpointEntries(self.datapath.endpoints), lambda _: None, None,
+                maps=lambda entries: [entries.status()]),
             Row("node-ipcache", "ipcache claims: router and node IP -> host, 0.0.0.0/0 -> world",
                 lambda: NodeIpcacheEntries(self.ipcache, self.router_ip, self.node_ip),
                 _call("write"), None),
@@ -226,6 +231,8 @@ class Agent:
                 self._make_policy, self._start_policy),
             Row("endpoints", "restore saved endpoints, then serve create/delete; feeds service backends",
                 self._make_endpoints, self._start_endpoints, None),
+            Row("retries", "writes again map entries whose write failed, after their backoff",
+                lambda: MapRetrier([self.ipcache, self.parts["endpoint-map"], self.services])),
             Row("events", "ring buffer -> monitor subscribers", lambda: EventsPart(self.datapath)),
             Row("api", "REST on <state-dir>/pilus.sock", lambda: APIServer(self, cfg.socket_path)),
             Row("prometheus", "/metrics on --prometheus-serve-addr",
@@ -314,7 +321,8 @@ class Agent:
 
     def _make_policy(self) -> PolicySync:
         return PolicySync(self.policy_engine, self.datapath, self.identities, PolicyDistribution(self.store),
-                          ipcache=self.ipcache, on_namespace_change=self._namespace_changed)
+                          ipcache=self.ipcache, entries=self.parts["endpoint-map"],
+                          on_namespace_change=self._namespace_changed)
 
     async def _start_policy(self, policy: PolicySync) -> None:
         await policy.start()
@@ -330,6 +338,7 @@ class Agent:
             self.ipam,
             EndpointStore(cfg.state_dir),
             ipcache=self.ipcache,
+            entries=self.parts["endpoint-map"],
             policy=policy,
             namespace_labels=lambda ns: policy.namespace_labels.get(ns, {}),
             on_change=self.endpoints_changed,  # after create/delete/relabel; restore() calls nothing

@@ -8,6 +8,7 @@ Each constructor does no I/O; ``pilus.agent`` lists them in its table.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -120,3 +121,39 @@ class EventsPart:
     async def stop(self) -> None:
         if self.hub is not None:
             await self.hub.stop()
+
+
+class MapRetrier:
+    """Writes again, once their backoff expired, the map entries whose write failed
+    (each owner: ``retry_due()`` and ``retry()``, e.g. IPCache, EndpointEntries)."""
+
+    def __init__(self, owners: list[Any], interval: float = 1.0) -> None:
+        self.owners, self.interval = owners, interval
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="map-retries")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def retry_due_now(self) -> int:
+        """One pass (in the calling thread); returns how many owners were retried."""
+        retried = 0
+        for owner in self.owners:
+            try:
+                if owner.retry_due():
+                    owner.retry()
+                    retried += 1
+            except Exception:  # noqa: BLE001 - counted in the owner's status; next pass retries
+                log.warning("retrying the writes of %s failed", type(owner).__name__, exc_info=True)
+        return retried
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await asyncio.to_thread(self.retry_due_now)

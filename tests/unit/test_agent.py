@@ -225,3 +225,36 @@ def test_second_agent_on_the_state_dir_is_refused(tmp_path):
 
     asyncio.run(run())
     assert socket  # (UNIX sockets are used above)
+
+
+def test_a_failed_map_write_shows_in_status_and_is_retried(tmp_path):
+    from pilus.ipcache import Source
+    from pilus.reconcile import ReconcileError
+
+    cfg = _cfg(tmp_path)
+    agent = Agent(cfg, replace=_fakes())
+    prefix = IPv4Network("10.210.1.9/32")
+
+    async def run():
+        await agent.start()
+        try:
+            fake = agent.datapath.ipcache
+            real_upsert = fake.upsert
+
+            def broken(*args, **kwargs):
+                raise OSError("map full")
+
+            fake.upsert = broken
+            with pytest.raises(ReconcileError, match="map full"):
+                agent.ipcache.upsert(prefix, 16777300, Source.LOCAL)
+            ipcache_maps = {c["name"]: c.get("maps") for c in agent.components()}["ipcache"][0]
+            fake.upsert = real_upsert
+            await asyncio.sleep(0.15)  # the first backoff
+            retried = agent.parts["retries"].retry_due_now()
+            return ipcache_maps, retried, [row for row in fake.items() if row[0] == prefix]
+        finally:
+            await agent.stop()
+
+    status, retried, rows = asyncio.run(run())
+    assert status["state"] == "Pending" and status["pending"] == 1 and "map full" in status["last_error"]
+    assert retried == 1 and rows == [(prefix, 16777300, None)]

@@ -322,3 +322,24 @@ def test_endpoints_for_services_from_agent_endpoints(mgr):
 
 def test_the_write_counting_fake_passes_the_datapath_check():
     check_datapath(FakeDatapath())
+
+
+def test_a_failed_map_write_is_pending_and_retried(mgr):
+    from pilus.reconcile import ReconcileError
+
+    lb = mgr.datapath.lb
+    real = lb.upsert_service
+    mgr.apply_yaml(WEB)
+    lb.upsert_service = lambda *a, **kw: (_ for _ in ()).throw(OSError("no space"))
+    with pytest.raises(ReconcileError, match="no space"):
+        mgr.set_endpoints([ep("10.200.1.5", "web")])
+    frontends = {s["name"]: s for s in mgr.reconcilers_status()}["lb-frontends"]
+    assert frontends["pending"] == 1 and frontends["errors"] >= 1
+    lb.upsert_service = real
+    import time
+
+    time.sleep(0.15)
+    assert mgr.retry_due()
+    mgr.retry()
+    assert lb.slots("10.96.0.10", 80) == ["10.200.1.5:8080"]
+    assert {s["name"]: s for s in mgr.reconcilers_status()}["lb-frontends"]["pending"] == 0

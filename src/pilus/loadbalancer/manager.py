@@ -482,6 +482,15 @@ class ServiceManager:
         with self._lock:
             return self._writer.status()
 
+    def retry_due(self) -> bool:
+        with self._lock:
+            return self._writer.retry_due()
+
+    def retry(self) -> None:
+        """Write again what failed (backends first: slots never point at a missing one)."""
+        with self._lock:
+            self._writer.retry()
+
     def _reconcile(self, strict: bool = False, desired: list[FrontendSpec] | None = None) -> None:
         if self._endpoints is None:
             return  # restored, endpoints not yet known: the maps keep what the last run wrote

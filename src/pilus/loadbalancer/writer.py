@@ -173,6 +173,14 @@ class LbWriter:
     def status(self) -> list[dict]:
         return [self.backends.status(), self.frontends.status()]
 
+    def retry_due(self) -> bool:
+        return self.backends.retry_due() or self.frontends.retry_due()
+
+    def retry(self) -> None:
+        for reconciler in (self.backends, self.frontends):
+            if reconciler.retry_due():
+                reconciler.retry()
+
     def write(self, desired: list[FrontendSpec]) -> None:
         """Make the maps hold exactly ``desired``; raises ReconcileError for failed writes
         (they stay pending and are written again by the next call)."""
