@@ -17,12 +17,13 @@ then stale slots are removed.
 
 from __future__ import annotations
 
-import socket
 import struct
 from collections.abc import Iterable
 from ctypes import c_uint8, c_uint16, c_uint32, c_uint64
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
+
+from pilus import protocols
 
 from . import abi
 from .maps import BpfMap, FdSource
@@ -82,8 +83,8 @@ LB_MAGLEV_DEFAULT_M = 16381
 #: table sizes Cilium accepts for Maglev (primes)
 MAGLEV_PRIMES = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071)
 
-PROTOS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}
-PROTO_NAMES = {v: k for k, v in PROTOS.items()}
+#: the protocols a frontend / backend may have (the datapath translates TCP and UDP)
+LB_PROTOCOLS = frozenset({protocols.TCP, protocols.UDP})
 
 LB_MAP_NAMES = (
     "pilus_lb4_svc",
@@ -261,6 +262,13 @@ class ServiceEntry:
     affinity_timeout: int = 0
 
 
+def _proto_number(name: str) -> int:
+    num = protocols.number(name)
+    if num not in LB_PROTOCOLS:
+        raise ValueError(f"service protocol {name!r}: TCP or UDP")
+    return num
+
+
 def _raw_port(port: int) -> int:
     return abi.port_to_raw(port)
 
@@ -277,7 +285,7 @@ def _svc_key(fe: Frontend, slot: int = 0) -> Lb4Key:
     k.address = _raw4(fe.address)
     k.dport = _raw_port(fe.port)
     k.backend_slot = slot
-    k.proto = PROTOS[fe.proto]
+    k.proto = _proto_number(fe.proto)
     k.scope = fe.scope
     return k
 
@@ -290,9 +298,16 @@ def _key_frontend(k: Lb4Key) -> Frontend:
     return Frontend(
         abi.raw_to_ip4(k.address),
         abi.raw_to_port(k.dport),
-        PROTO_NAMES.get(k.proto, str(k.proto)),
+        protocols.name(k.proto),
         k.scope,
     )
+
+
+def _check_service(svc_id: int, algorithm: str) -> None:
+    if not 1 <= svc_id <= MAX_SERVICE_ID:
+        raise ValueError(f"service id {svc_id} out of range 1-{MAX_SERVICE_ID}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}: random or maglev")
 
 
 class LbMaps:
@@ -321,6 +336,9 @@ class LbMaps:
         self.affinity_match = BpfMap(
             affinity_match_fd, Lb4AffinityMatch, c_uint8, "pilus_lb4_affinity_match"
         )
+        # Reconciler targets; write backends before the frontends that use them
+        self.backend_table = BackendTable(self)
+        self.service_table = ServiceTable(self)
 
     @classmethod
     def from_object(cls, map_fd, maglev_table_size: int) -> LbMaps:
@@ -333,7 +351,7 @@ class LbMaps:
         v = Lb4Backend()
         v.address = _raw4(be.address)
         v.port = _raw_port(be.port)
-        v.proto = PROTOS[be.proto]
+        v.proto = _proto_number(be.proto)
         v.flags = BACKEND_STATES[be.state]
         self.be.update(c_uint32(be.id), v)
 
@@ -347,7 +365,7 @@ class LbMaps:
                 k.value,
                 abi.raw_to_ip4(v.address),
                 abi.raw_to_port(v.port),
-                PROTO_NAMES.get(v.proto, str(v.proto)),
+                protocols.name(v.proto),
                 BACKEND_STATE_NAMES.get(v.flags, str(v.flags)),
             )
         return out
@@ -369,22 +387,36 @@ class LbMaps:
         """Write one frontend. ``backends``: all of the frontend's backends (any
         state; only active ones get a slot). ``maglev_table``: M backend ids
         (required for ``algorithm="maglev"``; see pilus.loadbalancer.maglev)."""
-        if not 1 <= svc_id <= MAX_SERVICE_ID:
-            raise ValueError(f"service id {svc_id} out of range 1-{MAX_SERVICE_ID}")
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {algorithm!r}: random or maglev")
+        _check_service(svc_id, algorithm)
         backends = list(backends)
-        active = [b for b in backends if b.state == "active"]
-        if affinity_timeout:
-            flags |= SVC_FLAG_AFFINITY
         if write_backends:
             for b in backends:
                 self.upsert_backend(b)
+        active = [b.id for b in backends if b.state == "active"]
+        self.write_frontend(svc_id, frontend, active, algorithm, affinity_timeout, flags, flags2,
+                            maglev_table)
+
+    def write_frontend(
+        self,
+        svc_id: int,
+        frontend: Frontend,
+        active: list[int],
+        algorithm: str = "random",
+        affinity_timeout: int = 0,
+        flags: int = 0,
+        flags2: int = 0,
+        maglev_table: list[int] | tuple[int, ...] | None = None,
+    ) -> None:
+        """Write one frontend whose selectable backends are ``active`` (ids, slot
+        order; already in the backend map)."""
+        _check_service(svc_id, algorithm)
+        if affinity_timeout:
+            flags |= SVC_FLAG_AFFINITY
         old = self.svc.lookup(_svc_key(frontend))
         old_count = old.count if old is not None else 0
-        for slot, b in enumerate(active, start=1):
+        for slot, backend_id in enumerate(active, start=1):
             v = Lb4Service()
-            v.backend_id = b.id
+            v.backend_id = backend_id
             v.rev_nat_index = svc_id
             self.svc.update(_svc_key(frontend, slot), v)
         mkey = _maglev_key(svc_id, frontend.scope)
@@ -400,9 +432,9 @@ class LbMaps:
         elif old is not None and old.algorithm == LB_SELECTION_MAGLEV:
             self.maglev.delete(mkey)
         if flags & SVC_FLAG_AFFINITY:
-            for b in active:
+            for backend_id in active:
                 m = Lb4AffinityMatch()
-                m.backend_id = b.id
+                m.backend_id = backend_id
                 m.rev_nat_index = svc_id
                 self.affinity_match.update(m, c_uint8(1))
         nat = Lb4ReverseNat()
@@ -423,7 +455,7 @@ class LbMaps:
         # affinity matches of backends that left the service
         had_affinity = old is not None and old.flags & SVC_FLAG_AFFINITY
         if had_affinity:
-            keep = {b.id for b in active} if flags & SVC_FLAG_AFFINITY else set()
+            keep = set(active) if flags & SVC_FLAG_AFFINITY else set()
             for m in [m for m in self.affinity_match.keys() if m.rev_nat_index == svc_id]:  # noqa: SIM118
                 if m.backend_id not in keep:
                     self.affinity_match.delete(m)
@@ -519,7 +551,7 @@ class LbMaps:
             dst = f"{abi.raw_to_ip4(k.daddr)}:{abi.raw_to_port(k.dport)}"
             row = {
                 "kind": "revnat" if k.flags & LB_TUPLE_F_REVNAT else "service",
-                "proto": PROTO_NAMES.get(k.nexthdr, str(k.nexthdr)),
+                "proto": protocols.name(k.nexthdr),
                 "backend_id": v.backend_id,
                 "service_id": v.rev_nat_index,
                 "expires_in_s": int(v.lifetime) - now,
@@ -532,3 +564,70 @@ class LbMaps:
                 row.update(client=src, frontend=dst)
             out.append(row)
         return out
+
+
+# ---- Reconciler targets (dump / update / delete; values equal when in sync) ----
+@dataclass(frozen=True)
+class ServiceValue:
+    """One frontend as the maps hold it (ServiceTable's value)."""
+
+    id: int
+    backend_ids: tuple[int, ...] = ()  # the selectable (active) backends, in slot order
+    algorithm: str = "random"
+    affinity_timeout: int = 0
+    flags: int = 0  # SVC_FLAG_*; SVC_FLAG_AFFINITY follows from affinity_timeout
+    flags2: int = 0
+    maglev_table: tuple[int, ...] | None = None  # Maglev services with backends: M ids
+
+    def __post_init__(self) -> None:
+        if self.affinity_timeout:
+            object.__setattr__(self, "flags", self.flags | SVC_FLAG_AFFINITY)
+
+
+class BackendTable:
+    """pilus_lb4_be as a Reconciler target: backend id -> BackendEntry."""
+
+    def __init__(self, maps: LbMaps) -> None:
+        self.maps = maps
+
+    def dump(self) -> list[tuple[int, BackendEntry]]:
+        return list(self.maps.backends().items())
+
+    def update(self, backend_id: int, be: BackendEntry) -> None:
+        if backend_id != be.id:
+            raise ValueError(f"backend {be}: key {backend_id} is not its id {be.id}")
+        self.maps.upsert_backend(be)
+
+    def delete(self, backend_id: int) -> bool:
+        return self.maps.delete_backend(backend_id)
+
+
+class ServiceTable:
+    """The frontends (master, slots, Maglev table, reverse NAT, affinity matches)
+    as a Reconciler target: Frontend -> ServiceValue."""
+
+    def __init__(self, maps: LbMaps) -> None:
+        self.maps = maps
+
+    def dump(self) -> list[tuple[Frontend, ServiceValue]]:
+        out = []
+        for e in self.maps.items():
+            table = None
+            if e.algorithm == "maglev" and e.backend_ids:
+                got = self.maps.maglev_get(e.id, e.frontend.scope)
+                table = tuple(got) if got is not None else None
+            value = ServiceValue(e.id, tuple(e.backend_ids), e.algorithm, e.affinity_timeout,
+                                 e.flags, e.flags2, table)
+            out.append((e.frontend, value))
+        return out
+
+    def update(self, frontend: Frontend, value: ServiceValue) -> None:
+        self.maps.write_frontend(value.id, frontend, list(value.backend_ids), value.algorithm,
+                                 value.affinity_timeout, value.flags, value.flags2,
+                                 value.maglev_table)
+
+    def delete(self, frontend: Frontend) -> bool:
+        master = self.maps.svc.lookup(_svc_key(frontend))
+        if master is None:
+            return False
+        return self.maps.delete_service(master.rev_nat_index, frontend)

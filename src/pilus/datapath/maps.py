@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
+
+from pilus import protocols
 
 from . import abi
 from ._libbpf import check, lib, num_possible_cpus
@@ -199,6 +200,15 @@ class EndpointMap:
     def items(self) -> list[EndpointInfo]:
         return sorted((_ep_from_c(v) for _, v in self.lxc.items()), key=lambda e: e.ipv4)
 
+    # Reconciler target: endpoint IP -> EndpointInfo
+    def dump(self) -> list[tuple[IPv4Address, EndpointInfo]]:
+        return [(ep.ipv4, ep) for ep in self.items()]
+
+    def update(self, ipv4: IPv4Address, ep: EndpointInfo) -> None:
+        if IPv4Address(ipv4) != IPv4Address(ep.ipv4):
+            raise ValueError(f"endpoint {ep.ep_id}: key {ipv4} is not its address {ep.ipv4}")
+        self.upsert(ep)
+
 
 def _ipc_key(prefix: IPv4Network) -> abi.IpcacheKey:
     k = abi.IpcacheKey()
@@ -241,8 +251,15 @@ class IpcacheMap:
             out.append((net, v.sec_identity, tun))
         return sorted(out, key=lambda t: (t[0].network_address, t[0].prefixlen))
 
+    # Reconciler target: prefix -> (identity, tunnel endpoint or None)
+    def dump(self) -> list[tuple[IPv4Network, tuple[int, IPv4Address | None]]]:
+        return [(net, (identity, tun)) for net, identity, tun in self.items()]
 
-_PROTO_NAMES = {socket.IPPROTO_TCP: "TCP", socket.IPPROTO_UDP: "UDP", socket.IPPROTO_ICMP: "ICMP"}
+    def update(self, prefix: IPv4Network, value: tuple[int, IPv4Address | None]) -> None:
+        identity, tunnel_endpoint = value
+        self.upsert(prefix, identity, tunnel_endpoint)
+
+
 _TCP_FLAG_NAMES = [
     (0x01, "FIN"),
     (0x02, "SYN"),
@@ -260,7 +277,9 @@ def tcp_flag_names(flags: int) -> list[str]:
 
 
 def proto_name(proto: int) -> str | int:
-    return _PROTO_NAMES.get(proto, proto)
+    """A packet's protocol by name (pilus.protocols); a number without a name stays
+    a number, and so does 0 (in a packet it is no L4, not the policy's "ANY")."""
+    return protocols.NAMES.get(proto, proto) if proto else proto
 
 
 def monotonic_seconds() -> int:

@@ -31,8 +31,11 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from . import abi
+from pilus.reconcile import Reconciler
+
+from . import abi, netns
 from ._libbpf import bpf_link_info, check, lib
+from .errors import DatapathError
 from .maps import BpfMap
 
 # ---- constants (keep in sync with lib/sock.h) ----
@@ -106,14 +109,12 @@ def _own_netns_cookie() -> int:
         return struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
 
 
-def netns_cookie(netns: str | None = None) -> int:
+def netns_cookie(name: str | None = None) -> int:
     """The network namespace cookie (bpf_get_netns_cookie) of a named netns
     (/run/netns/<name>), or of the caller's namespace for None."""
-    if netns is None:
+    if name is None:
         return _own_netns_cookie()
-    from . import links
-
-    return links.run_in_netns(netns, _own_netns_cookie)
+    return netns.run_in_netns(name, _own_netns_cookie)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,29 @@ class PodNetns:
     cookie: int
     ipv4: IPv4Address
     ep_id: int = 0
+
+
+class SockNetnsMap:
+    """pilus_sock_netns: netns cookie -> the pod living in it (PodNetns), as a
+    Reconciler target (``dump``/``update``/``delete``; values compare equal when
+    in sync)."""
+
+    def __init__(self, fd: int) -> None:
+        self.map = BpfMap(fd, c_uint64, SockNetnsInfo, "pilus_sock_netns")
+
+    def dump(self) -> list[tuple[int, PodNetns]]:
+        return [
+            (k.value, PodNetns(k.value, abi.raw_to_ip4(v.ipv4), v.ep_id)) for k, v in self.map.items()
+        ]
+
+    def update(self, cookie: int, pod: PodNetns) -> None:
+        v = SockNetnsInfo()
+        v.ipv4 = abi.ip4_to_raw(pod.ipv4)
+        v.ep_id = pod.ep_id
+        self.map.update(c_uint64(cookie), v)
+
+    def delete(self, cookie: int) -> bool:
+        return self.map.delete(c_uint64(cookie))
 
 
 def _link_info(fd: int) -> bpf_link_info:
@@ -138,7 +162,9 @@ class SocketLb:
         self.pin_root = pin_root
         self._links: dict[str, int] = {}  # program -> link fd
         fd = obj.map_fd
-        self.netns = BpfMap(fd("pilus_sock_netns"), c_uint64, SockNetnsInfo, "pilus_sock_netns")
+        self.netns = SockNetnsMap(fd("pilus_sock_netns"))
+        # the one writer of pilus_sock_netns (first write prunes what an earlier run left)
+        self.netns_sync: Reconciler[int, PodNetns] = Reconciler("pilus_sock_netns", self.netns)
         self.reverse = BpfMap(fd("pilus_lb4_reverse_sk"), SockRevKey, SockRevVal, "pilus_lb4_reverse_sk")
         self.stats_map = BpfMap(fd("pilus_sock_stats"), c_uint32, c_uint64, "pilus_sock_stats", percpu=True)
         self.cgroup: Path | None = None
@@ -235,27 +261,20 @@ class SocketLb:
     # -- pod namespaces -----------------------------------------------------------
 
     def add_netns(self, pod: PodNetns) -> None:
-        v = SockNetnsInfo()
-        v.ipv4 = abi.ip4_to_raw(pod.ipv4)
-        v.ep_id = pod.ep_id
-        self.netns.update(c_uint64(pod.cookie), v)
+        self.netns_sync.upsert(pod.cookie, pod).raise_for_errors("pilus_sock_netns")
 
     def delete_netns(self, cookie: int) -> bool:
-        return self.netns.delete(c_uint64(cookie))
+        found = cookie in self.netns_sync.desired
+        self.netns_sync.delete(cookie).raise_for_errors("pilus_sock_netns")
+        return found
 
     def netns_items(self) -> list[PodNetns]:
-        return [
-            PodNetns(k.value, abi.raw_to_ip4(v.ipv4), v.ep_id) for k, v in self.netns.items()
-        ]
+        return [pod for _, pod in self.netns.dump()]
 
     def sync_netns(self, pods: Iterable[PodNetns]) -> None:
-        """Make pilus_sock_netns exactly ``pods`` (upsert, then prune)."""
-        want = {p.cookie: p for p in pods}
-        for p in want.values():
-            self.add_netns(p)
-        for cur in self.netns_items():
-            if cur.cookie not in want:
-                self.delete_netns(cur.cookie)
+        """Make pilus_sock_netns exactly ``pods`` (failed writes stay pending in
+        ``netns_sync`` and are retried by the next call)."""
+        self.netns_sync.set({p.cookie: p for p in pods}).raise_for_errors("pilus_sock_netns")
 
     # -- introspection ----------------------------------------------------------
 
@@ -307,7 +326,7 @@ def remove_links(pin_root: Path) -> list[str]:
 
 class NetnsCookies:
     """pilus_sock_netns from a node's endpoints (agent side). Cookies are read
-    once per endpoint namespace (entering it: links.run_in_netns) and cached by
+    once per endpoint namespace (entering it: netns.run_in_netns) and cached by
     the namespace file's inode (a name reused by a new namespace is re-read)."""
 
     def __init__(self) -> None:
@@ -316,19 +335,17 @@ class NetnsCookies:
     def pods(self, endpoints: Iterable) -> list[PodNetns]:
         """``endpoints``: objects with ``netns``, ``ipv4``, ``id``; namespaces that
         cannot be entered (being deleted) are left out."""
-        from . import links
-
         out = []
         live = set()
         for ep in endpoints:
             live.add(ep.netns)
             try:
-                ino = os.stat(links.netns_path(ep.netns)).st_ino
+                ino = os.stat(netns.netns_path(ep.netns)).st_ino
                 cached = self._cache.get(ep.netns)
                 if cached is None or cached[0] != ino:
                     cached = (ino, netns_cookie(ep.netns))
                     self._cache[ep.netns] = cached
-            except (OSError, ValueError, links.LinkError):
+            except (OSError, ValueError, DatapathError):
                 continue  # gone meanwhile
             out.append(PodNetns(cached[1], IPv4Address(ep.ipv4), ep.id))
         for gone in set(self._cache) - live:
