@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
+from typing import NamedTuple
 
 from pilus.datapath import lb as lbmaps
 from pilus.loadbalancer import maglev
@@ -60,10 +61,9 @@ class FrontendSpec:
         object.__setattr__(self, "mkey", (self.address, self.port, self.proto, self.scope))
 
 
-@dataclass(frozen=True)
-class WrittenFrontend:
-    """One frontend as ``LbMaps.items`` reads it back: equal means nothing to rewrite.
-    ``entries`` (every backend with its state) is what writing needs, not compared."""
+class WrittenFrontend(NamedTuple):
+    """One frontend as ``LbMaps.items`` reads it back: equal means nothing to rewrite
+    (a tuple: compared for every frontend on every write)."""
 
     id: int
     slots: tuple[int, ...]  # active backend ids in slot order
@@ -71,7 +71,6 @@ class WrittenFrontend:
     flags2: int
     algorithm: str
     affinity_timeout: int
-    entries: tuple[lbmaps.BackendEntry, ...] = field(default=(), compare=False)
 
 
 class BackendTarget:
@@ -94,8 +93,13 @@ class BackendTarget:
 
 
 class FrontendTarget:
-    def __init__(self, maps) -> None:
+    """Writes a frontend from its spec (set by the writer before each write) and the
+    backend ids."""
+
+    def __init__(self, maps, be_ids: dict[BackendKey, int]) -> None:
         self.maps = maps
+        self.be_ids = be_ids
+        self.specs: dict[FrontendKey, FrontendSpec] = {}
         self.ids: dict[FrontendKey, int] = {}  # the id each frontend has in the maps
         self.primed: list[tuple[FrontendKey, WrittenFrontend]] | None = None  # the next dump
 
@@ -112,13 +116,15 @@ class FrontendTarget:
         old_id = self.ids.get(key)
         if old_id is not None and old_id != w.id:
             self.maps.delete_service(old_id, fe)
-        active = [e for e in w.entries if e.state == "active"]
+        # every backend with its state: only active ones get a slot
+        entries = [lbmaps.BackendEntry(self.be_ids[b[:3]], *b) for b in self.specs[key].backends]
+        active = [e for e in entries if e.state == "active"]
         table = None
         if w.algorithm == "maglev" and active:
             table = maglev.build_table([(e.id, f"{e.address}:{e.port}/{e.proto}") for e in active],
                                        self.maps.maglev_table_size)
         self.maps.upsert_service(
-            w.id, fe, w.entries, algorithm=w.algorithm, affinity_timeout=w.affinity_timeout,
+            w.id, fe, entries, algorithm=w.algorithm, affinity_timeout=w.affinity_timeout,
             flags=w.flags, flags2=w.flags2, maglev_table=table, write_backends=False,
         )
         self.ids[key] = w.id
@@ -149,7 +155,7 @@ class LbWriter:
         self.svc_ids: dict[BackendKey, int] = {}  # frontend (address, port, proto) -> service id
         self.be_ids: dict[BackendKey, int] = {}  # backend (address, port, proto) -> backend id
         self._backend_target = BackendTarget(maps)
-        self._frontend_target = FrontendTarget(maps)
+        self._frontend_target = FrontendTarget(maps, self.be_ids)
         self.backends: Reconciler[int, tuple] = Reconciler("lb-backends", self._backend_target)
         self.frontends: Reconciler[FrontendKey, WrittenFrontend] = Reconciler(
             "lb-frontends", self._frontend_target)
@@ -213,12 +219,13 @@ class LbWriter:
         self.backends.set({**self.backends.desired, **backends}).raise_for_errors("writing pilus_lb4_be")
         # 2. frontends
         fronts = {}
+        be_ids, affinity = self.be_ids, lbmaps.SVC_FLAG_AFFINITY
         for s in desired:
-            entries = tuple(lbmaps.BackendEntry(self.be_ids[b[:3]], *b) for b in s.backends)
-            flags = s.flags | (lbmaps.SVC_FLAG_AFFINITY if s.affinity_timeout else 0)
-            slots = tuple(e.id for e in entries if e.state == "active")
+            flags = s.flags | (affinity if s.affinity_timeout else 0)
+            slots = tuple(be_ids[b[:3]] for b in s.backends if b[3] == "active")
             fronts[s.mkey] = WrittenFrontend(self.svc_ids[s.fkey], slots, flags, s.flags2, s.algorithm,
-                                             s.affinity_timeout, entries)
+                                             s.affinity_timeout)
+        self._frontend_target.specs = {s.mkey: s for s in desired}
         self.frontends.set(fronts).raise_for_errors("writing pilus_lb4_svc")
         # 3. backends nobody references any more
         self.backends.set(backends).raise_for_errors("removing from pilus_lb4_be")
