@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import re
 
+from pilus import protocols
 from pilus.cli import common, output
+from pilus.cli.policy import port_proto
+
+#: the protocols a named port may have (TCP, UDP, SCTP)
+PORT_PROTOCOL_NAMES = tuple(protocols.name(p) for p in sorted(protocols.PORT_PROTOCOLS))
 
 LIST_HEADERS = ["ENDPOINT", "NAME", "POLICY (ingress) ENFORCEMENT", "POLICY (egress) ENFORCEMENT",
                 "IDENTITY", "LABELS (source:key[=value])", "IPv4", "STATUS"]
@@ -89,8 +94,6 @@ def _valid_port_name(name: str) -> bool:
 
 def named_port(text: str) -> tuple[str, str]:
     """``http=80/TCP`` -> ('http', '80/TCP')."""
-    from pilus.cli.policy import port_proto
-
     name, sep, spec = text.partition("=")
     if not sep or not spec:
         raise argparse.ArgumentTypeError(
@@ -100,7 +103,7 @@ def named_port(text: str) -> tuple[str, str]:
             f"invalid port name {name!r}: at most 15 lowercase letters, digits and '-', "
             "with at least one letter (e.g. http, dns-udp)")
     try:
-        return name, port_proto(spec, protocols=("TCP", "UDP", "SCTP"), allow_zero=False)
+        return name, port_proto(spec, protocols=PORT_PROTOCOL_NAMES, allow_zero=False)
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(f"port {name}: {e}") from None
 
