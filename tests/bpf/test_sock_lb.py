@@ -290,3 +290,46 @@ def test_pinned_links_survive_the_object_and_go_with_the_pins(cgroup, tmp_path):
         time.sleep(0.05)
     assert cgroup_prog_ids(cgroup, BPF_CGROUP_INET4_CONNECT) == []
     assert not root.exists()
+
+
+def test_the_object_table_loads_the_socket_lb_by_config_and_removes_it(cgroup, tmp_path):
+    """DatapathConfig(socket_lb=True): load() attaches bpf_sock.o (links pinned);
+    socket_lb=False: load() removes the links an earlier run left; the netns map
+    is written through its Reconciler (a fresh object prunes what it did not set)."""
+    root = Path(f"/sys/fs/bpf/pilus-socklb-table-{os.getpid()}")
+    node = "socklb-table"
+    on = DatapathConfig(node, ROUTER_IP, NODE_IP, POD_CIDR, socket_lb=True, socket_lb_cgroup=cgroup)
+    try:
+        dp = Datapath(on, tmp_path / "state", bpffs_root=root)
+        dp.load()
+        assert dp.socket_lb is not None and dp.socket_lb.cgroup == cgroup
+        assert sorted(p.name for p in (root / node / "links").iterdir()) == sorted(SOCK_PROGRAMS)
+        assert len(cgroup_prog_ids(cgroup, BPF_CGROUP_INET4_CONNECT)) == 1
+        pods = [PodNetns(11, IPv4Address("10.0.0.11"), 1), PodNetns(12, IPv4Address("10.0.0.12"), 2)]
+        dp.socket_lb.sync_netns(pods)
+        assert sorted(dp.socket_lb.netns_items(), key=lambda p: p.cookie) == pods
+        dp.socket_lb.sync_netns(pods[1:])
+        assert dp.socket_lb.netns_items() == pods[1:]
+        assert dp.socket_lb.netns_sync.status()["pending"] == 0
+        dp.close()
+
+        dp = Datapath(on, tmp_path / "state", bpffs_root=root)  # restart: same links, map pruned
+        dp.load()
+        dp.socket_lb.sync_netns([pods[0]])
+        assert dp.socket_lb.netns_items() == [pods[0]]
+        dp.close()
+
+        off = DatapathConfig(node, ROUTER_IP, NODE_IP, POD_CIDR, socket_lb=False)
+        dp = Datapath(off, tmp_path / "state", bpffs_root=root)
+        dp.load()
+        assert dp.socket_lb is None
+        assert not (root / node / "links").exists()
+        dp.close()
+    finally:
+        with contextlib.suppress(OSError):
+            remove_pins(node, root)
+    for _ in range(50):  # link release is asynchronous
+        if not cgroup_prog_ids(cgroup, BPF_CGROUP_INET4_CONNECT):
+            break
+        time.sleep(0.05)
+    assert cgroup_prog_ids(cgroup, BPF_CGROUP_INET4_CONNECT) == []

@@ -179,3 +179,22 @@ def test_libbpf_missing_is_one_line(monkeypatch):
         _libbpf._load()
     msg = str(ei.value)
     assert "\n" not in msg and "make setup" in msg and "libbpf1" in msg
+
+
+def test_object_table_matches_the_sources(tmp_path):
+    """Each row of objects.OBJECTS names programs its source defines (and no
+    other); every object declares the shared maps of lib/maps.h, only
+    bpf_sock.o the socket LB's own."""
+    from pilus.datapath.objects import OBJECTS
+
+    maps_of = {}
+    for spec in OBJECTS:
+        text = (BPF_SRC_DIR / f"{spec.source}.c").read_text()
+        progs = set(re.findall(r'^SEC\("[^"]+"\)\nint (\w+)\(', text, re.M))
+        assert progs == set(spec.programs), spec.name
+        obj = compile_datapath(tmp_path, name=spec.source)
+        maps_of[spec.name] = set(re.findall(rb"pilus_\w+", obj.read_bytes()))
+    shared = {b"pilus_lxc", b"pilus_ipcache", b"pilus_policy", b"pilus_lb4_svc", b"pilus_events"}
+    for name, found in maps_of.items():
+        assert shared <= found, name
+        assert (b"pilus_sock_netns" in found) == (name == "sock"), name
