@@ -249,3 +249,16 @@ def test_decode_records_decodes_only_wanted_types():
     assert errors == 1
     events, errors = decode_records(recs[:2])
     assert [type(e) for e in events] == [TraceEvent, DropEvent] and errors == 0
+
+
+def test_typed_events_keep_every_decoded_field():
+    n = abi.DropNotify.from_raw(record(abi.NOTIFY_DROP, 133, tcp_syn()))
+    n.line, n.file, n.ext_error = 42, 3, -2
+    ev = decode(n.to_bytes())
+    assert (ev.reason, ev.line, ev.file, ev.ext_error) == (133, 42, 3, -2)
+    assert ev.version == abi.NOTIFY_CAPTURE_VER and ev.data == tcp_syn()
+    n = abi.TraceNotify.from_raw(record(abi.NOTIFY_TRACE, abi.TRACE_TO_LXC, tcp_syn()))
+    n.flags = 0x5
+    ev = decode(n.to_bytes())
+    assert ev.flags == 0x5 and ev.packet.src_mac == "02:00:00:00:00:05"
+    assert "flags" not in event_record(ev)  # the record is today's shape

@@ -127,6 +127,7 @@ class _EventBase:
     cap_len: int
     data: bytes
     packet: PacketSummary
+    version: int = 0  # of the capture header (NOTIFY_CAPTURE_VER)
     time: float | None = None  # when the agent read it (seconds since the epoch)
 
     def related_to(self, endpoint: int) -> bool:
@@ -139,7 +140,9 @@ class DropEvent(_EventBase):
     kind: ClassVar[str] = "drop"
 
     reason: int = 0
-    line: int = 0
+    line: int = 0  # source line of the drop in the datapath
+    file: int = 0  # source file id of the drop
+    ext_error: int = 0  # extended error code (e.g. the FIB lookup's)
 
     @property
     def reason_desc(self) -> str:
@@ -152,6 +155,7 @@ class TraceEvent(_EventBase):
 
     obs_point: int = 0
     ct_reason: int = 0
+    flags: int = 0  # TRACE_* flags of the record
 
     @property
     def observation_point(self) -> str:
@@ -245,10 +249,13 @@ def decode(raw: bytes) -> Event:
         cap_len=cap,
         data=data,
         packet=parse_packet(data),
+        version=n.hdr.version,
     )
     if etype == abi.NOTIFY_DROP:
-        return DropEvent(reason=n.hdr.common.subtype, line=n.line, **common)
-    return TraceEvent(obs_point=n.hdr.common.subtype, ct_reason=n.reason, **common)
+        return DropEvent(reason=n.hdr.common.subtype, line=n.line, file=n.file,
+                         ext_error=n.ext_error, **common)
+    return TraceEvent(obs_point=n.hdr.common.subtype, ct_reason=n.reason, flags=n.flags,
+                      **common)
 
 
 def _decode_policy_verdict(n: abi.PolicyVerdictNotify) -> PolicyVerdictEvent:
@@ -267,6 +274,7 @@ def _decode_policy_verdict(n: abi.PolicyVerdictNotify) -> PolicyVerdictEvent:
         cap_len=cap,
         data=data,
         packet=parse_packet(data),
+        version=n.hdr.version,
         direction=n.dir,
         remote_identity=n.remote_label,
         local_identity=n.local_label,
