@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+from types import SimpleNamespace
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from test_events import MASK_DROP, MASK_TRACE, MASK_VERDICT, record, tcp_syn, verdict_record
 
+from pilus.api.server import APIServer
 from pilus.datapath import abi
 from pilus.datapath.events import DropEvent, PolicyVerdictEvent, TraceEvent, decode_records
 from pilus.observer import monitor
@@ -227,5 +231,32 @@ def test_the_hub_reads_when_the_ring_is_readable_and_closes_it_on_stop(reader):
         assert ev.reason == 133
         await hub.stop()
         assert reader.closed and hub.received == 3
+
+    asyncio.run(main())
+
+
+# -- the API streams what the hub offers, as records -------------------------------------
+
+
+def test_the_monitor_route_streams_records_of_the_typed_events(reader):
+    async def main():
+        hub = EventHub(reader)
+        api = APIServer(SimpleNamespace(events=hub), None)
+        async with TestClient(TestServer(api.app())) as client:
+            resp = await client.get("/v1/monitor?type=drop&endpoint=6")
+            assert resp.status == 200
+            for _ in range(100):  # until the route has subscribed
+                if hub.subscribers:
+                    break
+                await asyncio.sleep(0.01)
+            reader.ring = [trace(), drop(reason=132, source=7, dst_id=6)]
+            hub._drain()
+            line = await asyncio.wait_for(resp.content.readline(), 5)
+            got = json.loads(line)
+            assert (got["type"], got["reason_desc"], got["dst_ep"]) == ("drop", "Invalid source ip", 6)
+            assert got["summary"] == "10.200.1.5:43512 -> 10.200.1.6:80 tcp SYN" and got["time"]
+            resp.close()
+            bad = await client.get("/v1/monitor?type=flows")
+            assert bad.status == 400 and "unknown event type 'flows'" in (await bad.json())["error"]
 
     asyncio.run(main())
