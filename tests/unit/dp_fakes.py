@@ -49,6 +49,13 @@ class FakeIpcacheMap:
         out = [(p, i, self.tunnels.get(p)) for p, i in self.rows.items()]
         return sorted(out, key=lambda t: (t[0].network_address, t[0].prefixlen))
 
+    # Reconciler target, as IpcacheMap: prefix -> (identity, tunnel endpoint or None)
+    def dump(self) -> list[tuple[IPv4Network, tuple[int, IPv4Address | None]]]:
+        return [(p, (i, tunnel)) for p, i, tunnel in self.items()]
+
+    def update(self, prefix, value) -> None:
+        self.upsert(prefix, *value)
+
 
 class FakeEndpointMap:
     """pilus_lxc (+ pilus_lxc_if): EndpointInfo rows keyed by IP, as EndpointMap."""
@@ -73,6 +80,15 @@ class FakeEndpointMap:
 
     def items(self) -> list:
         return sorted(self.rows.values(), key=lambda e: e.ipv4)
+
+    # Reconciler target, as EndpointMap: IP -> EndpointInfo
+    def dump(self) -> list:
+        return [(IPv4Address(ep.ipv4), ep) for ep in self.items()]
+
+    def update(self, ipv4, ep) -> None:
+        if IPv4Address(ipv4) != IPv4Address(ep.ipv4):
+            raise ValueError(f"endpoint {ep.ep_id}: key {ipv4} is not its address {ep.ipv4}")
+        self.upsert(ep)
 
 
 class FakePolicyMaps:

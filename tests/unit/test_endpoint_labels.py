@@ -22,11 +22,13 @@ from pilus.api.server import APIServer
 from pilus.cli import endpoint as endpoint_cli
 from pilus.cli.main import build_parser
 from pilus.cli.main import main as cli
+from pilus.endpoint.entries import EndpointEntries
 from pilus.endpoint.manager import EndpointManager, NodeInfo, pod_labels, relabeled
 from pilus.endpoint.model import Endpoint, EndpointStore
 from pilus.endpoint.state import State
 from pilus.identity import IdentityAllocator
 from pilus.identity.labels import LabelError
+from pilus.ipcache import IPCache
 from pilus.kvstore import open_store
 
 # -- the label rules -------------------------------------------------------------------
@@ -122,6 +124,7 @@ class World:
         self.manager = EndpointManager(
             NodeInfo("node1", "default", IPv4Address("10.200.1.1"), IPv4Network("10.200.1.0/24")),
             self.datapath, self.identities, ipam=None, store=EndpointStore(tmp),
+            ipcache=IPCache(self.datapath.ipcache), entries=EndpointEntries(self.datapath.endpoints),
         )
 
     async def start(self):

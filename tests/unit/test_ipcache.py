@@ -18,9 +18,11 @@ CIDR_ID = LOCAL_IDENTITY_FLAG | 1
 
 
 def test_constructing_reads_nothing():
-    class Untouchable:
-        def __getattr__(self, name):
-            raise AssertionError(f"the map was used: {name}")
+    class Untouchable(FakeIpcacheMap):
+        def dump(self):
+            raise AssertionError("the map was read")
+
+        items = dump
 
     IPCache(Untouchable())
 
@@ -114,3 +116,17 @@ def test_restart_keeps_an_earlier_runs_entries_until_resync():
     assert m.rows == {POD: 1234, router: reserved.HOST, NET("9.9.9.0/24"): CIDR_ID}
     cache.delete(POD, Source.LOCAL)
     assert m.rows[POD] == CIDR_ID  # the CIDR claim was kept underneath
+
+
+def test_a_map_without_dump_is_adapted():
+    class ItemsOnly:  # upsert/delete/items, as map wrappers before the reconciler
+        def __init__(self):
+            self.m = FakeIpcacheMap()
+            self.upsert, self.delete, self.items = self.m.upsert, self.m.delete, self.m.items
+
+    target = ItemsOnly()
+    target.m.rows[NET("10.7.0.0/16")] = 77
+    cache = IPCache(target)
+    cache.upsert(POD, 1234, Source.LOCAL)
+    cache.resync()
+    assert target.m.rows == {POD: 1234}

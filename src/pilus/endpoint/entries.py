@@ -27,7 +27,8 @@ class EndpointMapLike(Protocol):
 
 
 class EndpointMapTarget:
-    """The endpoint map as a Reconciler target: IP -> EndpointInfo."""
+    """The endpoint map as a Reconciler target: IP -> EndpointInfo, for wrappers that
+    offer only upsert/delete/items (EndpointMap has dump/update itself)."""
 
     def __init__(self, endpoint_map: EndpointMapLike) -> None:
         self.map = endpoint_map
@@ -45,7 +46,7 @@ class EndpointMapTarget:
 class EndpointEntries:
     def __init__(self, endpoint_map: EndpointMapLike) -> None:
         self._reconciler: Reconciler[IPv4Address, EndpointInfo] = Reconciler(
-            "endpoints", EndpointMapTarget(endpoint_map)
+            "endpoints", endpoint_map if hasattr(endpoint_map, "dump") else EndpointMapTarget(endpoint_map)
         )
         self._lock = threading.Lock()
 

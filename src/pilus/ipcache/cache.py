@@ -68,7 +68,8 @@ class IpcacheMapLike(Protocol):
 
 
 class MapTarget:
-    """The ipcache map as a Reconciler target: prefix -> (identity, tunnel endpoint)."""
+    """The ipcache map as a Reconciler target: prefix -> (identity, tunnel endpoint), for
+    wrappers that offer only upsert/delete/items (IpcacheMap has dump/update itself)."""
 
     def __init__(self, ipcache_map: IpcacheMapLike) -> None:
         self.map = ipcache_map
@@ -86,7 +87,7 @@ class MapTarget:
 
 class IPCache:
     def __init__(self, target: IpcacheMapLike) -> None:
-        self._map = MapTarget(target)
+        self._map = target if hasattr(target, "dump") else MapTarget(target)
         self._reconciler: Reconciler[IPv4Network, Value] = Reconciler("ipcache", self._map)
         self._claims: dict[IPv4Network, dict[Source, IPCacheEntry]] = {}
         self._restored: dict[IPv4Network, IPCacheEntry] | None = None  # None: map not read yet
