@@ -8,8 +8,9 @@ import types
 
 import pytest
 
-from pilus.cli import common
+from pilus.cli import common, monitor
 from pilus.cli.main import _first_positional, build_parser, main
+from pilus.datapath.events import MONITOR_TYPES
 
 
 @pytest.fixture(autouse=True)
@@ -249,3 +250,7 @@ def test_cluster_commands_call_the_manager(monkeypatch, tmp_path, capsys):
     assert capsys.readouterr().err == "Error: cannot delete bridge plbr-bad: busy\n"
     assert main(["cluster", "status", "--name", "lab"]) == 1
     assert "no pilus cluster named 'lab' is up" in capsys.readouterr().err
+
+
+def test_monitor_type_choices_are_the_datapath_event_types():
+    assert tuple(MONITOR_TYPES.values()) == monitor.EVENT_TYPES
