@@ -40,6 +40,7 @@ from pilus.ipcache import IPCache, Source
 from pilus.policy.distribution import NAMESPACE_PREFIX, POLICY_KEY, PolicyDistribution
 from pilus.policy.engine import EndpointPolicy, PolicyEngine, ServiceRef
 from pilus.policy.selector import ipblock_identity_labels
+from pilus.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class PolicySync:
         self.cidr_identities: dict[IPv4Network, int] = {}
         self.ipblock_identities: dict[IPv4Network, int] = {}
         self._ipblock_restored = False
+        self._ipblock_writer: Reconciler | None = None
         # new pilus_ipblock entries, written once the policy maps know their identities
         self._ipblock_pending: dict[IPv4Network, int] = {}
         self._dirty = asyncio.Event()
@@ -273,11 +275,10 @@ class PolicySync:
         current = self.ipblock_identities
         # the first time, the pinned map holds what an earlier run chose: keep its numbers,
         # so that a restart rewrites neither this map nor the policy maps
-        pinned = {} if self._ipblock_restored else dict(self.datapath.ipblock.items())
+        pinned = {} if self._ipblock_restored else dict(self.ipblock_writer.target.dump())
         for prefix in [p for p in current if p not in wanted]:
             self.engine.remove_identity(current.pop(prefix))
             self._ipblock_pending.pop(prefix, None)
-            self.datapath.ipblock.delete(prefix)  # first: addresses fall back to shorter prefixes
         taken = set(self.cidr_identities.values()) | set(current.values())
         used = taken | set(pinned.values())  # fresh numbers avoid the pinned ones still to come
         next_id = IPBLOCK_IDENTITY_BASE
@@ -293,9 +294,24 @@ class PolicySync:
             self.engine.upsert_identity(ident, ipblock_identity_labels(prefix))
             if pinned.get(prefix) != ident:
                 self._ipblock_pending[prefix] = ident
-        for prefix in pinned.keys() - current.keys():  # an earlier run's, no policy names them now
-            self.datapath.ipblock.delete(prefix)
+        # deletes now (addresses fall back to shorter prefixes), also of an earlier run's
+        # prefixes that no policy names now; new numbers wait for the policy maps
+        # (_sync_changed), a renumbered prefix keeps its old one until then
+        settled = {p: i for p, i in current.items() if p not in self._ipblock_pending}
+        keep = {p: pinned[p] for p in self._ipblock_pending if p in pinned}
+        self.ipblock_writer.set(settled | keep).raise_for_errors("pilus_ipblock")
         self._ipblock_restored = True
+
+    @property
+    def ipblock_writer(self) -> Reconciler:
+        """pilus_ipblock's reconciler (built on first use: the map exists once loaded)."""
+        if self._ipblock_writer is None:
+            self._ipblock_writer = Reconciler("ipblock", _PrefixMapTarget(self.datapath.ipblock))
+        return self._ipblock_writer
+
+    def reconcilers_status(self) -> list[dict]:
+        """The maps this component writes itself (the ipcache and endpoint map have owners)."""
+        return [self.ipblock_writer.status()]
 
     # -- output ----------------------------------------------------------------
 
@@ -304,7 +320,8 @@ class PolicySync:
             if ep_id in self.endpoints:
                 self._sync_endpoint(ep_id)
         while self._ipblock_pending:
-            self.datapath.ipblock.upsert(*self._ipblock_pending.popitem())
+            prefix, ident = self._ipblock_pending.popitem()
+            self.ipblock_writer.upsert(prefix, ident).raise_for_errors("pilus_ipblock")
 
     def _sync_endpoint(self, ep_id: int) -> int:
         policy = self.engine.policy_for(ep_id)
@@ -348,6 +365,22 @@ class PolicySync:
                 log.debug("conntrack GC removed %d entries", removed)
             except Exception:
                 log.exception("conntrack GC failed")
+
+
+class _PrefixMapTarget:
+    """pilus_ipblock (upsert/delete/items of prefix -> identity) as a Reconciler target."""
+
+    def __init__(self, prefix_map) -> None:
+        self.map = prefix_map
+
+    def dump(self):
+        return self.map.items()
+
+    def update(self, prefix: IPv4Network, identity: int) -> None:
+        self.map.upsert(prefix, identity)
+
+    def delete(self, prefix: IPv4Network) -> None:
+        self.map.delete(prefix)
 
 
 def service_refs(services: Iterable) -> dict[tuple[str, str], ServiceRef]:
