@@ -16,6 +16,7 @@ from pilus.datapath.events import DropEvent
 from pilus.datapath.lb import BackendEntry, Frontend
 from pilus.datapath.testrun import run_skb
 from pilus.loadbalancer.maglev import build_table
+from pilus.observer.format import event_record
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 VIP = "10.96.0.10"
@@ -175,7 +176,7 @@ def test_no_backend_syn_gets_rst_and_drop_is_counted(dp, events):
     assert metric(dp, 158) == before + 1
     drops = [e for e in events.poll() if isinstance(e, DropEvent)]
     assert [d.reason for d in drops] == [158]
-    assert drops[0].to_dict()["reason_desc"] == "Service backend not found"
+    assert event_record(drops[0])["reason_desc"] == "Service backend not found"
     # nothing tracked
     assert [c for c in dp.ct.items() if c["sport"] == 42000] == []
     # a non-SYN is just dropped
@@ -382,7 +383,7 @@ def test_policy_applies_to_the_backend_after_translation(dp, events):
     assert from_ep(dp, syn2).retval == TC_ACT_SHOT
     drops = [e for e in events.poll() if isinstance(e, DropEvent)]
     assert drops and drops[-1].reason == 133
-    assert drops[-1].to_dict()["dst_ip"] == str(EP_B.ipv4)
+    assert event_record(drops[-1])["dst_ip"] == str(EP_B.ipv4)
 
 
 NODE = "172.30.0.11"  # lxc_env.NODE_IP

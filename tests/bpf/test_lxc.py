@@ -27,6 +27,7 @@ from pilus.datapath import (
 from pilus.datapath.abi import NOTIFY_TRACE
 from pilus.datapath.events import listen_mask
 from pilus.datapath.testrun import run_skb
+from pilus.observer.format import event_record
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 
@@ -72,7 +73,7 @@ def test_pod_to_pod_redirects_to_peer(dp, events):
     evs = events.poll()
     traces = [e for e in evs if isinstance(e, TraceEvent)]
     assert len(traces) == 1, evs
-    t = traces[0].to_dict()
+    t = event_record(traces[0])
     assert t["type"] == "trace"
     assert t["observation_point"] == "to-endpoint"
     assert t["ct_state"] == "new"
@@ -104,7 +105,7 @@ def test_spoofed_source_is_dropped(dp, events):
 
     drops = [e for e in events.poll() if isinstance(e, DropEvent)]
     assert len(drops) == 1
-    d = drops[0].to_dict()
+    d = event_record(drops[0])
     assert d["type"] == "drop"
     assert d["reason"] == 132
     assert d["reason_desc"] == "Invalid source ip"
@@ -129,7 +130,7 @@ def test_to_stack_for_outside_destination(dp, events):
     assert len(t) == 1
     assert t[0].observation_point == "to-stack"
     assert t[0].dst_identity == 2  # world
-    assert t[0].to_dict()["tcp_flags"] == ["SYN"]
+    assert event_record(t[0])["tcp_flags"] == ["SYN"]
 
 
 def test_to_router_goes_to_stack_with_host_identity(dp, events):
@@ -199,7 +200,7 @@ def test_tcp_conntrack_and_trace_aggregation(dp, events):
     assert from_a(dp, ack).retval == TC_ACT_REDIRECT
     assert from_a(dp, fin).retval == TC_ACT_REDIRECT
 
-    traces = [e.to_dict() for e in events.poll() if isinstance(e, TraceEvent)]
+    traces = [event_record(e) for e in events.poll() if isinstance(e, TraceEvent)]
     assert [(t["ct_state"], t["tcp_flags"]) for t in traces] == [
         ("new", ["SYN"]),
         ("reply", ["SYN", "ACK"]),
@@ -223,7 +224,7 @@ def test_icmp_echo_reply_matches(dp, events):
     rep = Ether(src=EP_B.mac, dst=EP_B.host_mac) / IP(src=b, dst=a) / ICMP(type=0, id=99, seq=1)
     assert from_a(dp, req).retval == TC_ACT_REDIRECT
     assert from_a(dp, rep, ingress_ifindex=EP_B.ifindex).retval == TC_ACT_REDIRECT
-    traces = [e.to_dict() for e in events.poll() if isinstance(e, TraceEvent)]
+    traces = [event_record(e) for e in events.poll() if isinstance(e, TraceEvent)]
     assert [t["ct_state"] for t in traces] == ["new", "reply"]  # first reply is reported
     assert from_a(dp, req).retval == TC_ACT_REDIRECT
     assert from_a(dp, rep, ingress_ifindex=EP_B.ifindex).retval == TC_ACT_REDIRECT
@@ -253,7 +254,7 @@ def test_to_container_identity_and_reply(dp, events):
     assert to_container(dp, pkt).retval == TC_ACT_OK
     pkt2 = Ether() / IP(src="9.9.9.9", dst="10.200.1.7") / TCP(sport=1, dport=2, flags="S")
     assert to_container(dp, pkt2).retval == TC_ACT_OK
-    t = [e.to_dict() for e in events.poll() if isinstance(e, TraceEvent)]
+    t = [event_record(e) for e in events.poll() if isinstance(e, TraceEvent)]
     assert [
         (x["observation_point"], x["src_identity"], x["dst_ep"], x["dst_identity"]) for x in t
     ] == [
@@ -412,7 +413,7 @@ def test_events_only_for_types_somebody_listens_to(dp, events):
     assert from_a(dp, syn(51002)).retval == TC_ACT_REDIRECT
     # both reach the ring; the reader decodes only what the caller wants
     got = events.poll(want=lambda t: t == NOTIFY_TRACE)
-    assert [(type(e), e.to_dict()["ct_state"]) for e in got] == [(TraceEvent, "new")]
+    assert [(type(e), event_record(e)["ct_state"]) for e in got] == [(TraceEvent, "new")]
     assert events.records == 3
     assert metric(dp, 132, "egress") == drops0 + 3
 

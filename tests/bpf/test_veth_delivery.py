@@ -16,6 +16,7 @@ import pytest
 from lxc_env import NODE_IP, POD_CIDR, ROUTER_IP
 
 from pilus.datapath import Datapath, DatapathConfig, EndpointInfo, TraceEvent
+from pilus.observer.format import event_record
 
 
 @contextmanager
@@ -107,7 +108,7 @@ def test_udp_pod_to_pod_delivery(topology, tmp_path_factory):
             finally:
                 rx.close()
                 tx.close()
-            traces = [e.to_dict() for e in reader.poll() if isinstance(e, TraceEvent)]
+            traces = [event_record(e) for e in reader.poll() if isinstance(e, TraceEvent)]
         udp = [t for t in traces if t["proto"] == "UDP"]
         assert [(t["observation_point"], t["ct_state"], t["dst_ep"]) for t in udp] == [
             ("to-endpoint", "new", ep2.ep_id),
