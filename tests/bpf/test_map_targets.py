@@ -12,6 +12,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import raw
 
 from pilus.datapath.lb import BackendEntry, Frontend, ServiceValue
+from pilus.datapath.loader import map_info
 from pilus.datapath.objects import HOST, LXC, OBJECTS, SOCK
 from pilus.datapath.testrun import run_skb
 from pilus.loadbalancer.maglev import build_table
@@ -76,6 +77,12 @@ def test_lb_targets_write_what_the_datapath_translates(dp):
 def test_the_object_table(dp):
     assert [spec.name for spec in OBJECTS] == ["lxc", "host", "sock"]
     assert SOCK.enabled(dp.cfg) is None  # not managed by load() unless configured
-    for spec in (LXC, HOST):  # loaded, sharing the lxc object's maps
+    for spec in (LXC, HOST):
         for prog in spec.programs:
             assert dp.prog_fd(prog) > 0
+    # without pins the host object reuses the lxc object's maps, and always its
+    # monitor mask (an internal map); its .rodata sections are its own
+    lxc, host = dp._objects[LXC.name], dp._objects[HOST.name]
+    for name in (".data.monitor", "pilus_events", "pilus_lb4_svc", "pilus_lxc"):
+        assert map_info(lxc.map_fd(name)).id == map_info(host.map_fd(name)).id, name
+    assert map_info(lxc.map_fd(".rodata.lb")).id != map_info(host.map_fd(".rodata.lb")).id
