@@ -6,8 +6,7 @@ API, which import it; it imports only error classes, never the agent or the API.
 
 from __future__ import annotations
 
-from pilus.datapath import DatapathError
-from pilus.datapath.links import LinkError
+from pilus.datapath.errors import DatapathError
 from pilus.identity.labels import LabelError
 from pilus.ipam.hostscope import IPAMExhausted
 from pilus.kvstore.base import KVStoreError
@@ -24,8 +23,7 @@ class TraceInputError(ValueError):
 
 USER_FACING: tuple[type[BaseException], ...] = (
     AgentError,
-    DatapathError,
-    LinkError,
+    DatapathError,  # links' failures too
     LabelError,
     IPAMExhausted,
     KVStoreError,

@@ -39,6 +39,7 @@ from pilus.cluster.plan import (
     validate,
 )
 from pilus.datapath import links
+from pilus.datapath.errors import DatapathError
 
 __all__ = [
     "ClusterError",
@@ -388,7 +389,7 @@ def cluster_up(
             cluster_down(spec.name, spec.state_root)
         if isinstance(e, ClusterError):
             raise
-        if isinstance(e, links.LinkError | OSError):
+        if isinstance(e, DatapathError | OSError):
             raise ClusterError(
                 f"cluster {spec.name!r} could not be built: {e}; everything made was removed"
             ) from None
