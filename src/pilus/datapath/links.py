@@ -30,11 +30,7 @@ from .netns import (
     run_in_netns,
 )
 
-LinkError = DatapathError  # alias until callers move (cluster/manager.py, errors.py, tests)
-
-
 __all__ = [
-    "LinkError",
     "NETNS_RUN_DIR",
     "VethInfo",
     "netns_exists",
