@@ -307,3 +307,22 @@ def test_fake_agent_serves_concurrently(agent):
     for t in threads:
         t.join(5)
     assert results == [HEALTH, HEALTH]
+
+
+def test_status_shows_components_and_failed_map_writes():
+    health = {"agent": {"state": "Ok"}, "kvstore": {"state": "Ok"}, "datapath": {"state": "Ok"},
+              "components": [
+                  {"name": "datapath", "job": "load", "state": "Ok"},
+                  {"name": "ipcache", "job": "owner", "state": "Ok",
+                   "maps": [{"name": "ipcache", "state": "Pending", "desired": 4, "pending": 1, "errors": 3,
+                             "last_error": "10.9.0.0/16: no space left on device"}]},
+                  {"name": "prometheus", "job": "metrics", "state": "Disabled"},
+              ]}
+    lines = status.format_status(health).splitlines()
+    assert "Components:              2/2 Ok" in lines
+    assert ("Map writers:             ipcache   Pending   4 desired, 1 pending, 3 errors, "
+            "last: 10.9.0.0/16: no space left on device") in lines
+    assert status.format_brief(health) == "OK\n"
+    health["components"][0]["state"] = "Failed: clang not found"
+    assert status.format_brief(health) == "datapath: Failed: clang not found\n"
+    assert "Components:              1/2 Ok (datapath: Failed: clang not found)" in status.format_status(health)

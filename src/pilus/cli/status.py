@@ -77,6 +77,20 @@ def format_status(h: dict) -> str:
             rows.append([m.get("name", "?"), fill, m.get("type") or ""])
         lines.append(("BPF maps", output.table([], rows, no_headers=True).splitlines()))
 
+    components = h.get("components") or []
+    if components:
+        running = [c for c in components if c.get("state") != "Disabled"]
+        bad = [f"{c.get('name')}: {c.get('state')}" for c in running if not _is_ok(str(c.get("state")))]
+        lines.append(("Components", f"{len(running) - len(bad)}/{len(running)} Ok"
+                      + (f" ({'; '.join(bad)})" if bad else "")))
+        writers = [m for c in components for m in c.get("maps") or []]
+        if writers:
+            rows = [[m.get("name", "?"), _state(m),
+                     f"{output.or_dash(m.get('desired'))} desired, {output.or_dash(m.get('pending'))} pending, "
+                     f"{output.or_dash(m.get('errors'))} errors"
+                     + (f", last: {m['last_error']}" if m.get("last_error") else "")] for m in writers]
+            lines.append(("Map writers", output.table([], rows, no_headers=True).splitlines()))
+
     ipam = h.get("ipam") or {}
     cidr = ipam.get("cidr") or h.get("pod_cidr") or "?"
     total = ipam.get("total")
@@ -108,6 +122,10 @@ def format_brief(h: dict) -> str:
         state = _state(section)
         if not _is_ok(state):
             return f"{name}: {state}\n"
+    for component in h.get("components") or []:
+        state = str(component.get("state"))
+        if state != "Disabled" and not _is_ok(state):
+            return f"{component.get('name')}: {state}\n"
     return "OK\n"
 
 
