@@ -28,13 +28,21 @@ from pilus.datapath import (
     PolicyValue,
     PolicyVerdictEvent,
 )
+from pilus.datapath.policy import match_type
 from pilus.datapath.testrun import run_skb
+from pilus.policy import mapstate
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 EGR = ENDPOINT_F_POLICY_EGRESS | ENDPOINT_F_IPBLOCK_EGRESS
 ING = ENDPOINT_F_POLICY_INGRESS | ENDPOINT_F_IPBLOCK_INGRESS
 TCP_ = 6
 ALLOW, DENY = PolicyValue(deny=False), PolicyValue(deny=True)
+
+
+def mirror(dp, ep_id, identity, egress, proto, port, ipblock_identity=0):
+    """The Python mirror of the datapath lookup over what the map really holds."""
+    v = mapstate.lookup(dp.policy.state(ep_id), identity, egress, proto, port, ipblock_identity)
+    return {"action": v.action, "match_type": match_type(v)}
 MATE = IPv4Address("10.200.2.8")  # B's identity, another address
 IB_B, IB_NET, IB_EXT = (1 << 24) | 0x101, (1 << 24) | 0x102, (1 << 24) | 0x103  # ipBlock identities
 
@@ -185,7 +193,7 @@ def test_python_verdict_agrees_with_the_two_lookups(dp, events):
     for i, port in enumerate((80, 443, 22, 8080)):
         ret = from_a(dp, a, EP_B.ipv4, port, 41100 + i)
         ((action, _reason, _remote, match),) = outcome(events.poll())
-        py = dp.policy.verdict(a.ep_id, EP_B.identity, True, TCP_, port, ipblock_identity=IB_B)
+        py = mirror(dp, a.ep_id, EP_B.identity, True, TCP_, port, IB_B)
         assert (py["action"], py["match_type"]) == (action, match), port
         assert (ret == TC_ACT_REDIRECT) == (action == "allow"), port
 

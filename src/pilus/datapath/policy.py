@@ -1,4 +1,4 @@
-"""Per-endpoint policy maps (Cilium's cilium_policy_<id>): create, sync, read.
+"""Per-endpoint policy maps (Cilium's cilium_policy_<id>): encoding and lifecycle.
 
 Each endpoint's policy is an LPM trie (``struct policy_key -> struct
 policy_entry`` in bpf/lib/common.h) created here with ``bpf_map_create``,
@@ -8,11 +8,12 @@ outlive the agent: a restarted agent finds every endpoint's map through
 ``pilus_policy`` (or its pin) and syncs it in place, so established
 connections and counters survive.
 
-Key encoding (Cilium's): identity and direction always match in full (40
-bits); ``proto`` adds 8 bits; ``prefix_len`` leading bits of ``dport`` add up
-to 16 more. ``proto == 0`` means any protocol (then ``dport == 0`` and
-``prefix_len == 0``). ICMP rules put the ICMP type in ``dport`` (proto 1,
-prefix 16). Identity 0 is "any identity" (L4-only rules).
+What the map holds and what the datapath decides with it is
+``pilus.policy.mapstate`` (the key type, deny-wins normalisation and the lookup
+mirror); this module only encodes it. Key encoding (Cilium's): identity and
+direction always match in full (40 bits); ``proto`` adds 8 bits; ``prefix_len``
+leading bits of ``dport`` add up to 16 more. ``sync`` writes through one
+``Reconciler`` per endpoint map.
 """
 
 from __future__ import annotations
@@ -20,16 +21,19 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
+from pilus.policy.mapstate import PolicyEntry, PolicyKey, Verdict, normalize, port_mask, port_range, port_range_text
+from pilus.reconcile import ReconcileError, Reconciler
+
 from . import abi
 from ._libbpf import bpf_map_create_opts, check, lib
+from .errors import DatapathError
 from .loader import close_fd, map_info, obj_get
-from .maps import BpfMap, FdSource, _ipc_key, proto_name
+from .maps import BpfMap, FdSource, _ipc_key
 from .reasons import POLICY_MATCH_TYPES
 
 BPF_MAP_TYPE_LPM_TRIE = 11
@@ -41,60 +45,19 @@ PIN_PREFIX = "pilus_policy_"
 
 MATCH_TYPES = POLICY_MATCH_TYPES
 
-
-def _error(msg: str) -> Exception:
-    from .datapath import DatapathError  # datapath.py imports this module
-
-    return DatapathError(msg)
-
-
-@dataclass(frozen=True)
-class PolicyKey:
-    """One policy map key, as the policy engine produces it."""
-
-    identity: int  # remote identity; 0 = any
-    egress: bool
-    proto: int  # IP protocol; 0 = any (then dport = prefix_len = 0)
-    dport: int  # host order; ICMP: the ICMP type
-    prefix_len: int  # significant leading bits of dport, 0..16
-
-
-@dataclass(frozen=True)
-class PolicyValue:
-    deny: bool
-    proxy_port: int = 0
-
-
-def _validate(k: PolicyKey) -> None:
-    if not 0 <= k.identity <= 0xFFFFFFFF:
-        raise ValueError(f"{k}: identity out of range")
-    if not 0 <= k.proto <= 255:
-        raise ValueError(f"{k}: proto must be 0..255")
-    if not 0 <= k.prefix_len <= 16:
-        raise ValueError(f"{k}: prefix_len must be 0..16")
-    if not 0 <= k.dport <= 0xFFFF:
-        raise ValueError(f"{k}: dport must be 0..65535")
-    if k.proto == 0 and (k.dport or k.prefix_len):
-        raise ValueError(f"{k}: any-protocol entries cannot name a port")
-
-
-def _mask(dport: int, prefix_len: int) -> int:
-    return dport & ((0xFFFF << (16 - prefix_len)) & 0xFFFF) if prefix_len else 0
-
-
-def l4_prefix_len(k: PolicyKey) -> int:
-    """Proto+port prefix bits of a key (the entry's lpm_prefix_length, 0..24)."""
-    return abi.POLICY_PROTO_PREFIX + k.prefix_len if k.proto else 0
+#: the map's value as the control plane writes it: (deny, proxy_port); the
+#: datapath owns the counters and lpm_prefix_length follows from the key
+PolicyValue = PolicyEntry
 
 
 def key_to_c(k: PolicyKey) -> abi.PolicyKeyC:
-    _validate(k)
+    k.validate()
     c = abi.PolicyKeyC()
-    c.lpm_prefixlen = abi.POLICY_STATIC_PREFIX + l4_prefix_len(k)
+    c.lpm_prefixlen = abi.POLICY_STATIC_PREFIX + k.l4_prefix_len
     c.sec_label = k.identity
     c.egress = 1 if k.egress else 0
     c.protocol = k.proto
-    c.dport = abi.port_to_raw(_mask(k.dport, k.prefix_len)) if k.proto else 0
+    c.dport = abi.port_to_raw(port_mask(k.dport, k.prefix_len)) if k.proto else 0
     return c
 
 
@@ -102,70 +65,73 @@ def key_from_c(c: abi.PolicyKeyC) -> PolicyKey:
     l4 = max(0, c.lpm_prefixlen - abi.POLICY_STATIC_PREFIX)
     proto = c.protocol if l4 >= abi.POLICY_PROTO_PREFIX else 0
     plen = max(0, l4 - abi.POLICY_PROTO_PREFIX) if proto else 0
-    dport = _mask(abi.raw_to_port(c.dport), plen) if proto else 0
+    dport = port_mask(abi.raw_to_port(c.dport), plen) if proto else 0
     return PolicyKey(identity=c.sec_label, egress=bool(c.egress), proto=proto, dport=dport, prefix_len=plen)
 
 
-def port_range(dport: int, prefix_len: int) -> tuple[int, int]:
-    """First and last port a (dport, prefix_len) pair covers."""
-    lo = _mask(dport, prefix_len)
-    return lo, lo | (0xFFFF >> prefix_len if prefix_len < 16 else 0)
-
-
-def port_range_text(proto: int, dport: int, prefix_len: int) -> str:
-    """Cilium's column text: "80/TCP", "8000-8003/TCP", "ANY/TCP", "ANY"."""
-    if not proto:
-        return "ANY"
-    pname = proto_name(proto)
-    if prefix_len == 0:
-        return f"ANY/{pname}"
-    lo, hi = port_range(dport, prefix_len)
-    return f"{lo}/{pname}" if lo == hi else f"{lo}-{hi}/{pname}"
-
-
-def _covers(d: PolicyKey, a: PolicyKey) -> bool:
-    """Does entry ``d`` match every packet ``a`` matches (same identity/direction)?"""
-    if d.proto == 0:
-        return True
-    if d.proto != a.proto or d.prefix_len > a.prefix_len:
-        return False
-    return _mask(a.dport, d.prefix_len) == _mask(d.dport, d.prefix_len)
-
-
-def close_denies(entries: Mapping[PolicyKey, Any]) -> dict[PolicyKey, PolicyValue]:
-    """Normalize to PolicyValue and make deny win inside one identity.
-
-    The datapath takes the longest proto/port prefix per identity, so an allow
-    more specific than a deny covering it (deny TCP, allow 80/TCP) would win;
-    such allows are written as denies (Cilium's map state does the same).
-    """
-    out: dict[PolicyKey, PolicyValue] = {}
-    denies: dict[tuple[int, bool], list[PolicyKey]] = {}
-    for k, v in entries.items():
-        _validate(k)
-        k = PolicyKey(k.identity, bool(k.egress), k.proto, _mask(k.dport, k.prefix_len), k.prefix_len)
-        val = PolicyValue(bool(v.deny), int(getattr(v, "proxy_port", 0) or 0))
-        if k in out and out[k].deny:
-            continue  # duplicates after masking: deny wins
-        out[k] = val
-        if val.deny:
-            denies.setdefault((k.identity, k.egress), []).append(k)
-    for k, v in list(out.items()):
-        if v.deny:
-            continue
-        for d in denies.get((k.identity, k.egress), ()):
-            if _covers(d, k):
-                out[k] = PolicyValue(True, 0)
-                break
-    return out
-
-
-def _entry(k: PolicyKey, v: PolicyValue) -> abi.PolicyEntryC:
+def entry_to_c(k: PolicyKey, v: PolicyEntry) -> abi.PolicyEntryC:
     e = abi.PolicyEntryC()
     e.deny = 1 if v.deny else 0
     e.proxy_port = abi.port_to_raw(v.proxy_port) if v.proxy_port else 0
-    e.lpm_prefix_length = l4_prefix_len(k)
+    e.lpm_prefix_length = k.l4_prefix_len
     return e
+
+
+def entry_from_c(e: abi.PolicyEntryC) -> PolicyEntry:
+    """The control plane's part of an entry (counters left out)."""
+    return PolicyEntry(bool(e.deny), abi.raw_to_port(e.proxy_port) if e.proxy_port else 0)
+
+
+def match_type(v: Verdict) -> str:
+    """The policy-verdict event's match type for a lookup result (bpf/lib/policy.h policy_match_type)."""
+    if v.key is None:
+        return MATCH_TYPES[abi.POLICY_MATCH_NONE]
+    plen = v.key.l4_prefix_len
+    if plen > abi.POLICY_PROTO_PREFIX:
+        t = abi.POLICY_MATCH_L4_ONLY if v.any_identity else abi.POLICY_MATCH_L3_L4
+    elif plen == abi.POLICY_PROTO_PREFIX:
+        t = abi.POLICY_MATCH_PROTO_ONLY if v.any_identity else abi.POLICY_MATCH_L3_PROTO
+    else:
+        t = abi.POLICY_MATCH_ALL if v.any_identity else abi.POLICY_MATCH_L3_ONLY
+    return MATCH_TYPES[t]
+
+
+class _PolicyMapTarget:
+    """One endpoint's policy map as a reconciler target. ``dump`` leaves the
+    counters out (kept entries keep theirs); ``update`` carries the counters of
+    the entry it replaces, read from ``counters_from`` (the map being replaced) or
+    the map itself."""
+
+    def __init__(self, m: BpfMap, counters_from: BpfMap | None = None) -> None:
+        self.map = m
+        self.counters_from = counters_from
+        self._snapshot: list[tuple[PolicyKey, PolicyEntry]] | None = None
+
+    def read(self) -> dict[PolicyKey, PolicyEntry]:
+        """Read the map now; the reconciler's first ``dump`` gets this same read."""
+        self._snapshot = [(key_from_c(k), entry_from_c(v)) for k, v in self.map.items()]
+        return dict(self._snapshot)
+
+    def dump(self) -> Iterator[tuple[PolicyKey, PolicyEntry]]:
+        snap, self._snapshot = self._snapshot, None
+        if snap is not None:
+            return iter(snap)
+        return ((key_from_c(k), entry_from_c(v)) for k, v in self.map.items())
+
+    def update(self, key: PolicyKey, value: PolicyEntry) -> None:
+        ck = key_to_c(key)
+        e = entry_to_c(key, value)
+        old = (self.counters_from or self.map).lookup(ck)
+        if old is not None:
+            e.packets, e.bytes = old.packets, old.bytes
+        self.map.update(ck, e)
+
+    def delete(self, key: PolicyKey) -> None:
+        self.map.delete(key_to_c(key))
+
+
+def _denies_first(entries: Mapping[PolicyKey, PolicyEntry]) -> dict[PolicyKey, PolicyEntry]:
+    return {**{k: v for k, v in entries.items() if v.deny}, **{k: v for k, v in entries.items() if not v.deny}}
 
 
 class PolicyMaps:
@@ -185,6 +151,7 @@ class PolicyMaps:
         self.pin_root = Path(pin_root) if pin_root is not None else None
         self.capacity = capacity
         self._fds: dict[int, int] = {}
+        self._writers: dict[int, tuple[int, Reconciler[PolicyKey, PolicyEntry]]] = {}  # ep -> (map fd, writer)
 
     # ------------------------------------------------------------ maps
 
@@ -273,8 +240,9 @@ class PolicyMaps:
     # ------------------------------------------------------------ API
 
     def sync(self, ep_id: int, entries: Mapping[PolicyKey, Any]) -> dict:
-        """Make the endpoint's map hold exactly ``entries`` (values need
-        ``.deny`` and ``.proxy_port``); create the map if missing.
+        """Make the endpoint's map hold exactly the map state of ``entries`` (values
+        need ``.deny``, optionally ``.proxy_port``; ``mapstate.normalize`` makes deny
+        win); create the map if missing.
 
         Changes are applied in place: new and changed entries first (denies
         before allows), stale ones last, so the map never passes through an
@@ -283,18 +251,21 @@ class PolicyMaps:
         entries are preserved. Returns ``{"added", "updated", "deleted"}``.
         """
         try:
-            desired = close_denies(entries)
+            state = normalize(entries)
         except ValueError as exc:
-            raise _error(f"endpoint {ep_id} policy: bad entry {exc}") from None
+            raise DatapathError(f"endpoint {ep_id} policy: bad entry {exc}") from None
+        desired = _denies_first({k: PolicyEntry(e.deny, e.proxy_port) for k, e in state.items()})
         if len(desired) > self.capacity:
-            raise _error(f"endpoint {ep_id} policy needs {len(desired)} entries, the policy map holds {self.capacity}")
+            raise DatapathError(
+                f"endpoint {ep_id} policy needs {len(desired)} entries, the policy map holds {self.capacity}"
+            )
         try:
             return self._sync(ep_id, desired)
-        except OSError as exc:
-            raise _error(f"syncing the policy map of endpoint {ep_id} failed: {exc}") from exc
+        except (OSError, ReconcileError) as exc:
+            raise DatapathError(f"syncing the policy map of endpoint {ep_id} failed: {exc}") from exc
 
-    def _sync(self, ep_id: int, desired: dict[PolicyKey, PolicyValue]) -> dict:
-        want = {bytes(key_to_c(k).to_bytes()): (k, v) for k, v in desired.items()}
+    def _current_fd(self, ep_id: int) -> int | None:
+        """The endpoint's usable map: the published one, else its pin (then published)."""
         published = self._published_fd(ep_id)
         fd = published
         if fd is None:
@@ -303,62 +274,62 @@ class PolicyMaps:
         if fd is not None and not self._compatible(fd):
             if fd != published:
                 close_fd(fd)
-            fd = None  # from a build with another layout/capacity: replace
-        current: dict[bytes, abi.PolicyEntryC] = {}
-        if fd is not None:
-            current = {bytes(k.to_bytes()): v for k, v in self._map(fd, ep_id).items()}
-            if fd != published:
-                self._publish(ep_id, fd)
+            return None  # from a build with another layout/capacity: replace
+        if fd is not None and fd != published:
+            self._publish(ep_id, fd)
+        return fd
 
-        added = [b for b in want if b not in current]
-        deleted = [b for b in current if b not in want]
-        updated = [
-            b
-            for b in want
-            if b in current
-            and (
-                bool(current[b].deny) != want[b][1].deny
-                or current[b].proxy_port != _entry(*want[b]).proxy_port
-                or current[b].lpm_prefix_length != _entry(*want[b]).lpm_prefix_length
-            )
-        ]
-        stats = {"added": len(added), "updated": len(updated), "deleted": len(deleted)}
-
-        def value(b: bytes) -> abi.PolicyEntryC:
-            e = _entry(*want[b])
-            old = current.get(b)
-            if old is not None:  # keep the counters
-                e.packets, e.bytes = old.packets, old.bytes
-            return e
-
-        if fd is None or len(current) + len(added) > self.capacity:
-            new_fd = self._create(ep_id)
-            try:
-                m = self._map(new_fd, ep_id)
-                for b in want:
-                    m.update(abi.PolicyKeyC.from_raw(b), value(b))
-                self._publish(ep_id, new_fd)
-            except BaseException:
-                if self._fds.get(ep_id) != new_fd:
-                    close_fd(new_fd)
-                raise
+    def _sync(self, ep_id: int, desired: dict[PolicyKey, PolicyEntry]) -> dict:
+        what = f"policy map of endpoint {ep_id}"
+        fd = self._current_fd(ep_id)
+        known = self._writers.get(ep_id)
+        if fd is not None and known is not None and known[0] == fd:
+            writer = known[1]
+            before = dict(writer.desired)
+        elif fd is not None:
+            target = _PolicyMapTarget(self._map(fd, ep_id))
+            before = target.read()
+            writer = Reconciler(what, target)
+        else:
+            before = {}
+        stats = {
+            "added": sum(1 for k in desired if k not in before),
+            "updated": sum(1 for k, v in desired.items() if k in before and before[k] != v),
+            "deleted": sum(1 for k in before if k not in desired),
+        }
+        if fd is None or len(before.keys() | desired.keys()) > self.capacity:
+            self._replace(ep_id, desired, fd)
             return stats
-
-        m = self._map(fd, ep_id)
-        writes = added + updated
-        writes.sort(key=lambda b: not want[b][1].deny)  # denies first
-        for b in writes:
-            m.update(abi.PolicyKeyC.from_raw(b), value(b))
-        for b in deleted:
-            m.delete(abi.PolicyKeyC.from_raw(b))
+        self._writers[ep_id] = (fd, writer)
+        # new and changed entries first, keeping the stale ones; then the stale ones go
+        stale = {k: v for k, v in before.items() if k not in desired}
+        writer.set({**stale, **desired}).raise_for_errors(what)
+        writer.set(desired).raise_for_errors(what)
         return stats
+
+    def _replace(self, ep_id: int, desired: dict[PolicyKey, PolicyEntry], old_fd: int | None) -> None:
+        """Build a complete new map (counters carried from ``old_fd``'s) and switch to it."""
+        new_fd = self._create(ep_id)
+        try:
+            old = self._map(old_fd, ep_id) if old_fd is not None else None
+            target = _PolicyMapTarget(self._map(new_fd, ep_id), counters_from=old)
+            writer: Reconciler[PolicyKey, PolicyEntry] = Reconciler(f"policy map of endpoint {ep_id}", target)
+            writer.set(desired).raise_for_errors(f"policy map of endpoint {ep_id}")
+            self._publish(ep_id, new_fd)
+        except BaseException:
+            if self._fds.get(ep_id) != new_fd:
+                close_fd(new_fd)
+            raise
+        target.counters_from = None  # the old map's fd is closed now
+        self._writers[ep_id] = (new_fd, writer)
 
     def delete(self, ep_id: int) -> None:
         """Drop the endpoint's map (the endpoint is gone)."""
         try:
             self.outer.delete(ctypes.c_uint32(ep_id))
         except OSError as exc:
-            raise _error(f"removing the policy map of endpoint {ep_id} failed: {exc}") from exc
+            raise DatapathError(f"removing the policy map of endpoint {ep_id} failed: {exc}") from exc
+        self._writers.pop(ep_id, None)
         self._forget(ep_id)
         path = self.pin_path(ep_id)
         if path is not None:
@@ -375,6 +346,10 @@ class PolicyMaps:
             return []
         return [(key_from_c(k), v) for k, v in self._map(fd, ep_id).items()]
 
+    def state(self, ep_id: int) -> dict[PolicyKey, PolicyEntry]:
+        """What the endpoint's map holds, as map state (``mapstate.lookup`` decides on it)."""
+        return {k: entry_from_c(v) for k, v in self._entries(ep_id)}
+
     def items(self, ep_id: int) -> list[dict]:
         """The endpoint's map as rows (Cilium's `bpf policy get` columns)."""
         rows = []
@@ -386,7 +361,7 @@ class PolicyMaps:
                     "proto": k.proto,
                     "dport": k.dport,
                     "prefix_len": k.prefix_len,
-                    "port": port_range_text(k.proto, k.dport, k.prefix_len),
+                    "port": k.text(),
                     "deny": bool(v.deny),
                     "proxy_port": abi.raw_to_port(v.proxy_port),
                     "packets": v.packets,
@@ -396,77 +371,9 @@ class PolicyMaps:
         rows.sort(key=lambda r: (r["direction"], r["identity"], r["proto"], r["dport"], r["prefix_len"]))
         return rows
 
-    def verdict(
-        self, ep_id: int, identity: int, egress: bool, proto: int, dport: int, ipblock_identity: int = 0
-    ) -> dict:
-        """What the datapath decides for the first packet of such a connection,
-        with the same algorithm on the same map (for `policy trace`).
-        ``ipblock_identity``: of the peer's address in pilus_ipblock, for an endpoint
-        whose ENDPOINT_F_IPBLOCK_* flag is set (0: no second lookup)."""
-        fd = self._published_fd(ep_id)
-        if fd is None:
-            return {"action": "deny", "reason": abi.DROP_POLICY, "match_type": "none", "entry": None}
-        m = self._map(fd, ep_id)
-
-        def lookup(ident: int) -> tuple[PolicyKey, abi.PolicyEntryC] | None:
-            k = abi.PolicyKeyC()
-            k.lpm_prefixlen = abi.POLICY_FULL_PREFIX
-            k.sec_label = ident
-            k.egress = 1 if egress else 0
-            k.protocol = proto
-            k.dport = abi.port_to_raw(dport)
-            v = m.lookup(k)
-            if v is None:
-                return None
-            # the matched key is not returned by the kernel: rebuild it
-            l4 = v.lpm_prefix_length
-            plen = max(0, l4 - abi.POLICY_PROTO_PREFIX) if l4 else 0
-            return (
-                PolicyKey(ident, egress, proto if l4 else 0, _mask(dport, plen) if l4 else 0, plen),
-                v,
-            )
-
-        def mtype(v: abi.PolicyEntryC, any_id: bool) -> int:
-            p = v.lpm_prefix_length
-            if p > abi.POLICY_PROTO_PREFIX:
-                return abi.POLICY_MATCH_L4_ONLY if any_id else abi.POLICY_MATCH_L3_L4
-            if p == abi.POLICY_PROTO_PREFIX:
-                return abi.POLICY_MATCH_PROTO_ONLY if any_id else abi.POLICY_MATCH_L3_PROTO
-            return abi.POLICY_MATCH_ALL if any_id else abi.POLICY_MATCH_L3_ONLY
-
-        a = lookup(identity)
-        chosen, any_id = None, False
-        if a is not None and a[1].deny:
-            chosen = a
-        else:
-            b = lookup(0)
-            if b is not None and (b[1].deny or a is None or b[1].lpm_prefix_length > a[1].lpm_prefix_length):
-                chosen, any_id = b, True
-            else:
-                chosen = a
-        if ipblock_identity and (chosen is None or not chosen[1].deny):
-            # the second lookup (bpf/lib/policy.h __policy_ipblock): its deny wins, its
-            # allow stands in for "nothing matched"
-            c = lookup(ipblock_identity)
-            if c is not None and (c[1].deny or chosen is None):
-                chosen, any_id = c, False
-        if chosen is None:
-            return {"action": "deny", "reason": abi.DROP_POLICY, "match_type": "none", "entry": None}
-        k, v = chosen
-        return {
-            "action": "deny" if v.deny else "allow",
-            "reason": abi.DROP_POLICY_DENY if v.deny else 0,
-            "match_type": MATCH_TYPES[mtype(v, any_id)],
-            "entry": {
-                "identity": k.identity,
-                "direction": "egress" if egress else "ingress",
-                "port": port_range_text(k.proto, k.dport, k.prefix_len),
-                "deny": bool(v.deny),
-            },
-        }
-
     def close(self) -> None:
         """Close cached fds (maps stay: pins and pilus_policy hold them)."""
+        self._writers.clear()
         for ep_id in list(self._fds):
             self._forget(ep_id)
 
@@ -500,6 +407,14 @@ __all__ = [
     "PolicyMaps",
     "PolicyValue",
     "close_denies",
+    "entry_from_c",
+    "entry_to_c",
+    "key_from_c",
+    "key_to_c",
+    "match_type",
     "port_range",
     "port_range_text",
 ]
+
+#: the deny-wins pass (``mapstate.normalize``) under its datapath name
+close_denies = normalize
