@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
+from pilus import protocols
 from pilus.cli import common, output
 
 
@@ -153,9 +154,6 @@ def format_bpf_metrics(entries: list[dict]) -> str:
     return output.table(["REASON", "DIRECTION", "PACKETS", "BYTES"], rows)
 
 
-PROTO_NAMES = {0: "ANY", 1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
-
-
 def _is_any_proto(e: dict) -> bool:
     proto = e.get("proto")
     if isinstance(proto, str) and not proto.isdigit():
@@ -183,7 +181,7 @@ def _policy_port(e: dict) -> str:
         wildcard = proto_name in ("", "ANY")
     else:
         num = int(proto or 0)
-        proto_name = PROTO_NAMES.get(num, str(num))
+        proto_name = protocols.name(num)
         wildcard = num == 0
     if wildcard:
         return "ANY"
