@@ -499,6 +499,8 @@ def test_entries_match_direct_evaluation(sc):
                 for egress in (False, True):
                     want = oracle(docs, mode, allow_localhost, E, named[n], p, egress, proto, dport)
                     got = dp_allows(pol, rid, egress, proto, dport, c.ipblock_of(pname))
+                    # the mirror of the datapath lookup over the same (normalised) entries agrees
+                    assert pol.verdict(rid, egress, proto, dport, c.ipblock_of(pname)).allowed == got
                     assert got == want, (
                         n,
                         pname,
