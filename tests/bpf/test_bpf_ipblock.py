@@ -30,6 +30,7 @@ from pilus.datapath import (
 )
 from pilus.datapath.policy import match_type
 from pilus.datapath.testrun import run_skb
+from pilus.observer.format import event_record
 from pilus.policy import mapstate
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
@@ -63,12 +64,12 @@ def outcome(evs):
     """(action, drop reason, remote identity, match type) of every policy verdict."""
     return [
         (v["action"], v["drop_reason"], v["remote_identity"], v["match_type"])
-        for v in (e.to_dict() for e in evs if isinstance(e, PolicyVerdictEvent))
+        for v in (event_record(e) for e in evs if isinstance(e, PolicyVerdictEvent))
     ]
 
 
 def drop_reasons(evs):
-    return [e.to_dict()["reason"] for e in evs if isinstance(e, DropEvent)]
+    return [event_record(e)["reason"] for e in evs if isinstance(e, DropEvent)]
 
 
 def packets(dp, ep_id, identity):

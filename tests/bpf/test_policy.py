@@ -34,6 +34,7 @@ from pilus.datapath import (
 )
 from pilus.datapath.policy import match_type
 from pilus.datapath.testrun import run_skb
+from pilus.observer.format import event_record
 from pilus.policy import mapstate
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
@@ -73,11 +74,11 @@ def tcp_in(saddr, dport, flags="S", sport=40000, dst=EP_C):
 
 
 def verdicts(evs):
-    return [e.to_dict() for e in evs if isinstance(e, PolicyVerdictEvent)]
+    return [event_record(e) for e in evs if isinstance(e, PolicyVerdictEvent)]
 
 
 def drops(evs):
-    return [e.to_dict() for e in evs if isinstance(e, DropEvent)]
+    return [event_record(e) for e in evs if isinstance(e, DropEvent)]
 
 
 def metric(dp, reason, direction):
@@ -415,7 +416,7 @@ def test_to_container_replies_of_egress_connections_pass(dp, events, c_ep):
     assert to_c(dp, tcp_in("1.1.1.1", 45001, "S", sport=443)).retval == TC_ACT_SHOT
     evs = events.poll()
     assert [x["action"] for x in verdicts(evs)] == ["allow", "allow", "deny"]
-    traces = [e.to_dict() for e in evs if isinstance(e, TraceEvent)]
+    traces = [event_record(e) for e in evs if isinstance(e, TraceEvent)]
     assert [t["ct_state"] for t in traces if t["observation_point"] == "to-endpoint"] == [
         "reply",
         "reply",
@@ -440,7 +441,7 @@ def test_icmp_error_related_to_a_flow_passes(dp, events, c_ep):
     assert to_c(dp, unreachable(53)).retval == TC_ACT_OK
     assert to_c(dp, unreachable(54)).retval == TC_ACT_SHOT  # not about a tracked flow
     evs = events.poll()
-    traces = [e.to_dict() for e in evs if isinstance(e, TraceEvent)]
+    traces = [event_record(e) for e in evs if isinstance(e, TraceEvent)]
     assert [t["ct_state"] for t in traces if t["observation_point"] == "to-endpoint"] == ["related"]
     (v,) = [x for x in verdicts(evs) if x["direction"] == "ingress"]
     assert (v["action"], v["proto"], v["dport"]) == ("deny", "ICMP", 3)

@@ -30,6 +30,7 @@ from pilus.datapath import (
     PolicyValue,
     PolicyVerdictEvent,
 )
+from pilus.observer.format import event_record
 
 ALLOW = PolicyValue(deny=False)
 TCP = 6
@@ -118,10 +119,10 @@ def test_tcp_allowed_by_l3_l4_and_other_port_dropped(topology, policy_dp):  # no
     finally:
         srv_ok.close()
         srv_no.close()
-    drops = [e.to_dict() for e in evs if isinstance(e, DropEvent) and e.packet.proto == "TCP"]
+    drops = [event_record(e) for e in evs if isinstance(e, DropEvent) and e.packet.proto == "TCP"]
     assert drops and {d["reason"] for d in drops} == {133}
     assert {(d["source_ep"], d["dport"]) for d in drops} == {(ep2.ep_id, 8081), (ep2.ep_id, 8080)}
-    v = [e.to_dict() for e in evs if isinstance(e, PolicyVerdictEvent)]
+    v = [event_record(e) for e in evs if isinstance(e, PolicyVerdictEvent)]
     first = [(x["source_ep"], x["direction"], x["action"], x["dport"], x["match_type"]) for x in v]
     assert first[:2] == [
         (ep1.ep_id, "egress", "allow", 8080, "L3-Only"),
@@ -197,7 +198,7 @@ def test_masqueraded_connection_reply_passes_ingress(topology, policy_dp):  # no
         finally:
             srv.close()
             pod_srv.close()
-        v = [e.to_dict() for e in evs if isinstance(e, PolicyVerdictEvent)]
+        v = [event_record(e) for e in evs if isinstance(e, PolicyVerdictEvent)]
         assert [(x["direction"], x["action"], x["remote_identity"], x["dport"]) for x in v][:2] == [
             ("egress", "allow", WORLD, 9000),
             ("ingress", "deny", WORLD, 9001),
