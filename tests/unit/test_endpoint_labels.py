@@ -1,6 +1,6 @@
 """`pilus endpoint labels`: the label rules, the manager's re-identification of a live
 endpoint (real allocator on the embedded kvstore, real state dir, datapath maps as
-dicts, tests/unit/dp_fakes.py), and the whole chain CLI -> client -> API -> manager on a UNIX socket."""
+dicts, pilus.testing.fake_datapath), and the whole chain CLI -> client -> API -> manager on a UNIX socket."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from types import SimpleNamespace
 
 import pytest
 from aiohttp import web
-from dp_fakes import FakeDatapath
 
 from pilus.api.client import APIError, Client
 from pilus.api.server import APIServer
@@ -30,6 +29,7 @@ from pilus.identity import IdentityAllocator
 from pilus.identity.labels import LabelError
 from pilus.ipcache import IPCache
 from pilus.kvstore import open_store
+from pilus.testing.fake_datapath import FakeDatapath
 
 # -- the label rules -------------------------------------------------------------------
 
@@ -245,7 +245,7 @@ def test_bad_relabel_changes_nothing(tmp_path):
             await w.manager.relabel("default/pod", [], [])
         assert (ep.identity, ep.user_labels, ep.labels, await w.listed()) == before
         assert (w.tmp / "endpoints" / "1.json").read_text() == saved
-        assert w.datapath.ipcache.rows == {} and w.datapath.attached == []
+        assert w.datapath.ipcache.rows == {} and w.datapath.attached == set()
 
     run_world(tmp_path, body)
 

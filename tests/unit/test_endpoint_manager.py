@@ -1,5 +1,5 @@
 """EndpointManager without root: a real allocator on the embedded kvstore, real IPAM and
-state dir, the datapath's maps and the netlink work as fakes (tests/unit/dp_fakes.py)."""
+state dir, the datapath's maps and the netlink work as fakes (pilus.testing.fake_datapath, tests/unit/dp_fakes.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
-from dp_fakes import FakeDatapath, FakePlumbing
+from dp_fakes import FakePlumbing
 
 from pilus.endpoint.entries import EndpointEntries
 from pilus.endpoint.manager import EndpointExists, EndpointManager, NodeInfo
@@ -20,6 +20,7 @@ from pilus.ipam.hostscope import HostScopeIPAM
 from pilus.ipcache import IPCache, Source
 from pilus.kvstore import open_store
 from pilus.reconcile import ReconcileError
+from pilus.testing.fake_datapath import FakeDatapath
 
 ROUTER = IPv4Address("10.200.1.1")
 POD_CIDR = IPv4Network("10.200.1.0/24")
@@ -116,7 +117,7 @@ def test_delete_removes_every_trace(tmp_path):
         assert ep.state is State.DISCONNECTED and n.manager.list() == []
         assert n.datapath.endpoints.rows == {} and n.datapath.policy.maps == {}
         assert n.datapath.ipcache.rows == {IPv4Network(f"{ROUTER}/32"): HOST}
-        assert n.plumbing.netns == set() and n.plumbing.veths == {} and n.datapath.attached == []
+        assert n.plumbing.netns == set() and n.plumbing.veths == {} and n.datapath.attached == set()
         assert n.manager.ipam.allocations() == {} and await n.allocated() == set()
 
     run_node(tmp_path, body)

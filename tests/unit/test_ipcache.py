@@ -5,12 +5,12 @@ from __future__ import annotations
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
-from dp_fakes import FakeIpcacheMap
 
 from pilus.identity import reserved
 from pilus.identity.reserved import LOCAL_IDENTITY_FLAG
 from pilus.ipcache import IPCache, IPCacheEntry, Source
 from pilus.reconcile import ReconcileError
+from pilus.testing.fake_datapath import FakeIpcache
 
 NET = IPv4Network
 POD = NET("10.200.1.2/32")
@@ -18,7 +18,7 @@ CIDR_ID = LOCAL_IDENTITY_FLAG | 1
 
 
 def test_constructing_reads_nothing():
-    class Untouchable(FakeIpcacheMap):
+    class Untouchable(FakeIpcache):
         def dump(self):
             raise AssertionError("the map was read")
 
@@ -28,7 +28,7 @@ def test_constructing_reads_nothing():
 
 
 def test_local_hides_generated_and_generated_comes_back():
-    m = FakeIpcacheMap()
+    m = FakeIpcache()
     cache = IPCache(m)
     cache.upsert(POD, CIDR_ID, Source.GENERATED)
     assert m.rows == {POD: CIDR_ID}
@@ -45,7 +45,7 @@ def test_local_hides_generated_and_generated_comes_back():
 
 
 def test_kvstore_sits_between_local_and_generated():
-    m = FakeIpcacheMap()
+    m = FakeIpcache()
     cache = IPCache(m)
     node = IPv4Address("192.168.0.2")
     cache.upsert(POD, CIDR_ID, Source.GENERATED)
@@ -58,7 +58,7 @@ def test_kvstore_sits_between_local_and_generated():
 
 
 def test_lookup_is_longest_prefix():
-    cache = IPCache(FakeIpcacheMap())
+    cache = IPCache(FakeIpcache())
     cache.upsert(NET("0.0.0.0/0"), reserved.WORLD, Source.LOCAL)
     cache.upsert(NET("10.0.0.0/8"), CIDR_ID, Source.GENERATED)
     cache.upsert(NET("10.200.0.0/16"), CIDR_ID + 1, Source.GENERATED)
@@ -67,11 +67,11 @@ def test_lookup_is_longest_prefix():
     assert cache.lookup(IPv4Address("10.200.1.3")).prefix == NET("10.200.0.0/16")
     assert cache.lookup(IPv4Address("10.1.1.1")).identity == CIDR_ID
     assert cache.lookup(IPv4Address("8.8.8.8")).identity == reserved.WORLD
-    assert IPCache(FakeIpcacheMap()).lookup(IPv4Address("8.8.8.8")) is None
+    assert IPCache(FakeIpcache()).lookup(IPv4Address("8.8.8.8")) is None
 
 
 def test_failed_write_stays_pending_in_status_and_retry_writes_it():
-    m = FakeIpcacheMap()
+    m = FakeIpcache()
     cache = IPCache(m)
     m.fail.add(POD)
     with pytest.raises(ReconcileError, match="10.200.1.2/32"):
@@ -88,7 +88,7 @@ def test_failed_write_stays_pending_in_status_and_retry_writes_it():
 
 
 def test_resync_repairs_drift():
-    m = FakeIpcacheMap()
+    m = FakeIpcache()
     cache = IPCache(m)
     cache.upsert(POD, 1234, Source.LOCAL)
     cache.upsert(NET("10.9.0.0/16"), CIDR_ID, Source.GENERATED)
@@ -100,7 +100,7 @@ def test_resync_repairs_drift():
 
 
 def test_restart_keeps_an_earlier_runs_entries_until_resync():
-    m = FakeIpcacheMap()
+    m = FakeIpcache()
     router, gone_pod = NET("10.200.1.1/32"), NET("10.200.1.9/32")
     m.rows = {POD: 1234, router: reserved.HOST, gone_pod: 4321, NET("9.9.9.0/24"): CIDR_ID + 7}
     cache = IPCache(m)
@@ -117,16 +117,3 @@ def test_restart_keeps_an_earlier_runs_entries_until_resync():
     cache.delete(POD, Source.LOCAL)
     assert m.rows[POD] == CIDR_ID  # the CIDR claim was kept underneath
 
-
-def test_a_map_without_dump_is_adapted():
-    class ItemsOnly:  # upsert/delete/items, as map wrappers before the reconciler
-        def __init__(self):
-            self.m = FakeIpcacheMap()
-            self.upsert, self.delete, self.items = self.m.upsert, self.m.delete, self.m.items
-
-    target = ItemsOnly()
-    target.m.rows[NET("10.7.0.0/16")] = 77
-    cache = IPCache(target)
-    cache.upsert(POD, 1234, Source.LOCAL)
-    cache.resync()
-    assert target.m.rows == {POD: 1234}

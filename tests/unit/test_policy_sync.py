@@ -1,13 +1,11 @@
 """PolicySync without root: the real (pure) PolicyEngine, policies and identities in the
-embedded kvstore on tmp_path, the datapath's maps in memory (tests/unit/dp_fakes.py)."""
+embedded kvstore on tmp_path, the datapath's maps in memory (pilus.testing.fake_datapath)."""
 
 from __future__ import annotations
 
 import asyncio
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-
-from dp_fakes import FakeDatapath
 
 from pilus.datapath import ENDPOINT_F_POLICY_EGRESS
 from pilus.endpoint.entries import EndpointEntries
@@ -21,6 +19,7 @@ from pilus.ipcache import IPCache, IPCacheEntry, Source
 from pilus.kvstore import open_store
 from pilus.policy import PolicyEngine
 from pilus.policy.distribution import PolicyDistribution
+from pilus.testing.fake_datapath import FakeDatapath
 
 CIDR = IPv4Network("10.1.2.0/24")
 

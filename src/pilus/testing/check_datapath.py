@@ -2,7 +2,8 @@
 
 ``check_datapath(dp)`` exercises, on a loaded datapath, the surface the agent's
 components use (ipcache, endpoint map, policy maps, ipBlock map, LB services and
-backends, programs(), map_stats(), events()) with keys from documentation ranges
+backends, programs(), map_stats(), events(); on the ipcache and endpoint map also
+the Reconciler target methods dump/update/delete) with keys from documentation ranges
 and ids no agent hands out, and raises :class:`DatapathConformanceError` naming
 the first broken promise. It removes what it wrote.
 """
@@ -39,7 +40,9 @@ def _expect(cond: object, what: str) -> None:
 
 def check_datapath(dp) -> None:
     _check_ipcache(dp)
+    _check_ipcache_target(dp)
     _check_endpoints(dp)
+    _check_endpoints_target(dp)
     _check_policy(dp)
     _check_ipblock(dp)
     _check_lb(dp)
@@ -75,6 +78,48 @@ def _check_ipcache(dp) -> None:
         for prefix in PREFIXES:
             dp.ipcache.delete(prefix)
     _expect(_stats(dp)["pilus_ipcache"]["entries"] == before, "ipcache entries left after deleting all")
+
+
+def _check_ipcache_target(dp) -> None:
+    """The ipcache as a Reconciler target: prefix -> (identity, tunnel endpoint or None)."""
+    try:
+        dp.ipcache.update(PREFIXES[0], (16777217, None))
+        dp.ipcache.update(PREFIXES[1], (2, TUNNEL))
+        dp.ipcache.update(PREFIXES[1], (3, None))  # an update drops the tunnel
+        got = [(k, v) for k, v in dp.ipcache.dump() if k in PREFIXES]
+        want = [(PREFIXES[0], (16777217, None)), (PREFIXES[1], (3, None))]
+        _expect(got == want, f"ipcache.dump() after update: {got}, expected {want}")
+        _expect(got == [(p, (i, t)) for p, i, t in dp.ipcache.items() if p in PREFIXES],
+                "ipcache.dump() differs from items()")
+        dp.ipcache.delete(PREFIXES[0])
+        dp.ipcache.delete(PREFIXES[0])  # absent: no error
+        left = [k for k, _ in dp.ipcache.dump() if k in PREFIXES]
+        _expect(left == [PREFIXES[1]], f"ipcache.dump() after delete: {left}")
+    finally:
+        for prefix in PREFIXES:
+            dp.ipcache.delete(prefix)
+
+
+def _check_endpoints_target(dp) -> None:
+    """The endpoint map as a Reconciler target: endpoint IP -> EndpointInfo."""
+    ep = EndpointInfo(EP_IP, 4244, EP_ID, 16777217, "02:00:00:00:0f:a1", "02:00:00:00:0f:a2", 2)
+    try:
+        dp.endpoints.update(EP_IP, ep)
+        got = [(k, v) for k, v in dp.endpoints.dump() if k == EP_IP]
+        _expect(got == [(EP_IP, ep)], f"endpoints.dump() after update: {got}")
+        _expect(all(isinstance(k, IPv4Address) for k, _ in dp.endpoints.dump()), "endpoints.dump() keys")
+        try:
+            dp.endpoints.update(IPv4Address("198.51.100.78"), ep)
+        except ValueError:
+            pass
+        else:
+            raise DatapathConformanceError("endpoints.update under another address than the entry's")
+        _expect(dp.endpoints.get("198.51.100.78") is None, "endpoints.update wrote under the wrong key")
+        dp.endpoints.delete(EP_IP)
+        dp.endpoints.delete(EP_IP)  # absent: no error
+        _expect(not any(k == EP_IP for k, _ in dp.endpoints.dump()), "endpoints.dump() after delete")
+    finally:
+        dp.endpoints.delete(EP_IP)
 
 
 def _check_endpoints(dp) -> None:

@@ -8,7 +8,9 @@ against the real :class:`pilus.datapath.Datapath` (tests/bpf), so a difference
 between the two is a test failure, not a surprise in production.
 
 Events: ``emit(record)`` queues a raw ring-buffer record; readers decode it with
-the datapath's own decoder.
+the datapath's own decoder. Writes: every map part appends (map, op, key) to the
+datapath's ``journal`` and counts them in ``writes``; a key in a part's ``fail`` set
+makes its writes raise OSError as a full or refused BPF map does.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 from pilus.datapath import lb as lbmaps
 from pilus.datapath.events import decode_records
 from pilus.datapath.maps import EndpointInfo
+from pilus.datapath.policy import PolicyValue
 
 #: names as the real datapath reports them (programs(), map_stats())
 PROGRAM_HOOKS = {"cil_from_container": "tc-ingress", "cil_to_container": "tc-egress"}
@@ -44,47 +47,112 @@ def _net(prefix) -> IPv4Network:
     return IPv4Network(prefix, strict=False)
 
 
-class FakeIpcache:
-    def __init__(self) -> None:
-        self.entries: dict[IPv4Network, tuple[int, IPv4Address | None]] = {}
+class _Journaled:
+    """Writes of one map: counted, appended to the datapath's shared ``journal`` as
+    (map, op, key), and refused for keys in ``fail`` as a full or refused BPF map does."""
+
+    map_name = ""  # as the real map's errors name it
+    part = ""  # the Datapath attribute, as the journal names it
+
+    def __init__(self, journal: list | None = None) -> None:
+        self.journal = journal if journal is not None else []
+        self.fail: set = set()
+        self.writes = 0
+
+    def _write(self, op: str, key) -> None:
+        if key in self.fail:
+            if op == "upsert":
+                raise OSError(28, f"{self.map_name} update {key}: no space left on device")
+            raise OSError(1, f"{self.map_name} delete {key}: operation not permitted")
+        self.writes += 1
+        self.journal.append((self.part, op, key))
+
+
+class FakeIpcache(_Journaled):
+    """pilus_ipcache, as IpcacheMap: ``rows`` prefix -> identity, ``tunnels`` prefix ->
+    tunnel endpoint (only for the prefixes that have one)."""
+
+    map_name, part = "pilus_ipcache", "ipcache"
+
+    def __init__(self, journal: list | None = None) -> None:
+        super().__init__(journal)
+        self.rows: dict[IPv4Network, int] = {}
+        self.tunnels: dict[IPv4Network, IPv4Address] = {}
 
     def upsert(self, prefix, identity: int, tunnel_endpoint: IPv4Address | None = None) -> None:
-        self.entries[_net(prefix)] = (identity, tunnel_endpoint)
+        prefix = _net(prefix)
+        self._write("upsert", prefix)
+        self.rows[prefix] = identity
+        if tunnel_endpoint is None:
+            self.tunnels.pop(prefix, None)
+        else:
+            self.tunnels[prefix] = IPv4Address(tunnel_endpoint)
 
     def delete(self, prefix) -> bool:
-        return self.entries.pop(_net(prefix), None) is not None
+        prefix = _net(prefix)
+        self._write("delete", prefix)
+        self.tunnels.pop(prefix, None)
+        return self.rows.pop(prefix, None) is not None
 
     def items(self) -> list[tuple[IPv4Network, int, IPv4Address | None]]:
-        rows = [(p, ident, tep) for p, (ident, tep) in self.entries.items()]
+        rows = [(p, ident, self.tunnels.get(p)) for p, ident in self.rows.items()]
         return sorted(rows, key=lambda t: (t[0].network_address, t[0].prefixlen))
 
+    # Reconciler target: prefix -> (identity, tunnel endpoint or None)
+    def dump(self) -> list[tuple[IPv4Network, tuple[int, IPv4Address | None]]]:
+        return [(p, (ident, tunnel)) for p, ident, tunnel in self.items()]
 
-class FakeEndpointMap:
-    def __init__(self) -> None:
-        self.entries: dict[IPv4Address, EndpointInfo] = {}
+    def update(self, prefix, value: tuple[int, IPv4Address | None]) -> None:
+        identity, tunnel_endpoint = value
+        self.upsert(prefix, identity, tunnel_endpoint)
+
+
+class FakeEndpointMap(_Journaled):
+    """pilus_lxc (+ pilus_lxc_if), as EndpointMap: ``rows`` IP -> EndpointInfo."""
+
+    map_name, part = "pilus_lxc", "endpoints"
+
+    def __init__(self, journal: list | None = None) -> None:
+        super().__init__(journal)
+        self.rows: dict[IPv4Address, EndpointInfo] = {}
 
     def upsert(self, ep: EndpointInfo) -> None:
-        self.entries[IPv4Address(ep.ipv4)] = ep
+        key = IPv4Address(ep.ipv4)
+        self._write("upsert", key)
+        self.rows[key] = ep
 
     def get(self, ipv4) -> EndpointInfo | None:
-        return self.entries.get(IPv4Address(ipv4))
+        return self.rows.get(IPv4Address(ipv4))
 
     def delete(self, ipv4) -> bool:
-        return self.entries.pop(IPv4Address(ipv4), None) is not None
+        key = IPv4Address(ipv4)
+        self._write("delete", key)
+        return self.rows.pop(key, None) is not None
 
     def items(self) -> list[EndpointInfo]:
-        return sorted(self.entries.values(), key=lambda e: e.ipv4)
+        return sorted(self.rows.values(), key=lambda e: e.ipv4)
+
+    # Reconciler target: endpoint IP -> EndpointInfo
+    def dump(self) -> list[tuple[IPv4Address, EndpointInfo]]:
+        return [(IPv4Address(ep.ipv4), ep) for ep in self.items()]
+
+    def update(self, ipv4, ep: EndpointInfo) -> None:
+        if IPv4Address(ipv4) != IPv4Address(ep.ipv4):
+            raise ValueError(f"endpoint {ep.ep_id}: key {ipv4} is not its address {ep.ipv4}")
+        self.upsert(ep)
 
 
 class FakePolicyMaps:
-    """Per-endpoint policy maps: key (PolicyKey) -> (deny, proxy_port)."""
+    """Per-endpoint policy maps, as PolicyMaps: ``maps`` endpoint id -> {PolicyKey: PolicyValue}."""
 
-    def __init__(self) -> None:
-        self.maps: dict[int, dict[Any, tuple[bool, int]]] = {}
+    def __init__(self, journal: list | None = None) -> None:
+        self.journal = journal if journal is not None else []
+        self.maps: dict[int, dict[Any, PolicyValue]] = {}
 
     def sync(self, ep_id: int, entries: Mapping[Any, Any]) -> dict:
+        self.journal.append(("policy", "sync", ep_id))
         old = self.maps.get(ep_id, {})
-        new = {k: (bool(v.deny), int(v.proxy_port)) for k, v in entries.items()}
+        new = {k: PolicyValue(bool(v.deny), int(getattr(v, "proxy_port", 0))) for k, v in entries.items()}
         self.maps[ep_id] = new
         return {
             "added": sum(1 for k in new if k not in old),
@@ -93,17 +161,21 @@ class FakePolicyMaps:
         }
 
     def delete(self, ep_id: int) -> None:
+        self.journal.append(("policy", "delete", ep_id))
         self.maps.pop(ep_id, None)
 
     def endpoints(self) -> list[int]:
         return sorted(self.maps)
 
+    def state(self, ep_id: int) -> dict[Any, PolicyValue]:
+        return dict(self.maps.get(ep_id, {}))
+
     def items(self, ep_id: int) -> list[dict]:
         rows = [
             {"identity": k.identity, "direction": "egress" if k.egress else "ingress", "proto": k.proto,
-             "dport": k.dport, "prefix_len": k.prefix_len, "deny": deny, "proxy_port": proxy,
-             "packets": 0, "bytes": 0}
-            for k, (deny, proxy) in self.maps.get(ep_id, {}).items()
+             "dport": k.dport, "prefix_len": k.prefix_len, "port": k.text(), "deny": v.deny,
+             "proxy_port": v.proxy_port, "packets": 0, "bytes": 0}
+            for k, v in self.maps.get(ep_id, {}).items()
         ]
         rows.sort(key=lambda r: (r["direction"], r["identity"], r["proto"], r["dport"], r["prefix_len"]))
         return rows
@@ -112,18 +184,27 @@ class FakePolicyMaps:
         pass
 
 
-class FakeIPBlockMap:
-    def __init__(self) -> None:
-        self.entries: dict[IPv4Network, int] = {}
+class FakeIPBlockMap(_Journaled):
+    """pilus_ipblock, as IPBlockMap: ``rows`` prefix -> identity."""
+
+    map_name, part = "pilus_ipblock", "ipblock"
+
+    def __init__(self, journal: list | None = None) -> None:
+        super().__init__(journal)
+        self.rows: dict[IPv4Network, int] = {}
 
     def upsert(self, prefix, identity: int) -> None:
-        self.entries[_net(prefix)] = identity
+        prefix = _net(prefix)
+        self._write("upsert", prefix)
+        self.rows[prefix] = identity
 
     def delete(self, prefix) -> bool:
-        return self.entries.pop(_net(prefix), None) is not None
+        prefix = _net(prefix)
+        self._write("delete", prefix)
+        return self.rows.pop(prefix, None) is not None
 
     def items(self) -> list[tuple[IPv4Network, int]]:
-        return sorted(self.entries.items(), key=lambda t: (t[0].network_address, t[0].prefixlen))
+        return sorted(self.rows.items(), key=lambda t: (t[0].network_address, t[0].prefixlen))
 
 
 class FakeLbMaps:
@@ -281,20 +362,26 @@ class FakeEventReader:
 
 
 class FakeDatapath:
+    """The fake datapath. Its maps append their writes to one ``journal`` (map, op, key),
+    so tests can check the order of writes across maps; ``fail_attach`` makes
+    attach_endpoint fail as a vanished device does."""
+
     def __init__(self, cfg: Any = None, *, maglev_table_size: int | None = None) -> None:
         self.cfg = cfg
         size = maglev_table_size or (cfg.lb.maglev_table_size if cfg is not None else lbmaps.LB_MAGLEV_DEFAULT_M)
         self.loaded = False
-        self.endpoints = FakeEndpointMap()
-        self.ipcache = FakeIpcache()
-        self.policy = FakePolicyMaps()
-        self.ipblock = FakeIPBlockMap()
+        self.journal: list[tuple[str, str, object]] = []
+        self.endpoints = FakeEndpointMap(self.journal)
+        self.ipcache = FakeIpcache(self.journal)
+        self.policy = FakePolicyMaps(self.journal)
+        self.ipblock = FakeIPBlockMap(self.journal)
         self.lb = FakeLbMaps(size)
         self.ct = FakeCt()
         self.metrics = FakeMetrics()
         self.events_lost = FakeEventsLost()
         self.socket_lb = None
         self.attached: set[int] = set()
+        self.fail_attach = False
         self.netdevs: set[int] = set()
         self.readers: set[FakeEventReader] = set()
 
@@ -307,9 +394,13 @@ class FakeDatapath:
         self.loaded = False
 
     def attach_endpoint(self, ifindex: int) -> None:
+        if self.fail_attach:
+            raise OSError(19, f"attaching to ifindex {ifindex}: no such device")
+        self.journal.append(("programs", "attach", ifindex))
         self.attached.add(ifindex)
 
     def detach_endpoint(self, ifindex: int) -> None:
+        self.journal.append(("programs", "detach", ifindex))
         self.attached.discard(ifindex)
 
     def attach_netdev(self, ifindex: int) -> None:
@@ -341,10 +432,10 @@ class FakeDatapath:
     def map_stats(self) -> list[dict]:
         services = self.lb.items()
         counts = {
-            "pilus_lxc": len(self.endpoints.entries),
-            "pilus_lxc_if": len(self.endpoints.entries),
-            "pilus_ipcache": len(self.ipcache.entries),
-            "pilus_ipblock": len(self.ipblock.entries),
+            "pilus_lxc": len(self.endpoints.rows),
+            "pilus_lxc_if": len(self.endpoints.rows),
+            "pilus_ipcache": len(self.ipcache.rows),
+            "pilus_ipblock": len(self.ipblock.rows),
             "pilus_ct4": 0,
             "pilus_metrics": 0,
             "pilus_policy": len(self.policy.maps),
