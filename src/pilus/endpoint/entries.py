@@ -10,44 +10,16 @@ endpoints an earlier run saved are restored: the entries of the others go then.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
 from ipaddress import IPv4Address
-from typing import Protocol
 
 from pilus.datapath import EndpointInfo
-from pilus.reconcile import ReconcileError, Reconciler
-
-
-class EndpointMapLike(Protocol):
-    """The datapath's endpoint map wrapper (datapath.maps.EndpointMap) as used here."""
-
-    def upsert(self, ep: EndpointInfo) -> None: ...
-    def delete(self, ipv4: IPv4Address) -> object: ...
-    def items(self) -> Iterable[EndpointInfo]: ...
-
-
-class EndpointMapTarget:
-    """The endpoint map as a Reconciler target: IP -> EndpointInfo, for wrappers that
-    offer only upsert/delete/items (EndpointMap has dump/update itself)."""
-
-    def __init__(self, endpoint_map: EndpointMapLike) -> None:
-        self.map = endpoint_map
-
-    def dump(self) -> list[tuple[IPv4Address, EndpointInfo]]:
-        return [(IPv4Address(info.ipv4), info) for info in self.map.items()]
-
-    def update(self, key: IPv4Address, value: EndpointInfo) -> None:
-        self.map.upsert(value)
-
-    def delete(self, key: IPv4Address) -> None:
-        self.map.delete(key)
+from pilus.reconcile import MapTarget, ReconcileError, Reconciler
 
 
 class EndpointEntries:
-    def __init__(self, endpoint_map: EndpointMapLike) -> None:
-        self._reconciler: Reconciler[IPv4Address, EndpointInfo] = Reconciler(
-            "endpoints", endpoint_map if hasattr(endpoint_map, "dump") else EndpointMapTarget(endpoint_map)
-        )
+    def __init__(self, endpoint_map: MapTarget[IPv4Address, EndpointInfo]) -> None:
+        # the datapath's EndpointMap: endpoint IP -> EndpointInfo
+        self._reconciler: Reconciler[IPv4Address, EndpointInfo] = Reconciler("endpoints", endpoint_map)
         self._lock = threading.Lock()
 
     def upsert(self, info: EndpointInfo) -> None:

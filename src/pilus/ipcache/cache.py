@@ -32,14 +32,12 @@ one lock serialises them. A failed map write stays pending (``status()``,
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 from ipaddress import IPv4Address, IPv4Network
-from typing import Protocol
 
 from pilus.identity.reserved import is_local
-from pilus.reconcile import ReconcileError, Reconciler, Result
+from pilus.reconcile import MapTarget, ReconcileError, Reconciler, Result
 
 #: the map's value as the reconciler compares it: (identity, tunnel endpoint)
 Value = tuple[int, IPv4Address | None]
@@ -59,35 +57,9 @@ class IPCacheEntry:
     tunnel_endpoint: IPv4Address | None = None
 
 
-class IpcacheMapLike(Protocol):
-    """The datapath's ipcache map wrapper (datapath.maps.IpcacheMap) as used here."""
-
-    def upsert(self, prefix: IPv4Network, identity: int, tunnel_endpoint: IPv4Address | None = None) -> None: ...
-    def delete(self, prefix: IPv4Network) -> object: ...
-    def items(self) -> Iterable[tuple[IPv4Network, int, IPv4Address | None]]: ...
-
-
-class MapTarget:
-    """The ipcache map as a Reconciler target: prefix -> (identity, tunnel endpoint), for
-    wrappers that offer only upsert/delete/items (IpcacheMap has dump/update itself)."""
-
-    def __init__(self, ipcache_map: IpcacheMapLike) -> None:
-        self.map = ipcache_map
-
-    def dump(self) -> list[tuple[IPv4Network, Value]]:
-        return [(prefix, (identity, tunnel)) for prefix, identity, tunnel in self.map.items()]
-
-    def update(self, key: IPv4Network, value: Value) -> None:
-        identity, tunnel = value
-        self.map.upsert(key, identity, tunnel)
-
-    def delete(self, key: IPv4Network) -> None:
-        self.map.delete(key)
-
-
 class IPCache:
-    def __init__(self, target: IpcacheMapLike) -> None:
-        self._map = target if hasattr(target, "dump") else MapTarget(target)
+    def __init__(self, target: MapTarget[IPv4Network, Value]) -> None:
+        self._map = target  # the datapath's IpcacheMap: prefix -> (identity, tunnel endpoint)
         self._reconciler: Reconciler[IPv4Network, Value] = Reconciler("ipcache", self._map)
         self._claims: dict[IPv4Network, dict[Source, IPCacheEntry]] = {}
         self._restored: dict[IPv4Network, IPCacheEntry] | None = None  # None: map not read yet
