@@ -42,8 +42,8 @@ from pilus.datapath import (
     Datapath,
     DatapathConfig,
     EndpointInfo,
+    PolicyEntry,
     PolicyKey,
-    PolicyValue,
 )
 from pilus.datapath.events import listen_mask
 from pilus.datapath.testrun import run_skb
@@ -110,7 +110,7 @@ def _datapath(state_dir: Path, rate: int) -> Datapath:
 
 
 def _with_policy(dp: Datapath) -> None:
-    allow = PolicyValue(deny=False)
+    allow = PolicyEntry(deny=False)
     dp.policy.sync(SERVER.ep_id, {PolicyKey(CLIENT.identity, False, TCP, PORT, 16): allow})
     dp.policy.sync(CLIENT.ep_id, {PolicyKey(SERVER.identity, True, TCP, PORT, 16): allow})
     dp.endpoints.upsert(replace(SERVER, flags=ENDPOINT_F_POLICY_INGRESS))

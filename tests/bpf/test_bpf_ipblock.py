@@ -25,7 +25,7 @@ from pilus.datapath import (
     ENDPOINT_F_POLICY_EGRESS,
     ENDPOINT_F_POLICY_INGRESS,
     DropEvent,
-    PolicyValue,
+    PolicyEntry,
     PolicyVerdictEvent,
 )
 from pilus.datapath.policy import match_type
@@ -37,7 +37,7 @@ TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 EGR = ENDPOINT_F_POLICY_EGRESS | ENDPOINT_F_IPBLOCK_EGRESS
 ING = ENDPOINT_F_POLICY_INGRESS | ENDPOINT_F_IPBLOCK_INGRESS
 TCP_ = 6
-ALLOW, DENY = PolicyValue(deny=False), PolicyValue(deny=True)
+ALLOW, DENY = PolicyEntry(deny=False), PolicyEntry(deny=True)
 
 
 def mirror(dp, ep_id, identity, egress, proto, port, ipblock_identity=0):

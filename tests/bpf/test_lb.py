@@ -361,8 +361,8 @@ def test_policy_applies_to_the_backend_after_translation(dp, events):
     from pilus.datapath import (
         ENDPOINT_F_POLICY_EGRESS,
         ENDPOINT_F_POLICY_INGRESS,
+        PolicyEntry,
         PolicyKey,
-        PolicyValue,
     )
 
     add_service(dp, 11, [backend(111, EP_B.ipv4, 8080)], port=88)
@@ -370,7 +370,7 @@ def test_policy_applies_to_the_backend_after_translation(dp, events):
     b = replace(EP_B, flags=ENDPOINT_F_POLICY_INGRESS)
     dp.endpoints.upsert(a)
     dp.endpoints.upsert(b)
-    allow = PolicyValue(deny=False)
+    allow = PolicyEntry(deny=False)
     # A may talk to B's identity on 8080; B accepts A's identity on 8080
     dp.policy.sync(a.ep_id, {PolicyKey(EP_B.identity, True, 6, 8080, 16): allow})
     dp.policy.sync(b.ep_id, {PolicyKey(EP_A.identity, False, 6, 8080, 16): allow})

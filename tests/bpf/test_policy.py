@@ -26,8 +26,8 @@ from pilus.datapath import (
     DatapathConfig,
     DatapathError,
     DropEvent,
+    PolicyEntry,
     PolicyKey,
-    PolicyValue,
     PolicyVerdictEvent,
     TraceEvent,
     remove_pins,
@@ -41,7 +41,7 @@ TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 ING, EGR = ENDPOINT_F_POLICY_INGRESS, ENDPOINT_F_POLICY_EGRESS
 TCP_, UDP_, ICMP_ = 6, 17, 1
 HOST, WORLD = 1, 2
-ALLOW, DENY = PolicyValue(deny=False), PolicyValue(deny=True)
+ALLOW, DENY = PolicyEntry(deny=False), PolicyEntry(deny=True)
 
 
 def mirror(dp, ep_id, identity, egress, proto, port, ipblock_identity=0):

@@ -26,13 +26,13 @@ from pilus.datapath import (
     Datapath,
     DatapathConfig,
     DropEvent,
+    PolicyEntry,
     PolicyKey,
-    PolicyValue,
     PolicyVerdictEvent,
 )
 from pilus.observer.format import event_record
 
-ALLOW = PolicyValue(deny=False)
+ALLOW = PolicyEntry(deny=False)
 TCP = 6
 WORLD = 2
 

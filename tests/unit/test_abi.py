@@ -145,10 +145,10 @@ def test_policy_key_encoding():
 
 
 def test_policy_deny_closure():
-    from pilus.datapath.policy import PolicyKey, PolicyValue, close_denies
+    from pilus.datapath.policy import PolicyEntry, PolicyKey, normalize
 
-    allow, deny = PolicyValue(False), PolicyValue(True)
-    out = close_denies(
+    allow, deny = PolicyEntry(False), PolicyEntry(True)
+    out = normalize(
         {
             PolicyKey(5, False, 6, 80, 16): allow,  # covered by the TCP deny of identity 5
             PolicyKey(5, False, 6, 0, 0): deny,

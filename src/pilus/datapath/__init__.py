@@ -11,7 +11,7 @@ from .datapath import Datapath, remove_pins
 from .errors import DatapathError
 from .events import DropEvent, EventReader, PolicyVerdictEvent, TraceEvent
 from .maps import CtMap, EndpointInfo, EndpointMap, IpcacheMap, MetricsMap
-from .policy import PolicyKey, PolicyMaps, PolicyValue
+from .policy import PolicyEntry, PolicyKey, PolicyMaps
 
 __all__ = [
     "CtMap",
@@ -30,7 +30,7 @@ __all__ = [
     "MetricsMap",
     "PolicyKey",
     "PolicyMaps",
-    "PolicyValue",
+    "PolicyEntry",
     "PolicyVerdictEvent",
     "TraceEvent",
     "remove_pins",

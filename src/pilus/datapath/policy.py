@@ -45,11 +45,6 @@ PIN_PREFIX = "pilus_policy_"
 
 MATCH_TYPES = POLICY_MATCH_TYPES
 
-#: the map's value as the control plane writes it: (deny, proxy_port); the
-#: datapath owns the counters and lpm_prefix_length follows from the key
-PolicyValue = PolicyEntry
-
-
 def key_to_c(k: PolicyKey) -> abi.PolicyKeyC:
     k.validate()
     c = abi.PolicyKeyC()
@@ -398,6 +393,13 @@ class IPBlockMap:
             out.append((IPv4Network((abi.raw_to_ip4(k.addr.ip4), plen), strict=False), v.value))
         return sorted(out, key=lambda t: (t[0].network_address, t[0].prefixlen))
 
+    # Reconciler target: prefix -> identity
+    def dump(self) -> list[tuple[IPv4Network, int]]:
+        return self.items()
+
+    def update(self, prefix: IPv4Network, identity: int) -> None:
+        self.upsert(prefix, identity)
+
 
 __all__ = [
     "MATCH_TYPES",
@@ -405,8 +407,8 @@ __all__ = [
     "IPBlockMap",
     "PolicyKey",
     "PolicyMaps",
-    "PolicyValue",
-    "close_denies",
+    "PolicyEntry",
+    "normalize",
     "entry_from_c",
     "entry_to_c",
     "key_from_c",
@@ -415,6 +417,3 @@ __all__ = [
     "port_range",
     "port_range_text",
 ]
-
-#: the deny-wins pass (``mapstate.normalize``) under its datapath name
-close_denies = normalize

@@ -17,7 +17,6 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import TYPE_CHECKING
 
 from pilus.datapath import Datapath
-from pilus.endpoint import owners
 from pilus.endpoint.entries import EndpointEntries
 from pilus.endpoint.model import Endpoint, EndpointStore, check_named_ports, endpoint_info, split_name
 from pilus.endpoint.plumbing import VethPlumbing
@@ -35,7 +34,6 @@ from pilus.identity.labels import (
     endpoint_labels,
     parse_label,
 )
-from pilus.identity.reserved import HOST, WORLD
 from pilus.ipam.hostscope import HostScopeIPAM
 from pilus.ipcache import IPCache, Source
 
@@ -148,8 +146,8 @@ class EndpointManager:
         ipam: HostScopeIPAM,
         store: EndpointStore,
         *,
-        ipcache: IPCache | None = None,
-        entries: EndpointEntries | None = None,
+        ipcache: IPCache,
+        entries: EndpointEntries,
         plumbing: VethPlumbing | None = None,
         policy: PolicySync | None = None,
         namespace_labels: Callable[[str], dict[str, str]] | None = None,
@@ -160,11 +158,8 @@ class EndpointManager:
         self.identities = identities
         self.ipam = ipam
         self.store = store
-        # TEMPORARY: without an ipcache passed in, the agent writes the node entries itself
-        # and knows no resync: restore() then adopts them and resyncs (see owners.py)
-        self._own_start = ipcache is None
-        self.ipcache = ipcache if ipcache is not None else owners.ipcache_of(datapath)
-        self.entries = entries if entries is not None else owners.entries_of(datapath)
+        self.ipcache = ipcache  # LOCAL claims for the endpoints' addresses
+        self.entries = entries
         self.plumbing = plumbing if plumbing is not None else VethPlumbing()
         self.endpoints: dict[int, Endpoint] = {}
         self._lock = asyncio.Lock()
@@ -392,14 +387,5 @@ class EndpointManager:
             self.endpoints[ep.id] = ep
             restored.append(ep)
         self.entries.resync()  # the entries of endpoints that did not come back go
-        if self._own_start:
-            self._adopt_node_entries()
-            self.ipcache.resync()
         return restored
 
-    def _adopt_node_entries(self) -> None:
-        """TEMPORARY, until the agent claims them: the host and world entries it wrote
-        to the map directly become LOCAL claims, so that the resync keeps them."""
-        for entry in self.ipcache.items():
-            if entry.source is None and entry.identity in (HOST, WORLD):
-                self.ipcache.upsert(entry.prefix, entry.identity, Source.LOCAL)

@@ -30,7 +30,6 @@ from pilus.datapath import (
     ENDPOINT_F_POLICY_INGRESS,
     Datapath,
 )
-from pilus.endpoint import owners
 from pilus.endpoint.entries import EndpointEntries
 from pilus.endpoint.model import Endpoint, endpoint_info, parse_port_spec
 from pilus.identity.allocator import Identity, IdentityAllocator
@@ -72,13 +71,14 @@ class PolicySync:
         identities: IdentityAllocator,
         distribution: PolicyDistribution,
         *,
-        ipcache: IPCache | None = None,
-        entries: EndpointEntries | None = None,
+        ipcache: IPCache,
+        entries: EndpointEntries,
         on_namespace_change=None,
     ) -> None:
         self.engine = engine
         self.datapath = datapath  # its policy, ipblock and ct maps
-        self._ipcache, self._entries = ipcache, entries
+        self.ipcache = ipcache  # GENERATED claims: local CIDR identities of policy prefixes
+        self.entries = entries  # enforcement flags of the endpoint entries
         self.identities = identities
         self.distribution = distribution
         self.revision = 0
@@ -95,20 +95,6 @@ class PolicySync:
         self._tasks: list[asyncio.Task] = []
         self._unsubscribe = None
         self.on_namespace_change = on_namespace_change  # async fn(namespace, labels)
-
-    # TEMPORARY fallbacks until the agent passes the owners (see owners.py); looked up
-    # on first use, as callers that never write these maps pass datapaths without them
-    @property
-    def ipcache(self) -> IPCache:
-        if self._ipcache is None:
-            self._ipcache = owners.ipcache_of(self.datapath)
-        return self._ipcache
-
-    @property
-    def entries(self) -> EndpointEntries:
-        if self._entries is None:
-            self._entries = owners.entries_of(self.datapath)
-        return self._entries
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -306,7 +292,7 @@ class PolicySync:
     def ipblock_writer(self) -> Reconciler:
         """pilus_ipblock's reconciler (built on first use: the map exists once loaded)."""
         if self._ipblock_writer is None:
-            self._ipblock_writer = Reconciler("ipblock", _PrefixMapTarget(self.datapath.ipblock))
+            self._ipblock_writer = Reconciler("ipblock", self.datapath.ipblock)
         return self._ipblock_writer
 
     def reconcilers_status(self) -> list[dict]:
@@ -365,22 +351,6 @@ class PolicySync:
                 log.debug("conntrack GC removed %d entries", removed)
             except Exception:
                 log.exception("conntrack GC failed")
-
-
-class _PrefixMapTarget:
-    """pilus_ipblock (upsert/delete/items of prefix -> identity) as a Reconciler target."""
-
-    def __init__(self, prefix_map) -> None:
-        self.map = prefix_map
-
-    def dump(self):
-        return self.map.items()
-
-    def update(self, prefix: IPv4Network, identity: int) -> None:
-        self.map.upsert(prefix, identity)
-
-    def delete(self, prefix: IPv4Network) -> None:
-        self.map.delete(prefix)
 
 
 def service_refs(services: Iterable) -> dict[tuple[str, str], ServiceRef]:

@@ -16,7 +16,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pilus import protocols
 from pilus.datapath import lb as lbmaps
 from pilus.datapath.maps import EndpointInfo
-from pilus.datapath.policy import PolicyKey, PolicyValue
+from pilus.datapath.policy import PolicyEntry, PolicyKey
 
 __all__ = ["DatapathConformanceError", "check_datapath"]
 
@@ -150,13 +150,13 @@ def _check_policy(dp) -> None:
     deny_dns = PolicyKey(16777218, True, protocols.UDP, 53, 16)
     allow_any = PolicyKey(0, True, protocols.ANY, 0, 0)
     try:
-        dp.policy.sync(EP_ID, {allow_web: PolicyValue(False), deny_dns: PolicyValue(True),
-                               allow_any: PolicyValue(False)})
+        dp.policy.sync(EP_ID, {allow_web: PolicyEntry(False), deny_dns: PolicyEntry(True),
+                               allow_any: PolicyEntry(False)})
         _expect(EP_ID in dp.policy.endpoints(), f"policy.endpoints() lacks {EP_ID} after sync")
         want = [(0, "egress", 0, 0, 0, False, 0), (16777218, "egress", 17, 53, 16, True, 0),
                 (16777217, "ingress", 6, 80, 16, False, 0)]
         _expect(_rows(dp) == want, f"policy.items() after sync: {_rows(dp)}, expected {want}")
-        stats = dp.policy.sync(EP_ID, {allow_web: PolicyValue(False)})
+        stats = dp.policy.sync(EP_ID, {allow_web: PolicyEntry(False)})
         _expect(stats.get("deleted") == 2 and stats.get("added") == 0,
                 f"policy.sync to a subset: {stats}, expected 2 deleted, 0 added")
         _expect(_rows(dp) == [(16777217, "ingress", 6, 80, 16, False, 0)], f"policy.items(): {_rows(dp)}")
@@ -175,6 +175,9 @@ def _check_ipblock(dp) -> None:
         _expect(got == [(PREFIXES[0], 7), (PREFIXES[1], 8)], f"ipblock.items(): {got}")
         _expect(dp.ipblock.delete(PREFIXES[0]) is True, "ipblock.delete of a present prefix is not True")
         _expect(dp.ipblock.delete(PREFIXES[0]) is False, "ipblock.delete of an absent prefix is not False")
+        dp.ipblock.update(PREFIXES[1], 9)  # as a Reconciler target
+        got = [row for row in dp.ipblock.dump() if row[0] in PREFIXES]
+        _expect(got == [(PREFIXES[1], 9)], f"ipblock.dump() after update: {got}")
     finally:
         for prefix in PREFIXES:
             dp.ipblock.delete(prefix)

@@ -24,7 +24,7 @@ from typing import Any
 from pilus.datapath import lb as lbmaps
 from pilus.datapath.events import decode_records
 from pilus.datapath.maps import EndpointInfo
-from pilus.datapath.policy import PolicyValue
+from pilus.datapath.policy import PolicyEntry
 
 #: names as the real datapath reports them (programs(), map_stats())
 PROGRAM_HOOKS = {"cil_from_container": "tc-ingress", "cil_to_container": "tc-egress"}
@@ -143,16 +143,16 @@ class FakeEndpointMap(_Journaled):
 
 
 class FakePolicyMaps:
-    """Per-endpoint policy maps, as PolicyMaps: ``maps`` endpoint id -> {PolicyKey: PolicyValue}."""
+    """Per-endpoint policy maps, as PolicyMaps: ``maps`` endpoint id -> {PolicyKey: PolicyEntry}."""
 
     def __init__(self, journal: list | None = None) -> None:
         self.journal = journal if journal is not None else []
-        self.maps: dict[int, dict[Any, PolicyValue]] = {}
+        self.maps: dict[int, dict[Any, PolicyEntry]] = {}
 
     def sync(self, ep_id: int, entries: Mapping[Any, Any]) -> dict:
         self.journal.append(("policy", "sync", ep_id))
         old = self.maps.get(ep_id, {})
-        new = {k: PolicyValue(bool(v.deny), int(getattr(v, "proxy_port", 0))) for k, v in entries.items()}
+        new = {k: PolicyEntry(bool(v.deny), int(getattr(v, "proxy_port", 0))) for k, v in entries.items()}
         self.maps[ep_id] = new
         return {
             "added": sum(1 for k in new if k not in old),
@@ -167,7 +167,7 @@ class FakePolicyMaps:
     def endpoints(self) -> list[int]:
         return sorted(self.maps)
 
-    def state(self, ep_id: int) -> dict[Any, PolicyValue]:
+    def state(self, ep_id: int) -> dict[Any, PolicyEntry]:
         return dict(self.maps.get(ep_id, {}))
 
     def items(self, ep_id: int) -> list[dict]:
@@ -205,6 +205,13 @@ class FakeIPBlockMap(_Journaled):
 
     def items(self) -> list[tuple[IPv4Network, int]]:
         return sorted(self.rows.items(), key=lambda t: (t[0].network_address, t[0].prefixlen))
+
+    # Reconciler target: prefix -> identity
+    def dump(self) -> list[tuple[IPv4Network, int]]:
+        return self.items()
+
+    def update(self, prefix: IPv4Network, identity: int) -> None:
+        self.upsert(prefix, identity)
 
 
 class FakeLbMaps:

@@ -1,6 +1,6 @@
 """The agent side of ipBlocks: PolicySync gives every prefix an ipBlock names an ipBlock
-identity and keeps pilus_ipblock equal to them (a dict-backed map stands in for the
-pinned one); a restart keeps the numbers, so it rewrites nothing; the endpoint flags."""
+identity and keeps pilus_ipblock equal to them (the conformance-checked FakeDatapath's map stands
+in for the pinned one); a restart keeps the numbers, so it rewrites nothing; the endpoint flags."""
 
 from __future__ import annotations
 
@@ -15,43 +15,17 @@ from pilus.datapath import (
     ENDPOINT_F_POLICY_EGRESS,
     ENDPOINT_F_POLICY_INGRESS,
 )
+from pilus.endpoint.entries import EndpointEntries
 from pilus.endpoint.policy_sync import IPBLOCK_IDENTITY_BASE, PolicySync, endpoint_flags
 from pilus.identity.reserved import is_local
+from pilus.ipcache import IPCache
 from pilus.policy import PolicyEngine, parse_policies
 from pilus.policy.engine import EndpointPolicy
 from pilus.policy.selector import is_ipblock_identity
+from pilus.testing.fake_datapath import FakeDatapath
 
 NET = ipaddress.ip_network
 
-
-class FakePrefixMap:
-    """prefix -> identity, like the pinned pilus_ipblock; counts writes."""
-
-    def __init__(self) -> None:
-        self.entries: dict[ipaddress.IPv4Network, int] = {}
-        self.writes = 0
-
-    def upsert(self, prefix, identity) -> None:
-        self.entries[prefix] = identity
-        self.writes += 1
-
-    def delete(self, prefix) -> bool:
-        self.writes += 1
-        return self.entries.pop(prefix, None) is not None
-
-    def items(self):
-        return sorted(self.entries.items())
-
-
-class FakeIpcache(FakePrefixMap):
-    def items(self):
-        return [(p, i, None) for p, i in sorted(self.entries.items())]
-
-
-class FakeDatapath:
-    def __init__(self) -> None:
-        self.ipcache = FakeIpcache()
-        self.ipblock = FakePrefixMap()
 
 
 @pytest.fixture
@@ -59,7 +33,8 @@ def make_sync():
     made = []
 
     def make(dp: FakeDatapath) -> PolicySync:
-        sync = PolicySync(PolicyEngine(), dp, identities=None, distribution=None)
+        sync = PolicySync(PolicyEngine(), dp, identities=None, distribution=None,
+                          ipcache=IPCache(dp.ipcache), entries=EndpointEntries(dp.endpoints))
         made.append(sync)
         return sync
 
@@ -96,7 +71,7 @@ def test_restart_keeps_the_numbers_and_prunes_what_no_policy_names(make_sync):
     dp = FakeDatapath()
     apply(make_sync(dp), EGRESS_EXCEPT + EGRESS_TO_SERVER)
     before = dict(dp.ipblock.items())
-    dp.ipblock.entries[NET("9.9.9.0/24")] = IPBLOCK_IDENTITY_BASE + 77  # left by an older policy set
+    dp.ipblock.rows[NET("9.9.9.0/24")] = IPBLOCK_IDENTITY_BASE + 77  # left by an older policy set
     dp.ipblock.writes = 0
     again = make_sync(dp)  # a restarted agent: fresh engine, the pinned map
     apply(again, EGRESS_EXCEPT + EGRESS_TO_SERVER)

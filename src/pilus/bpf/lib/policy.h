@@ -18,7 +18,7 @@
  *   chosen is a deny                             -> DROP_POLICY_DENY
  * Within one identity the longest prefix decides: the control plane keeps
  * allow entries from being more specific than a deny that covers them
- * (src/pilus/datapath/policy.py writes them as denies).
+ * (src/pilus/policy/mapstate.py `normalize` writes them as denies).
  *
  * Kubernetes ipBlocks match addresses, pods included, which an identity
  * cannot say ("this pod's IP but not its identity-mates"). When the
