@@ -94,6 +94,7 @@ class PolicySync:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
         self._tasks: list[asyncio.Task] = []
         self._unsubscribe = None
+        self._unsubscribe_services = None
         self.on_namespace_change = on_namespace_change  # async fn(namespace, labels)
 
     # -- lifecycle -------------------------------------------------------------
@@ -116,8 +117,10 @@ class PolicySync:
         ]
 
     async def stop(self) -> None:
-        if self._unsubscribe:
-            self._unsubscribe()
+        for unsubscribe in (self._unsubscribe, self._unsubscribe_services):
+            if unsubscribe:
+                unsubscribe()
+        self._unsubscribe = self._unsubscribe_services = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -196,9 +199,9 @@ class PolicySync:
         await self._run(apply)
 
     async def watch_services(self, manager) -> None:
-        """Follow a ServiceManager's services (``toServices``): its change hook feeds the
+        """Follow a ServiceManager's services (``toServices``): every change feeds the
         engine from now on; the current services are applied before this returns."""
-        manager.on_change = self.services_changed
+        self._unsubscribe_services = manager.subscribe(self.services_changed)
         fut = self.services_changed(manager.services())
         if fut is not None:
             await asyncio.wrap_future(fut)

@@ -100,7 +100,7 @@ class ServiceManager:
         self.last_errors: list[str] = []
         #: called with the current services after they were restored, added, replaced or
         #: deleted (the agent feeds policy toServices); runs under the lock: must not block
-        self.on_change: Callable[[list[Service]], None] | None = None
+        self._subscribers: list[Callable[[list[Service]], None]] = []  # told after every change
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -509,10 +509,18 @@ class ServiceManager:
         self._writer.write(desired)
         self._last_desired = desired
 
+    def subscribe(self, fn: Callable[[list[Service]], None]) -> Callable[[], None]:
+        """Call ``fn(services)`` after every change; returns the unsubscribe function."""
+        self._subscribers.append(fn)
+        return lambda: self._subscribers.remove(fn)
+
     def _notify(self) -> None:
-        if self.on_change is not None:
+        if not self._subscribers:
+            return
+        services = self.services()
+        for fn in list(self._subscribers):
             try:
-                self.on_change(self.services())
+                fn(services)
             except Exception:
                 log.exception("service change hook failed")
 

@@ -292,7 +292,7 @@ def test_service_manager_hook_and_service_refs():
 
     seen: list[dict] = []
     mgr = ServiceManager(FakeDatapath(), known_networks=[ipaddress.ip_network("10.200.0.0/16")])
-    mgr.on_change = lambda services: seen.append(service_refs(services))
+    mgr.subscribe(lambda services: seen.append(service_refs(services)))
     mgr.apply_yaml("""
 kind: Service
 metadata: {name: web, namespace: default, labels: {tier: frontend}}
