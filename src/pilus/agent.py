@@ -228,7 +228,7 @@ class Agent:
             Row("ipam", "host-scope allocator over the node's pod CIDR",
                 lambda: HostScopeIPAM(cfg.pod_cidr, reserved=[self.router_ip]), lambda _: None, None),
             Row("policy", "policies + namespaces from the kvstore -> engine -> per-endpoint policy maps",
-                self._make_policy, self._start_policy),
+                self._make_policy, self._start_policy, maps=lambda p: p.reconcilers_status()),
             Row("endpoints", "restore saved endpoints, then serve create/delete; feeds service backends",
                 self._make_endpoints, self._start_endpoints, None),
             Row("retries", "writes again map entries whose write failed, after their backoff",

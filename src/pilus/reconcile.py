@@ -52,6 +52,24 @@ class Result:
             raise ReconcileError(f"{what}: writing {key} failed: {exc}{more}") from exc
 
 
+def writers_status(name: str, writers: list[Reconciler]) -> dict:
+    """Several reconcilers of one kind (e.g. one per endpoint map) as one status row."""
+    rows = [w.status() for w in writers]
+    failed = [w for w in writers if w.last_error_at is not None]
+    last = max(failed, key=lambda w: w.last_error_at or 0.0, default=None)
+    pending = sum(r["pending"] for r in rows)
+    return {
+        "name": name,
+        "maps": len(rows),
+        "desired": sum(r["desired"] for r in rows),
+        "pending": pending,
+        "errors": sum(r["errors"] for r in rows),
+        "last_error": last.last_error if last else None,
+        "last_error_at": last.last_error_at if last else None,
+        "state": "Ok" if not pending else "Pending",
+    }
+
+
 class Reconciler(Generic[K, V]):
     def __init__(
         self,

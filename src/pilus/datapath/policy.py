@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pilus.policy.mapstate import PolicyEntry, PolicyKey, Verdict, normalize, port_mask, port_range, port_range_text
-from pilus.reconcile import ReconcileError, Reconciler
+from pilus.reconcile import ReconcileError, Reconciler, writers_status
 
 from . import abi
 from ._libbpf import bpf_map_create_opts, check, lib
@@ -365,6 +365,10 @@ class PolicyMaps:
             )
         rows.sort(key=lambda r: (r["direction"], r["identity"], r["proto"], r["dport"], r["prefix_len"]))
         return rows
+
+    def status(self) -> dict:
+        """The endpoint maps' writers as one row of ``pilus status``."""
+        return writers_status("policy maps", [writer for _fd, writer in self._writers.values()])
 
     def close(self) -> None:
         """Close cached fds (maps stay: pins and pilus_policy hold them)."""

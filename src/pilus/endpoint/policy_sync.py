@@ -300,7 +300,7 @@ class PolicySync:
 
     def reconcilers_status(self) -> list[dict]:
         """The maps this component writes itself (the ipcache and endpoint map have owners)."""
-        return [self.ipblock_writer.status()]
+        return [self.datapath.policy.status(), self.ipblock_writer.status()]
 
     # -- output ----------------------------------------------------------------
 

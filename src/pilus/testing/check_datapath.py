@@ -160,6 +160,13 @@ def _check_policy(dp) -> None:
         _expect(stats.get("deleted") == 2 and stats.get("added") == 0,
                 f"policy.sync to a subset: {stats}, expected 2 deleted, 0 added")
         _expect(_rows(dp) == [(16777217, "ingress", 6, 80, 16, False, 0)], f"policy.items(): {_rows(dp)}")
+        deny_tcp = PolicyKey(16777217, False, protocols.TCP, 0, 0)  # covers allow_web: deny wins
+        dp.policy.sync(EP_ID, {allow_web: PolicyEntry(False), deny_tcp: PolicyEntry(True)})
+        want = [(16777217, "ingress", 6, 0, 0, True, 0), (16777217, "ingress", 6, 80, 16, True, 0)]
+        _expect(_rows(dp) == want, f"policy.items() with a covering deny: {_rows(dp)}, expected {want}")
+        st = dp.policy.status()
+        _expect(st.get("name") == "policy maps" and st.get("pending") == 0 and "errors" in st,
+                f"policy.status(): {st}")
     finally:
         with contextlib.suppress(Exception):
             dp.policy.delete(EP_ID)

@@ -24,7 +24,8 @@ from typing import Any
 from pilus.datapath import lb as lbmaps
 from pilus.datapath.events import decode_records
 from pilus.datapath.maps import EndpointInfo
-from pilus.datapath.policy import PolicyEntry
+from pilus.policy.mapstate import PolicyEntry, normalize
+from pilus.reconcile import writers_status
 
 #: names as the real datapath reports them (programs(), map_stats())
 PROGRAM_HOOKS = {"cil_from_container": "tc-ingress", "cil_to_container": "tc-egress"}
@@ -152,7 +153,8 @@ class FakePolicyMaps:
     def sync(self, ep_id: int, entries: Mapping[Any, Any]) -> dict:
         self.journal.append(("policy", "sync", ep_id))
         old = self.maps.get(ep_id, {})
-        new = {k: PolicyEntry(bool(v.deny), int(getattr(v, "proxy_port", 0))) for k, v in entries.items()}
+        new = normalize({k: PolicyEntry(bool(v.deny), int(getattr(v, "proxy_port", 0)))
+                         for k, v in entries.items()})
         self.maps[ep_id] = new
         return {
             "added": sum(1 for k in new if k not in old),
@@ -179,6 +181,9 @@ class FakePolicyMaps:
         ]
         rows.sort(key=lambda r: (r["direction"], r["identity"], r["proto"], r["dport"], r["prefix_len"]))
         return rows
+
+    def status(self) -> dict:
+        return writers_status("policy maps", [])
 
     def close(self) -> None:
         pass
