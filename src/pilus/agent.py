@@ -206,7 +206,8 @@ class Agent:
             Row("datapath", "compile (cached) + load bpf_lxc.o, bpf_host.o on the native device, bpf_sock.o "
                 "(--socket-lb; else its old links go); maps pinned under <bpffs-root>/<node>/",
                 lambda: Datapath(self._datapath_config(), cfg.state_dir, bpffs_root=cfg.bpffs_root),
-                lambda dp: asyncio.to_thread(dp.load), _call("close")),
+                lambda dp: asyncio.to_thread(dp.load), _call("close"),
+                maps=lambda dp: [dp.socket_lb.netns_sync.status()] if dp.socket_lb else []),
             Row("node", "pilus_host router device, sysctls, masquerade (netlink, nft)",
                 lambda: NodeNetwork(node_setup.NodeAddressing(
                     cfg.pod_cidr, self.router_ip, self.node_ip, self.parts["addresses"].device)),
