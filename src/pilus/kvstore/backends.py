@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pilus.kvstore.base import KVStoreError, Store
 from pilus.kvstore.embedded import EmbeddedStore
+from pilus.kvstore.etcd import EtcdStore
 
 
 def _open_embedded(path: Path | str | None, **opts) -> Store:
@@ -19,14 +20,20 @@ def _open_embedded(path: Path | str | None, **opts) -> Store:
     return EmbeddedStore(Path(path), **opts)
 
 
+def _open_etcd(path: Path | str | None, *, address: str = "http://127.0.0.1:2379", **opts) -> Store:
+    del path  # etcd keeps its own data; the agent's default file path does not apply
+    return EtcdStore(address, **opts)
+
+
 #: backend name -> opener(path, **options)
 BACKENDS: dict[str, Callable[..., Store]] = {
     "embedded": _open_embedded,
+    "etcd": _open_etcd,
 }
 
 
 def open_store(backend: str = "embedded", *, path: Path | str | None = None, **opts) -> Store:
-    """Open a kvstore backend. ``embedded`` needs ``path`` (the SQLite file)."""
+    """Open a kvstore backend. ``embedded`` needs ``path`` (the SQLite file); ``etcd`` takes ``address``."""
     opener = BACKENDS.get(backend)
     if opener is None:
         raise KVStoreError(f"unknown kvstore backend {backend!r} (choices: {', '.join(BACKENDS)})")
