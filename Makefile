@@ -4,7 +4,8 @@ PY      := $(VENV)/bin/python
 PILUS   := $(VENV)/bin/pilus
 # the packages of every program in src/pilus/programs.tsv (tests/unit/test_programs.py keeps both equal)
 APT_PKGS := bpftool clang curl gcc iperf3 iproute2 ipset iptables iputils-ping libbpf-dev libbpf1 llvm make \
-            mount nftables procps python3 python3-pip python3-venv util-linux coreutils dash debianutils
+            mount nftables procps python3 python3-pip python3-venv util-linux coreutils dash debianutils \
+            etcd-server
 
 .PHONY: setup demo test test-unit test-bpf test-e2e bench lint clean
 
@@ -13,7 +14,9 @@ setup:
 	@missing=""; for p in $(APT_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "setup: installing$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  noservice=""; [ -e /usr/sbin/policy-rc.d ] || { noservice=1; printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; rc=$$?; \
+	  [ -z "$$noservice" ] || rm -f /usr/sbin/policy-rc.d; [ $$rc -eq 0 ] || exit $$rc; \
 	fi
 	@$(MAKE) --no-print-directory $(VENV)/.installed
 	@mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf || true
