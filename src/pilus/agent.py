@@ -50,6 +50,7 @@ from pilus.identity.allocator import IdentityAllocator
 from pilus.identity.labels import Label, Labels, endpoint_labels, parse_labels
 from pilus.ipam.hostscope import HostScopeIPAM
 from pilus.ipcache import IPCache
+from pilus.kvstore import BACKENDS, KVStoreError, store_options
 from pilus.loadbalancer.endpoints import endpoints_for_services
 from pilus.loadbalancer.manager import ServiceManager
 from pilus.metrics.collector import AgentCollector, Sample, datapath_samples
@@ -70,6 +71,7 @@ class AgentConfig:
     cluster_name: str = "default"
     kvstore: str = "embedded"
     kvstore_path: Path | None = None
+    kvstore_opts: tuple[tuple[str, str], ...] = ()  # open_store keyword arguments, e.g. ("address", URL)
     native_device: str | None = None
     bpffs_root: Path = Path("/sys/fs/bpf/pilus")
     mtu: int = 1500
@@ -97,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cluster-name", default="default", help="cluster name (identity label io.cilium.k8s.policy.cluster)"
     )
-    p.add_argument("--kvstore", default="embedded", choices=["embedded"], help="kvstore backend")
+    p.add_argument("--kvstore", default="embedded", choices=sorted(BACKENDS), help="kvstore backend")
+    p.add_argument("--kvstore-opt", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                   help="kvstore option, repeatable, e.g. etcd.address=http://HOST:2379")
     p.add_argument("--kvstore-path", type=Path, help="embedded kvstore file (default <state-dir>/kvstore.db)")
     p.add_argument(
         "--native-device", help="underlay device whose address is the node IP (default: the default route's)"
@@ -125,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     p.add_argument("--describe", action="store_true", help="print the components and settings, then exit")
     return p
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
 
 
 def _cidr(text: str) -> IPv4Network:
@@ -583,7 +594,12 @@ async def _run(cfg: AgentConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        kvstore_opts = tuple(store_options(args.kvstore, args.kvstore_opt).items())
+    except KVStoreError as exc:
+        parser.error(str(exc))
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -595,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster_name=args.cluster_name,
         kvstore=args.kvstore,
         kvstore_path=args.kvstore_path,
+        kvstore_opts=kvstore_opts,
         native_device=args.native_device,
         bpffs_root=args.bpffs_root,
         mtu=args.mtu,

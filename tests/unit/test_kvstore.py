@@ -47,7 +47,7 @@ def test_conformance_embedded(tmp_path: Path):
 
 
 def test_open_store_errors(tmp_path: Path):
-    with pytest.raises(KVStoreError, match=r"unknown kvstore backend 'etcd3' \(choices: embedded\)"):
+    with pytest.raises(KVStoreError, match=r"unknown kvstore backend 'etcd3' \(choices: embedded, etcd\)"):
         open_store("etcd3", path=tmp_path / "x")
     with pytest.raises(KVStoreError, match="needs a path"):
         open_store("embedded")
@@ -284,3 +284,41 @@ def test_prefix_end():
     assert prefix_end("") is None
     assert prefix_end("a\U0010ffff") == "b"
     assert prefix_end("\ud7ff") == "\ue000"
+
+
+def test_etcd_row_takes_its_options():
+    from pilus.kvstore import store_options
+    from pilus.kvstore.etcd import EtcdStore
+
+    opts = store_options("etcd", [("etcd.address", "http://10.0.0.1:2379")])
+    assert opts == {"address": "http://10.0.0.1:2379"}
+    store = open_store("etcd", path="/ignored/kvstore.db", **opts)
+    assert isinstance(store, EtcdStore) and store.address == "http://10.0.0.1:2379"
+    assert open_store("etcd", address="10.0.0.2:2379").address == "http://10.0.0.2:2379"
+    for bad in [("foo", "1"), ("embedded.address", "x"), ("etcd.nope", "x")]:
+        with pytest.raises(KVStoreError, match="unknown kvstore option"):
+            store_options("etcd", [bad])
+    with pytest.raises(KVStoreError, match="unknown kvstore option"):
+        store_options("embedded", [("etcd.address", "x")])
+
+
+def test_etcd_unreachable_is_one_line_naming_the_address():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on (bound, not listening)
+        s.bind(("127.0.0.1", 0))
+        address = f"http://127.0.0.1:{s.getsockname()[1]}"
+
+        async def main():
+            store = open_store("etcd", address=address, timeout=2)
+            try:
+                with pytest.raises(KVStoreError) as err:
+                    await store.put("k", "v")
+                status = await store.status()
+            finally:
+                await store.close()
+            return str(err.value), status
+
+        message, status = asyncio.run(main())
+    assert message.startswith(f"etcd at {address} is unreachable") and "\n" not in message
+    assert status["ok"] is False and status["backend"] == "etcd" and address in status["error"]

@@ -6,7 +6,7 @@ never imports a backend; a new backend (etcd) is one more row.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from pilus.kvstore.base import KVStoreError, Store
@@ -30,6 +30,25 @@ BACKENDS: dict[str, Callable[..., Store]] = {
     "embedded": _open_embedded,
     "etcd": _open_etcd,
 }
+
+#: backend name -> the options ``--kvstore-opt BACKEND.NAME=VALUE`` may set (Cilium's shape)
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "embedded": (),
+    "etcd": ("address",),
+}
+
+
+def store_options(backend: str, pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """``[("etcd.address", URL)]`` -> ``{"address": URL}`` for ``open_store``; unknown keys fail."""
+    known = OPTIONS.get(backend, ())
+    opts: dict[str, str] = {}
+    for key, value in pairs:
+        name = key.removeprefix(f"{backend}.")
+        if name == key or name not in known:
+            choices = ", ".join(f"{backend}.{n}" for n in known) or "none"
+            raise KVStoreError(f"unknown kvstore option {key!r} for backend {backend!r} (known: {choices})")
+        opts[name] = value
+    return opts
 
 
 def open_store(backend: str = "embedded", *, path: Path | str | None = None, **opts) -> Store:
