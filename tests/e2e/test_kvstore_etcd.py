@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import subprocess
 import time
@@ -122,6 +123,32 @@ def test_watch_resumes_and_status_recovers_after_etcd_restart(etcd):
             assert (ev.type, ev.key, ev.value) == ("put", "w/b", "2")
             status = await store.status()
             assert status["ok"] is True and status["revision"] == ev.revision
+        finally:
+            await watch.aclose()
+
+    asyncio.run(asyncio.wait_for(_with_store(etcd.address, fn), 30))
+
+
+def test_watch_from_compacted_revision_raises_compacted(etcd):
+    from pilus.kvstore import Compacted
+
+    async def fn(store):
+        old = await store.put("c/a", "1")
+        rev = await store.put("c/a", "2")
+        body = json.dumps({"revision": str(rev), "physical": True}).encode()
+        await asyncio.to_thread(urllib.request.urlopen, etcd.address + "/v3/kv/compaction", body, 5)
+        watch = store.watch_prefix("c/", start_revision=old - 1)
+        try:
+            with pytest.raises(Compacted, match="compacted"):
+                await asyncio.wait_for(watch.__anext__(), 5)
+        finally:
+            await watch.aclose()
+        # from the compaction revision on, history is there again
+        watch = store.watch_prefix("c/", start_revision=rev)
+        try:
+            await store.put("c/b", "3")
+            ev = await asyncio.wait_for(watch.__anext__(), 5)
+            assert (ev.type, ev.key, ev.value) == ("put", "c/b", "3")
         finally:
             await watch.aclose()
 
