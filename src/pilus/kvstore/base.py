@@ -111,6 +111,16 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
+def check_key(key: str) -> None:
+    if not isinstance(key, str) or not key:
+        raise KVStoreError(f"kvstore key must be a non-empty string, got {key!r}")
+
+
+def check_value(value: str) -> None:
+    if not isinstance(value, str):
+        raise KVStoreError(f"kvstore value must be a string, got {type(value).__name__}")
+
+
 def prefix_end(prefix: str) -> str | None:
     """The smallest string greater than every string starting with ``prefix``.
 

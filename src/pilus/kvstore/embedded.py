@@ -36,6 +36,8 @@ from pilus.kvstore.base import (
     KVStoreError,
     LeaseNotFound,
     WatchEvent,
+    check_key,
+    check_value,
     prefix_end,
 )
 
@@ -85,15 +87,6 @@ def _range_sql(prefix: str) -> tuple[str, tuple[str, ...]]:
         return "key >= ?", (prefix,)
     return "key >= ? AND key < ?", (prefix, end)
 
-
-def _check_key(key: str) -> None:
-    if not isinstance(key, str) or not key:
-        raise KVStoreError(f"kvstore key must be a non-empty string, got {key!r}")
-
-
-def _check_value(value: str) -> None:
-    if not isinstance(value, str):
-        raise KVStoreError(f"kvstore value must be a string, got {type(value).__name__}")
 
 
 class EmbeddedStore:
@@ -262,7 +255,7 @@ class EmbeddedStore:
     # ------------------------------------------------------------------ key/value
 
     async def get(self, key: str) -> KeyValue | None:
-        _check_key(key)
+        check_key(key)
 
         def fn(c: sqlite3.Connection) -> KeyValue | None:
             row = c.execute("SELECT key, value, mod_rev, lease FROM kv WHERE key = ?", (key,)).fetchone()
@@ -287,8 +280,8 @@ class EmbeddedStore:
         return rev
 
     async def put(self, key: str, value: str, lease: int | None = None) -> int:
-        _check_key(key)
-        _check_value(value)
+        check_key(key)
+        check_value(value)
 
         def op(c: sqlite3.Connection, rev: int, now: float) -> tuple[Any, int]:
             if lease is not None and not self._lease_alive(c, lease, now):
@@ -299,8 +292,8 @@ class EmbeddedStore:
         return await self._run(self._tx, op)
 
     async def create(self, key: str, value: str, lease: int | None = None) -> bool:
-        _check_key(key)
-        _check_value(value)
+        check_key(key)
+        check_value(value)
 
         def op(c: sqlite3.Connection, rev: int, now: float) -> tuple[Any, int]:
             if lease is not None and not self._lease_alive(c, lease, now):
@@ -312,7 +305,7 @@ class EmbeddedStore:
         return await self._run(self._tx, op)
 
     async def delete(self, key: str) -> bool:
-        _check_key(key)
+        check_key(key)
 
         def op(c: sqlite3.Connection, rev: int, now: float) -> tuple[Any, int]:
             if c.execute("DELETE FROM kv WHERE key = ?", (key,)).rowcount == 0:

@@ -23,7 +23,16 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
-from pilus.kvstore.base import Compacted, KeyValue, KVStoreError, LeaseNotFound, WatchEvent, prefix_end
+from pilus.kvstore.base import (
+    Compacted,
+    KeyValue,
+    KVStoreError,
+    LeaseNotFound,
+    WatchEvent,
+    check_key,
+    check_value,
+    prefix_end,
+)
 
 __all__ = ["EtcdStore"]
 
@@ -46,15 +55,6 @@ def _range(prefix: str) -> dict:
     end = prefix_end(prefix)
     return {"key": _b64(prefix), "range_end": _ALL if end is None else _b64(end)}
 
-
-def _check_key(key: str) -> None:
-    if not isinstance(key, str) or not key:
-        raise KVStoreError(f"kvstore key must be a non-empty string, got {key!r}")
-
-
-def _check_value(value: str) -> None:
-    if not isinstance(value, str):
-        raise KVStoreError(f"kvstore value must be a string, got {type(value).__name__}")
 
 
 def _kv(raw: dict) -> KeyValue:
@@ -132,14 +132,14 @@ class EtcdStore:
     # ------------------------------------------------------------------ key/value
 
     async def get(self, key: str) -> KeyValue | None:
-        _check_key(key)
+        check_key(key)
         kvs = (await self._call("kv/range", {"key": _b64(key)})).get("kvs") or []
         return _kv(kvs[0]) if kvs else None
 
     @staticmethod
     def _put_body(key: str, value: str, lease: int | None) -> dict:
-        _check_key(key)
-        _check_value(value)
+        check_key(key)
+        check_value(value)
         body = {"key": _b64(key), "value": _b64(value)}
         if lease is not None:
             body["lease"] = str(lease)
@@ -158,7 +158,7 @@ class EtcdStore:
         return bool(reply.get("succeeded", False))
 
     async def delete(self, key: str) -> bool:
-        _check_key(key)
+        check_key(key)
         return int((await self._call("kv/deleterange", {"key": _b64(key)})).get("deleted", 0)) > 0
 
     async def delete_prefix(self, prefix: str) -> int:
