@@ -153,3 +153,18 @@ def test_watch_from_compacted_revision_raises_compacted(etcd):
             await watch.aclose()
 
     asyncio.run(asyncio.wait_for(_with_store(etcd.address, fn), 30))
+
+
+def test_create_of_a_present_key_still_checks_the_lease(etcd):
+    from pilus.kvstore import LeaseNotFound
+
+    async def fn(store):
+        await store.put("l/k", "v")
+        lease = await store.grant_lease(30)
+        assert await store.create("l/k", "w", lease=lease) is False
+        await store.revoke_lease(lease)
+        with pytest.raises(LeaseNotFound):
+            await store.create("l/k", "w", lease=lease)
+        assert (await store.get("l/k")).value == "v"
+
+    asyncio.run(asyncio.wait_for(_with_store(etcd.address, fn), 30))

@@ -155,7 +155,13 @@ class EtcdStore:
             "compare": [{"key": put["key"], "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
             "success": [{"request_put": put}],
         })
-        return bool(reply.get("succeeded", False))
+        if reply.get("succeeded", False):
+            return True
+        if lease is not None:  # the put did not run, so etcd did not check the lease: as embedded, say so
+            ttl = await self._call("lease/timetolive", {"ID": str(lease)})
+            if int(ttl.get("TTL", -1)) <= 0:
+                raise LeaseNotFound(f"lease {lease} not found (expired or revoked)")
+        return False
 
     async def delete(self, key: str) -> bool:
         check_key(key)
@@ -198,8 +204,8 @@ class EtcdStore:
                 request["create_request"]["start_revision"] = str(after + 1)
             try:
                 async with self._http().post(f"{self.address}/v3/watch", json=request) as resp:
-                    if resp.status != 200:
-                        raise self._failure(f"etcd at {self.address}: watch: HTTP {resp.status}")
+                    if resp.status != 200:  # e.g. 503 while a restarted etcd elects itself: retry
+                        raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
                     self._error = None
                     buf = b""
                     async for chunk in resp.content.iter_any():
