@@ -44,7 +44,7 @@ from pilus.endpoint.entries import EndpointEntries
 from pilus.endpoint.manager import EndpointManager, NodeInfo
 from pilus.endpoint.model import EndpointStore
 from pilus.endpoint.policy_sync import PolicySync
-from pilus.errors import TraceInputError
+from pilus.errors import TraceInputError, user_message
 from pilus.identity import reserved
 from pilus.identity.allocator import IdentityAllocator
 from pilus.identity.labels import Label, Labels, endpoint_labels, parse_labels
@@ -209,8 +209,9 @@ class Agent:
         rows = [
             Row("lock", "one agent per state dir (flock on <state-dir>/agent.lock)",
                 lambda: StateDirLock(cfg.state_dir), _call("acquire"), _call("release")),
-            Row("kvstore", "cluster state (identities, policies); embedded SQLite shared by the cluster",
-                lambda: KVStoreConnection(cfg.kvstore, cfg.kvstore_path or cfg.state_dir / "kvstore.db"),
+            Row("kvstore", "cluster state (identities, policies); embedded SQLite shared by the cluster, or etcd",
+                lambda: KVStoreConnection(cfg.kvstore, cfg.kvstore_path or cfg.state_dir / "kvstore.db",
+                                          dict(cfg.kvstore_opts)),
                 _call("open"), _call("close")),
             Row("addresses", "node IP and native device from the routing table",
                 lambda: NodeAddresses(cfg.native_device, self.router_ip), _call("detect"), None),
@@ -593,25 +594,16 @@ async def _run(cfg: AgentConfig) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        kvstore_opts = tuple(store_options(args.kvstore, args.kvstore_opt).items())
-    except KVStoreError as exc:
-        parser.error(str(exc))
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    cfg = AgentConfig(
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    """The parsed flags as an AgentConfig; a bad ``--kvstore-opt`` raises KVStoreError."""
+    return AgentConfig(
         node_name=args.node_name,
         state_dir=args.state_dir,
         pod_cidr=args.pod_cidr,
         cluster_name=args.cluster_name,
         kvstore=args.kvstore,
         kvstore_path=args.kvstore_path,
-        kvstore_opts=kvstore_opts,
+        kvstore_opts=tuple(store_options(args.kvstore, args.kvstore_opt).items()),
         native_device=args.native_device,
         bpffs_root=args.bpffs_root,
         mtu=args.mtu,
@@ -622,6 +614,19 @@ def main(argv: list[str] | None = None) -> int:
         maglev_table_size=args.bpf_lb_maglev_table_size,
         prometheus_addr=args.prometheus_serve_addr,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except KVStoreError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if args.describe:
         print(describe(cfg))
         return 0
@@ -630,8 +635,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     except Exception as exc:
-        from pilus.errors import user_message
-
         message = user_message(exc)
         if message is None:
             raise

@@ -58,12 +58,12 @@ class StateDirLock:
 class KVStoreConnection:
     """The cluster store, opened on start (opening creates and migrates the file)."""
 
-    def __init__(self, backend: str, path: Path) -> None:
-        self.backend, self.path = backend, path
+    def __init__(self, backend: str, path: Path, opts: dict[str, str] | None = None) -> None:
+        self.backend, self.path, self.opts = backend, path, dict(opts or {})
         self.store: Any = None
 
     def open(self) -> None:
-        self.store = open_store(self.backend, path=self.path)
+        self.store = open_store(self.backend, path=self.path, **self.opts)
 
     async def close(self) -> None:
         if self.store is not None:

@@ -10,10 +10,12 @@ import socket
 import subprocess
 import time
 import urllib.request
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
 
+from pilus.identity.labels import parse_labels
 from pilus.kvstore import KVStoreError, open_store
 from pilus.testing.check_kvstore import check_kvstore
 
@@ -168,3 +170,47 @@ def test_create_of_a_present_key_still_checks_the_lease(etcd):
         assert (await store.get("l/k")).value == "v"
 
     asyncio.run(asyncio.wait_for(_with_store(etcd.address, fn), 30))
+
+
+def test_agent_runs_on_etcd_from_its_flags(etcd, tmp_path):
+    """`pilus agent --kvstore etcd --kvstore-opt etcd.address=URL` reaches that etcd: the
+    agent (fake datapath and node rows, as in tests/unit/test_agent.py) reports the backend,
+    and the identity of a new endpoint's labels is stored in etcd."""
+    from pilus import agent as agent_mod
+    from pilus.testing.fake_datapath import FakeDatapath
+
+    class Addresses:
+        node_ip, device = IPv4Address("192.0.2.10"), None
+
+        async def start(self) -> None:
+            pass
+
+    class Node:
+        pass
+
+    args = agent_mod.build_parser().parse_args([
+        "--node-name", "n1", "--state-dir", str(tmp_path / "state"), "--pod-cidr", "10.210.1.0/24",
+        "--bpffs-root", str(tmp_path / "bpf"), "--kvstore", "etcd",
+        "--kvstore-opt", f"etcd.address={etcd.address}",
+    ])
+    cfg = agent_mod.config_from_args(args)
+    agent = agent_mod.Agent(cfg, replace={"addresses": Addresses, "datapath": FakeDatapath, "node": Node})
+
+    async def run():
+        await agent.start()
+        try:
+            status = await agent.status()
+            ident = await agent.identities.allocate(parse_labels(["k8s:app=etcd-check"]))
+        finally:
+            await agent.stop()
+        return status, ident
+
+    status, ident = asyncio.run(asyncio.wait_for(run(), 30))
+    assert status["kvstore"]["backend"] == "etcd" and status["kvstore"]["endpoint"] == etcd.address
+    assert status["kvstore"]["state"] == "Ok"
+
+    async def identity_keys(store):
+        return [kv.key for kv in await store.list_prefix("pilus/state/identities/v1/id/")]
+
+    keys = asyncio.run(_with_store(etcd.address, identity_keys))
+    assert any(key.endswith(f"/{ident.id}") for key in keys), keys
