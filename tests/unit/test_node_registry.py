@@ -1,0 +1,120 @@
+"""The node registry on the real embedded store: nodes see each other, dead ones go."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from pilus.kvstore import open_store
+from pilus.node.registry import NODES_PREFIX, NodeEntry, NodeRegistry, NodeRegistryError
+
+
+def run(coro, timeout=20):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def eventually(pred, timeout=3.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+def entry(n: int, cluster: str = "c1") -> NodeEntry:
+    return NodeEntry(
+        name=f"node{n}", cluster=cluster, node_ip=IPv4Address(f"192.168.50.{n}"),
+        pod_cidr=IPv4Network(f"10.200.{n}.0/24"), router_ip=IPv4Address(f"10.200.{n}.1"),
+    )
+
+
+def test_entry_json_round_trip():
+    e = NodeEntry(**{**entry(1).__dict__, "boot_id": "b", "started": 1.5})
+    assert NodeEntry.from_json(e.to_json()) == e
+    assert e.to_json()["pod_cidr"] == "10.200.1.0/24"
+
+
+def test_bad_names_refused(tmp_path):
+    with pytest.raises(NodeRegistryError):
+        NodeRegistry(open_store(path=tmp_path / "kv.db"), NodeEntry(**{**entry(1).__dict__, "name": "a/b"}))
+
+
+def test_two_nodes_see_each_other_and_a_dead_one_goes(tmp_path):
+    async def main():
+        s1 = open_store(path=tmp_path / "kv.db", poll_interval=0.02)
+        s2 = open_store(path=tmp_path / "kv.db", poll_interval=0.02)
+        r1, r2 = NodeRegistry(s1, entry(1)), NodeRegistry(s2, entry(2))
+        other = NodeRegistry(s2, entry(3, cluster="c2"))  # another cluster stays apart
+        seen: list[set[str]] = []
+        r1.on_change(lambda nodes: seen.append(set(nodes)))
+        try:
+            await r1.start()
+            await r2.start()
+            await other.start()
+            assert r1.key == f"{NODES_PREFIX}/c1/node1"
+            await eventually(lambda: set(r1.nodes) == {"node1", "node2"})
+            await eventually(lambda: set(r2.nodes) == {"node1", "node2"})
+            assert r1.nodes["node2"].pod_cidr == IPv4Network("10.200.2.0/24")
+            assert r1.nodes["node2"].boot_id and r1.nodes["node2"].health == "Ok"
+            assert [row["local"] for row in r1.rows()] == [True, False]
+            assert r1.status() == {"nodes": 2, "reachable": 2}
+            assert set(other.nodes) == {"node3"}
+            await r2.stop(revoke_lease=True)  # as if its lease expired
+            await eventually(lambda: set(r1.nodes) == {"node1"})
+            assert seen[-1] == {"node1"} and {"node1", "node2"} in seen
+        finally:
+            for r in (r1, r2, other):
+                await r.stop()
+            await s1.close()
+            await s2.close()
+
+    run(main())
+
+
+def test_entry_expires_with_its_lease(tmp_path):
+    async def main():
+        s1 = open_store(path=tmp_path / "kv.db", poll_interval=0.02)
+        s2 = open_store(path=tmp_path / "kv.db", poll_interval=0.02)
+        r1, r2 = NodeRegistry(s1, entry(1)), NodeRegistry(s2, entry(2), lease_ttl=0.6)
+        try:
+            await r1.start()
+            await r2.start()
+            await eventually(lambda: "node2" in r1.nodes)
+            for t in r2._tasks:  # the agent dies: nobody keeps its lease alive
+                t.cancel()
+            await eventually(lambda: "node2" not in r1.nodes, timeout=5)
+        finally:
+            await r1.stop()
+            await r2.stop()
+            await s1.close()
+            await s2.close()
+
+    run(main())
+
+
+def test_bad_value_is_ignored_with_a_log(tmp_path, caplog):
+    async def main():
+        store = open_store(path=tmp_path / "kv.db", poll_interval=0.02)
+        await store.put(f"{NODES_PREFIX}/c1/junk", "{not json")
+        await store.put(f"{NODES_PREFIX}/c1/liar", '{"name": "node9"}')
+        r1 = NodeRegistry(store, entry(1))
+        try:
+            await r1.start()
+            assert set(r1.nodes) == {"node1"}
+            await store.put(f"{NODES_PREFIX}/c1/junk2", "[]")
+            await store.put(f"{NODES_PREFIX}/c1/node7", entry(7).to_json().__repr__())  # not JSON
+            good = NodeRegistry(store, entry(5))
+            await good.start()
+            await eventually(lambda: "node5" in r1.nodes)
+            assert set(r1.nodes) == {"node1", "node5"}
+            await good.stop()
+        finally:
+            await r1.stop()
+            await store.close()
+
+    with caplog.at_level(logging.WARNING, logger="pilus.node.registry"):
+        run(main())
+    assert "ignoring node entry" in caplog.text
