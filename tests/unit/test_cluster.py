@@ -66,7 +66,7 @@ def test_name_patterns_do_not_catch_other_clusters():
         ({"pod_cidr": IPv4Network("10.200.0.0/23"), "nodes": 2}, "room for 1 nodes"),
         ({"underlay_cidr": IPv4Network("172.30.0.0/29")}, "too small"),
         ({"pod_cidr": IPv4Network("172.30.0.0/16")}, "overlaps"),
-        ({"kvstore": "etcd"}, "not supported"),
+        ({"kvstore": "zookeeper"}, "unknown kvstore 'zookeeper': use one of embedded, etcd"),
     ],
 )
 def test_validate_rejects(kwargs, fragment):
@@ -137,3 +137,45 @@ def test_supervisor_exec_prefix(monkeypatch):
         "--net=/run/netns/pilus-x-node1",
         "--",
     ]
+
+
+def test_etcd_cluster_doc_and_argv():
+    doc = plan.build_cluster_doc(ClusterSpec(name="c1", nodes=2, kvstore="etcd"))
+    assert doc["kvstore"] == "etcd" and doc["kvstore_path"] is None
+    assert doc["kvstore_address"] == "http://172.30.0.1:2379"
+    assert doc["etcd"] == {
+        "data_dir": "/run/pilus/c1/etcd",
+        "peer_url": "http://172.30.0.1:2380",
+        "log": "/run/pilus/c1/etcd.log",
+    }
+    assert plan.kvstore_description(doc) == "etcd http://172.30.0.1:2379"
+    argv = plan.agent_argv(doc, doc["nodes"][1], "py")
+    assert argv[argv.index("--kvstore") : argv.index("--kvstore") + 4] == [
+        "--kvstore", "etcd", "--kvstore-opt", "etcd.address=http://172.30.0.1:2379",
+    ]  # fmt: skip
+    assert "--kvstore-path" not in argv
+    etcd = plan.etcd_argv(doc)
+    assert etcd[0] == "etcd"
+    opts = dict(zip(etcd[1::2], etcd[2::2], strict=False))
+    assert opts["--data-dir"] == "/run/pilus/c1/etcd"
+    assert opts["--listen-client-urls"] == "http://172.30.0.1:2379"
+    assert opts["--listen-peer-urls"] == "http://172.30.0.1:2380"
+    assert opts["--initial-cluster"] == "c1=http://172.30.0.1:2380"
+    embedded = plan.build_cluster_doc(ClusterSpec(name="c1"))
+    assert "etcd" not in embedded and "kvstore_address" not in embedded
+    assert plan.kvstore_description(embedded) == "embedded /run/pilus/c1/kvstore.db"
+
+
+def test_cli_kvstore_choices_match_the_plan():
+    from pilus.cli import cluster as cli_cluster
+
+    assert cli_cluster.KVSTORES == plan.KVSTORES
+
+
+def test_cli_rejects_an_unknown_kvstore(capsys):
+    from pilus.cli.main import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["cluster", "up", "--kvstore", "zookeeper"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'zookeeper'" in capsys.readouterr().err

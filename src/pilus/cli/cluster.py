@@ -11,6 +11,8 @@ from pilus.cli import common, output
 DEFAULT_NODES = 1
 DEFAULT_POD_CIDR = "10.200.0.0/16"
 DEFAULT_UNDERLAY_CIDR = "172.30.0.0/24"
+# = pilus.cluster.plan.KVSTORES (tests/unit/test_cluster.py); not imported so `--help` stays light
+KVSTORES = ("embedded", "etcd")
 
 
 def _network(text: str) -> ipaddress.IPv4Network:
@@ -45,8 +47,9 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
     up.add_argument("--underlay-cidr", metavar="CIDR", type=_network,
                     default=_network(DEFAULT_UNDERLAY_CIDR),
                     help=f"underlay network of the nodes (default {DEFAULT_UNDERLAY_CIDR})")
-    up.add_argument("--kvstore", choices=("embedded", "etcd"), default="embedded",
-                    help="kvstore backend (default embedded)")
+    up.add_argument("--kvstore", choices=KVSTORES, default="embedded",
+                    help="kvstore backend: embedded (one SQLite file) or etcd (one etcd started "
+                         "for the cluster on the bridge address); default embedded")
     common.add_output_option(up)
     up.set_defaults(func=cmd_up)
 
@@ -89,6 +92,12 @@ def format_nodes(info: dict, health: dict[str, str] | None = None) -> str:
     return output.table(headers, rows)
 
 
+def _kvstore(info: dict) -> str:
+    from pilus.cluster.plan import kvstore_description
+
+    return kvstore_description(info)
+
+
 def node_health(node: dict) -> str:
     from pilus.api.client import Client, ClientError
 
@@ -119,7 +128,8 @@ def cmd_up(args) -> int:
     if args.output:
         output.emit(output.dump(info, args.output))
         return 0
-    output.emit(f"Cluster '{name}' is up:\n" + format_nodes(info or {"nodes": []}))
+    output.emit(f"Cluster '{name}' is up (kvstore {_kvstore(info or {})}):\n"
+                + format_nodes(info or {"nodes": []}))
     return 0
 
 
@@ -151,6 +161,6 @@ def cmd_status(args) -> int:
         data["nodes"] = [dict(n, agent=health.get(str(n.get("name")))) for n in info["nodes"]]
         output.emit(output.dump(data, args.output))
         return 0
-    output.emit(f"Cluster '{name}': {len(info.get('nodes') or [])} node(s)\n"
-                + format_nodes(info, health))
+    output.emit(f"Cluster '{name}': {len(info.get('nodes') or [])} node(s), "
+                f"kvstore {_kvstore(info)}\n" + format_nodes(info, health))
     return 0

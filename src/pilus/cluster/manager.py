@@ -38,6 +38,7 @@ from pilus.cluster.plan import (
     node_netns_re,
     validate,
 )
+from pilus.cluster.supervisor import etcd_healthy
 from pilus.datapath import links
 from pilus.datapath.errors import DatapathError
 
@@ -52,7 +53,8 @@ __all__ = [
 
 UP_TIMEOUT_S = 30.0
 LOG_TAIL_LINES = 8
-FAIL_FAST_RESTARTS = 3  # an agent that exited this often during `up` will not come up
+FAIL_FAST_RESTARTS = 3  # an agent (or etcd) that exited this often during `up` will not come up
+ETCD_UP_TIMEOUT_S = 20.0
 
 
 # ------------------------------------------------------------ HTTP over UNIX
@@ -125,6 +127,18 @@ def _is_supervisor_of(pid: int, name: str, state_root: Path | None) -> bool:
     except (ValueError, IndexError):
         root = str(DEFAULT_STATE_ROOT)
     return os.path.realpath(root) == os.path.realpath(state_root)
+
+
+def _is_etcd_of(pid: int, cdir: Path) -> bool:
+    """The cluster's etcd: `etcd ... --data-dir <cdir>/etcd`."""
+    argv = _cmdline(pid)
+    if not argv or os.path.basename(argv[0]) != "etcd" or "--data-dir" not in argv:
+        return False
+    try:
+        data_dir = argv[argv.index("--data-dir") + 1]
+    except IndexError:
+        return False
+    return os.path.realpath(data_dir) == os.path.realpath(cdir / "etcd")
 
 
 def _is_agent_of(pid: int, name: str, cdir: Path) -> bool:
@@ -313,6 +327,39 @@ def _crash_looping(cdir: Path, pending: dict[str, dict]) -> str | None:
     return None
 
 
+def _supervised_etcd(cdir: Path) -> dict:
+    try:
+        return json.loads((cdir / "supervisor.json").read_text()).get("etcd") or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _wait_etcd(doc: dict, sup: subprocess.Popen, timeout: float) -> None:
+    """The supervisor started etcd and it answers GET /health (before any agent runs)."""
+    cdir = Path(doc["state_root"]) / doc["name"]
+    address = doc["kvstore_address"]
+    deadline = time.monotonic() + timeout
+    while not (_supervised_etcd(cdir).get("ready") and etcd_healthy(address, timeout=1.0)):
+        if sup.poll() is not None:
+            raise ClusterError(
+                f"cluster {doc['name']!r}: the supervisor exited with {sup.returncode}: "
+                f"{_tail(cdir / 'supervisor.log')}"
+            )
+        crashing = _supervised_etcd(cdir).get("restarts", 0) >= FAIL_FAST_RESTARTS
+        if crashing or time.monotonic() > deadline:
+            why = (
+                f"exited {FAIL_FAST_RESTARTS} times in a row"
+                if crashing
+                else f"did not answer GET /health within {timeout:.0f} s"
+            )
+            log = doc["etcd"]["log"]
+            raise ClusterError(
+                f"cluster {doc['name']!r}: etcd at {address} {why}; "
+                f"etcd log ({log}) ends with: {_tail(Path(log))}"
+            )
+        time.sleep(0.1)
+
+
 def _wait_healthy(doc: dict, sup: subprocess.Popen, timeout: float) -> None:
     cdir = Path(doc["state_root"]) / doc["name"]
     pending = {n["name"]: n for n in doc["nodes"]}
@@ -370,6 +417,8 @@ def cluster_up(
             f"cluster '{spec.name}' has leftovers ({', '.join(left[:3])}"
             f"{', ...' if len(left) > 3 else ''}); run `pilus cluster down` first"
         )
+    if spec.kvstore == "etcd" and shutil.which("etcd") is None:
+        raise ClusterError("--kvstore etcd needs the etcd binary: install etcd-server")
     doc = build_cluster_doc(spec)
     if agent_cmd:
         doc["agent_cmd"] = list(agent_cmd)
@@ -383,6 +432,10 @@ def cluster_up(
         sup = _start_supervisor(doc, cdir)
         doc["supervisor_pid"] = sup.pid
         _write_json(cdir / "cluster.json", doc)
+        if spec.kvstore == "etcd":
+            started = time.monotonic()
+            _wait_etcd(doc, sup, min(ETCD_UP_TIMEOUT_S, timeout))
+            timeout = max(timeout - (time.monotonic() - started), 1.0)
         _wait_healthy(doc, sup, timeout)
     except BaseException as e:
         with contextlib.suppress(Exception):
@@ -427,6 +480,8 @@ def cluster_down(name: str = "default", state_root: Path = DEFAULT_STATE_ROOT) -
     agents = [p for p in _pids() if p != os.getpid() and _is_agent_of(p, name, cdir)]
     for p in _terminate(agents, grace=5.0):
         removed.append(f"agent pid {p}")
+    for p in _terminate([p for p in _pids() if _is_etcd_of(p, cdir)], grace=5.0):
+        removed.append(f"etcd pid {p}")
 
     # 2. anything still running inside the cluster's namespaces
     nsre = node_netns_re(name)

@@ -16,6 +16,10 @@ from typing import Any
 DEFAULT_STATE_ROOT = Path("/run/pilus")
 BPFFS_ROOT = Path("/sys/fs/bpf/pilus")
 MAX_NODES = 200  # underlay .11 ... .210 in a /24; also keeps names short
+KVSTORES = ("embedded", "etcd")
+# etcd listens on the bridge address only, so a system etcd on 127.0.0.1 cannot collide
+ETCD_CLIENT_PORT = 2379
+ETCD_PEER_PORT = 2380
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 
@@ -61,9 +65,9 @@ def validate(spec: ClusterSpec) -> None:
         )
     if pod.overlaps(und):
         raise ClusterError(f"pod CIDR {pod} overlaps the underlay CIDR {und}: pick disjoint ranges")
-    if spec.kvstore != "embedded":
+    if spec.kvstore not in KVSTORES:
         raise ClusterError(
-            f"kvstore {spec.kvstore!r} is not supported by local clusters: use 'embedded'"
+            f"unknown kvstore {spec.kvstore!r}: use one of {', '.join(KVSTORES)}"
         )
 
 
@@ -162,7 +166,7 @@ def build_cluster_doc(spec: ClusterSpec, supervisor_pid: int | None = None) -> d
                 "router_ip": router_ip(cidr),
             }
         )
-    return {
+    doc: dict[str, Any] = {
         "name": spec.name,
         "bridge": bridge_name(spec.name),
         "bridge_ip": bridge_ip(und),
@@ -174,6 +178,42 @@ def build_cluster_doc(spec: ClusterSpec, supervisor_pid: int | None = None) -> d
         "supervisor_pid": supervisor_pid,
         "nodes": nodes,
     }
+    if spec.kvstore == "etcd":
+        doc["kvstore_path"] = None
+        doc["kvstore_address"] = f"http://{bridge_ip(und)}:{ETCD_CLIENT_PORT}"
+        doc["etcd"] = {
+            "data_dir": str(cdir / "etcd"),
+            "peer_url": f"http://{bridge_ip(und)}:{ETCD_PEER_PORT}",
+            "log": str(cdir / "etcd.log"),
+        }
+    return doc
+
+
+def kvstore_description(doc: dict[str, Any]) -> str:
+    """'etcd http://172.30.0.1:2379' or 'embedded /run/pilus/default/kvstore.db'."""
+    where = doc.get("kvstore_address") or doc.get("kvstore_path") or "-"
+    return f"{doc.get('kvstore') or 'embedded'} {where}"
+
+
+def etcd_argv(doc: dict[str, Any]) -> list[str]:
+    """The cluster's one etcd member: client and peer URLs on the bridge address."""
+    etcd = doc["etcd"]
+    client, peer = doc["kvstore_address"], etcd["peer_url"]
+    return [
+        "etcd",
+        "--name", doc["name"],
+        "--data-dir", etcd["data_dir"],
+        "--listen-client-urls", client,
+        "--advertise-client-urls", client,
+        "--listen-peer-urls", peer,
+        "--initial-advertise-peer-urls", peer,
+        "--initial-cluster", f"{doc['name']}={peer}",
+        # one member: a short election timeout only shortens (re)start
+        "--heartbeat-interval", "50",
+        "--election-timeout", "500",
+        "--logger", "zap",
+        "--log-level", "warn",
+    ]  # fmt: skip
 
 
 AGENT_PLACEHOLDERS = (
@@ -184,6 +224,7 @@ AGENT_PLACEHOLDERS = (
     "cluster",
     "kvstore",
     "kvstore_path",
+    "kvstore_address",
     "netns",
     "python",
 )
@@ -201,7 +242,8 @@ def agent_argv(doc: dict[str, Any], node: dict[str, Any], python: str) -> list[s
         "pod_cidr": node["pod_cidr"],
         "cluster": doc["name"],
         "kvstore": doc["kvstore"],
-        "kvstore_path": doc["kvstore_path"],
+        "kvstore_path": doc.get("kvstore_path") or "",
+        "kvstore_address": doc.get("kvstore_address") or "",
         "netns": node["netns"],
         "python": python,
     }
@@ -223,10 +265,15 @@ def agent_argv(doc: dict[str, Any], node: dict[str, Any], python: str) -> list[s
         values["cluster"],
         "--kvstore",
         values["kvstore"],
-        "--kvstore-path",
-        values["kvstore_path"],
+        *_kvstore_flags(doc),
         "--native-device",
         node.get("underlay_device", "eth0"),
         "--cluster-cidr",
         doc["pod_cidr"],
     ]
+
+
+def _kvstore_flags(doc: dict[str, Any]) -> list[str]:
+    if doc.get("kvstore") == "etcd":
+        return ["--kvstore-opt", f"etcd.address={doc['kvstore_address']}"]
+    return ["--kvstore-path", doc["kvstore_path"]]

@@ -9,6 +9,10 @@ records what it does in ``<root>/<name>/supervisor.json`` and on SIGTERM/SIGINT
 stops the agents (SIGTERM, SIGKILL after 5 s) and exits. It also exits when the
 cluster directory disappears.
 
+With ``"kvstore": "etcd"`` it also runs the cluster's etcd (output in
+``<root>/<name>/etcd.log``), restarted like an agent; the agents are started only
+once etcd answers GET /health, and stopped before it.
+
 How an agent enters its node: ``nsenter --net=/run/netns/<netns> -- <agent argv>``
 (the network namespace only). `ip netns exec` would also put the agent in a
 private mount namespace with a fresh /sys, where the machine's bpffs
@@ -29,10 +33,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pilus.cluster.plan import agent_argv
+from pilus.cluster.plan import agent_argv, etcd_argv
 
 RESTART_MIN_S = 1.0
 RESTART_MAX_S = 5.0
@@ -60,10 +65,14 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-class AgentProc:
-    def __init__(self, doc: dict[str, Any], node: dict[str, Any]) -> None:
-        self.doc = doc
-        self.node = node
+class ChildProc:
+    """One supervised process: started, restarted with backoff when it exits, stopped."""
+
+    what = "process"
+
+    def __init__(self, name: str, log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
         self.restarts = 0
@@ -71,22 +80,15 @@ class AgentProc:
         self.next_start = 0.0
         self.last_exit: int | None = None
 
-    @property
-    def name(self) -> str:
-        return self.node["name"]
-
     def argv(self) -> list[str]:
-        return netns_exec_prefix(self.node["netns"]) + agent_argv(
-            self.doc, self.node, sys.executable
-        )
+        raise NotImplementedError
 
     def start(self) -> None:
-        sdir = Path(self.node["state_dir"])
-        sdir.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         argv = self.argv()
-        with open(sdir / "agent.log", "ab") as log:
+        with open(self.log_path, "ab") as log:
             log.write(
-                f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} supervisor: starting agent "
+                f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} supervisor: starting {self.what} "
                 f"(start #{self.restarts + 1}): {' '.join(argv)}\n".encode()
             )
             log.flush()
@@ -99,7 +101,7 @@ class AgentProc:
                 preexec_fn=_die_with_parent,
             )
         self.started = time.monotonic()
-        _log(f"node {self.name}: agent started, pid {self.proc.pid}")
+        _log(f"{self.name}: {self.what} started, pid {self.proc.pid}")
 
     def poll(self, now: float) -> bool:
         """Reap/restart; True when something changed."""
@@ -121,7 +123,7 @@ class AgentProc:
         self.fast_failures += 1
         self.next_start = now + delay
         _log(
-            f"node {self.name}: agent exited with {rc} after {ran:.1f} s; "
+            f"{self.name}: {self.what} exited with {rc} after {ran:.1f} s; "
             f"restarting in {delay:.0f} s"
         )
         return True
@@ -131,12 +133,55 @@ class AgentProc:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(sig)
 
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def status(self) -> dict[str, Any]:
         return {
             "pid": self.proc.pid if self.proc is not None else None,
             "restarts": self.restarts,
             "last_exit": self.last_exit,
         }
+
+
+class AgentProc(ChildProc):
+    what = "agent"
+
+    def __init__(self, doc: dict[str, Any], node: dict[str, Any]) -> None:
+        super().__init__(f"node {node['name']}", Path(node["state_dir"]) / "agent.log")
+        self.doc = doc
+        self.node = node
+
+    def argv(self) -> list[str]:
+        return netns_exec_prefix(self.node["netns"]) + agent_argv(
+            self.doc, self.node, sys.executable
+        )
+
+
+class EtcdProc(ChildProc):
+    """The cluster's etcd, in the machine's namespace on the bridge address."""
+
+    what = "etcd"
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        super().__init__(f"cluster {doc['name']}", Path(doc["etcd"]["log"]))
+        self.doc = doc
+        self.address = doc["kvstore_address"]
+
+    def argv(self) -> list[str]:
+        return etcd_argv(self.doc)
+
+    def healthy(self) -> bool:
+        return self.running() and etcd_healthy(self.address, timeout=0.5)
+
+
+def etcd_healthy(address: str, timeout: float = 2.0) -> bool:
+    """etcd's GET /health says {"health":"true"}."""
+    try:
+        with urllib.request.urlopen(address + "/health", timeout=timeout) as resp:
+            return json.loads(resp.read()).get("health") == "true"
+    except (OSError, ValueError):
+        return False
 
 
 class Supervisor:
@@ -146,13 +191,18 @@ class Supervisor:
         self.stopping = False
         doc = json.loads((self.cdir / "cluster.json").read_text())
         self.agents = [AgentProc(doc, n) for n in doc["nodes"]]
+        self.etcd = EtcdProc(doc) if doc.get("kvstore") == "etcd" else None
+        # agents start once the kvstore answers (they would fail fast without it)
+        self.kvstore_ready = self.etcd is None
 
     def write_status(self) -> None:
-        data = {
+        data: dict[str, Any] = {
             "pid": os.getpid(),
             "cluster": self.cluster,
-            "agents": {a.name: a.status() for a in self.agents},
+            "agents": {a.node["name"]: a.status() for a in self.agents},
         }
+        if self.etcd is not None:
+            data["etcd"] = dict(self.etcd.status(), ready=self.kvstore_ready)
         tmp = self.cdir / "supervisor.json.tmp"
         with contextlib.suppress(OSError):
             tmp.write_text(json.dumps(data, indent=1) + "\n")
@@ -161,45 +211,55 @@ class Supervisor:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.stopping = True
 
+    def _step(self, now: float) -> bool:
+        changed = False
+        if self.etcd is not None:
+            changed |= self.etcd.poll(now)
+            if not self.kvstore_ready and self.etcd.healthy():
+                self.kvstore_ready = changed = True
+                _log(f"etcd at {self.etcd.address} is healthy: starting the agents")
+        if self.kvstore_ready:
+            for a in self.agents:
+                changed |= a.poll(now)
+        return changed
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         (self.cdir / "supervisor.pid").write_text(f"{os.getpid()}\n")
-        _log(f"cluster {self.cluster}: supervising {len(self.agents)} agent(s)")
+        _log(f"cluster {self.cluster}: supervising {len(self.agents)} agent(s)"
+             + (" and etcd" if self.etcd is not None else ""))
+        self.write_status()
         while not self.stopping:
             if not (self.cdir / "cluster.json").exists():
                 _log("cluster.json is gone: stopping")
                 break
-            now = time.monotonic()
-            changed = False
-            for a in self.agents:
-                changed |= a.poll(now)
-            if changed:
+            if self._step(time.monotonic()):
                 self.write_status()
             time.sleep(0.1)
-        self.stop_agents()
+        self.stop_children(self.agents)
+        if self.etcd is not None:
+            self.stop_children([self.etcd])  # after the agents: they revoke leases on the way out
         with contextlib.suppress(OSError):
             (self.cdir / "supervisor.pid").unlink()
         _log("exit")
         return 0
 
-    def stop_agents(self) -> None:
-        for a in self.agents:
-            a.signal(signal.SIGTERM)
+    def stop_children(self, children: list[ChildProc]) -> None:
+        for c in children:
+            c.signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
-        while time.monotonic() < deadline and any(
-            a.proc is not None and a.proc.poll() is None for a in self.agents
-        ):
+        while time.monotonic() < deadline and any(c.running() for c in children):
             time.sleep(0.05)
-        for a in self.agents:
-            if a.proc is not None and a.proc.poll() is None:
-                _log(f"node {a.name}: agent did not stop in {STOP_GRACE_S:.0f} s, killing")
-                a.signal(signal.SIGKILL)
-                a.proc.wait()
-            elif a.proc is not None:
-                _log(f"node {a.name}: agent stopped ({a.proc.returncode})")
-            a.proc = None
+        for c in children:
+            if c.running():
+                _log(f"{c.name}: {c.what} did not stop in {STOP_GRACE_S:.0f} s, killing")
+                c.signal(signal.SIGKILL)
+                c.proc.wait()
+            elif c.proc is not None:
+                _log(f"{c.name}: {c.what} stopped ({c.proc.returncode})")
+            c.proc = None
         self.write_status()
 
 
