@@ -56,6 +56,7 @@ from pilus.loadbalancer.manager import ServiceManager
 from pilus.metrics.collector import AgentCollector, Sample, datapath_samples
 from pilus.metrics.server import PrometheusServer, parse_addr
 from pilus.node import setup as node_setup
+from pilus.node.registry import NodeEntry, NodeRegistry
 from pilus.observer.monitor import EventHub
 from pilus.policy.distribution import PolicyDistribution
 from pilus.policy.engine import PolicyEngine
@@ -238,6 +239,8 @@ class Agent:
                 maps=lambda s: s.reconcilers_status()),
             Row("identities", "label set -> numeric identity through the kvstore",
                 lambda: IdentityAllocator(self.store, cfg.node_name)),
+            Row("node-registry", "this node in the kvstore under a lease; watches every node of the cluster",
+                self._make_nodes),
             Row("ipam", "host-scope allocator over the node's pod CIDR",
                 lambda: HostScopeIPAM(cfg.pod_cidr, reserved=[self.router_ip]), lambda _: None, None),
             Row("policy", "policies + namespaces from the kvstore -> engine -> per-endpoint policy maps",
@@ -283,6 +286,10 @@ class Agent:
     @property
     def identities(self) -> IdentityAllocator | None:
         return self.parts.get("identities")
+
+    @property
+    def node_registry(self) -> NodeRegistry | None:
+        return self.parts.get("node-registry")
 
     @property
     def ipam(self) -> HostScopeIPAM | None:
@@ -331,6 +338,11 @@ class Agent:
             local_networks=[cfg.pod_cidr],
             state_path=cfg.state_dir / "services.json",
         )
+
+    def _make_nodes(self) -> NodeRegistry:
+        cfg = self.cfg
+        return NodeRegistry(self.store, NodeEntry(cfg.node_name, cfg.cluster_name, self.node_ip,
+                                                  cfg.pod_cidr, self.router_ip))
 
     def _make_policy(self) -> PolicySync:
         return PolicySync(self.policy_engine, self.datapath, self.identities, PolicyDistribution(self.store),
@@ -556,6 +568,7 @@ class Agent:
             "ipam": self.ipam.stats() if self.ipam else {},
             "endpoints": {"total": sum(by_state.values()), "by_state": by_state},
             "identities": {"allocated": len(identities)},
+            "nodes": self.node_registry.status() if self.node_registry else {},
             "policy": {
                 "mode": self.cfg.policy_enforcement,
                 "revision": self.policy.revision if self.policy else 0,
@@ -574,7 +587,7 @@ def describe(cfg: AgentConfig) -> str:
     """The table (start order; stop runs in reverse) and the settings."""
     lines = [f"pilus agent {__version__} for node {cfg.node_name}", "components (start order):"]
     for row in Agent(cfg).rows:
-        lines.append(f"  {row.name:<13}{row.job}" + ("" if row.enabled else " (off)"))
+        lines.append(f"  {row.name:<15}{row.job}" + ("" if row.enabled else " (off)"))
     lines.append("settings:")
     for key, value in vars(cfg).items():
         lines.append(f"  {key} = {value}")

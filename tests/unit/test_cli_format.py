@@ -21,7 +21,7 @@ from test_cli_fakeagent import (
     FakeAgent,
 )
 
-from pilus.cli import bpf, endpoint, identity, monitor, output, status
+from pilus.cli import bpf, common, endpoint, identity, monitor, node, output, status
 from pilus.cli.main import main
 
 # -- pure formatting ----------------------------------------------------------------------
@@ -326,3 +326,43 @@ def test_status_shows_components_and_failed_map_writes():
     health["components"][0]["state"] = "Failed: clang not found"
     assert status.format_brief(health) == "datapath: Failed: clang not found\n"
     assert "Components:              1/2 Ok (datapath: Failed: clang not found)" in status.format_status(health)
+
+
+# -- pilus node list ----------------------------------------------------------------------
+
+NODES = [
+    {"name": "default-node2", "cluster": "default", "node_ip": "172.30.0.12", "pod_cidr": "10.200.2.0/24",
+     "router_ip": "10.200.2.1", "health": "Ok", "boot_id": "b2", "started": 2.0, "local": False},
+    {"name": "default-node1", "cluster": "default", "node_ip": "172.30.0.11", "pod_cidr": "10.200.1.0/24",
+     "router_ip": "10.200.1.1", "health": "Ok", "boot_id": "b1", "started": 1.0, "local": True},
+]
+
+
+def test_node_list_format():
+    lines = node.format_list(NODES).splitlines()
+    assert lines[0].split() == ["NAME", "IPV4", "ADDRESS", "ENDPOINT", "CIDR", "ROUTER", "IP", "HEALTH"]
+    assert lines[1].split() == ["default-node1", "(local)", "172.30.0.11", "10.200.1.0/24", "10.200.1.1", "Ok"]
+    assert lines[2].split() == ["default-node2", "172.30.0.12", "10.200.2.0/24", "10.200.2.1", "Ok"]
+    assert node.format_list(NODES, no_headers=True).splitlines()[0].startswith("default-node1")
+
+
+class _NodesClient:
+    def list_nodes(self):
+        return NODES
+
+
+@pytest.mark.parametrize("extra", [[], ["-o", "json"]])
+def test_node_list_command(monkeypatch, capsys, extra):
+    monkeypatch.setattr(common, "client", lambda args: _NodesClient())
+    rc, out, err = run(capsys, "node", "list", *extra)
+    assert (rc, err) == (0, "")
+    if extra:
+        assert json.loads(out) == NODES
+    else:
+        assert out.startswith("NAME") and "default-node1 (local)" in out
+
+
+def test_status_shows_cluster_nodes():
+    lines = status.format_status({**HEALTH, "nodes": {"nodes": 3, "reachable": 2}}).splitlines()
+    assert "Cluster:                 2/3 nodes reachable" in lines
+    assert not any(ln.startswith("Cluster:") for ln in status.format_status(HEALTH).splitlines())

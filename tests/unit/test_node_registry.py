@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from ipaddress import IPv4Address, IPv4Network
 
@@ -118,3 +119,30 @@ def test_bad_value_is_ignored_with_a_log(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="pilus.node.registry"):
         run(main())
     assert "ignoring node entry" in caplog.text
+
+
+def test_api_lists_the_nodes(tmp_path):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from pilus.api.server import APIServer
+
+    async def main():
+        store = open_store(path=tmp_path / "kv.db", poll_interval=0.02)
+        reg = NodeRegistry(store, entry(1))
+        try:
+            await reg.start()
+            api = APIServer(SimpleNamespace(node_registry=reg), Path("/nonexistent.sock"))
+            resp = await api.node_list(make_mocked_request("GET", "/v1/node"))
+            body = json.loads(resp.body)
+            assert [(n["name"], n["node_ip"], n["pod_cidr"], n["local"]) for n in body] == [
+                ("node1", "192.168.50.1", "10.200.1.0/24", True)]
+            none = APIServer(SimpleNamespace(node_registry=None), Path("/nonexistent.sock"))
+            assert (await none.node_list(make_mocked_request("GET", "/v1/node"))).status == 503
+        finally:
+            await reg.stop(revoke_lease=True)
+            await store.close()
+
+    run(main())

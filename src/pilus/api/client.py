@@ -219,6 +219,10 @@ class Client:
     def get_identity(self, ident: int | str) -> dict:
         return self.request("GET", f"/identity/{quote(str(ident), safe='')}")
 
+    def list_nodes(self) -> list[dict]:
+        """Every node in the cluster's node registry, the local one marked."""
+        return self.request("GET", "/node") or []
+
     def bpf_ipcache(self) -> list[dict]:
         return self.request("GET", "/bpf/ipcache") or []
 

@@ -40,6 +40,7 @@ class AgentSurface(Protocol):
     distribution: Any
     policy: Any
     registry: Any
+    node_registry: Any
 
     async def status(self) -> dict: ...
 
@@ -68,6 +69,7 @@ class APIServer:
         r.add_patch("/v1/endpoint/{ref:.+}/labels", self.endpoint_labels)
         r.add_get("/v1/identity", self.identity_list)
         r.add_get("/v1/identity/{id}", self.identity_get)
+        r.add_get("/v1/node", self.node_list)
         r.add_get("/v1/bpf/ipcache", self.bpf_ipcache)
         r.add_get("/v1/bpf/endpoint", self.bpf_endpoint)
         r.add_get("/v1/bpf/ct", self.bpf_ct)
@@ -155,6 +157,12 @@ class APIServer:
 
     async def identity_list(self, request: web.Request) -> web.Response:
         return web.json_response(await self.agent.identity_rows())
+
+    async def node_list(self, request: web.Request) -> web.Response:
+        registry = self.agent.node_registry
+        if registry is None:
+            return error_response(503, "the node registry is not running (yet)")
+        return web.json_response(registry.rows())
 
     async def identity_get(self, request: web.Request) -> web.Response:
         raw = request.match_info["id"]

@@ -12,7 +12,7 @@ import os
 import sys
 
 from pilus import __version__
-from pilus.cli import bpf, cluster, common, endpoint, exec_cmd, identity, monitor, policy, status
+from pilus.cli import bpf, cluster, common, endpoint, exec_cmd, identity, monitor, node, policy, status
 from pilus.cli import namespace as namespace_cmd
 from pilus.cli import service as service_cmd
 
@@ -24,6 +24,7 @@ examples:
   pilus cluster up --nodes 2
   pilus endpoint create default/xwing --labels org=alliance,class=xwing
   pilus endpoint list
+  pilus node list
   pilus exec default/xwing -- ping -c1 10.200.1.3
   pilus monitor --type drop
   pilus namespace create rebels --labels team=rebels
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     exec_cmd.register(sub, parent)
     identity.register(sub, parent)
     monitor.register(sub, parent)
+    node.register(sub, parent)
     status.register(sub, parent)
     bpf.register(sub, parent)
     policy.register(sub, parent)

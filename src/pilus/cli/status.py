@@ -40,6 +40,11 @@ def format_status(h: dict) -> str:
     node_extra = ", ".join(b for b in node_bits if b)
     lines.append(("Node", f"{h.get('node', '-')}" + (f" ({node_extra})" if node_extra else "")))
 
+    nodes = h.get("nodes") or {}
+    if nodes:
+        lines.append(("Cluster", f"{output.or_dash(nodes.get('reachable'))}/{output.or_dash(nodes.get('nodes'))} "
+                      "nodes reachable"))
+
     kv = h.get("kvstore") or {}
     kv_bits = [kv.get("backend"), kv.get("path")]
     kv_text = " ".join(str(b) for b in kv_bits if b)
