@@ -84,7 +84,7 @@ def test_cluster_on_etcd(etcd_cluster):
     assert data_dir.is_dir() and len(_etcd_pids(data_dir)) == 1
 
     status = _pilus(root, "cluster", "status", "--name", name)
-    assert f"kvstore etcd {ADDRESS}" in status.stdout, status.stdout + status.stderr
+    assert f"kvstore etcd {ADDRESS} (Ok)" in status.stdout, status.stdout + status.stderr
 
     n1, n2 = doc["nodes"]
     for node in (n1, n2):

@@ -92,10 +92,15 @@ def format_nodes(info: dict, health: dict[str, str] | None = None) -> str:
     return output.table(headers, rows)
 
 
-def _kvstore(info: dict) -> str:
+def _kvstore(info: dict, check: bool = False) -> str:
+    """The backend and where it is; with check, whether the cluster's etcd answers."""
     from pilus.cluster.plan import kvstore_description
+    from pilus.cluster.supervisor import etcd_healthy
 
-    return kvstore_description(info)
+    text = kvstore_description(info)
+    if check and info.get("kvstore") == "etcd":
+        text += " (Ok)" if etcd_healthy(info["kvstore_address"]) else " (unreachable)"
+    return text
 
 
 def node_health(node: dict) -> str:
@@ -162,5 +167,5 @@ def cmd_status(args) -> int:
         output.emit(output.dump(data, args.output))
         return 0
     output.emit(f"Cluster '{name}': {len(info.get('nodes') or [])} node(s), "
-                f"kvstore {_kvstore(info)}\n" + format_nodes(info, health))
+                f"kvstore {_kvstore(info, check=True)}\n" + format_nodes(info, health))
     return 0

@@ -327,6 +327,14 @@ def _crash_looping(cdir: Path, pending: dict[str, dict]) -> str | None:
     return None
 
 
+def _check_supervisor(doc: dict, sup: subprocess.Popen, cdir: Path) -> None:
+    if sup.poll() is not None:
+        raise ClusterError(
+            f"cluster {doc['name']!r}: the supervisor exited with {sup.returncode}: "
+            f"{_tail(cdir / 'supervisor.log')}"
+        )
+
+
 def _supervised_etcd(cdir: Path) -> dict:
     try:
         return json.loads((cdir / "supervisor.json").read_text()).get("etcd") or {}
@@ -340,11 +348,7 @@ def _wait_etcd(doc: dict, sup: subprocess.Popen, timeout: float) -> None:
     address = doc["kvstore_address"]
     deadline = time.monotonic() + timeout
     while not (_supervised_etcd(cdir).get("ready") and etcd_healthy(address, timeout=1.0)):
-        if sup.poll() is not None:
-            raise ClusterError(
-                f"cluster {doc['name']!r}: the supervisor exited with {sup.returncode}: "
-                f"{_tail(cdir / 'supervisor.log')}"
-            )
+        _check_supervisor(doc, sup, cdir)
         crashing = _supervised_etcd(cdir).get("restarts", 0) >= FAIL_FAST_RESTARTS
         if crashing or time.monotonic() > deadline:
             why = (
@@ -370,11 +374,7 @@ def _wait_healthy(doc: dict, sup: subprocess.Popen, timeout: float) -> None:
                 del pending[name]
         if not pending:
             return
-        if sup.poll() is not None:
-            raise ClusterError(
-                f"cluster {doc['name']!r}: the supervisor exited with {sup.returncode}: "
-                f"{_tail(cdir / 'supervisor.log')}"
-            )
+        _check_supervisor(doc, sup, cdir)
         crashing = _crash_looping(cdir, pending)
         if crashing or time.monotonic() > deadline:
             name = crashing or next(iter(pending))
