@@ -366,3 +366,9 @@ def test_status_shows_cluster_nodes():
     lines = status.format_status({**HEALTH, "nodes": {"nodes": 3, "reachable": 2}}).splitlines()
     assert "Cluster:                 2/3 nodes reachable" in lines
     assert not any(ln.startswith("Cluster:") for ln in status.format_status(HEALTH).splitlines())
+
+
+def test_status_names_the_etcd_endpoint():
+    text = status.format_status({"kvstore": {"state": "Ok", "backend": "etcd", "endpoint": "http://172.30.0.1:2379",
+                                             "revision": 9}})
+    assert "KVStore:                 Ok   etcd http://172.30.0.1:2379 (revision 9)" in text

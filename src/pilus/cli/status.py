@@ -46,7 +46,7 @@ def format_status(h: dict) -> str:
                       "nodes reachable"))
 
     kv = h.get("kvstore") or {}
-    kv_bits = [kv.get("backend"), kv.get("path")]
+    kv_bits = [kv.get("backend"), kv.get("path") or kv.get("endpoint")]
     kv_text = " ".join(str(b) for b in kv_bits if b)
     extra = []
     if kv.get("revision") is not None:
