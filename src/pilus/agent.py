@@ -50,6 +50,7 @@ from pilus.identity.allocator import IdentityAllocator
 from pilus.identity.labels import Label, Labels, endpoint_labels, parse_labels
 from pilus.ipam.hostscope import HostScopeIPAM
 from pilus.ipcache import IPCache
+from pilus.ipcache.kvsync import IPCacheSync
 from pilus.kvstore import BACKENDS, KVStoreError, store_options
 from pilus.loadbalancer.endpoints import endpoints_for_services
 from pilus.loadbalancer.manager import ServiceManager
@@ -241,6 +242,10 @@ class Agent:
                 lambda: IdentityAllocator(self.store, cfg.node_name)),
             Row("node-registry", "this node in the kvstore under a lease; watches every node of the cluster",
                 self._make_nodes),
+            Row("ipcache-sync", "endpoints of every node in the kvstore (cilium/state/ip/v1) -> KVSTORE ipcache "
+                "claims; other nodes' IPs -> remote-node",
+                lambda: IPCacheSync(self.store, self.ipcache, self.node_registry, cluster=cfg.cluster_name,
+                                    node_name=cfg.node_name, node_ip=self.node_ip)),
             Row("ipam", "host-scope allocator over the node's pod CIDR",
                 lambda: HostScopeIPAM(cfg.pod_cidr, reserved=[self.router_ip]), lambda _: None, None),
             Row("policy", "policies + namespaces from the kvstore -> engine -> per-endpoint policy maps",
@@ -417,7 +422,11 @@ class Agent:
                 log.exception("stopping %s failed", row.name)
 
     async def endpoints_changed(self) -> None:
-        """Service backends follow the endpoints (like Kubernetes Endpoints)."""
+        """Service backends follow the endpoints (like Kubernetes Endpoints); the other
+        nodes learn them through the kvstore."""
+        sync = self.parts.get("ipcache-sync")
+        if sync is not None and self.endpoints is not None:
+            await sync.publish(self.endpoints.list())
         if self.services is not None and self.endpoints is not None:
             views = endpoints_for_services(self.endpoints.list())
             await asyncio.to_thread(self.services.set_endpoints, views)

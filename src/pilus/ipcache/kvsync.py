@@ -1,0 +1,242 @@
+"""The cluster-wide ipcache: endpoints and nodes of the other agents, through the kvstore.
+
+Every agent publishes its endpoints under ``cilium/state/ip/v1/<cluster>/<ip>``
+(Cilium's key shape), value JSON :meth:`IPIdentityPair.to_json` (IP, security
+identity ID, HostIP = the publishing node's IP, node and endpoint name), attached to
+a lease the sync keeps alive, so a dead agent's keys go when its lease expires.
+Every agent watches the prefix and claims the entries of OTHER nodes (HostIP is not
+this node's IP) in the ipcache as ``Source.KVSTORE`` /32s with the HostIP as tunnel
+endpoint; a LOCAL claim for the same address still wins (the ipcache's precedence).
+Other nodes' IPs, from the node registry's table, are KVSTORE claims of identity
+``remote-node``; this node's own IP stays a LOCAL ``host`` claim.
+
+Restart: ``start()`` claims what the store holds before the agent's endpoint restore
+ends with ``ipcache.resync()``, so remote entries survive the restart window. The
+first ``publish()`` writes this node's keys again under the new lease and deletes its
+keys of endpoints that are gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from pilus.identity.reserved import REMOTE_NODE
+from pilus.ipcache.cache import IPCache, Source
+from pilus.kvstore.base import Compacted, KVStoreError, LeaseNotFound, Store
+from pilus.node.registry import NODE_LEASE_TTL, NodeEntry, NodeRegistry
+from pilus.reconcile import ReconcileError
+
+__all__ = ["IP_PREFIX", "IPCacheSync", "IPIdentityPair"]
+
+log = logging.getLogger(__name__)
+
+IP_PREFIX = "cilium/state/ip/v1"
+
+
+@dataclass(frozen=True)
+class IPIdentityPair:
+    """One endpoint address as the kvstore holds it (Cilium's ``identity.IPIdentityPair``)."""
+
+    ip: IPv4Address
+    identity: int
+    host_ip: IPv4Address  # the node the endpoint lives on: the tunnel endpoint for the others
+    node: str
+    endpoint: str  # namespace/pod
+
+    def to_json(self) -> dict:
+        return {"IP": str(self.ip), "ID": self.identity, "HostIP": str(self.host_ip),
+                "Node": self.node, "Endpoint": self.endpoint}
+
+    @classmethod
+    def from_json(cls, data: dict) -> IPIdentityPair:
+        """Raises ValueError/KeyError/TypeError on a malformed value."""
+        return cls(IPv4Address(data["IP"]), int(data["ID"]), IPv4Address(data["HostIP"]),
+                   str(data.get("Node", "")), str(data.get("Endpoint", "")))
+
+
+def _prefix(ip: IPv4Address) -> IPv4Network:
+    return IPv4Network(f"{ip}/32")
+
+
+class IPCacheSync:
+    """Publishes this node's endpoints and claims the other nodes' ones and node IPs."""
+
+    def __init__(self, store: Store, ipcache: IPCache, nodes: NodeRegistry | None, *, cluster: str,
+                 node_name: str, node_ip: IPv4Address, lease_ttl: float = NODE_LEASE_TTL) -> None:
+        self.store = store
+        self.ipcache = ipcache
+        self.nodes = nodes  # its table gives the other nodes' IPs
+        self._unsubscribe = lambda: None
+        self.node_name = node_name
+        self.node_ip = IPv4Address(node_ip)
+        self.lease_ttl = lease_ttl
+        self.prefix = f"{IP_PREFIX}/{cluster}/"
+        self._remote: dict[str, IPIdentityPair] = {}  # key -> the entry claimed for it
+        self._remote_nodes: set[IPv4Address] = set()  # node IPs claimed as remote-node
+        self._published: dict[str, str] = {}  # own key -> value, written under the current lease
+        self._stale: set[str] = set()  # own keys an earlier run left: the first publish decides
+        self._desired: dict[str, str] | None = None  # None: nothing published yet
+        self._lease: int | None = None
+        self._dirty = False  # a publish failed: written again after the next keepalive
+        self._publish_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        self._lease = await self.store.grant_lease(self.lease_ttl)
+        rev = await self._resync()
+        if self.nodes is not None:
+            self.nodes_changed(self.nodes.nodes)
+            self._unsubscribe = self.nodes.on_change(self.nodes_changed)
+        self._tasks = [
+            asyncio.create_task(self._watch_loop(rev), name=f"ipcache-watch-{self.node_name}"),
+            asyncio.create_task(self._keepalive_loop(), name=f"ipcache-lease-{self.node_name}"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop watching; this node's keys stay until its lease expires (a restart keeps them)."""
+        self._unsubscribe()
+        self._unsubscribe = lambda: None
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+
+    # -- this node's endpoints ---------------------------------------------------
+
+    async def publish(self, endpoints: Iterable) -> None:
+        """Make this node's keys say exactly ``endpoints`` (objects with ``ipv4``,
+        ``identity``, ``name``); endpoints without an identity yet are left out."""
+        desired = {}
+        for ep in endpoints:
+            if ep.identity:
+                pair = IPIdentityPair(IPv4Address(ep.ipv4), ep.identity, self.node_ip, self.node_name, ep.name)
+                desired[self.prefix + str(pair.ip)] = json.dumps(pair.to_json(), sort_keys=True)
+        async with self._publish_lock:
+            self._desired = desired
+            try:
+                await self._write_own()
+            except KVStoreError as exc:  # the keepalive loop writes them again
+                log.warning("publishing endpoints of %s failed: %s", self.node_name, exc)
+                self._dirty = True
+
+    async def _write_own(self) -> None:
+        self._dirty = False
+        desired = self._desired or {}
+        for key, value in desired.items():
+            if self._published.get(key) != value:
+                await self.store.put(key, value, lease=self._lease)
+                self._published[key] = value
+        for key in (set(self._published) | self._stale) - set(desired):
+            await self.store.delete(key)
+            self._published.pop(key, None)
+        self._stale = set()
+
+    # -- the other nodes ---------------------------------------------------------
+
+    def nodes_changed(self, nodes: Mapping[str, NodeEntry]) -> None:
+        """The node registry's table: other nodes' IPs -> remote-node (a NodeRegistry.on_change callback)."""
+        want = {n.node_ip for n in nodes.values() if n.node_ip != self.node_ip}
+        added, gone = want - self._remote_nodes, self._remote_nodes - want
+        self._remote_nodes = want
+        for ip in sorted(added | gone):
+            try:
+                if ip in added:
+                    self.ipcache.upsert(_prefix(ip), REMOTE_NODE, Source.KVSTORE)
+                else:
+                    self.ipcache.delete(_prefix(ip), Source.KVSTORE)
+            except ReconcileError as exc:  # the claim stays pending: the retries row writes it again
+                log.warning("ipcache entry of node IP %s: %s", ip, exc)
+
+    def status(self) -> dict:
+        return {"published": len(self._published), "remote_endpoints": len(self._remote),
+                "remote_nodes": len(self._remote_nodes)}
+
+    # -- internals -----------------------------------------------------------------
+
+    def _parse(self, key: str, value: str | None) -> IPIdentityPair | None:
+        try:
+            pair = IPIdentityPair.from_json(json.loads(value or ""))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring ipcache entry %s: bad value (%s)", key, exc)
+            return None
+        if key != self.prefix + str(pair.ip):
+            log.warning("ignoring ipcache entry %s: it names %s", key, pair.ip)
+            return None
+        return pair
+
+    def _apply(self, key: str, pair: IPIdentityPair | None) -> None:
+        """``key`` now holds ``pair`` (None: deleted): claim it when another node's."""
+        if pair is not None and pair.host_ip == self.node_ip:
+            pair = None  # this node's own endpoint: its LOCAL claim is the endpoint manager's
+        old = self._remote.pop(key, None)
+        if pair is not None:
+            self._remote[key] = pair
+            if pair != old:
+                self.ipcache.upsert(_prefix(pair.ip), pair.identity, Source.KVSTORE, tunnel_endpoint=pair.host_ip)
+        elif old is not None:
+            self.ipcache.delete(_prefix(old.ip), Source.KVSTORE)
+
+    def _apply_logged(self, key: str, pair: IPIdentityPair | None) -> None:
+        try:
+            self._apply(key, pair)
+        except ReconcileError as exc:  # the claim stays pending: the retries row writes it again
+            log.warning("ipcache entry %s: %s", key, exc)
+
+    async def _resync(self) -> int:
+        rev, kvs = await self.store.snapshot(self.prefix)
+        seen = {}
+        for kv in kvs:
+            pair = self._parse(kv.key, kv.value)
+            if pair is None:
+                continue
+            seen[kv.key] = pair
+            if pair.node == self.node_name and self._desired is None:
+                self._stale.add(kv.key)
+        for key in set(self._remote) - set(seen):
+            self._apply_logged(key, None)
+        for key, pair in seen.items():
+            self._apply_logged(key, pair)
+        return rev
+
+    async def _watch_loop(self, rev: int) -> None:
+        while True:
+            try:
+                async for ev in self.store.watch_prefix(self.prefix, rev):
+                    rev = ev.revision
+                    self._apply_logged(ev.key, self._parse(ev.key, ev.value) if ev.type == "put" else None)
+                return  # the store was closed
+            except asyncio.CancelledError:
+                raise
+            except Compacted:
+                rev = await self._resync()
+            except KVStoreError as exc:
+                log.warning("ipcache watch failed, resyncing in 1s: %s", exc)
+                await asyncio.sleep(1)
+                with contextlib.suppress(KVStoreError):
+                    rev = await self._resync()
+
+    async def _keepalive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ttl / 3)
+            try:
+                await self.store.keepalive(self._lease)
+                if self._dirty:
+                    async with self._publish_lock:
+                        await self._write_own()
+            except LeaseNotFound:
+                log.warning("ipcache lease of %s expired: publishing again", self.node_name)
+                with contextlib.suppress(KVStoreError):
+                    async with self._publish_lock:
+                        self._lease = await self.store.grant_lease(self.lease_ttl)
+                        self._published = {}
+                        await self._write_own()
+            except KVStoreError as exc:
+                log.warning("ipcache lease keepalive failed: %s", exc)
