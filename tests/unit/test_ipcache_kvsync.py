@@ -95,6 +95,10 @@ def test_two_nodes_see_each_others_endpoints_and_node_ips(tmp_path):
             assert a.map.rows[net(node_ip(2))] == reserved.REMOTE_NODE == 6
             assert net(node_ip(2)) not in a.map.tunnels
             assert net(node_ip(1)) not in a.map.rows  # this node's IP: the LOCAL host claim's
+            # the other node's router IP (cilium_host) too, reached through its node IP
+            await eventually(lambda: net(pod(2, 1)) in a.map.rows)
+            assert a.map.rows[net(pod(2, 1))] == reserved.REMOTE_NODE and a.map.tunnels[net(pod(2, 1))] == node_ip(2)
+            assert net(pod(1, 1)) not in a.map.rows
             entry = a.ipcache.lookup(pod(2, 7))
             assert entry.source is Source.KVSTORE and entry.tunnel_endpoint == node_ip(2)
 
@@ -103,7 +107,7 @@ def test_two_nodes_see_each_others_endpoints_and_node_ips(tmp_path):
             assert a.sync.status() == {"published": 1, "remote_endpoints": 0, "remote_nodes": 1}
 
             await b.registry.stop(revoke_lease=True)  # node2 leaves
-            await eventually(lambda: net(node_ip(2)) not in a.map.rows)
+            await eventually(lambda: net(node_ip(2)) not in a.map.rows and net(pod(2, 1)) not in a.map.rows)
         finally:
             await a.stop()
             await b.stop()

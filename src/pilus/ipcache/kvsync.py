@@ -78,7 +78,8 @@ class IPCacheSync:
         self.lease_ttl = lease_ttl
         self.prefix = f"{IP_PREFIX}/{cluster}/"
         self._remote: dict[str, IPIdentityPair] = {}  # key -> the entry claimed for it
-        self._remote_nodes: set[IPv4Address] = set()  # node IPs claimed as remote-node
+        #: other nodes' IPs and router IPs claimed as remote-node -> tunnel endpoint (router IPs)
+        self._remote_nodes: dict[IPv4Address, IPv4Address | None] = {}
         self._published: dict[str, str] = {}  # own key -> value, written under the current lease
         self._stale: set[str] = set()  # own keys an earlier run left: the first publish decides
         self._desired: dict[str, str] | None = None  # None: nothing published yet
@@ -142,14 +143,21 @@ class IPCacheSync:
     # -- the other nodes ---------------------------------------------------------
 
     def nodes_changed(self, nodes: Mapping[str, NodeEntry]) -> None:
-        """The node registry's table: other nodes' IPs -> remote-node (a NodeRegistry.on_change callback)."""
-        want = {n.node_ip for n in nodes.values() if n.node_ip != self.node_ip}
-        added, gone = want - self._remote_nodes, self._remote_nodes - want
+        """The node registry's table (a NodeRegistry.on_change callback): other nodes' IPs
+        and router IPs (Cilium's cilium_host) -> remote-node; a router IP is reached
+        through its node's IP."""
+        want: dict[IPv4Address, IPv4Address | None] = {}
+        for n in nodes.values():
+            if n.node_ip != self.node_ip:
+                want[n.node_ip] = None
+                want.setdefault(n.router_ip, n.node_ip)
+        changed = {ip for ip, tunnel in want.items() if self._remote_nodes.get(ip, ...) != tunnel}
+        gone = self._remote_nodes.keys() - want.keys()
         self._remote_nodes = want
-        for ip in sorted(added | gone):
+        for ip in sorted(changed | gone):
             try:
-                if ip in added:
-                    self.ipcache.upsert(_prefix(ip), REMOTE_NODE, Source.KVSTORE)
+                if ip in want:
+                    self.ipcache.upsert(_prefix(ip), REMOTE_NODE, Source.KVSTORE, tunnel_endpoint=want[ip])
                 else:
                     self.ipcache.delete(_prefix(ip), Source.KVSTORE)
             except ReconcileError as exc:  # the claim stays pending: the retries row writes it again
@@ -157,7 +165,7 @@ class IPCacheSync:
 
     def status(self) -> dict:
         return {"published": len(self._published), "remote_endpoints": len(self._remote),
-                "remote_nodes": len(self._remote_nodes)}
+                "remote_nodes": sum(1 for tunnel in self._remote_nodes.values() if tunnel is None)}
 
     # -- internals -----------------------------------------------------------------
 
