@@ -256,7 +256,7 @@ class Agent:
                 lambda: MapRetrier([self.ipcache, self.parts["endpoint-map"], self.services])),
             Row("events", "ring buffer -> monitor subscribers", lambda: EventsPart(self.datapath)),
             Row("api", "REST on <state-dir>/pilus.sock", lambda: APIServer(self, cfg.socket_path)),
-            Row("prometheus", "/metrics on --prometheus-serve-addr",
+            Row("metrics", "Prometheus /metrics on --prometheus-serve-addr",
                 lambda: PrometheusServer(self.registry, *cfg.prometheus_addr),
                 enabled=cfg.prometheus_addr is not None),
         ]
@@ -323,7 +323,7 @@ class Agent:
 
     @property
     def prometheus(self) -> PrometheusServer | None:
-        return self.parts.get("prometheus")
+        return self.parts.get("metrics")
 
     def _datapath_config(self) -> DatapathConfig:
         cfg = self.cfg

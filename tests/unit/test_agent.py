@@ -147,7 +147,7 @@ def test_describe_is_the_table(tmp_path):
     assert listed == [r.name for r in agent.rows]
     for row in agent.rows:
         assert row.job in text
-    assert "prometheus" in text and "(off)" in text
+    assert "metrics " in text and "(off)" in text
     assert not cfg.state_dir.exists()  # neither building nor describing does I/O
 
 
@@ -175,8 +175,8 @@ def test_agent_with_fakes_answers_healthz_over_the_socket(tmp_path):
     assert status == 200
     assert body["node"] == "n1" and body["node_ip"] == "192.0.2.10" and body["router_ip"] == "10.210.1.1"
     assert [c["name"] for c in body["components"]] == [r.name for r in agent.rows]
-    assert {c["name"]: c["state"] for c in body["components"]}["prometheus"] == "Disabled"
-    assert all(c["state"] == "Ok" for c in body["components"] if c["name"] != "prometheus")
+    assert {c["name"]: c["state"] for c in body["components"]}["metrics"] == "Disabled"
+    assert all(c["state"] == "Ok" for c in body["components"] if c["name"] != "metrics")
     maps = {c["name"]: c.get("maps") for c in body["components"]}
     assert maps["ipcache"][0]["name"] == "ipcache" and maps["ipcache"][0]["state"] == "Ok"
     assert {m["name"] for m in maps["services"]} >= {"lb-backends", "lb-frontends"}

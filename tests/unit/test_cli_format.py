@@ -316,7 +316,7 @@ def test_status_shows_components_and_failed_map_writes():
                   {"name": "ipcache", "job": "owner", "state": "Ok",
                    "maps": [{"name": "ipcache", "state": "Pending", "desired": 4, "pending": 1, "errors": 3,
                              "last_error": "10.9.0.0/16: no space left on device"}]},
-                  {"name": "prometheus", "job": "metrics", "state": "Disabled"},
+                  {"name": "metrics", "job": "Prometheus /metrics", "state": "Disabled"},
               ]}
     lines = status.format_status(health).splitlines()
     assert "Components:              2/2 Ok" in lines
