@@ -36,7 +36,8 @@ from pilus.identity.reserved import (
     reserved_by_id,
     reserved_by_labels,
 )
-from pilus.kvstore.base import Compacted, KeyValue, KVStoreError, LeaseNotFound, Store
+from pilus.kvstore.base import KeyValue, KVStoreError, LeaseNotFound, Store, WatchEvent
+from pilus.kvstore.follow import follow_prefix, keep_lease
 
 __all__ = ["DEFAULT_PREFIX", "Identity", "IdentityAllocator", "IdentityError"]
 
@@ -125,8 +126,11 @@ class IdentityAllocator:
         rev = await self._resync()
         self._started = True
         self._tasks = [
-            asyncio.create_task(self._watch_loop(rev), name=f"identity-watch-{self.node_name}"),
-            asyncio.create_task(self._keepalive_loop(), name=f"identity-lease-{self.node_name}"),
+            asyncio.create_task(follow_prefix(self.store, self._id_prefix, rev, self._on_id_event, self._resync,
+                                              "identity"), name=f"identity-watch-{self.node_name}"),
+            asyncio.create_task(keep_lease(self.store, lambda: self._lease, self.lease_ttl, self._recover,
+                                           f"identity (node {self.node_name})"),
+                                name=f"identity-lease-{self.node_name}"),
             asyncio.create_task(self._gc_loop(), name=f"identity-gc-{self.node_name}"),
         ]
 
@@ -440,41 +444,19 @@ class IdentityAllocator:
             self._cache_delete(id_)
         return rev
 
-    async def _watch_loop(self, rev: int) -> None:
-        while True:
-            try:
-                async for ev in self.store.watch_prefix(self._id_prefix, rev):
-                    id_ = self._id_of(ev.key)
-                    if id_ is not None:
-                        if ev.type == "put" and ev.value is not None:
-                            self._cache_put(id_, ev.value)
-                        else:
-                            self._cache_delete(id_)
-                    rev = ev.revision
-                return  # the store was closed
-            except asyncio.CancelledError:
-                raise
-            except Compacted:
-                rev = await self._resync()
-            except KVStoreError as e:
-                log.warning("identity watch failed, resyncing in 1s: %s", e)
-                await asyncio.sleep(1)
-                with contextlib.suppress(KVStoreError):
-                    rev = await self._resync()
+    def _on_id_event(self, ev: WatchEvent) -> None:
+        id_ = self._id_of(ev.key)
+        if id_ is not None:
+            if ev.type == "put" and ev.value is not None:
+                self._cache_put(id_, ev.value)
+            else:
+                self._cache_delete(id_)
 
     # ------------------------------------------------------------------ lease
 
-    async def _keepalive_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.lease_ttl / 3)
-            try:
-                await self.store.keepalive(self._lease)
-            except LeaseNotFound:
-                log.warning("identity lease of node %s expired: re-registering", self.node_name)
-                async with self._mutex:
-                    await self._recover_locked()
-            except KVStoreError as e:
-                log.warning("identity lease keepalive failed: %s", e)
+    async def _recover(self) -> None:
+        async with self._mutex:
+            await self._recover_locked()
 
     async def _recover_locked(self) -> None:
         """New lease, and rewrite this node's slave keys (and masters GC took meanwhile)."""

@@ -28,7 +28,8 @@ from ipaddress import IPv4Address, IPv4Network
 
 from pilus.identity.reserved import REMOTE_NODE
 from pilus.ipcache.cache import IPCache, Source
-from pilus.kvstore.base import Compacted, KVStoreError, LeaseNotFound, Store
+from pilus.kvstore.base import KVStoreError, Store, WatchEvent
+from pilus.kvstore.follow import follow_prefix, keep_lease
 from pilus.node.registry import NODE_LEASE_TTL, NodeEntry, NodeRegistry
 from pilus.reconcile import ReconcileError
 
@@ -95,8 +96,11 @@ class IPCacheSync:
             self.nodes_changed(self.nodes.nodes)
             self._unsubscribe = self.nodes.on_change(self.nodes_changed)
         self._tasks = [
-            asyncio.create_task(self._watch_loop(rev), name=f"ipcache-watch-{self.node_name}"),
-            asyncio.create_task(self._keepalive_loop(), name=f"ipcache-lease-{self.node_name}"),
+            asyncio.create_task(follow_prefix(self.store, self.prefix, rev, self._on_event, self._resync, "ipcache"),
+                                name=f"ipcache-watch-{self.node_name}"),
+            asyncio.create_task(keep_lease(self.store, lambda: self._lease, self.lease_ttl, self._republish,
+                                           f"ipcache (node {self.node_name})", after_renewal=self._write_dirty),
+                                name=f"ipcache-lease-{self.node_name}"),
         ]
 
     async def stop(self) -> None:
@@ -214,37 +218,18 @@ class IPCacheSync:
             self._apply_logged(key, pair)
         return rev
 
-    async def _watch_loop(self, rev: int) -> None:
-        while True:
-            try:
-                async for ev in self.store.watch_prefix(self.prefix, rev):
-                    rev = ev.revision
-                    self._apply_logged(ev.key, self._parse(ev.key, ev.value) if ev.type == "put" else None)
-                return  # the store was closed
-            except asyncio.CancelledError:
-                raise
-            except Compacted:
-                rev = await self._resync()
-            except KVStoreError as exc:
-                log.warning("ipcache watch failed, resyncing in 1s: %s", exc)
-                await asyncio.sleep(1)
-                with contextlib.suppress(KVStoreError):
-                    rev = await self._resync()
+    def _on_event(self, ev: WatchEvent) -> None:
+        self._apply_logged(ev.key, self._parse(ev.key, ev.value) if ev.type == "put" else None)
 
-    async def _keepalive_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.lease_ttl / 3)
-            try:
-                await self.store.keepalive(self._lease)
-                if self._dirty:
-                    async with self._publish_lock:
-                        await self._write_own()
-            except LeaseNotFound:
-                log.warning("ipcache lease of %s expired: publishing again", self.node_name)
-                with contextlib.suppress(KVStoreError):
-                    async with self._publish_lock:
-                        self._lease = await self.store.grant_lease(self.lease_ttl)
-                        self._published = {}
-                        await self._write_own()
-            except KVStoreError as exc:
-                log.warning("ipcache lease keepalive failed: %s", exc)
+    async def _write_dirty(self) -> None:
+        """After a renewal: write again what an earlier publish could not."""
+        if self._dirty:
+            async with self._publish_lock:
+                await self._write_own()
+
+    async def _republish(self) -> None:
+        """The lease expired: a new one, and every own key written again under it."""
+        async with self._publish_lock:
+            self._lease = await self.store.grant_lease(self.lease_ttl)
+            self._published = {}
+            await self._write_own()

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from pilus.kvstore.base import Compacted, KVStoreError, LeaseNotFound, Store
+from pilus.kvstore.base import KVStoreError, Store, WatchEvent
+from pilus.kvstore.follow import follow_prefix, keep_lease
 
 __all__ = ["NODE_LEASE_TTL", "NODES_PREFIX", "NodeEntry", "NodeRegistry", "NodeRegistryError"]
 
@@ -94,8 +95,10 @@ class NodeRegistry:
         await self._register()
         rev = await self._resync()
         self._tasks = [
-            asyncio.create_task(self._watch_loop(rev), name=f"node-watch-{self.local.name}"),
-            asyncio.create_task(self._keepalive_loop(), name=f"node-lease-{self.local.name}"),
+            asyncio.create_task(follow_prefix(self.store, self.prefix, rev, self._on_event, self._resync,
+                                              "node registry"), name=f"node-watch-{self.local.name}"),
+            asyncio.create_task(keep_lease(self.store, lambda: self._lease, self.lease_ttl, self._register,
+                                           f"node {self.local.name}"), name=f"node-lease-{self.local.name}"),
         ]
 
     async def stop(self, *, revoke_lease: bool = False) -> None:
@@ -165,38 +168,12 @@ class NodeRegistry:
         self._set(nodes)
         return rev
 
-    async def _watch_loop(self, rev: int) -> None:
-        while True:
-            try:
-                async for ev in self.store.watch_prefix(self.prefix, rev):
-                    rev = ev.revision
-                    name = ev.key[len(self.prefix):]
-                    nodes = dict(self.nodes)
-                    entry = self._parse(ev.key, ev.value) if ev.type == "put" else None
-                    if entry is not None:
-                        nodes[name] = entry
-                    else:
-                        nodes.pop(name, None)
-                    self._set(nodes)
-                return  # the store was closed
-            except asyncio.CancelledError:
-                raise
-            except Compacted:
-                rev = await self._resync()
-            except KVStoreError as exc:
-                log.warning("node registry watch failed, resyncing in 1s: %s", exc)
-                await asyncio.sleep(1)
-                with contextlib.suppress(KVStoreError):
-                    rev = await self._resync()
-
-    async def _keepalive_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.lease_ttl / 3)
-            try:
-                await self.store.keepalive(self._lease)
-            except LeaseNotFound:
-                log.warning("node lease of %s expired: registering again", self.local.name)
-                with contextlib.suppress(KVStoreError):
-                    await self._register()
-            except KVStoreError as exc:
-                log.warning("node lease keepalive failed: %s", exc)
+    def _on_event(self, ev: WatchEvent) -> None:
+        name = ev.key[len(self.prefix):]
+        nodes = dict(self.nodes)
+        entry = self._parse(ev.key, ev.value) if ev.type == "put" else None
+        if entry is not None:
+            nodes[name] = entry
+        else:
+            nodes.pop(name, None)
+        self._set(nodes)
