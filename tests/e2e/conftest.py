@@ -144,3 +144,26 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):
 
 def state_dir(node: dict) -> Path:
     return Path(node["state_dir"])
+
+
+def pilus_cli(*args: str, timeout: float = 90) -> str:
+    """Run the pilus CLI; a non-zero exit fails the test with its output."""
+    r = subprocess.run([sys.executable, "-m", "pilus", *args], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"pilus {' '.join(args)}: {r.stdout}{r.stderr}"
+    return r.stdout
+
+
+@contextlib.contextmanager
+def two_node_cluster(prefix: str, pod_cidr: str, underlay_cidr: str):
+    """A two-node cluster of its own (name, `cluster up -o json` document), taken down
+    afterwards, also when the test fails; leftovers of an interrupted run go first."""
+    from pilus.cluster import cluster_down
+
+    name = f"{prefix}{os.getpid() % 10000}"
+    cluster_down(name)
+    try:
+        doc = json.loads(pilus_cli("cluster", "up", "--name", name, "--nodes", "2", "--pod-cidr", pod_cidr,
+                                   "--underlay-cidr", underlay_cidr, "-o", "json"))
+        yield name, doc
+    finally:
+        cluster_down(name)

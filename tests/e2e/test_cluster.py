@@ -19,6 +19,8 @@ from pilus.cluster import ClusterError, ClusterSpec, cluster_down, cluster_up, l
 from pilus.cluster.manager import healthy, unix_http
 from pilus.datapath import links
 
+from .conftest import wait_for
+
 POD = IPv4Network("10.202.0.0/16")
 UNDERLAY = IPv4Network("172.31.251.0/24")
 REPO = Path(__file__).resolve().parents[2]
@@ -107,15 +109,6 @@ def _ns(netns: str, *cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", "netns", "exec", netns, *cmd], capture_output=True, text=True)
 
 
-def _wait(pred, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    return pred()
-
 
 def test_up_down_leaves_nothing(standin, state_root, cleanup):
     name = _name("u")
@@ -190,7 +183,7 @@ def test_supervisor_restarts_a_killed_agent(standin, state_root, cleanup):
         return body["pid"] if status == 200 and body["pid"] != pid1 else None
 
     t0 = time.monotonic()
-    pid2 = _wait(new_pid, 10)
+    pid2 = wait_for(new_pid, 10)
     assert pid2, (state_root / name / "supervisor.log").read_text()
     assert time.monotonic() - t0 < 5
     sup = json.loads((state_root / name / "supervisor.json").read_text())
@@ -200,8 +193,8 @@ def test_supervisor_restarts_a_killed_agent(standin, state_root, cleanup):
 
     # SIGTERM to the supervisor stops its agents
     os.kill(doc["supervisor_pid"], signal.SIGTERM)
-    assert _wait(lambda: not healthy(node["socket"], timeout=0.5), 8)
-    assert _wait(lambda: not Path(f"/proc/{pid2}").exists(), 8)
+    assert wait_for(lambda: not healthy(node["socket"], timeout=0.5), 8)
+    assert wait_for(lambda: not Path(f"/proc/{pid2}").exists(), 8)
 
 
 def test_failed_up_tears_down_and_shows_the_log(tmp_path, state_root, cleanup):
@@ -306,7 +299,7 @@ def test_real_agents(state_root, cleanup):
         pid = sup["agents"][node["name"]]["pid"]
         return pid not in (None, pid1) and healthy(node["socket"])
 
-    assert _wait(restarted, 30), Path(node["state_dir"], "agent.log").read_text()[-2000:]
+    assert wait_for(restarted, 30), Path(node["state_dir"], "agent.log").read_text()[-2000:]
     status, eps = unix_http(node["socket"], "GET", "/v1/endpoint")
     assert status == 200 and [e["name"] for e in eps] == ["default/t1"]
 

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from ipaddress import IPv4Network
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import pytest
 from pilus.cluster import ClusterSpec, cluster_down, cluster_up
 from pilus.cluster.manager import unix_http
 from pilus.cluster.supervisor import etcd_healthy
+
+from .conftest import wait_for
 
 POD = IPv4Network("10.204.0.0/16")
 UNDERLAY = IPv4Network("172.31.248.0/24")
@@ -38,15 +39,6 @@ def _json(state_root: Path, *args: str):
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout)
 
-
-def _wait(pred, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    return pred()
 
 
 def _etcd_pids(data_dir: Path) -> list[int]:
@@ -100,7 +92,7 @@ def test_cluster_on_etcd(etcd_cluster):
         ids = _json(root, "--socket", n2["socket"], "identity", "list")
         return [i for i in ids if any("app=etcd-shared" in x for x in i.get("labels") or [])]
 
-    shared = _wait(on_node2, 15)
+    shared = wait_for(on_node2, 15)
     assert shared and shared[0]["id"] == ep["identity"], (shared, ep)
 
     # supervised: a killed etcd comes back and the agents' kvstore is Ok again
@@ -114,7 +106,7 @@ def test_cluster_on_etcd(etcd_cluster):
         kv = _json(root, "--socket", n2["socket"], "status")["kvstore"]
         return kv["state"] == "Ok"
 
-    assert _wait(back, 10), (root / name / "supervisor.log").read_text()[-2000:]
+    assert wait_for(back, 10), (root / name / "supervisor.log").read_text()[-2000:]
 
     down = _pilus(root, "cluster", "down", "--name", name)
     assert down.returncode == 0, down.stdout + down.stderr

@@ -6,36 +6,22 @@ entry goes when the endpoint is deleted."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
-from pilus.cluster import cluster_down
 from pilus.identity import reserved
+
+from .conftest import pilus_cli, two_node_cluster
 
 POD = "10.206.0.0/16"
 UNDERLAY = "172.31.246.0/24"
 
 
-def pilus(*args: str, timeout: float = 90) -> str:
-    r = subprocess.run([sys.executable, "-m", "pilus", *args], capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"pilus {' '.join(args)}: {r.stdout}{r.stderr}"
-    return r.stdout
-
-
 @pytest.fixture
 def two_nodes():
-    name = f"ic{os.getpid() % 10000}"
-    cluster_down(name)  # leftovers of an interrupted earlier run
-    try:
-        doc = json.loads(pilus("cluster", "up", "--name", name, "--nodes", "2", "--pod-cidr", POD,
-                               "--underlay-cidr", UNDERLAY, "-o", "json"))
-        yield name, doc
-    finally:
-        cluster_down(name)
+    with two_node_cluster("ic", POD, UNDERLAY) as cluster:
+        yield cluster
 
 
 def test_a_remote_endpoint_and_node_are_in_the_ipcache(two_nodes):
@@ -43,7 +29,7 @@ def test_a_remote_endpoint_and_node_are_in_the_ipcache(two_nodes):
     first, second = doc["nodes"]
 
     def ipcache() -> dict[str, dict]:
-        rows = json.loads(pilus("--cluster", name, "--node", first["name"], "bpf", "ipcache", "list", "-o", "json"))
+        rows = json.loads(pilus_cli("--cluster", name, "--node", first["name"], "bpf", "ipcache", "list", "-o", "json"))
         return {r["prefix"]: r for r in rows}
 
     def wait_for(pred, what: str, timeout: float = 10) -> dict[str, dict]:
@@ -53,7 +39,7 @@ def test_a_remote_endpoint_and_node_are_in_the_ipcache(two_nodes):
             time.sleep(0.2)
         return rows
 
-    ep = json.loads(pilus("--cluster", name, "--node", second["name"], "endpoint", "create", "default/remote",
+    ep = json.loads(pilus_cli("--cluster", name, "--node", second["name"], "endpoint", "create", "default/remote",
                           "-l", "app=remote", "-o", "json"))
     ip = f"{ep['ipv4']}/32"
     rows = wait_for(lambda rows: ip in rows, "node2's endpoint in node1's ipcache")
@@ -63,5 +49,5 @@ def test_a_remote_endpoint_and_node_are_in_the_ipcache(two_nodes):
     assert rows[node2]["identity"] == reserved.REMOTE_NODE
     assert rows[f"{first['node_ip']}/32"]["identity"] == reserved.HOST
 
-    pilus("--cluster", name, "--node", second["name"], "endpoint", "delete", "default/remote")
+    pilus_cli("--cluster", name, "--node", second["name"], "endpoint", "delete", "default/remote")
     wait_for(lambda rows: ip not in rows, "the deleted endpoint gone from node1", timeout=5)

@@ -6,36 +6,23 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from pilus.cluster import cluster_down
 from pilus.cluster.plan import DEFAULT_STATE_ROOT
+
+from .conftest import pilus_cli, two_node_cluster
 
 POD = "10.205.0.0/16"
 UNDERLAY = "172.31.247.0/24"
 
 
-def pilus(*args: str, timeout: float = 90) -> str:
-    r = subprocess.run([sys.executable, "-m", "pilus", *args], capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"pilus {' '.join(args)}: {r.stdout}{r.stderr}"
-    return r.stdout
-
-
 @pytest.fixture
 def two_nodes():
-    name = f"tn{os.getpid() % 10000}"
-    cluster_down(name)  # leftovers of an interrupted earlier run
-    try:
-        doc = json.loads(pilus("cluster", "up", "--name", name, "--nodes", "2", "--pod-cidr", POD,
-                               "--underlay-cidr", UNDERLAY, "-o", "json"))
-        yield name, doc
-    finally:
-        cluster_down(name)
+    with two_node_cluster("tn", POD, UNDERLAY) as cluster:
+        yield cluster
 
 
 def test_each_node_lists_both(two_nodes):
@@ -45,16 +32,16 @@ def test_each_node_lists_both(two_nodes):
     for node in doc["nodes"]:
         deadline = time.monotonic() + 15
         while True:  # the other agent may register a moment later
-            rows = json.loads(pilus("--cluster", name, "--node", node["name"], "node", "list", "-o", "json"))
+            rows = json.loads(pilus_cli("--cluster", name, "--node", node["name"], "node", "list", "-o", "json"))
             if len(rows) == 2 or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         assert {r["name"]: (r["node_ip"], r["pod_cidr"], r["router_ip"]) for r in rows} == want
         assert [r["name"] for r in rows if r["local"]] == [node["name"]]
         assert all(r["health"] == "Ok" and r["cluster"] == name for r in rows)
-    table = pilus("--cluster", name, "node", "list")
+    table = pilus_cli("--cluster", name, "node", "list")
     assert table.startswith("NAME") and f"{doc['nodes'][0]['name']} (local)" in table
-    assert "Cluster:                 2/2 nodes reachable" in pilus("--cluster", name, "status")
+    assert "Cluster:                 2/2 nodes reachable" in pilus_cli("--cluster", name, "status")
 
 
 def test_a_restarted_agent_registers_again(two_nodes):
@@ -64,7 +51,7 @@ def test_a_restarted_agent_registers_again(two_nodes):
 
     def boot_ids():
         return {r["name"]: r["boot_id"]
-                for r in json.loads(pilus("--cluster", name, "--node", first, "node", "list", "-o", "json"))}
+                for r in json.loads(pilus_cli("--cluster", name, "--node", first, "node", "list", "-o", "json"))}
 
     deadline = time.monotonic() + 15
     while second not in (before := boot_ids()):
