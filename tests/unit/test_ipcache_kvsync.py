@@ -3,10 +3,11 @@ other's endpoints and node IPs as KVSTORE claims of a real IPCache over FakeIpca
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
+
+from aio_helpers import eventually, run
 
 from pilus.identity import reserved
 from pilus.ipcache import IPCache, Source
@@ -14,18 +15,6 @@ from pilus.ipcache.kvsync import IP_PREFIX, IPCacheSync, IPIdentityPair
 from pilus.kvstore import open_store
 from pilus.node.registry import NodeEntry, NodeRegistry
 from pilus.testing.fake_datapath import FakeIpcache
-
-
-def run(coro, timeout=20):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-async def eventually(pred, timeout=3.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
 
 
 @dataclass

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
+from aio_helpers import eventually, run
 
 from pilus.kvstore import open_store
 from pilus.node.registry import NODES_PREFIX, NodeEntry, NodeRegistry, NodeRegistryError
-
-
-def run(coro, timeout=20):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-async def eventually(pred, timeout=3.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
 
 
 def entry(n: int, cluster: str = "c1") -> NodeEntry:
