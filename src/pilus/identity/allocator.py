@@ -37,7 +37,7 @@ from pilus.identity.reserved import (
     reserved_by_labels,
 )
 from pilus.kvstore.base import KeyValue, KVStoreError, LeaseNotFound, Store, WatchEvent
-from pilus.kvstore.follow import follow_prefix, keep_lease
+from pilus.kvstore.follow import follow_prefix, keep_lease, stop_loops
 
 __all__ = ["DEFAULT_PREFIX", "Identity", "IdentityAllocator", "IdentityError"]
 
@@ -139,12 +139,7 @@ class IdentityAllocator:
         at once; otherwise they live until the lease expires, so an agent that
         restarts within the TTL keeps its identities without churn."""
         self._started = False
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        self._tasks = []
+        await stop_loops(self._tasks)
         if revoke_lease and self._lease is not None:
             with contextlib.suppress(KVStoreError):
                 await self.store.revoke_lease(self._lease)

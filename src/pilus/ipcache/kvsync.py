@@ -19,7 +19,6 @@ keys of endpoints that are gone.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Iterable, Mapping
@@ -29,7 +28,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pilus.identity.reserved import REMOTE_NODE
 from pilus.ipcache.cache import IPCache, Source
 from pilus.kvstore.base import KVStoreError, Store, WatchEvent
-from pilus.kvstore.follow import follow_prefix, keep_lease
+from pilus.kvstore.follow import follow_prefix, keep_lease, stop_loops
 from pilus.node.registry import NODE_LEASE_TTL, NodeEntry, NodeRegistry
 from pilus.reconcile import ReconcileError
 
@@ -107,12 +106,7 @@ class IPCacheSync:
         """Stop watching; this node's keys stay until its lease expires (a restart keeps them)."""
         self._unsubscribe()
         self._unsubscribe = lambda: None
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        self._tasks = []
+        await stop_loops(self._tasks)
 
     # -- this node's endpoints ---------------------------------------------------
 

@@ -69,3 +69,13 @@ async def keep_lease(
                 log.warning("%s: recovering the lease failed: %s", what, exc)
         except KVStoreError as exc:
             log.warning("%s lease keepalive failed: %s", what, exc)
+
+
+async def stop_loops(tasks: list[asyncio.Task]) -> None:
+    """Cancel the loops above (or any tasks) and wait until each has ended; clears ``tasks``."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    tasks.clear()

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv4Network
 
 from pilus.kvstore.base import KVStoreError, Store, WatchEvent
-from pilus.kvstore.follow import follow_prefix, keep_lease
+from pilus.kvstore.follow import follow_prefix, keep_lease, stop_loops
 
 __all__ = ["NODE_LEASE_TTL", "NODES_PREFIX", "NodeEntry", "NodeRegistry", "NodeRegistryError"]
 
@@ -103,12 +103,7 @@ class NodeRegistry:
 
     async def stop(self, *, revoke_lease: bool = False) -> None:
         """Stop watching; the entry stays until its lease expires unless ``revoke_lease``."""
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        self._tasks = []
+        await stop_loops(self._tasks)
         if revoke_lease and self._lease is not None:
             with contextlib.suppress(KVStoreError):
                 await self.store.revoke_lease(self._lease)
