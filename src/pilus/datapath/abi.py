@@ -24,6 +24,7 @@ ENDPOINT_KEY_IPV6 = 2
 
 IDENTITY_HOST = 1
 IDENTITY_WORLD = 2
+IDENTITY_REMOTE_NODE = 6
 
 ENDPOINT_F_HOST = 1
 ENDPOINT_F_POLICY_INGRESS = 2
@@ -47,6 +48,10 @@ DROP_WRITE_ERROR = 141
 DROP_UNKNOWN_L4 = 142
 DROP_CSUM_L3 = 153
 DROP_CT_CREATE_FAILED = 155
+DROP_NO_TUNNEL_KEY = 147
+DROP_NO_TUNNEL_ENDPOINT = 160
+DROP_INVALID_IDENTITY = 171
+DROP_INVALID_VNI = 183
 DROP_UNKNOWN_SENDER = 172
 DROP_POLICY_DENY = 181
 DROP_TTL_EXCEEDED = 196
@@ -63,6 +68,7 @@ TRACE_TO_HOST = 2
 TRACE_TO_STACK = 3
 TRACE_TO_OVERLAY = 4
 TRACE_FROM_LXC = 5
+TRACE_FROM_OVERLAY = 9
 
 CT_NEW = 0
 CT_ESTABLISHED = 1
@@ -191,6 +197,14 @@ class RemoteEndpointInfo(_Base):
         ("node_id", c_uint16),
         ("key", c_uint8),
         ("flags", c_uint8),
+    ]
+
+
+class TunnelValue(_Base):
+    C_NAME = "tunnel_value"
+    _fields_ = [
+        ("endpoint", c_uint32),
+        ("pad", c_uint32),
     ]
 
 
@@ -353,7 +367,7 @@ class PilusConfig(_Base):
         ("ct_close_timeout", c_uint32),
         ("ct_lifetime_nontcp", c_uint32),
         ("trace_aggregate", c_uint32),
-        ("pad", c_uint32),
+        ("tunnel_ifindex", c_uint32),  # 0 = native routing
     ]
 
 
@@ -364,6 +378,7 @@ ALL_MIRRORS = [
     EndpointInfoC,
     IpcacheKey,
     RemoteEndpointInfo,
+    TunnelValue,
     Ipv4CtTuple,
     CtEntry,
     PolicyKeyC,

@@ -58,7 +58,11 @@
 #define DROP_UNKNOWN_L4       142
 #define DROP_CSUM_L3          153
 #define DROP_CT_CREATE_FAILED 155
+#define DROP_NO_TUNNEL_KEY    147
+#define DROP_NO_TUNNEL_ENDPOINT 160
+#define DROP_INVALID_IDENTITY 171
 #define DROP_UNKNOWN_SENDER   172
+#define DROP_INVALID_VNI      183
 #define DROP_POLICY_DENY      181
 #define DROP_TTL_EXCEEDED     196
 
@@ -80,6 +84,7 @@
 #define TRACE_FROM_PROXY 6
 #define TRACE_FROM_HOST  7
 #define TRACE_FROM_STACK 8
+#define TRACE_FROM_OVERLAY 9
 
 /* ---- conntrack ---- */
 #define CT_NEW         0
@@ -135,6 +140,7 @@
 /* ---- map sizes ---- */
 #define PILUS_LXC_MAX      65536
 #define PILUS_IPCACHE_MAX  512000
+#define PILUS_TUNNEL_MAX   65536
 #define PILUS_CT4_MAX      262144
 #define PILUS_METRICS_MAX  65536
 #define PILUS_POLICY_MAX   16384  /* entries of one endpoint's policy map (Cilium's default) */
@@ -186,6 +192,12 @@ struct remote_endpoint_info {
 	__u16  node_id;
 	__u8   key;
 	__u8   flags;         /* IPCACHE_F_* */
+};
+
+/* pilus_tunnel_map value: the node that owns a pod CIDR */
+struct tunnel_value {
+	__be32 endpoint;      /* node IP (outer destination) */
+	__u32  pad;
 };
 
 /* pilus_ct4 key: original-direction tuple (saddr -> daddr) */
@@ -324,7 +336,7 @@ struct pilus_config {
 	__u32  ct_close_timeout;
 	__u32  ct_lifetime_nontcp;
 	__u32  trace_aggregate;   /* 0 = every packet, 1 = CT-aggregated (medium) */
-	__u32  pad;
+	__u32  tunnel_ifindex;    /* the VXLAN device (tunnel mode); 0 = native routing */
 };
 
 #endif /* __PILUS_COMMON_H */

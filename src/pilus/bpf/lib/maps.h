@@ -46,6 +46,18 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pilus_ipcache SEC(".maps");
 
+/* remote node's pod CIDR -> its node IP (tunnel mode): where to encapsulate
+ * what the ipcache has no tunnel endpoint for. Written by the agent from the
+ * node registry (src/pilus/node/routes.py); `pilus bpf tunnel list`. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct ipcache_key);
+	__type(value, struct tunnel_value);
+	__uint(max_entries, PILUS_TUNNEL_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pilus_tunnel_map SEC(".maps");
+
 /* prefix -> local identity, for the prefixes (cidr and except alike) that
  * Kubernetes NetworkPolicy ipBlocks name and nothing else; only ipBlock
  * selectors select these identities. The second policy lookup of lib/policy.h,
