@@ -153,7 +153,8 @@ def print_report(summary: dict[str, Any], keys: list[str], meta: dict[str, Any])
           "client CPU 0, server CPU 1")
     print()
     for k in keys:
-        print(f"  {k:<10}{LABELS[k]}")
+        nat = " + nft masquerade table (conntrack)" if meta.get("baseline_nat") and k.startswith("A") else ""
+        print(f"  {k:<10}{LABELS[k]}{nat}")
     print()
     print("absolute values (median over rounds)")
     head = f"{'config':<10}" + "".join(f"{m[2]:>17}" for m in METRICS)
@@ -198,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=0.3, help="RR/CRR warm-up seconds (default 0.3)")
     ap.add_argument("--quick", action="store_true", help="3 rounds x 1 s (about 2 minutes)")
     ap.add_argument("--no-pilus", action="store_true", help="the two baselines only")
+    ap.add_argument("--baseline-nat", action="store_true",
+                    help="give the baseline nodes pilus's (never matching) nft masquerade table: conntrack on")
     ap.add_argument("--seed", type=int, default=None, help="seed of the run order")
     ap.add_argument("--json", type=Path, default=None, help="write all samples here")
     ap.add_argument("--up-timeout", type=float, default=90.0, help="cluster up timeout")
@@ -213,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     t_start = time.monotonic()
     configs: list[Config] = []
-    meta: dict[str, Any] = {"rounds": args.rounds, "duration": args.duration, "evidence": {}, "pilus_errors": {}}
+    meta: dict[str, Any] = {"rounds": args.rounds, "duration": args.duration, "evidence": {}, "pilus_errors": {},
+                            "baseline_nat": args.baseline_nat}
     modes: dict[str, str] = {}
     exit_code = 0
     try:
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             destroy_pilus()
         for key, tag, underlay, pods, vxlan in BASELINES:
             log(f"building {key}")
-            b = topo.build(tag, underlay, pods, vxlan)
+            b = topo.build(tag, underlay, pods, vxlan, nat=args.baseline_nat)
             cfg = Config(key, LABELS[key], b.client_ns, b.server_ns, b.client_ip, b.server_ip, workloads=WORKLOADS)
             cfg.node_ns = b.node_ns[0]
             configs.append(cfg)

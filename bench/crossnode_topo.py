@@ -78,8 +78,11 @@ def _pod(node: str, pod: str, pod_ip: str, router: str, route_mtu: int) -> None:
     ip("neigh", "replace", pod_ip, "lladdr", mac("eth0", pod), "dev", "lxc0", "nud", "permanent", ns=node)
 
 
-def build(tag: str, underlay: str, pod_cidr: str, vxlan: bool) -> Baseline:
-    """Two nodes, one pod each; tag names the namespaces (bx-<tag>-u, -n1, -n2, -p1, -p2)."""
+def build(tag: str, underlay: str, pod_cidr: str, vxlan: bool, nat: bool = False) -> Baseline:
+    """Two nodes, one pod each; tag names the namespaces (bx-<tag>-u, -n1, -n2, -p1, -p2).
+    nat: each node also gets the masquerade table a pilus node has (nft, postrouting,
+    pod traffic to outside the cluster only): it never matches here, but a nat hook
+    makes conntrack track every packet through the node."""
     und, pods = IPv4Network(underlay), IPv4Network(pod_cidr)
     node_ip = [str(und.network_address + 1 + i) for i in (1, 2)]
     node_pods = [IPv4Network((int(pods.network_address) + (i << 8), 24)) for i in (1, 2)]
@@ -119,6 +122,8 @@ def build(tag: str, underlay: str, pod_cidr: str, vxlan: bool) -> Baseline:
                ns=node)
         else:
             ip("route", "add", str(node_pods[peer]), "via", node_ip[peer], "dev", "eth0", ns=node)
+        if nat:
+            add_masquerade(node, str(node_pods[i]), str(pods), node_ip)
     return Baseline(
         f"{PREFIX}{tag}-p1",
         f"{PREFIX}{tag}-p2",
@@ -127,6 +132,22 @@ def build(tag: str, underlay: str, pod_cidr: str, vxlan: bool) -> Baseline:
         nodes,
         "vx0" if vxlan else "eth0",
     )
+
+
+def add_masquerade(node: str, node_pods: str, cluster_pods: str, node_ips: list[str]) -> None:
+    """The same nft table as a pilus node's (src/pilus/node: table ip pilus, postrouting)."""
+    rules = (
+        "table ip bxnat {\n"
+        f"  set cluster_nodes {{ type ipv4_addr; elements = {{ {', '.join(node_ips)} }} }}\n"
+        "  chain postrouting {\n"
+        "    type nat hook postrouting priority srcnat; policy accept;\n"
+        f"    ip saddr {node_pods} ip daddr != {cluster_pods} ip daddr != @cluster_nodes "
+        'oifname != "lxc*" oifname != "vx0" masquerade\n'
+        "  }\n}\n"
+    )
+    r = subprocess.run(["ip", "netns", "exec", node, "nft", "-f", "-"], input=rules, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise TopoError(f"{node}: nft: {r.stderr.strip()[:300]}")
 
 
 def destroy_all() -> list[str]:
