@@ -10,7 +10,6 @@ A test replaces rows by name (``Agent(cfg, replace={"node": ...})``).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -20,13 +19,13 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
-from pathlib import Path
+from ipaddress import IPv4Address
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from pilus import __version__, protocols
+from pilus.agent_flags import AgentConfig, build_parser, config_from_args
 from pilus.api.server import APIServer
 from pilus.components import (
     EventsPart,
@@ -36,9 +35,10 @@ from pilus.components import (
     NodeIpcacheEntries,
     NodeNetwork,
     StateDirLock,
+    TunnelDevice,
 )
 from pilus.datapath import Datapath, DatapathConfig
-from pilus.datapath.lb import MAGLEV_PRIMES, LbConfig
+from pilus.datapath.lb import LbConfig
 from pilus.datapath.socklb import NetnsCookies
 from pilus.endpoint.entries import EndpointEntries
 from pilus.endpoint.manager import EndpointManager, NodeInfo
@@ -51,113 +51,19 @@ from pilus.identity.labels import Label, Labels, endpoint_labels, parse_labels
 from pilus.ipam.hostscope import HostScopeIPAM
 from pilus.ipcache import IPCache
 from pilus.ipcache.kvsync import IPCacheSync
-from pilus.kvstore import BACKENDS, KVStoreError, store_options
+from pilus.kvstore import KVStoreError
 from pilus.loadbalancer.endpoints import endpoints_for_services
 from pilus.loadbalancer.manager import ServiceManager
 from pilus.metrics.collector import AgentCollector, Sample, datapath_samples
-from pilus.metrics.server import PrometheusServer, parse_addr
+from pilus.metrics.server import PrometheusServer
 from pilus.node import setup as node_setup
 from pilus.node.registry import NodeEntry, NodeRegistry
+from pilus.node.routes import VXLAN_OVERHEAD, NodeRoutes
 from pilus.observer.monitor import EventHub
 from pilus.policy.distribution import PolicyDistribution
 from pilus.policy.engine import PolicyEngine
 
 log = logging.getLogger("pilus.agent")
-
-
-@dataclass(frozen=True)
-class AgentConfig:
-    node_name: str
-    state_dir: Path
-    pod_cidr: IPv4Network
-    cluster_name: str = "default"
-    kvstore: str = "embedded"
-    kvstore_path: Path | None = None
-    kvstore_opts: tuple[tuple[str, str], ...] = ()  # open_store keyword arguments, e.g. ("address", URL)
-    native_device: str | None = None
-    bpffs_root: Path = Path("/sys/fs/bpf/pilus")
-    mtu: int = 1500
-    policy_enforcement: str = "default"
-    cluster_cidr: IPv4Network | None = None
-    lb_algorithm: str = "random"
-    maglev_table_size: int = 16381
-    prometheus_addr: tuple[str, int] | None = None
-    socket_lb: bool = False  # also translate services at connect()/sendmsg() (bpf_sock.c)
-
-    @property
-    def socket_path(self) -> Path:
-        return self.state_dir / "pilus.sock"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pilus agent", description="Run the pilus node agent in this network namespace."
-    )
-    p.add_argument("--node-name", required=True, help="this node's name (unique on the machine)")
-    p.add_argument(
-        "--state-dir", required=True, type=Path, help="directory for endpoints, compiled BPF and the API socket"
-    )
-    p.add_argument("--pod-cidr", required=True, type=_cidr, help="this node's pod CIDR, e.g. 10.200.1.0/24")
-    p.add_argument(
-        "--cluster-name", default="default", help="cluster name (identity label io.cilium.k8s.policy.cluster)"
-    )
-    p.add_argument("--kvstore", default="embedded", choices=sorted(BACKENDS), help="kvstore backend")
-    p.add_argument("--kvstore-opt", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
-                   help="kvstore option, repeatable, e.g. etcd.address=http://HOST:2379")
-    p.add_argument("--kvstore-path", type=Path, help="embedded kvstore file (default <state-dir>/kvstore.db)")
-    p.add_argument(
-        "--native-device", help="underlay device whose address is the node IP (default: the default route's)"
-    )
-    p.add_argument("--bpffs-root", type=Path, default=Path("/sys/fs/bpf/pilus"), help="where maps are pinned")
-    p.add_argument("--mtu", type=int, default=1500, help="endpoint MTU")
-    p.add_argument(
-        "--policy-enforcement", default="default", choices=["default", "always", "never"],
-        help="default: deny only in directions that policies select; always: deny unless allowed; never: allow all",
-    )
-    p.add_argument(
-        "--cluster-cidr", type=_cidr,
-        help="all pods of the cluster (service backends must lie inside it; default: this node's pod CIDR)",
-    )
-    p.add_argument("--lb-algorithm", default="random", choices=["random", "maglev"],
-                   help="default backend selection of services (annotation service.cilium.io/lb-algorithm)")
-    p.add_argument("--socket-lb", action="store_true",
-                   help="also load-balance services at the socket (cgroup connect4/sendmsg4/recvmsg4/"
-                        "getpeername4 on the cgroup v2 root, only for this node's pods); "
-                        "off: per-packet translation only")
-    p.add_argument("--bpf-lb-maglev-table-size", type=_maglev_size, default=16381, metavar="M",
-                   help="Maglev lookup table size per service, a prime (Cilium's flag; default 16381)")
-    p.add_argument("--prometheus-serve-addr", type=_listen_addr, metavar="[HOST]:PORT",
-                   help="serve Prometheus metrics on this TCP address, e.g. :9962 (off by default)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
-    p.add_argument("--describe", action="store_true", help="print the components and settings, then exit")
-    return p
-
-
-def _key_value(text: str) -> tuple[str, str]:
-    key, eq, value = text.partition("=")
-    if not eq or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
-
-
-def _cidr(text: str) -> IPv4Network:
-    try:
-        return IPv4Network(text, strict=True)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected an IPv4 CIDR like 10.200.1.0/24 ({exc})") from None
-
-
-def _listen_addr(text: str) -> tuple[str, int]:
-    try:
-        return parse_addr(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _maglev_size(text: str) -> int:
-    if not text.isdigit() or int(text) not in MAGLEV_PRIMES:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(map(str, MAGLEV_PRIMES))}")
-    return int(text)
 
 
 def _call(method: str) -> Callable[[Any], Awaitable[None] | None]:
@@ -217,14 +123,19 @@ class Agent:
                 _call("open"), _call("close")),
             Row("addresses", "node IP and native device from the routing table",
                 lambda: NodeAddresses(cfg.native_device, self.router_ip), _call("detect"), None),
-            Row("datapath", "compile (cached) + load bpf_lxc.o, bpf_host.o on the native device, bpf_sock.o "
+            Row("tunnel", "tunnel mode: the VXLAN device pilus_vxlan (collect-metadata, --tunnel-port); "
+                "native routing: none",
+                lambda: TunnelDevice(cfg.routing_mode, cfg.tunnel_port, cfg.mtu - VXLAN_OVERHEAD), stop=None),
+            Row("datapath", "compile (cached) + load bpf_lxc.o, bpf_host.o on the native device, "
+                "bpf_overlay.o on the tunnel device, bpf_sock.o "
                 "(--socket-lb; else its old links go); maps pinned under <bpffs-root>/<node>/",
                 lambda: Datapath(self._datapath_config(), cfg.state_dir, bpffs_root=cfg.bpffs_root),
                 lambda dp: asyncio.to_thread(dp.load), _call("close"),
                 maps=lambda dp: [dp.socket_lb.netns_sync.status()] if dp.socket_lb else []),
             Row("node", "pilus_host router device, sysctls, masquerade (netlink, nft)",
                 lambda: NodeNetwork(node_setup.NodeAddressing(
-                    cfg.pod_cidr, self.router_ip, self.node_ip, self.parts["addresses"].device)),
+                    cfg.pod_cidr, self.router_ip, self.node_ip, self.parts["addresses"].device,
+                    cfg.cluster_cidr)),
                 stop=None),
             Row("ipcache", "one owner of pilus_ipcache: claims by source, merged by precedence",
                 lambda: IPCache(self.datapath.ipcache), lambda _: None, None,
@@ -242,6 +153,9 @@ class Agent:
                 lambda: IdentityAllocator(self.store, cfg.node_name)),
             Row("node-registry", "this node in the kvstore under a lease; watches every node of the cluster",
                 self._make_nodes),
+            Row("node-routes", "other nodes' pod CIDRs: tunnel map + routes into pilus_vxlan (tunnel), "
+                "or routes via their node IPs (native); node IPs kept out of the masquerade",
+                self._make_node_routes, maps=lambda r: r.reconcilers_status()),
             Row("ipcache-sync", "endpoints of every node in the kvstore (cilium/state/ip/v1) -> KVSTORE ipcache "
                 "claims; other nodes' IPs -> remote-node",
                 lambda: IPCacheSync(self.store, self.ipcache, self.node_registry, cluster=cfg.cluster_name,
@@ -253,7 +167,8 @@ class Agent:
             Row("endpoints", "restore saved endpoints, then serve create/delete; feeds service backends",
                 self._make_endpoints, self._start_endpoints, None),
             Row("retries", "writes again map entries whose write failed, after their backoff",
-                lambda: MapRetrier([self.ipcache, self.parts["endpoint-map"], self.services])),
+                lambda: MapRetrier([self.ipcache, self.parts["endpoint-map"], self.services,
+                                    self.parts["node-routes"]])),
             Row("events", "ring buffer -> monitor subscribers", lambda: EventsPart(self.datapath)),
             Row("api", "REST on <state-dir>/pilus.sock", lambda: APIServer(self, cfg.socket_path)),
             Row("metrics", "Prometheus /metrics on --prometheus-serve-addr",
@@ -331,6 +246,7 @@ class Agent:
             node_name=cfg.node_name, router_ip=self.router_ip, node_ip=self.node_ip, pod_cidr=cfg.pod_cidr,
             lb=LbConfig(maglev_table_size=cfg.maglev_table_size),
             socket_lb=cfg.socket_lb, native_device=self.parts["addresses"].device,
+            tunnel_device=self.parts["tunnel"].name, tunnel_ifindex=self.parts["tunnel"].ifindex,
         )
 
     def _make_services(self) -> ServiceManager:
@@ -349,6 +265,12 @@ class Agent:
         return NodeRegistry(self.store, NodeEntry(cfg.node_name, cfg.cluster_name, self.node_ip,
                                                   cfg.pod_cidr, self.router_ip))
 
+    def _make_node_routes(self) -> NodeRoutes:
+        cfg = self.cfg
+        return NodeRoutes(self.node_registry, cfg.routing_mode, self.node_registry.local,
+                          tunnel_map=self.datapath.tunnel if cfg.routing_mode == "tunnel" else None,
+                          native_device=self.parts["addresses"].device, mtu=cfg.mtu)
+
     def _make_policy(self) -> PolicySync:
         return PolicySync(self.policy_engine, self.datapath, self.identities, PolicyDistribution(self.store),
                           ipcache=self.ipcache, entries=self.parts["endpoint-map"],
@@ -362,7 +284,8 @@ class Agent:
         cfg = self.cfg
         policy = self.policy
         return EndpointManager(
-            NodeInfo(cfg.node_name, cfg.cluster_name, self.router_ip, cfg.pod_cidr, cfg.mtu),
+            NodeInfo(cfg.node_name, cfg.cluster_name, self.router_ip, cfg.pod_cidr, cfg.mtu,
+                     cfg.mtu - VXLAN_OVERHEAD if cfg.routing_mode == "tunnel" else None),
             self.datapath,
             self.identities,
             self.ipam,
@@ -614,28 +537,6 @@ async def _run(cfg: AgentConfig) -> int:
     log.info("stopping (the datapath keeps forwarding)")
     await agent.stop()
     return 0
-
-
-def config_from_args(args: argparse.Namespace) -> AgentConfig:
-    """The parsed flags as an AgentConfig; a bad ``--kvstore-opt`` raises KVStoreError."""
-    return AgentConfig(
-        node_name=args.node_name,
-        state_dir=args.state_dir,
-        pod_cidr=args.pod_cidr,
-        cluster_name=args.cluster_name,
-        kvstore=args.kvstore,
-        kvstore_path=args.kvstore_path,
-        kvstore_opts=tuple(store_options(args.kvstore, args.kvstore_opt).items()),
-        native_device=args.native_device,
-        bpffs_root=args.bpffs_root,
-        mtu=args.mtu,
-        policy_enforcement=args.policy_enforcement,
-        cluster_cidr=args.cluster_cidr,
-        lb_algorithm=args.lb_algorithm,
-        socket_lb=args.socket_lb,
-        maglev_table_size=args.bpf_lb_maglev_table_size,
-        prometheus_addr=args.prometheus_serve_addr,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

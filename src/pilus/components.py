@@ -94,6 +94,20 @@ class NodeNetwork:
         await asyncio.to_thread(node_setup.setup_node, self.addressing)
 
 
+class TunnelDevice:
+    """Tunnel mode: the VXLAN device the datapath encapsulates into (created before the
+    datapath loads, which needs its ifindex); native routing: none."""
+
+    def __init__(self, mode: str, port: int, mtu: int) -> None:
+        self.mode, self.port, self.mtu = mode, port, mtu
+        self.name: str | None = None
+        self.ifindex = 0
+
+    async def start(self) -> None:
+        self.name, self.ifindex = await asyncio.to_thread(
+            node_setup.setup_tunnel_device, self.mode, self.port, self.mtu)
+
+
 class NodeIpcacheEntries:
     """The node's own ipcache claims: router and node IP are the host, the rest the world."""
 

@@ -14,7 +14,7 @@ class FakePlumbing:
         self.veths: dict[str, int] = {}  # host-side name -> ifindex
         self._ifindex = itertools.count(100)
 
-    def plumb(self, ep, router_ip, mtu) -> None:
+    def plumb(self, ep, router_ip, mtu, route_mtu=None) -> None:
         if ep.netns in self.netns or ep.interface_name in self.veths:
             raise OSError(17, f"{ep.netns} or {ep.interface_name}: file exists")
         self.netns.add(ep.netns)

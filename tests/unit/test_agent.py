@@ -31,6 +31,28 @@ class FakeAddresses:
         pass
 
 
+class FakeTunnel:
+    """The tunnel row without netlink: native routing as far as the datapath knows."""
+
+    name, ifindex = None, 0
+
+    async def start(self) -> None:
+        pass
+
+
+class FakeNodeRoutes:
+    """The node-routes row without netlink or nft."""
+
+    async def start(self) -> None:
+        pass
+
+    def retry_due(self) -> bool:
+        return False
+
+    def reconcilers_status(self) -> list[dict]:
+        return []
+
+
 class Recorder:
     """A component that records start and stop in one shared log."""
 
@@ -52,8 +74,8 @@ def _cfg(tmp_path: Path) -> AgentConfig:
 
 
 def _fakes(**more):
-    return {"addresses": FakeAddresses, "datapath": FakeDatapath, "node": lambda: Recorder("node", []),
-            **more}
+    return {"addresses": FakeAddresses, "tunnel": FakeTunnel, "datapath": FakeDatapath,
+            "node": lambda: Recorder("node", []), "node-routes": FakeNodeRoutes, **more}
 
 
 async def _get(path: Path, url: str) -> tuple[int, dict]:

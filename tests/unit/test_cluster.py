@@ -118,6 +118,7 @@ def test_agent_argv_default_and_override():
         "--kvstore-path", "/run/pilus/c1/kvstore.db",
         "--native-device", "eth0",
         "--cluster-cidr", "10.200.0.0/16",
+        "--routing-mode", "tunnel",
     ]  # fmt: skip
     doc["agent_cmd"] = ["{python}", "fake.py", "--node-name", "{node}", "--socket", "{socket}"]
     assert plan.agent_argv(doc, node, "py") == [

@@ -5,7 +5,8 @@
  *   cil_from_container  tc ingress: packets leaving the pod
  *   cil_to_container    tc egress:  packets the node stack sends into the pod
  * The endpoint is found by ifindex (pilus_lxc_if), so one loaded object serves
- * all endpoints of a node. The native device's program is in bpf_host.c.
+ * all endpoints of a node. The native device's program is in bpf_host.c, the
+ * tunnel device's in bpf_overlay.c.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -28,6 +29,8 @@
 #include "lib/lb_packet.h"
 #include "lib/lb_reply.h"
 #include "lib/fib.h"
+#include "lib/deliver.h"
+#include "lib/tunnel.h"
 
 static __always_inline int handle_arp(struct __sk_buff *skb, const struct endpoint_info *ep,
 				      struct drop_ctx *d)
@@ -152,26 +155,22 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
 		lb4_forget_rev_nat(&p);
 	}
 
-	if (dst_ep && !(dst_ep->flags & ENDPOINT_F_HOST)) {
-		__u32 dst_ifindex = dst_ep->ifindex;
-		__u16 dst_ep_id = dst_ep->ep_id;
-		__u8 dmac[ETH_ALEN], smac[ETH_ALEN];
+	if (dst_ep && !(dst_ep->flags & ENDPOINT_F_HOST))
+		return ipv4_local_delivery(skb, &p, dst_ep, &ct, d, METRIC_EGRESS);
 
-		__builtin_memcpy(dmac, dst_ep->mac, ETH_ALEN);
-		__builtin_memcpy(smac, dst_ep->host_mac, ETH_ALEN);
-		d->dst_id = dst_ep_id;
+	/* tunnel mode: a destination behind another node goes into the tunnel
+	 * with this endpoint's identity in the VNI (bpf_overlay.c decapsulates) */
+	if (CFG(tunnel_ifindex)) {
+		__be32 endpoint = tunnel_endpoint4(p.ip.daddr, ipcache_lookup4(p.ip.daddr));
 
-		ret = ipv4_dec_ttl(skb, &p);
-		if (ret)
-			return send_drop(skb, d, ret, METRIC_EGRESS);
-		if (eth_store_addrs(skb, dmac, smac) < 0)
-			return send_drop(skb, d, DROP_WRITE_ERROR, METRIC_EGRESS);
-
-		send_trace(skb, &ct, TRACE_TO_LXC, d->source, src_id, dst_id_label,
-			   dst_ep_id, dst_ifindex);
-		update_metrics(skb->len, METRIC_EGRESS, REASON_FORWARDED);
-		/* straight into the destination pod, bypassing the node's stack */
-		return bpf_redirect_peer(dst_ifindex, 0);
+		if (endpoint) {
+			if (tunnel_set_key4(skb, endpoint, src_id) < 0)
+				return send_drop(skb, d, DROP_WRITE_ERROR, METRIC_EGRESS);
+			send_trace(skb, &ct, TRACE_TO_OVERLAY, d->source, src_id, dst_id_label, 0,
+				   CFG(tunnel_ifindex));
+			update_metrics(skb->len, METRIC_EGRESS, REASON_FORWARDED);
+			return bpf_redirect(CFG(tunnel_ifindex), 0);
+		}
 	}
 
 	/* a NodePort reply (its source is now a node address): routed by us,

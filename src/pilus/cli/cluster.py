@@ -50,6 +50,9 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
     up.add_argument("--kvstore", choices=KVSTORES, default="embedded",
                     help="kvstore backend: embedded (one SQLite file) or etcd (one etcd started "
                          "for the cluster on the bridge address); default embedded")
+    up.add_argument("--routing-mode", choices=("tunnel", "native"), default="tunnel",
+                    help="how pods reach other nodes' pods: tunnel (VXLAN, the source identity in the "
+                         "VNI; default) or native (routes via the node IPs, no encapsulation)")
     common.add_output_option(up)
     up.set_defaults(func=cmd_up)
 
@@ -124,7 +127,7 @@ def cmd_up(args) -> int:
     name = _name(args)
     spec = mgr.ClusterSpec(name=name, nodes=args.nodes, pod_cidr=args.pod_cidr,
                            underlay_cidr=args.underlay_cidr, state_root=common.state_root(),
-                           kvstore=args.kvstore)
+                           kvstore=args.kvstore, routing_mode=args.routing_mode)
     print(f"Creating cluster '{name}' with {args.nodes} node(s)...", file=sys.stderr, flush=True)
     try:
         info = mgr.cluster_up(spec)

@@ -36,6 +36,7 @@ class ClusterSpec:
     underlay_cidr: IPv4Network = IPv4Network("172.30.0.0/24")
     state_root: Path = DEFAULT_STATE_ROOT
     kvstore: str = "embedded"
+    routing_mode: str = "tunnel"  # tunnel or native (the agents' --routing-mode)
 
 
 def validate(spec: ClusterSpec) -> None:
@@ -65,6 +66,8 @@ def validate(spec: ClusterSpec) -> None:
         )
     if pod.overlaps(und):
         raise ClusterError(f"pod CIDR {pod} overlaps the underlay CIDR {und}: pick disjoint ranges")
+    if spec.routing_mode not in ("tunnel", "native"):
+        raise ClusterError(f"unknown routing mode {spec.routing_mode!r}: use tunnel or native")
     if spec.kvstore not in KVSTORES:
         raise ClusterError(
             f"unknown kvstore {spec.kvstore!r}: use one of {', '.join(KVSTORES)}"
@@ -173,6 +176,7 @@ def build_cluster_doc(spec: ClusterSpec, supervisor_pid: int | None = None) -> d
         "underlay_cidr": str(und),
         "pod_cidr": str(IPv4Network(spec.pod_cidr)),
         "kvstore": spec.kvstore,
+        "routing_mode": spec.routing_mode,
         "kvstore_path": str(cdir / "kvstore.db"),
         "state_root": str(spec.state_root),
         "supervisor_pid": supervisor_pid,
@@ -270,6 +274,8 @@ def agent_argv(doc: dict[str, Any], node: dict[str, Any], python: str) -> list[s
         node.get("underlay_device", "eth0"),
         "--cluster-cidr",
         doc["pod_cidr"],
+        "--routing-mode",
+        doc.get("routing_mode", "tunnel"),
     ]
 
 

@@ -26,6 +26,10 @@ class DatapathConfig:
     socket_lb_cgroup: Path | None = None  # where the socket LB attaches (default: the cgroup v2 root)
     #: the node's native device (interface name): load() attaches bpf_host.o there
     native_device: str | None = None
+    #: tunnel mode: the VXLAN device (name, ifindex) load() attaches bpf_overlay.o to
+    #: and bpf_lxc.o encapsulates into; None: native routing
+    tunnel_device: str | None = None
+    tunnel_ifindex: int = 0
 
 
 def build_config(cfg: DatapathConfig, trace_aggregate: bool = True) -> abi.PilusConfig:
@@ -42,4 +46,5 @@ def build_config(cfg: DatapathConfig, trace_aggregate: bool = True) -> abi.Pilus
     c.ct_close_timeout = 10
     c.ct_lifetime_nontcp = 60
     c.trace_aggregate = 1 if trace_aggregate else 0
+    c.tunnel_ifindex = cfg.tunnel_ifindex if cfg.tunnel_device else 0
     return c

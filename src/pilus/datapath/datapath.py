@@ -17,8 +17,19 @@ from .errors import DatapathError
 from .events import MONITOR_MASK_SECTION, EventReader
 from .lb import LB_MAP_NAMES, LbMaps
 from .loader import BpfObject, map_info, prog_info
-from .maps import BpfMap, CtMap, EndpointInfo, EndpointMap, EventsLostMap, IpcacheMap, MetricsMap
-from .objects import ATTACH_CGROUP, ATTACH_NETDEV, HOST, LXC, OBJECTS, SOCK, ObjectSpec, load_object
+from .maps import BpfMap, CtMap, EndpointInfo, EndpointMap, EventsLostMap, IpcacheMap, MetricsMap, TunnelMap
+from .objects import (
+    ATTACH_CGROUP,
+    ATTACH_NETDEV,
+    ATTACH_TUNNEL,
+    HOST,
+    LXC,
+    OBJECTS,
+    OVERLAY,
+    SOCK,
+    ObjectSpec,
+    load_object,
+)
 from .policy import IPBlockMap, PolicyMaps
 from .socklb import SOCK_MAP_NAMES, SocketLb, remove_links
 
@@ -113,6 +124,7 @@ class Datapath:
         self.object_path: Path | None = None  # bpf_lxc.o
         self.endpoints: EndpointMap = _NotLoaded("endpoints")  # type: ignore[assignment]
         self.ipcache: IpcacheMap = _NotLoaded("ipcache")  # type: ignore[assignment]
+        self.tunnel: TunnelMap = _NotLoaded("tunnel")  # type: ignore[assignment]
         self.ct: CtMap = _NotLoaded("ct")  # type: ignore[assignment]
         self.metrics: MetricsMap = _NotLoaded("metrics")  # type: ignore[assignment]
         self.events_lost: EventsLostMap = _NotLoaded("events_lost")  # type: ignore[assignment]
@@ -159,6 +171,8 @@ class Datapath:
             self._open_maps(obj)
         elif spec.attach == ATTACH_NETDEV and attach and self.cfg.native_device:
             self.attach_netdev(_ifindex(self.cfg.native_device))
+        elif spec.attach == ATTACH_TUNNEL and attach and self.cfg.tunnel_device:
+            self._attach_device(OVERLAY, _ifindex(self.cfg.tunnel_device), "the tunnel device")
         elif spec.attach == ATTACH_CGROUP:
             sock = SocketLb(obj, self.pin_root)
             self.socket_lb = sock
@@ -190,6 +204,7 @@ class Datapath:
         fd = obj.map_fd
         self.endpoints = EndpointMap(fd("pilus_lxc"), fd("pilus_lxc_if"))
         self.ipcache = IpcacheMap(fd("pilus_ipcache"))
+        self.tunnel = TunnelMap(fd("pilus_tunnel_map"))
         self.ct = CtMap(fd("pilus_ct4"))
         self.metrics = MetricsMap(fd("pilus_metrics"))
         self.events_lost = EventsLostMap(fd("pilus_ev_lost"))
@@ -251,11 +266,14 @@ class Datapath:
         """bpf_host.o's cil_from_netdev at tc ingress of the node's native device
         (services reached from outside: NodePort, ExternalIPs, LoadBalancer IPs).
         ``load()`` does this itself when DatapathConfig.native_device is set."""
+        self._attach_device(HOST, ifindex, "the native device")
+
+    def _attach_device(self, spec: ObjectSpec, ifindex: int, what: str) -> None:
         try:
-            for prog, hook in HOST.programs.items():
+            for prog, hook in spec.programs.items():
                 attach.attach(ifindex, hook, self.prog_fd(prog))
         except OSError as exc:
-            raise DatapathError(f"attaching to the native device ifindex {ifindex} failed: {exc}") from exc
+            raise DatapathError(f"attaching to {what} (ifindex {ifindex}) failed: {exc}") from exc
 
     def detach_netdev(self, ifindex: int) -> None:
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -321,8 +322,12 @@ def add_route(
     netns: str | None = None,
     scope: str | None = None,
     src: str | None = None,
+    mtu: int | None = None,
+    proto: int | None = None,
+    onlink: bool = False,
 ) -> None:
-    """Add or replace a route in the main table. dst is a CIDR, an address, or "default"."""
+    """Add or replace a route in the main table. dst is a CIDR, an address, or "default";
+    ``proto`` marks the routes an owner lists again (``list_routes``)."""
     if gateway is None and dev is None:
         raise DatapathError(f"route {dst}: needs a gateway or a device")
 
@@ -338,9 +343,59 @@ def add_route(
             spec["scope"] = _SCOPES["link"]
         if src is not None:
             spec["prefsrc"] = src
+        if mtu is not None:
+            spec["metrics"] = {"mtu": mtu}
+        if proto is not None:
+            spec["proto"] = proto
+        if onlink:
+            spec["flags"] = 4  # RTNH_F_ONLINK
         ipr.route("replace", **spec)
 
     _nl(netns, f"add route {dst}", add)
+
+
+def list_routes(proto: int, netns: str | None = None) -> dict[str, str | None]:
+    """The main table's IPv4 routes marked with ``proto``: destination CIDR -> gateway
+    (None for a device route)."""
+
+    def get(ipr: IPRoute) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for r in ipr.get_routes(family=socket.AF_INET, table=254):
+            if r["proto"] == proto:
+                out[f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}"] = r.get_attr("RTA_GATEWAY")
+        return out
+
+    return _nl(netns, "list routes", get)
+
+
+def create_vxlan(ifname: str, port: int, mtu: int, netns: str | None = None) -> int:
+    """A VXLAN device in collect-metadata ("external") mode on UDP ``port``, no
+    learning, no ARP (BPF sets each packet's tunnel key); kept if it exists with
+    that port. Returns its ifindex."""
+
+    def make(ipr: IPRoute) -> int:
+        idx = _idx(ipr, ifname)
+        if idx is not None:
+            info = _link_info_data(ipr, idx)
+            if info.get("IFLA_VXLAN_PORT") == port and info.get("IFLA_VXLAN_COLLECT_METADATA"):
+                ipr.link("set", index=idx, state="up", mtu=mtu)
+                return idx
+            ipr.link("del", index=idx)
+        ipr.link("add", ifname=ifname, kind="vxlan", vxlan_collect_metadata=1, vxlan_port=port,
+                 vxlan_learning=0, mtu=mtu)
+        idx = _need_idx(ipr, ifname)
+        ipr.link("set", index=idx, flags=0x80, change=0x80)  # IFF_NOARP
+        ipr.link("set", index=idx, state="up")
+        return idx
+
+    return _nl(netns, f"create vxlan device {ifname}", make)
+
+
+def _link_info_data(ipr: IPRoute, index: int) -> dict[str, Any]:
+    link = ipr.get_links(index)[0]
+    info = link.get_attr("IFLA_LINKINFO")
+    data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
+    return dict(data["attrs"]) if data is not None else {}
 
 
 def del_route(dst: str, netns: str | None = None) -> None:

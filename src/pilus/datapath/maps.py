@@ -260,6 +260,30 @@ class IpcacheMap:
         self.upsert(prefix, identity, tunnel_endpoint)
 
 
+class TunnelMap:
+    """pilus_tunnel_map: a remote node's pod CIDR -> its node IP (tunnel mode).
+    A Reconciler target: prefix -> node IP."""
+
+    def __init__(self, fd: FdSource):
+        self.map = BpfMap(fd, abi.IpcacheKey, abi.TunnelValue, "pilus_tunnel_map")
+
+    def dump(self) -> list[tuple[IPv4Network, IPv4Address]]:
+        out = []
+        for k, v in self.map.items():
+            plen = k.prefixlen - abi.IPCACHE_STATIC_PREFIX
+            net = IPv4Network((abi.raw_to_ip4(k.addr.ip4), plen), strict=False)
+            out.append((net, abi.raw_to_ip4(v.endpoint)))
+        return sorted(out, key=lambda t: (t[0].network_address, t[0].prefixlen))
+
+    def update(self, prefix: IPv4Network, endpoint: IPv4Address) -> None:
+        v = abi.TunnelValue()
+        v.endpoint = abi.ip4_to_raw(endpoint)
+        self.map.update(_ipc_key(IPv4Network(prefix, strict=False)), v)
+
+    def delete(self, prefix: IPv4Network) -> bool:
+        return self.map.delete(_ipc_key(IPv4Network(prefix, strict=False)))
+
+
 _TCP_FLAG_NAMES = [
     (0x01, "FIN"),
     (0x02, "SYN"),

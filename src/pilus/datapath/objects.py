@@ -28,6 +28,7 @@ from .socklb import SOCK_HOOKS
 ATTACH_ENDPOINT = "endpoint"  # each endpoint's host-side veth (Datapath.attach_endpoint)
 ATTACH_NETDEV = "netdev"  # the node's native device (DatapathConfig.native_device)
 ATTACH_CGROUP = "cgroup"  # the cgroup v2 root, with pinned bpf links (socket LB)
+ATTACH_TUNNEL = "tunnel"  # the VXLAN device (DatapathConfig.tunnel_device)
 
 
 @dataclass(frozen=True)
@@ -43,17 +44,21 @@ class ObjectSpec:
     pin_programs: bool = True
 
     def enabled(self, cfg: DatapathConfig) -> bool | None:
-        return True if self.option is None else getattr(cfg, self.option)
+        if self.option is None:
+            return True
+        value = getattr(cfg, self.option)
+        return None if value is None else bool(value)
 
 
 LXC = ObjectSpec(
     "lxc", "bpf_lxc", {"cil_from_container": "tc-ingress", "cil_to_container": "tc-egress"}
 )
 HOST = ObjectSpec("host", "bpf_host", {"cil_from_netdev": "tc-ingress"}, ATTACH_NETDEV)
+OVERLAY = ObjectSpec("overlay", "bpf_overlay", {"cil_from_overlay": "tc-ingress", "cil_to_overlay": "tc-egress"},
+                     ATTACH_TUNNEL, option="tunnel_device")
 SOCK = ObjectSpec("sock", "bpf_sock", SOCK_HOOKS, ATTACH_CGROUP, option="socket_lb", pin_programs=False)
-# later: overlay (bpf_overlay.c on the tunnel device)
 
-OBJECTS: tuple[ObjectSpec, ...] = (LXC, HOST, SOCK)
+OBJECTS: tuple[ObjectSpec, ...] = (LXC, HOST, OVERLAY, SOCK)
 
 
 def load_object(

@@ -111,6 +111,7 @@ class NodeInfo:
     router_ip: IPv4Address
     pod_cidr: IPv4Network
     mtu: int = 1500
+    route_mtu: int | None = None  # the pods' default route (tunnel mode: mtu - VXLAN overhead)
 
 
 def lxc_name(node: str, namespace: str, pod: str) -> str:
@@ -234,7 +235,8 @@ class EndpointManager:
                 ep.set_state(State.REGENERATING)
                 undo.push("remove netns", lambda: self.plumbing.remove_netns(ep))
                 undo.push("remove veth", lambda: self.plumbing.remove_veth(ep))
-                await asyncio.to_thread(self.plumbing.plumb, ep, self.node.router_ip, self.node.mtu)
+                await asyncio.to_thread(self.plumbing.plumb, ep, self.node.router_ip, self.node.mtu,
+                                        self.node.route_mtu)
                 undo.push("remove map entries", lambda: self._unprogram(ep))  # a coroutine: awaited
                 await self._program(ep)
                 ep.set_state(State.READY)

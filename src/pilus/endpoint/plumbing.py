@@ -16,8 +16,10 @@ POD_IFNAME = "eth0"
 
 
 class VethPlumbing:
-    def plumb(self, ep: Endpoint, router_ip: IPv4Address, mtu: int) -> None:
-        """Build the pod's netns and veth; sets ep.interface_index, ep.host_mac, ep.mac."""
+    def plumb(self, ep: Endpoint, router_ip: IPv4Address, mtu: int, route_mtu: int | None = None) -> None:
+        """Build the pod's netns and veth; sets ep.interface_index, ep.host_mac, ep.mac.
+        ``route_mtu``: the MTU of the pod's default route (tunnel mode: room for the
+        VXLAN header), else the device's."""
         router = str(router_ip)
         links.create_netns(ep.netns)
         for key in ("all", "default"):
@@ -29,7 +31,7 @@ class VethPlumbing:
         # pod side: /32, the router on-link, default via the router, router's MAC pinned
         links.add_address(POD_IFNAME, f"{ep.ipv4}/32", netns=ep.netns)
         links.add_route(f"{router}/32", dev=POD_IFNAME, scope="link", netns=ep.netns)
-        links.add_route("default", gateway=router, dev=POD_IFNAME, netns=ep.netns)
+        links.add_route("default", gateway=router, dev=POD_IFNAME, netns=ep.netns, mtu=route_mtu)
         links.add_neigh(router, ep.host_mac, POD_IFNAME, netns=ep.netns)
         # node side: a /32 route to the pod through its lxc device, its MAC pinned
         links.add_route(f"{ep.ipv4}/32", dev=ep.interface_name, scope="link", src=router)

@@ -3,7 +3,11 @@
 - `pilus_host`/`pilus_net`: a veth pair carrying the router (gateway) IP that every
   pod routes through, like Cilium's cilium_host/cilium_net.
 - forwarding on, reverse-path filtering off (pods use /32s and per-endpoint routes).
-- masquerade for pod traffic leaving the node (nftables table `pilus`).
+- masquerade for pod traffic leaving the node (nftables table `pilus`), except to the
+  cluster's pods (the native-routing CIDR) and to the cluster's nodes (set
+  `cluster_nodes`, kept by node/routes.py).
+- tunnel mode: the VXLAN device `pilus_vxlan` (collect-metadata, UDP 8472); native
+  routing: no such device (one left by a tunnel-mode run is removed).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pilus.datapath import links
 HOST_DEV = "pilus_host"
 NET_DEV = "pilus_net"
 NFT_TABLE = "pilus"
+TUNNEL_DEV = "pilus_vxlan"
 
 
 class NodeSetupError(RuntimeError):
@@ -30,6 +35,7 @@ class NodeAddressing:
     router_ip: IPv4Address
     node_ip: IPv4Address
     native_device: str | None
+    cluster_cidr: IPv4Network | None = None  # pods routable without masquerade (default: pod_cidr)
 
 
 def router_ip_for(pod_cidr: IPv4Network) -> IPv4Address:
@@ -63,24 +69,51 @@ def setup_node(addressing: NodeAddressing) -> None:
         ("net.ipv4.conf.default.rp_filter", 0),
     ):
         links.set_sysctl(key, value)
-    install_masquerade(addressing.pod_cidr)
+    install_masquerade(addressing.pod_cidr, addressing.cluster_cidr or addressing.pod_cidr)
 
 
-def install_masquerade(pod_cidr: IPv4Network) -> None:
-    nft = shutil.which("nft")
-    if nft is None:
-        raise NodeSetupError("nft not found: install nftables (run `make setup`)")
-    ruleset = f"""
+def install_masquerade(pod_cidr: IPv4Network, cluster_cidr: IPv4Network) -> None:
+    _nft(f"""
 table ip {NFT_TABLE}
 delete table ip {NFT_TABLE}
 table ip {NFT_TABLE} {{
+  set cluster_nodes {{ type ipv4_addr; }}
+  chain prerouting {{
+    # pod to pod needs no NAT: keep netfilter's connection tracking off that path
+    type filter hook prerouting priority raw; policy accept;
+    ip saddr {cluster_cidr} ip daddr {cluster_cidr} notrack
+  }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
-    ip saddr {pod_cidr} ip daddr != {pod_cidr} oifname != "lxc*" oifname != "{HOST_DEV}" masquerade
+    ip saddr {pod_cidr} ip daddr != {cluster_cidr} ip daddr != @cluster_nodes oifname != "lxc*" \
+      oifname != "{HOST_DEV}" oifname != "{TUNNEL_DEV}" masquerade
   }}
 }}
-"""
+""", "installing the masquerade rule")
+
+
+def set_cluster_node_ips(ips: list[IPv4Address]) -> None:
+    """The node IPs the masquerade leaves alone (one transaction)."""
+    elements = f"add element ip {NFT_TABLE} cluster_nodes {{ {', '.join(map(str, ips))} }}\n" if ips else ""
+    _nft(f"flush set ip {NFT_TABLE} cluster_nodes\n{elements}", "updating the cluster's node IPs")
+
+
+def _nft(ruleset: str, what: str) -> None:
+    nft = shutil.which("nft")
+    if nft is None:
+        raise NodeSetupError("nft not found: install nftables (run `make setup`)")
     done = subprocess.run([nft, "-f", "-"], input=ruleset, text=True, capture_output=True)
     if done.returncode != 0:
-        raise NodeSetupError(f"installing the masquerade rule failed: {done.stderr.strip()}")
+        raise NodeSetupError(f"{what} failed: {done.stderr.strip()}")
+
+
+def setup_tunnel_device(mode: str, port: int, mtu: int) -> tuple[str | None, int]:
+    """Tunnel mode: the VXLAN device (created or kept), as (name, ifindex); native
+    routing: (None, 0), and a device of an earlier tunnel-mode run is removed."""
+    if mode != "tunnel":
+        links.delete_link(TUNNEL_DEV)
+        return None, 0
+    ifindex = links.create_vxlan(TUNNEL_DEV, port, mtu)
+    links.set_sysctl(f"net.ipv4.conf.{TUNNEL_DEV}.rp_filter", 0)
+    return TUNNEL_DEV, ifindex
 

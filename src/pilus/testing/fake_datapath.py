@@ -33,6 +33,7 @@ MAP_KINDS = {
     "pilus_lxc": ("hash", 65536),
     "pilus_lxc_if": ("hash", 65536),
     "pilus_ipcache": ("lpm_trie", 512000),
+    "pilus_tunnel_map": ("lpm_trie", 65536),
     "pilus_ipblock": ("lpm_trie", 16384),
     "pilus_ct4": ("lru_hash", 262144),
     "pilus_metrics": ("percpu_hash", 1024),
@@ -106,6 +107,29 @@ class FakeIpcache(_Journaled):
     def update(self, prefix, value: tuple[int, IPv4Address | None]) -> None:
         identity, tunnel_endpoint = value
         self.upsert(prefix, identity, tunnel_endpoint)
+
+
+class FakeTunnelMap(_Journaled):
+    """pilus_tunnel_map, as TunnelMap: ``rows`` pod CIDR -> node IP."""
+
+    map_name, part = "pilus_tunnel_map", "tunnel"
+
+    def __init__(self, journal: list | None = None) -> None:
+        super().__init__(journal)
+        self.rows: dict[IPv4Network, IPv4Address] = {}
+
+    def dump(self) -> list[tuple[IPv4Network, IPv4Address]]:
+        return sorted(self.rows.items(), key=lambda t: (t[0].network_address, t[0].prefixlen))
+
+    def update(self, prefix, endpoint) -> None:
+        prefix = _net(prefix)
+        self._write("upsert", prefix)
+        self.rows[prefix] = IPv4Address(endpoint)
+
+    def delete(self, prefix) -> bool:
+        prefix = _net(prefix)
+        self._write("delete", prefix)
+        return self.rows.pop(prefix, None) is not None
 
 
 class FakeEndpointMap(_Journaled):
@@ -385,6 +409,7 @@ class FakeDatapath:
         self.journal: list[tuple[str, str, object]] = []
         self.endpoints = FakeEndpointMap(self.journal)
         self.ipcache = FakeIpcache(self.journal)
+        self.tunnel = FakeTunnelMap(self.journal)
         self.policy = FakePolicyMaps(self.journal)
         self.ipblock = FakeIPBlockMap(self.journal)
         self.lb = FakeLbMaps(size)
@@ -447,6 +472,7 @@ class FakeDatapath:
             "pilus_lxc": len(self.endpoints.rows),
             "pilus_lxc_if": len(self.endpoints.rows),
             "pilus_ipcache": len(self.ipcache.rows),
+            "pilus_tunnel_map": len(self.tunnel.rows),
             "pilus_ipblock": len(self.ipblock.rows),
             "pilus_ct4": 0,
             "pilus_metrics": 0,

@@ -1,0 +1,139 @@
+"""The agent's flags (``pilus agent --help``) and the configuration they make."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from pathlib import Path
+
+from pilus.datapath.lb import MAGLEV_PRIMES
+from pilus.kvstore import BACKENDS, store_options
+from pilus.metrics.server import parse_addr
+from pilus.node.routes import ROUTING_MODES, TUNNEL_PORT
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_name: str
+    state_dir: Path
+    pod_cidr: IPv4Network
+    cluster_name: str = "default"
+    kvstore: str = "embedded"
+    kvstore_path: Path | None = None
+    kvstore_opts: tuple[tuple[str, str], ...] = ()  # open_store keyword arguments, e.g. ("address", URL)
+    native_device: str | None = None
+    bpffs_root: Path = Path("/sys/fs/bpf/pilus")
+    mtu: int = 1500
+    policy_enforcement: str = "default"
+    cluster_cidr: IPv4Network | None = None
+    lb_algorithm: str = "random"
+    maglev_table_size: int = 16381
+    prometheus_addr: tuple[str, int] | None = None
+    socket_lb: bool = False  # also translate services at connect()/sendmsg() (bpf_sock.c)
+    routing_mode: str = "tunnel"  # tunnel (VXLAN, identity in the VNI) or native
+    tunnel_port: int = TUNNEL_PORT
+
+    @property
+    def socket_path(self) -> Path:
+        return self.state_dir / "pilus.sock"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pilus agent", description="Run the pilus node agent in this network namespace."
+    )
+    p.add_argument("--node-name", required=True, help="this node's name (unique on the machine)")
+    p.add_argument(
+        "--state-dir", required=True, type=Path, help="directory for endpoints, compiled BPF and the API socket"
+    )
+    p.add_argument("--pod-cidr", required=True, type=_cidr, help="this node's pod CIDR, e.g. 10.200.1.0/24")
+    p.add_argument(
+        "--cluster-name", default="default", help="cluster name (identity label io.cilium.k8s.policy.cluster)"
+    )
+    p.add_argument("--kvstore", default="embedded", choices=sorted(BACKENDS), help="kvstore backend")
+    p.add_argument("--kvstore-opt", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                   help="kvstore option, repeatable, e.g. etcd.address=http://HOST:2379")
+    p.add_argument("--kvstore-path", type=Path, help="embedded kvstore file (default <state-dir>/kvstore.db)")
+    p.add_argument(
+        "--native-device", help="underlay device whose address is the node IP (default: the default route's)"
+    )
+    p.add_argument("--bpffs-root", type=Path, default=Path("/sys/fs/bpf/pilus"), help="where maps are pinned")
+    p.add_argument("--mtu", type=int, default=1500, help="endpoint MTU")
+    p.add_argument(
+        "--policy-enforcement", default="default", choices=["default", "always", "never"],
+        help="default: deny only in directions that policies select; always: deny unless allowed; never: allow all",
+    )
+    p.add_argument(
+        "--cluster-cidr", type=_cidr,
+        help="all pods of the cluster (service backends must lie inside it; default: this node's pod CIDR)",
+    )
+    p.add_argument("--lb-algorithm", default="random", choices=["random", "maglev"],
+                   help="default backend selection of services (annotation service.cilium.io/lb-algorithm)")
+    p.add_argument("--socket-lb", action="store_true",
+                   help="also load-balance services at the socket (cgroup connect4/sendmsg4/recvmsg4/"
+                        "getpeername4 on the cgroup v2 root, only for this node's pods); "
+                        "off: per-packet translation only")
+    p.add_argument("--bpf-lb-maglev-table-size", type=_maglev_size, default=16381, metavar="M",
+                   help="Maglev lookup table size per service, a prime (Cilium's flag; default 16381)")
+    p.add_argument("--prometheus-serve-addr", type=_listen_addr, metavar="[HOST]:PORT",
+                   help="serve Prometheus metrics on this TCP address, e.g. :9962 (off by default)")
+    p.add_argument("--routing-mode", default="tunnel", choices=ROUTING_MODES,
+                   help="how pods reach other nodes' pods: tunnel (VXLAN with the source identity in the "
+                        "VNI, Cilium's default) or native (routes <pod CIDR> via <node IP>, no encapsulation)")
+    p.add_argument("--tunnel-port", type=int, default=TUNNEL_PORT, metavar="PORT",
+                   help=f"VXLAN UDP port in tunnel mode (default {TUNNEL_PORT})")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    p.add_argument("--describe", action="store_true", help="print the components and settings, then exit")
+    return p
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _cidr(text: str) -> IPv4Network:
+    try:
+        return IPv4Network(text, strict=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an IPv4 CIDR like 10.200.1.0/24 ({exc})") from None
+
+
+def _listen_addr(text: str) -> tuple[str, int]:
+    try:
+        return parse_addr(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _maglev_size(text: str) -> int:
+    if not text.isdigit() or int(text) not in MAGLEV_PRIMES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(map(str, MAGLEV_PRIMES))}")
+    return int(text)
+
+
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    """The parsed flags as an AgentConfig; a bad ``--kvstore-opt`` raises KVStoreError."""
+    return AgentConfig(
+        node_name=args.node_name,
+        state_dir=args.state_dir,
+        pod_cidr=args.pod_cidr,
+        cluster_name=args.cluster_name,
+        kvstore=args.kvstore,
+        kvstore_path=args.kvstore_path,
+        kvstore_opts=tuple(store_options(args.kvstore, args.kvstore_opt).items()),
+        native_device=args.native_device,
+        bpffs_root=args.bpffs_root,
+        mtu=args.mtu,
+        policy_enforcement=args.policy_enforcement,
+        cluster_cidr=args.cluster_cidr,
+        lb_algorithm=args.lb_algorithm,
+        socket_lb=args.socket_lb,
+        maglev_table_size=args.bpf_lb_maglev_table_size,
+        prometheus_addr=args.prometheus_serve_addr,
+        routing_mode=args.routing_mode,
+        tunnel_port=args.tunnel_port,
+    )

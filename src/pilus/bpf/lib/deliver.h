@@ -1,0 +1,40 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Delivery into a local endpoint (Cilium's ipv4_local_delivery), after policy:
+ * one routed hop (TTL), the endpoint's MACs, a trace, and a redirect straight
+ * into the pod's namespace (bypassing the node's stack and its to-container). */
+#ifndef __PILUS_DELIVER_H
+#define __PILUS_DELIVER_H
+
+#include "common.h"
+#include "ipv4.h"
+#include "eth.h"
+#include "drop.h"
+#include "trace.h"
+
+static __always_inline int ipv4_local_delivery(struct __sk_buff *skb, struct pkt4 *p,
+					       const struct endpoint_info *dst_ep,
+					       const struct ct_result *ct, struct drop_ctx *d,
+					       __u8 metric_dir)
+{
+	__u32 dst_ifindex = dst_ep->ifindex;
+	__u16 dst_ep_id = dst_ep->ep_id;
+	__u8 dmac[ETH_ALEN], smac[ETH_ALEN];
+	int ret;
+
+	__builtin_memcpy(dmac, dst_ep->mac, ETH_ALEN);
+	__builtin_memcpy(smac, dst_ep->host_mac, ETH_ALEN);
+	d->dst_id = dst_ep_id;
+
+	ret = ipv4_dec_ttl(skb, p);
+	if (ret)
+		return send_drop(skb, d, ret, metric_dir);
+	if (eth_store_addrs(skb, dmac, smac) < 0)
+		return send_drop(skb, d, DROP_WRITE_ERROR, metric_dir);
+
+	send_trace(skb, ct, TRACE_TO_LXC, d->source, d->src_label, d->dst_label, dst_ep_id,
+		   dst_ifindex);
+	update_metrics(skb->len, metric_dir, REASON_FORWARDED);
+	return bpf_redirect_peer(dst_ifindex, 0);
+}
+
+#endif
