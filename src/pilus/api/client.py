@@ -226,6 +226,9 @@ class Client:
     def bpf_ipcache(self) -> list[dict]:
         return self.request("GET", "/bpf/ipcache") or []
 
+    def bpf_tunnel(self) -> list[dict]:
+        return self.request("GET", "/bpf/tunnel") or []
+
     def bpf_endpoints(self) -> list[dict]:
         return self.request("GET", "/bpf/endpoint") or []
 

@@ -71,6 +71,7 @@ class APIServer:
         r.add_get("/v1/identity/{id}", self.identity_get)
         r.add_get("/v1/node", self.node_list)
         r.add_get("/v1/bpf/ipcache", self.bpf_ipcache)
+        r.add_get("/v1/bpf/tunnel", self.bpf_tunnel)
         r.add_get("/v1/bpf/endpoint", self.bpf_endpoint)
         r.add_get("/v1/bpf/ct", self.bpf_ct)
         r.add_delete("/v1/bpf/ct", self.bpf_ct_flush)
@@ -179,6 +180,11 @@ class APIServer:
             for prefix, ident, tep in self.agent.datapath.ipcache.items()
         ]
         return web.json_response(sorted(rows, key=lambda r: r["prefix"]))
+
+    async def bpf_tunnel(self, request: web.Request) -> web.Response:
+        rows = [{"prefix": str(prefix), "endpoint": str(endpoint)}
+                for prefix, endpoint in self.agent.datapath.tunnel.dump()]
+        return web.json_response(rows)
 
     async def bpf_endpoint(self, request: web.Request) -> web.Response:
         rows = [

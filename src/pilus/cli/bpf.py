@@ -29,6 +29,12 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
     list_cmd(ipc.add_subparsers(dest="sub", metavar="COMMAND", required=True),
              cmd_ipcache_list, "list the ipcache map (pilus_ipcache)")
 
+    tun = bsub.add_parser("tunnel", parents=[parent], help="remote pod CIDR -> node IP (tunnel mode)",
+                          description="The tunnel map (pilus_tunnel_map): other nodes' pod CIDRs "
+                                      "and the node IPs their packets are encapsulated to.")
+    list_cmd(tun.add_subparsers(dest="sub", metavar="COMMAND", required=True),
+             cmd_tunnel_list, "list the tunnel map (pilus_tunnel_map)")
+
     epm = bsub.add_parser("endpoint", parents=[parent], help="local endpoint map",
                           description="The local endpoint map (pilus_lxc): endpoint IP -> "
                                       "ifindex, MACs, endpoint ID, identity.")
@@ -93,6 +99,14 @@ def format_ipcache(entries: list[dict]) -> str:
                      f"identity={output.or_dash(e.get('identity'))} "
                      f"tunnelendpoint={e.get('tunnel_endpoint') or '0.0.0.0'}"])
     return output.table(["IP PREFIX/ADDRESS", "IDENTITY"], rows)
+
+
+def format_tunnel(entries: list[dict]) -> str:
+    if not entries:
+        return "No tunnel entries (native routing, or no other node yet)."
+    rows = [[e.get("prefix", "?"), e.get("endpoint", "?")]
+            for e in sorted(entries, key=lambda e: _prefix_key(e.get("prefix")))]
+    return output.table(["TUNNEL", "VALUE"], rows)
 
 
 def _prefix_key(prefix):
@@ -257,6 +271,10 @@ def _show(args, data, formatter) -> int:
 
 def cmd_ipcache_list(args) -> int:
     return _show(args, common.client(args).bpf_ipcache(), format_ipcache)
+
+
+def cmd_tunnel_list(args) -> int:
+    return _show(args, common.client(args).bpf_tunnel(), format_tunnel)
 
 
 def cmd_endpoint_list(args) -> int:

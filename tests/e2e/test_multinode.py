@@ -1,0 +1,188 @@
+"""A flat L3 network across nodes, end to end: pods on three nodes of a tunnel-mode
+cluster (VXLAN, the source identity in the VNI) and on two nodes of a native-routing
+cluster reach each other over TCP, UDP and ICMP with their own addresses; the VNI
+on the underlay is the sender's identity; a policy on a pod of node2 admits one
+remote pod and denies another, and node2 reports the drop; a forged VNI is dropped
+with its reason."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import time
+
+import pytest
+from scapy.all import IP, TCP, UDP, VXLAN, AsyncSniffer, Ether, bind_layers, sendp
+from scapy.layers.inet import ICMP
+
+from pilus.api.client import Client
+from pilus.cluster import cluster_down
+
+from .conftest import EventLog, Servers, pilus_cli, probe, wait_for
+
+TCP_PORT, UDP_PORT = 8080, 5353
+DROP_POLICY, DROP_INVALID_IDENTITY, DROP_INVALID_VNI = 133, 171, 183
+VXLAN_PORT = 8472
+bind_layers(UDP, VXLAN, dport=VXLAN_PORT)  # scapy knows VXLAN on 4789 only
+
+
+def _vxlan(packet) -> bool:
+    return UDP in packet and packet[UDP].dport == VXLAN_PORT
+
+
+@contextlib.contextmanager
+def _cluster(prefix: str, nodes: int, pod: str, underlay: str, mode: str):
+    name = f"{prefix}{os.getpid() % 10000}"
+    cluster_down(name)
+    try:
+        doc = json.loads(pilus_cli("cluster", "up", "--name", name, "--nodes", str(nodes), "--pod-cidr", pod,
+                                   "--underlay-cidr", underlay, "--routing-mode", mode, "-o", "json"))
+        yield name, doc
+    finally:
+        cluster_down(name)
+
+
+def _pods(name: str, doc: dict, labels: dict[str, str]) -> dict[str, dict]:
+    """One pod per node: pod i (label app=<labels[i]>) on node i."""
+    pods = {}
+    for node, (pod, app) in zip(doc["nodes"], labels.items(), strict=False):
+        pods[pod] = json.loads(pilus_cli("--cluster", name, "--node", node["name"], "endpoint", "create",
+                                         f"default/{pod}", "-l", f"app={app}", "-o", "json"))
+        pods[pod]["node"] = node
+    return pods
+
+
+def _wait_ipcache(name: str, node: dict, ips: list[str]) -> None:
+    def known() -> bool:
+        rows = json.loads(pilus_cli("--cluster", name, "--node", node["name"], "bpf", "ipcache", "list", "-o", "json"))
+        return all(f"{ip}/32" in {r["prefix"] for r in rows} for ip in ips)
+
+    assert wait_for(known, timeout=15), f"{ips} not in {node['name']}'s ipcache"
+
+
+@pytest.fixture(scope="module")
+def tunnel():
+    with _cluster("mt", 3, "10.212.0.0/16", "172.31.240.0/24", "tunnel") as (name, doc):
+        pods = _pods(name, doc, {"a": "a", "b": "b", "c": "c"})
+        for node in doc["nodes"]:
+            _wait_ipcache(name, node, [p["ipv4"] for p in pods.values()])
+        servers = Servers()
+        try:
+            for pod in ("b", "c"):
+                servers.start(pods[pod]["netns"], "tcp-server", TCP_PORT)
+                servers.start(pods[pod]["netns"], "udp-server", UDP_PORT)
+            servers.start(doc["nodes"][1]["netns"], "tcp-server", TCP_PORT)
+            yield name, doc, pods
+        finally:
+            servers.stop()
+
+
+def test_pods_on_three_nodes_reach_each_other_with_their_own_addresses(tunnel):
+    name, doc, pods = tunnel
+    a, b, c = pods["a"], pods["b"], pods["c"]
+    for dst in (b, c):
+        tcp = probe(a["netns"], "tcp-connect", dst["ipv4"], str(TCP_PORT))
+        assert tcp["ok"] and tcp["reply"].split(":")[0] == a["ipv4"], tcp  # the server sees the pod
+        assert probe(a["netns"], "udp-send", dst["ipv4"], str(UDP_PORT))["ok"]
+        assert probe(a["netns"], "ping", dst["ipv4"])["ok"]
+    assert probe(c["netns"], "tcp-connect", b["ipv4"], str(TCP_PORT))["ok"]  # node3 -> node2
+
+
+def test_pod_to_remote_node_and_node_to_remote_pod(tunnel):
+    name, doc, pods = tunnel
+    a, node1, node2 = pods["a"], doc["nodes"][0], doc["nodes"][1]
+    to_node = probe(a["netns"], "tcp-connect", node2["node_ip"], str(TCP_PORT))
+    assert to_node["ok"] and to_node["reply"].split(":")[0] == a["ipv4"], to_node  # not masqueraded
+    from_node = probe(node1["netns"], "tcp-connect", pods["b"]["ipv4"], str(TCP_PORT))
+    assert from_node["ok"] and from_node["reply"].split(":")[0] == node1["router_ip"], from_node
+
+
+def test_the_vni_on_the_underlay_is_the_source_identity(tunnel):
+    name, doc, pods = tunnel
+    a, b = pods["a"], pods["b"]
+    sniffer = AsyncSniffer(iface=doc["bridge"], lfilter=_vxlan)  # no libpcap: filtered in Python
+    sniffer.start()
+    time.sleep(0.5)
+    try:
+        assert probe(a["netns"], "ping", b["ipv4"])["ok"]
+        time.sleep(0.3)
+    finally:
+        packets = sniffer.stop()
+    inner = [(p[VXLAN].vni, p[VXLAN][IP].src, p[VXLAN][IP].dst) for p in packets
+             if VXLAN in p and IP in p[VXLAN] and ICMP in p[VXLAN]]
+    assert (a["identity"], a["ipv4"], b["ipv4"]) in inner, inner
+    assert (b["identity"], b["ipv4"], a["ipv4"]) in inner, inner  # the reply carries b's identity
+
+
+def test_a_policy_across_nodes_admits_one_remote_pod_and_node2_reports_the_other(tunnel):
+    name, doc, pods = tunnel
+    a, b, c = pods["a"], pods["b"], pods["c"]
+    node2 = Client(b["node"]["socket"])
+    log = EventLog(node2)
+    policy = f"""
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: b-from-a, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: b}}}}
+  ingress:
+  - fromEndpoints: [{{matchLabels: {{app: a}}}}]
+    toPorts: [{{ports: [{{port: "{TCP_PORT}", protocol: TCP}}]}}]
+"""
+    Client(a["node"]["socket"]).import_policy(policy)  # through node1: the kvstore carries it to node2
+    try:
+        denied = wait_for(lambda: not probe(c["netns"], "tcp-connect", b["ipv4"], str(TCP_PORT), "whoami",
+                                            "1")["ok"], timeout=15)
+        assert denied, "node3's pod still reaches b"
+        assert probe(a["netns"], "tcp-connect", b["ipv4"], str(TCP_PORT))["ok"]
+        drop = log.find(lambda e: e.get("type") == "drop" and e.get("src_ip") == c["ipv4"]
+                        and e.get("dst_ip") == b["ipv4"] and e.get("reason") == DROP_POLICY)
+        assert drop, f"node2 reported no policy drop of {c['ipv4']}: {log.events[-5:]}"
+        assert drop.get("src_identity", c["identity"]) == c["identity"]  # the identity from the VNI
+    finally:
+        Client(a["node"]["socket"]).request("DELETE", "/policy?all=true")
+    assert wait_for(lambda: probe(c["netns"], "tcp-connect", b["ipv4"], str(TCP_PORT), "whoami", "1")["ok"],
+                    timeout=15)
+
+
+@pytest.mark.parametrize("vni,reason", [(1, DROP_INVALID_IDENTITY), (0, DROP_INVALID_VNI)])
+def test_a_forged_vni_is_dropped_with_its_reason(tunnel, vni, reason):
+    name, doc, pods = tunnel
+    b = pods["b"]
+    log = EventLog(Client(b["node"]["socket"]))
+    time.sleep(0.3)
+    link = json.loads(subprocess.run(["ip", "-n", b["node"]["netns"], "-j", "link", "show", "eth0"],
+                                     capture_output=True, text=True, check=True).stdout)
+    frame = (Ether(dst=link[0]["address"]) / IP(src=doc["bridge_ip"], dst=b["node"]["node_ip"])
+             / UDP(sport=40000, dport=VXLAN_PORT) / VXLAN(vni=vni, flags=0x08)
+             / Ether() / IP(src="10.212.1.200", dst=b["ipv4"]) / UDP(sport=1, dport=UDP_PORT) / b"forged")
+    sendp(frame, iface=doc["bridge"], verbose=False, count=3)
+    drop = log.find(lambda e: e.get("type") == "drop" and e.get("reason") == reason, timeout=5)
+    assert drop, f"no drop {reason} for VNI {vni}: {log.events[-5:]}"
+
+
+def test_native_routing_reaches_the_other_node_without_encapsulation():
+    with _cluster("mn", 2, "10.213.0.0/16", "172.31.239.0/24", "native") as (name, doc):
+        pods = _pods(name, doc, {"a": "a", "b": "b"})
+        a, b = pods["a"], pods["b"]
+        _wait_ipcache(name, doc["nodes"][1], [a["ipv4"]])
+        node1 = doc["nodes"][0]
+        routes = pilus_cli("--cluster", name, "--node", node1["name"], "bpf", "tunnel", "list")
+        assert "no tunnel" in routes.lower() or b["ipv4"] not in routes
+        servers = Servers()
+        sniffer = AsyncSniffer(iface=doc["bridge"], lfilter=lambda p: _vxlan(p) or TCP in p)
+        try:
+            servers.start(b["netns"], "tcp-server", TCP_PORT)
+            sniffer.start()
+            time.sleep(0.5)
+            tcp = probe(a["netns"], "tcp-connect", b["ipv4"], str(TCP_PORT))
+            assert tcp["ok"] and tcp["reply"].split(":")[0] == a["ipv4"], tcp
+            assert probe(a["netns"], "ping", b["ipv4"])["ok"]
+            time.sleep(0.3)
+        finally:
+            packets = sniffer.stop()
+            servers.stop()
+        assert not [p for p in packets if VXLAN in p], "native routing encapsulated"
+        assert [p for p in packets if IP in p and p[IP].src == a["ipv4"] and p[IP].dst == b["ipv4"]]
