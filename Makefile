@@ -44,6 +44,7 @@ test-e2e: setup
 
 bench: setup
 	$(PY) -m bench.run
+	$(PY) -m bench.crossnode
 	$(PY) -m bench.service_scale
 	$(PY) -m bench.policy_resolve
 

@@ -501,6 +501,8 @@ class Agent:
             "endpoints": {"total": sum(by_state.values()), "by_state": by_state},
             "identities": {"allocated": len(identities)},
             "nodes": self.node_registry.status() if self.node_registry else {},
+            "routing": routes.status() if (routes := self.parts.get("node-routes")) and hasattr(routes, "status")
+            else {"mode": self.cfg.routing_mode},
             "policy": {
                 "mode": self.cfg.policy_enforcement,
                 "revision": self.policy.revision if self.policy else 0,

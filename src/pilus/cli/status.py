@@ -44,6 +44,12 @@ def format_status(h: dict) -> str:
     if nodes:
         lines.append(("Cluster", f"{output.or_dash(nodes.get('reachable'))}/{output.or_dash(nodes.get('nodes'))} "
                       "nodes reachable"))
+    routing = h.get("routing") or {}
+    if routing:
+        how = "tunnel (vxlan)" if routing.get("mode") == "tunnel" else routing.get("mode", "-")
+        conflicts = routing.get("conflicts") or {}
+        lines.append(("Routing", f"{how}, {output.or_dash(routing.get('routes'))} remote pod CIDRs"
+                      + "".join(f"; {node} left out: {why}" for node, why in conflicts.items())))
 
     kv = h.get("kvstore") or {}
     kv_bits = [kv.get("backend"), kv.get("path") or kv.get("endpoint")]
