@@ -479,7 +479,10 @@ class Agent:
             kv["state"] = "Ok" if kv.get("ok", True) else "Failure"
         except Exception as exc:
             kv = {"state": "Failure", "error": str(exc)}
-        identities = [i for i in await self.identity_rows() if not i["reserved"]]
+        try:
+            allocated: int | None = sum(1 for i in await self.identity_rows() if not i["reserved"])
+        except KVStoreError:
+            allocated = None  # the kvstore outage is reported above; status still answers
         return {
             "node": self.cfg.node_name,
             "cluster": self.cfg.cluster_name,
@@ -499,7 +502,7 @@ class Agent:
             },
             "ipam": self.ipam.stats() if self.ipam else {},
             "endpoints": {"total": sum(by_state.values()), "by_state": by_state},
-            "identities": {"allocated": len(identities)},
+            "identities": {"allocated": allocated},
             "nodes": self.node_registry.status() if self.node_registry else {},
             "routing": routes.status() if (routes := self.parts.get("node-routes")) and hasattr(routes, "status")
             else {"mode": self.cfg.routing_mode},
