@@ -41,7 +41,7 @@ from pilus.datapath import Datapath, DatapathConfig
 from pilus.datapath.lb import LbConfig
 from pilus.datapath.socklb import NetnsCookies
 from pilus.endpoint.entries import EndpointEntries
-from pilus.endpoint.manager import EndpointManager, NodeInfo
+from pilus.endpoint.manager import EndpointManager, EndpointNotFound, NodeInfo
 from pilus.endpoint.model import EndpointStore
 from pilus.endpoint.policy_sync import PolicySync
 from pilus.errors import TraceInputError, user_message
@@ -50,7 +50,7 @@ from pilus.identity.allocator import IdentityAllocator
 from pilus.identity.labels import Label, Labels, endpoint_labels, parse_labels
 from pilus.ipam.hostscope import HostScopeIPAM
 from pilus.ipcache import IPCache
-from pilus.ipcache.kvsync import IPCacheSync
+from pilus.ipcache.kvsync import IPCacheSync, IPIdentityPair
 from pilus.kvstore import KVStoreError
 from pilus.loadbalancer.endpoints import endpoints_for_services
 from pilus.loadbalancer.manager import ServiceManager
@@ -403,7 +403,7 @@ class Agent:
         datapath does, through the ipcache), or labels as a pod would carry them."""
         ref = body.get(f"{side}_endpoint")
         if ref is not None:
-            return parse_labels(self.endpoints.lookup(str(ref)).labels), True
+            return (await self._trace_endpoint(str(ref)))[0], True
         ip = body.get(f"{side}_ip")
         if ip is not None:
             ident, labels = await self._identity_of_ip(str(ip))
@@ -438,9 +438,32 @@ class Agent:
         """The address of one side of a trace, when known (ipBlock rules match addresses)."""
         ref = body.get(f"{side}_endpoint")
         if ref is not None:
-            return self.endpoints.lookup(str(ref)).ipv4
+            return self._trace_endpoint_ip(str(ref))
         ip = body.get(f"{side}_ip")
         return IPv4Address(str(ip)) if ip is not None else None
+
+    async def _trace_endpoint(self, ref: str) -> tuple[Labels, IPv4Address]:
+        """A local endpoint, else another node's (by namespace/pod, through the kvstore)."""
+        try:
+            ep = self.endpoints.lookup(ref)
+            return parse_labels(ep.labels), ep.ipv4
+        except EndpointNotFound:
+            pair = self._remote_endpoint(ref)
+            found = await self.identities.get(pair.identity) if pair is not None else None
+            if found is None:
+                raise
+            return found.labels, pair.ip
+
+    def _trace_endpoint_ip(self, ref: str) -> IPv4Address | None:
+        try:
+            return self.endpoints.lookup(ref).ipv4
+        except EndpointNotFound:
+            pair = self._remote_endpoint(ref)
+            return pair.ip if pair is not None else None
+
+    def _remote_endpoint(self, ref: str) -> IPIdentityPair | None:
+        sync = self.parts.get("ipcache-sync")
+        return sync.remote_endpoint(ref) if sync is not None and "/" in ref else None
 
     async def identity_rows(self) -> list[dict]:
         in_use: dict[int, int] = {}

@@ -141,6 +141,12 @@ spec:
                         and e.get("dst_ip") == b["ipv4"] and e.get("reason") == DROP_POLICY)
         assert drop, f"node2 reported no policy drop of {c['ipv4']}: {log.events[-5:]}"
         assert drop.get("src_identity", c["identity"]) == c["identity"]  # the identity from the VNI
+
+        def trace(src: str) -> str:  # asked on node2 about pods of node1 and node3
+            return node2.request("POST", "/policy/trace", {"src_endpoint": src, "dst_endpoint": "default/b",
+                                                           "dport": f"{TCP_PORT}/TCP"})["verdict"]
+
+        assert (trace("default/a"), trace("default/c")) == ("ALLOWED", "DENIED")
     finally:
         Client(a["node"]["socket"]).request("DELETE", "/policy?all=true")
     assert wait_for(lambda: probe(c["netns"], "tcp-connect", b["ipv4"], str(TCP_PORT), "whoami", "1")["ok"],

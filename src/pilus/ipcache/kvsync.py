@@ -165,6 +165,14 @@ class IPCacheSync:
         return {"published": len(self._published), "remote_endpoints": len(self._remote),
                 "remote_nodes": sum(1 for tunnel in self._remote_nodes.values() if tunnel is None)}
 
+    def remote_endpoints(self) -> list[IPIdentityPair]:
+        """Other nodes' endpoints as the kvstore holds them."""
+        return sorted(self._remote.values(), key=lambda p: p.ip)
+
+    def remote_endpoint(self, name: str) -> IPIdentityPair | None:
+        """Another node's endpoint by ``namespace/pod``."""
+        return next((p for p in self._remote.values() if p.endpoint == name), None)
+
     # -- internals -----------------------------------------------------------------
 
     def _parse(self, key: str, value: str | None) -> IPIdentityPair | None:
