@@ -102,6 +102,8 @@ class Agent:
         self.registry = CollectorRegistry()
         self.registry.register(AgentCollector(self.samples))
         self._netns_cookies = NetnsCookies()
+        self._endpoints_restored = False
+        self._backends_task: asyncio.Task | None = None
         self.parts: dict[str, Any] = {}  # built components by row name
         self.state: dict[str, str] = {}  # row name -> Pending / Ok / Failed: ... / Stopped
         self._started: list[Row] = []
@@ -159,7 +161,8 @@ class Agent:
             Row("ipcache-sync", "endpoints of every node in the kvstore (cilium/state/ip/v1) -> KVSTORE ipcache "
                 "claims; other nodes' IPs -> remote-node",
                 lambda: IPCacheSync(self.store, self.ipcache, self.node_registry, cluster=cfg.cluster_name,
-                                    node_name=cfg.node_name, node_ip=self.node_ip)),
+                                    node_name=cfg.node_name, node_ip=self.node_ip,
+                                    on_remote_change=self._remote_endpoints_changed)),
             Row("ipam", "host-scope allocator over the node's pod CIDR",
                 lambda: HostScopeIPAM(cfg.pod_cidr, reserved=[self.router_ip]), lambda _: None, None),
             Row("policy", "policies + namespaces from the kvstore -> engine -> per-endpoint policy maps",
@@ -304,6 +307,7 @@ class Agent:
         await asyncio.to_thread(self.ipcache.resync)
         # services see the endpoints only once all are restored: a partial set taken as
         # truth would drop backends (and refuse new connections) until the next change
+        self._endpoints_restored = True
         await self.endpoints_changed()
 
     # -- lifecycle -------------------------------------------------------------
@@ -350,14 +354,39 @@ class Agent:
         sync = self.parts.get("ipcache-sync")
         if sync is not None and self.endpoints is not None:
             await sync.publish(self.endpoints.list())
-        if self.services is not None and self.endpoints is not None:
-            views = endpoints_for_services(self.endpoints.list())
-            await asyncio.to_thread(self.services.set_endpoints, views)
+        await self._feed_service_backends()
         if self.endpoints is not None and self.datapath is not None and self.datapath.socket_lb:
             # the socket LB translates only sockets of these namespaces
             eps = self.endpoints.list()
             sock = self.datapath.socket_lb
             await asyncio.to_thread(lambda: sock.sync_netns(self._netns_cookies.pods(eps)))
+
+    async def _feed_service_backends(self) -> None:
+        """Service backends: this node's endpoints and, for selectors, the other nodes'
+        (their labels from their identities; named ports are not published, so a remote
+        pod serves only numeric target ports)."""
+        if self.services is None or self.endpoints is None or not self._endpoints_restored:
+            return
+        views = endpoints_for_services(self.endpoints.list())
+        sync = self.parts.get("ipcache-sync")
+        for pair in sync.remote_endpoints() if sync is not None else []:
+            ident = await self.identities.get(pair.identity)
+            if ident is not None:
+                views.append({"ip": str(pair.ip), "labels": [str(label) for label in ident.labels],
+                              "named_ports": {}, "node_local": False, "state": "active"})
+        await asyncio.to_thread(self.services.set_endpoints, views)
+
+    def _remote_endpoints_changed(self) -> None:
+        """IPCacheSync's callback: feed the services again, once per burst of changes."""
+        if self._backends_task is None or self._backends_task.done():
+            self._backends_task = asyncio.get_running_loop().create_task(self._feed_after_burst())
+
+    async def _feed_after_burst(self) -> None:
+        await asyncio.sleep(0.05)
+        try:
+            await self._feed_service_backends()
+        except Exception:
+            log.exception("feeding remote service backends failed")
 
     async def _namespace_changed(self, namespace: str, labels: dict[str, str]) -> None:
         if self.endpoints is not None:

@@ -192,3 +192,43 @@ def test_native_routing_reaches_the_other_node_without_encapsulation():
             servers.stop()
         assert not [p for p in packets if VXLAN in p], "native routing encapsulated"
         assert [p for p in packets if IP in p and p[IP].src == a["ipv4"] and p[IP].dst == b["ipv4"]]
+
+
+
+def test_a_selector_service_on_node1_balances_to_backends_on_two_other_nodes(tunnel):
+    name, doc, pods = tunnel
+    a, node1 = pods["a"], doc["nodes"][0]
+    webs = {}
+    servers = Servers()
+    try:
+        for node in doc["nodes"][1:]:
+            web = json.loads(pilus_cli("--cluster", name, "--node", node["name"], "endpoint", "create",
+                                       f"default/web-{node['name']}", "-l", "app=web", "-o", "json"))
+            webs[web["ipv4"]] = web
+            servers.start(web["netns"], "tcp-server", TCP_PORT)
+        pilus_cli("--cluster", name, "--node", node1["name"], "service", "create", "--name", "default/web",
+                  "--frontend", "10.96.12.10:80/TCP", "--selector", "app=web", "--target-port", str(TCP_PORT))
+
+        def backends() -> set[str]:
+            rows = json.loads(pilus_cli("--cluster", name, "--node", node1["name"], "service", "list", "-o", "json"))
+            return {be["address"].split(":")[0] for svc in rows for be in svc.get("backends") or []}
+
+        assert wait_for(lambda: backends() == set(webs), timeout=15), backends()
+        for _ in range(30):
+            reply = probe(a["netns"], "tcp-connect", "10.96.12.10", "80")
+            assert reply["ok"] and reply["reply"].split(":")[0] == a["ipv4"], reply  # the backend sees the pod
+
+        def served(web: dict) -> int:  # connections from a in the backend node's conntrack
+            node = next(n for n in doc["nodes"] if web["netns"].startswith(n["netns"]))
+            rows = json.loads(pilus_cli("--cluster", name, "--node", node["name"], "bpf", "ct", "list", "-o", "json"))
+            return sum(1 for r in rows if r["src"] == a["ipv4"] and r["dst"] == web["ipv4"]
+                       and r["dport"] == TCP_PORT and r["direction"] == "ingress")
+
+        assert all(served(web) > 0 for web in webs.values()), {ip: served(w) for ip, w in webs.items()}
+    finally:
+        servers.stop()
+        with contextlib.suppress(AssertionError):
+            pilus_cli("--cluster", name, "--node", node1["name"], "service", "delete", "default/web")
+        for web in webs.values():  # the other tests do not expect them
+            node = next(n for n in doc["nodes"] if web["netns"].startswith(n["netns"]))
+            pilus_cli("--cluster", name, "--node", node["name"], "endpoint", "delete", web["name"])

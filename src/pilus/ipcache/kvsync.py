@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
@@ -68,7 +68,8 @@ class IPCacheSync:
     """Publishes this node's endpoints and claims the other nodes' ones and node IPs."""
 
     def __init__(self, store: Store, ipcache: IPCache, nodes: NodeRegistry | None, *, cluster: str,
-                 node_name: str, node_ip: IPv4Address, lease_ttl: float = NODE_LEASE_TTL) -> None:
+                 node_name: str, node_ip: IPv4Address, lease_ttl: float = NODE_LEASE_TTL,
+                 on_remote_change: Callable[[], None] | None = None) -> None:
         self.store = store
         self.ipcache = ipcache
         self.nodes = nodes  # its table gives the other nodes' IPs
@@ -87,6 +88,7 @@ class IPCacheSync:
         self._dirty = False  # a publish failed: written again after the next keepalive
         self._publish_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
+        self._on_remote_change = on_remote_change or (lambda: None)  # the remote endpoints changed
 
     async def start(self) -> None:
         self._lease = await self.store.grant_lease(self.lease_ttl)
@@ -193,9 +195,11 @@ class IPCacheSync:
         old = self._remote.pop(key, None)
         if pair is not None:
             self._remote[key] = pair
-            if pair != old:
-                self.ipcache.upsert(_prefix(pair.ip), pair.identity, Source.KVSTORE, tunnel_endpoint=pair.host_ip)
-        elif old is not None:
+        if pair != old:
+            self._on_remote_change()
+        if pair is not None and pair != old:
+            self.ipcache.upsert(_prefix(pair.ip), pair.identity, Source.KVSTORE, tunnel_endpoint=pair.host_ip)
+        elif pair is None and old is not None:
             self.ipcache.delete(_prefix(old.ip), Source.KVSTORE)
 
     def _apply_logged(self, key: str, pair: IPIdentityPair | None) -> None:
