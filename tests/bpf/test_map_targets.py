@@ -13,7 +13,7 @@ from scapy.packet import raw
 
 from pilus.datapath.lb import BackendEntry, Frontend, ServiceValue
 from pilus.datapath.loader import map_info
-from pilus.datapath.objects import HOST, LXC, OBJECTS, SOCK
+from pilus.datapath.objects import HOST, LXC, OBJECTS, OVERLAY, SOCK
 from pilus.datapath.testrun import run_skb
 from pilus.loadbalancer.maglev import build_table
 from pilus.reconcile import Reconciler
@@ -75,8 +75,9 @@ def test_lb_targets_write_what_the_datapath_translates(dp):
 
 
 def test_the_object_table(dp):
-    assert [spec.name for spec in OBJECTS] == ["lxc", "host", "sock"]
+    assert [spec.name for spec in OBJECTS] == ["lxc", "host", "overlay", "sock"]
     assert SOCK.enabled(dp.cfg) is None  # not managed by load() unless configured
+    assert OVERLAY.enabled(dp.cfg) is None  # native routing: no tunnel device
     for spec in (LXC, HOST):
         for prog in spec.programs:
             assert dp.prog_fd(prog) > 0

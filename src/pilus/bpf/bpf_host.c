@@ -35,6 +35,40 @@
 #include "lib/drop.h"
 #include "lib/lb_packet.h"
 #include "lib/lb_reply.h"
+#include "lib/conntrack.h"
+#include "lib/deliver.h"
+
+/* a packet for a local endpoint (another node's pod in native routing, a
+ * NodePort connection after its DNAT): the endpoint's ingress policy with the
+ * source's identity from the ipcache, then straight into the pod (BPF host
+ * routing: the stack and the pod's to-container are skipped); anything else
+ * is the stack's */
+static __always_inline int from_netdev_deliver(struct __sk_buff *skb, struct pkt4 *p,
+					       struct drop_ctx *d)
+{
+	struct endpoint_info *dst_ep = lookup_ip4_endpoint(p->ip.daddr);
+	struct ct_result ct = {};
+	__u32 src_id;
+	int ret;
+
+	if (!dst_ep || (dst_ep->flags & ENDPOINT_F_HOST))
+		return CTX_ACT_OK;
+	src_id = resolve_identity4(p->ip.saddr);
+	d->src_label = src_id;
+	d->dst_label = dst_ep->identity;
+	ret = ct_lookup4(skb, p, &ct);
+	if (ret)
+		return send_drop(skb, d, ret, METRIC_INGRESS);
+	/* a remote backend's reply to a service connection of a local pod */
+	if (ct.state == CT_REPLY) {
+		bool redo = false;
+
+		ret = lb4_rev_nat(skb, p, &redo);
+		if (ret)
+			return send_drop(skb, d, ret, METRIC_INGRESS);
+	}
+	return ipv4_ingress_delivery(skb, p, dst_ep, src_id, &ct, d);
+}
 
 SEC("tc")
 int cil_from_netdev(struct __sk_buff *skb)
@@ -50,9 +84,9 @@ int cil_from_netdev(struct __sk_buff *skb)
 	if (pkt4_parse(skb, &p))
 		return CTX_ACT_OK;  /* not ours to judge: the stack decides */
 	ret = lb4_local(skb, &p, false, &svc);
-	if (!ret)
-		return CTX_ACT_OK;
 	d.ifindex = skb->ingress_ifindex;
+	if (!ret)
+		return from_netdev_deliver(skb, &p, &d);
 	d.src_label = resolve_identity4(p.ip.saddr);
 	if (svc.no_backend) {
 		/* counted and reported; a SYN gets a RST, UDP an ICMP unreachable */

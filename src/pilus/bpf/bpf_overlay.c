@@ -86,24 +86,8 @@ static __always_inline int handle_ipv4_from_overlay(struct __sk_buff *skb, __u32
 			return send_drop(skb, d, ret, METRIC_INGRESS);
 	}
 
-	if (dst_ep && !(dst_ep->flags & ENDPOINT_F_HOST)) {
-		d->source = dst_ep->ep_id;
-		d->dst_id = dst_ep->ep_id;
-		if (ct.state == CT_NEW) {
-			__be16 proxy_port = 0;  /* for the L7 proxy redirect (a later issue) */
-
-			if (dst_ep->flags & ENDPOINT_F_POLICY_INGRESS) {
-				ret = policy_check4(skb, &p, dst_ep, src_id, POLICY_INGRESS,
-						    dst_ep->ifindex, &proxy_port);
-				if (ret)
-					return send_drop(skb, d, ret, METRIC_INGRESS);
-			}
-			ret = ct_create4(skb, &p, CT_INGRESS, src_id, &ct);
-			if (ret)
-				return send_drop(skb, d, ret, METRIC_INGRESS);
-		}
-		return ipv4_local_delivery(skb, &p, dst_ep, &ct, d, METRIC_INGRESS);
-	}
+	if (dst_ep && !(dst_ep->flags & ENDPOINT_F_HOST))
+		return ipv4_ingress_delivery(skb, &p, dst_ep, src_id, &ct, d);
 
 	/* for the node itself (router IP, node IP): the inner destination MAC is
 	 * not this device's, so tell the stack the packet is for this host */

@@ -10,6 +10,7 @@
 #include "eth.h"
 #include "drop.h"
 #include "trace.h"
+#include "policy.h"
 
 static __always_inline int ipv4_local_delivery(struct __sk_buff *skb, struct pkt4 *p,
 					       const struct endpoint_info *dst_ep,
@@ -35,6 +36,33 @@ static __always_inline int ipv4_local_delivery(struct __sk_buff *skb, struct pkt
 		   dst_ifindex);
 	update_metrics(skb->len, metric_dir, REASON_FORWARDED);
 	return bpf_redirect_peer(dst_ifindex, 0);
+}
+
+/* a packet from another node (tunnel or native device) for a local endpoint:
+ * the endpoint's ingress policy with the sender's identity for a new
+ * connection, its conntrack entry, then delivery */
+static __always_inline int ipv4_ingress_delivery(struct __sk_buff *skb, struct pkt4 *p,
+						 const struct endpoint_info *dst_ep, __u32 src_id,
+						 struct ct_result *ct, struct drop_ctx *d)
+{
+	int ret;
+
+	d->source = dst_ep->ep_id;
+	d->dst_id = dst_ep->ep_id;
+	if (ct->state == CT_NEW) {
+		__be16 proxy_port = 0;  /* for the L7 proxy redirect (a later issue) */
+
+		if (dst_ep->flags & ENDPOINT_F_POLICY_INGRESS) {
+			ret = policy_check4(skb, p, dst_ep, src_id, POLICY_INGRESS, dst_ep->ifindex,
+					    &proxy_port);
+			if (ret)
+				return send_drop(skb, d, ret, METRIC_INGRESS);
+		}
+		ret = ct_create4(skb, p, CT_INGRESS, src_id, ct);
+		if (ret)
+			return send_drop(skb, d, ret, METRIC_INGRESS);
+	}
+	return ipv4_local_delivery(skb, p, dst_ep, ct, d, METRIC_INGRESS);
 }
 
 #endif
