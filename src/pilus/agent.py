@@ -137,7 +137,7 @@ class Agent:
             Row("node", "pilus_host router device, sysctls, masquerade (netlink, nft)",
                 lambda: NodeNetwork(node_setup.NodeAddressing(
                     cfg.pod_cidr, self.router_ip, self.node_ip, self.parts["addresses"].device,
-                    cfg.cluster_cidr)),
+                    cfg.cluster_cidr, cfg.tunnel_port)),
                 stop=None),
             Row("ipcache", "one owner of pilus_ipcache: claims by source, merged by precedence",
                 lambda: IPCache(self.datapath.ipcache), lambda _: None, None,

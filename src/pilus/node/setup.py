@@ -36,6 +36,7 @@ class NodeAddressing:
     node_ip: IPv4Address
     native_device: str | None
     cluster_cidr: IPv4Network | None = None  # pods routable without masquerade (default: pod_cidr)
+    tunnel_port: int = 8472  # the VXLAN port (its packets are not tracked)
 
 
 def router_ip_for(pod_cidr: IPv4Network) -> IPv4Address:
@@ -69,19 +70,25 @@ def setup_node(addressing: NodeAddressing) -> None:
         ("net.ipv4.conf.default.rp_filter", 0),
     ):
         links.set_sysctl(key, value)
-    install_masquerade(addressing.pod_cidr, addressing.cluster_cidr or addressing.pod_cidr)
+    install_masquerade(addressing.pod_cidr, addressing.cluster_cidr or addressing.pod_cidr, addressing.tunnel_port)
 
 
-def install_masquerade(pod_cidr: IPv4Network, cluster_cidr: IPv4Network) -> None:
+def install_masquerade(pod_cidr: IPv4Network, cluster_cidr: IPv4Network, tunnel_port: int = 8472) -> None:
     _nft(f"""
 table ip {NFT_TABLE}
 delete table ip {NFT_TABLE}
 table ip {NFT_TABLE} {{
   set cluster_nodes {{ type ipv4_addr; }}
   chain prerouting {{
-    # pod to pod needs no NAT: keep netfilter's connection tracking off that path
+    # pod to pod and the tunnel's own packets need no NAT: keep netfilter's
+    # connection tracking off those paths
     type filter hook prerouting priority raw; policy accept;
     ip saddr {cluster_cidr} ip daddr {cluster_cidr} notrack
+    udp dport {tunnel_port} notrack
+  }}
+  chain output {{
+    type filter hook output priority raw; policy accept;
+    udp dport {tunnel_port} notrack
   }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
