@@ -28,10 +28,12 @@ CLUSTER = os.environ.get("PILUS_DEMO_CLUSTER") or "default"
 PORT = 80
 SPOOFED_SRC = "10.200.1.250"
 
+NODE1, NODE2 = f"{CLUSTER}-node1", f"{CLUSTER}-node2"
+# the deathstar on node2, the ships on node1: every landing crosses the VXLAN tunnel
 ENDPOINTS = [
-    ("default/deathstar", "org=empire,class=deathstar"),
-    ("default/tiefighter", "org=empire,class=tiefighter"),
-    ("default/xwing", "org=alliance,class=xwing"),
+    ("default/deathstar", "org=empire,class=deathstar", NODE2),
+    ("default/tiefighter", "org=empire,class=tiefighter", NODE1),
+    ("default/xwing", "org=alliance,class=xwing", NODE1),
 ]
 
 SERVER = f"""\
@@ -164,8 +166,8 @@ class Background:
                 self.proc.wait(5)
 
 
-def endpoint_ip(name: str) -> str:
-    res = pilus("endpoint", "get", name, "-o", "json", capture=True)
+def endpoint_ip(name: str, node: str) -> str:
+    res = pilus("--node", node, "endpoint", "get", name, "-o", "json", capture=True)
     ip = json.loads(res.stdout).get("ipv4")
     if not ip:
         raise DemoError(f"endpoint {name} has no IPv4 address")
@@ -202,26 +204,31 @@ def connect(client: str, ip: str) -> None:
 
 
 def run_demo(background: list[Background]) -> None:
-    step(f"Create a local cluster '{CLUSTER}': node namespaces, underlay, kvstore, one agent "
-         "per node")
-    pilus("cluster", "up", "--name", CLUSTER, timeout=300)
+    step(f"Create a local cluster '{CLUSTER}' of two nodes: node namespaces, underlay, kvstore, "
+         "one agent per node, a VXLAN tunnel between them")
+    pilus("cluster", "up", "--name", CLUSTER, "--nodes", "2", timeout=300)
     pilus("cluster", "status", "--name", CLUSTER)
 
-    step("Create three endpoints (pods); each gets an IP and an identity from its labels")
-    for name, labels in ENDPOINTS:
-        pilus("endpoint", "create", name, "--labels", labels)
-    pilus("endpoint", "list")
+    step("Create three endpoints (pods): the deathstar on node2, the ships on node1; each gets "
+         "an IP and an identity from its labels")
+    for name, labels, node in ENDPOINTS:
+        pilus("--node", node, "endpoint", "create", name, "--labels", labels)
+    for node in (NODE1, NODE2):
+        pilus("--node", node, "endpoint", "list")
 
     step("Identities: one per distinct set of security-relevant labels, plus reserved ones")
     pilus("identity", "list")
 
     step("Start a TCP service in the deathstar that answers 'Ship landed'")
-    deathstar_ip = endpoint_ip("default/deathstar")
-    server = Background("deathstar", ["exec", "default/deathstar", "--", python3(), "-c",
+    deathstar_ip = endpoint_ip("default/deathstar", NODE2)
+    server = Background("deathstar", ["--node", NODE2, "exec", "default/deathstar", "--", python3(), "-c",
                                       SERVER])
     background.append(server)
     if server.wait_line(server.lines, lambda s: "listening" in s, 15) is None:
         raise DemoError("the service in the deathstar did not start")
+
+    step("node1's datapath knows the deathstar: its identity, and node2's IP as tunnel endpoint")
+    pilus("--node", NODE1, "bpf", "ipcache", "list")
 
     step("tiefighter and xwing land on the deathstar (no policy yet: both allowed)")
     for client in ("default/tiefighter", "default/xwing"):
@@ -248,8 +255,9 @@ def run_demo(background: list[Background]) -> None:
     pilus("policy", "import", str(policy_file))
     pilus("endpoint", "list")
 
-    step("tiefighter still lands; xwing is dropped by policy, and the monitor says why")
-    mon = Background("monitor", ["monitor", "--type", "drop"])
+    step("tiefighter still lands; xwing is dropped by policy on node2 (the identity came in the "
+         "VNI), and node2's monitor says why")
+    mon = Background("monitor", ["--node", NODE2, "monitor", "--type", "drop"])
     background.append(mon)
     if mon.wait_line(mon.err, lambda s: "Listening" in s, 15) is None:
         raise DemoError("pilus monitor did not start")
@@ -264,13 +272,14 @@ def run_demo(background: list[Background]) -> None:
     step("Explain the verdict without sending a packet, and show the deathstar's policy map")
     pilus("policy", "trace", "--src-endpoint", "default/xwing", "--dst-endpoint", "default/deathstar",
           "--dport", f"{PORT}/TCP")
-    pilus("bpf", "policy", "get", "default/deathstar")
+    pilus("--node", NODE2, "bpf", "policy", "get", "default/deathstar")
 
-    step("The datapath's view: ipcache (prefix -> identity)")
-    pilus("bpf", "ipcache", "list")
+    step("The tunnel: node1 reaches node2's pod CIDR through node2's IP")
+    pilus("--node", NODE1, "bpf", "tunnel", "list")
+    pilus("node", "list")
 
-    step("Metrics: the drops are counted by reason")
-    pilus("metrics", "list")
+    step("Metrics: the drops are counted by reason, on the node that dropped")
+    pilus("--node", NODE2, "metrics", "list")
 
     step("Agent status")
     pilus("status")

@@ -43,6 +43,7 @@ MAP_NAMES = (
     "pilus_lxc",
     "pilus_lxc_if",
     "pilus_ipcache",
+    "pilus_tunnel_map",
     "pilus_ipblock",
     "pilus_ct4",
     "pilus_metrics",
@@ -317,13 +318,17 @@ class Datapath:
             raise DatapathError(f"opening the event ring buffer failed: {exc}") from exc
 
     def programs(self) -> list[dict]:
-        obj = self._loaded()
+        self._loaded()
         ifaces = attach.interfaces()
         out = []
-        for name, hook in LXC.programs.items():  # per endpoint; the netdev's is one device
-            pid = prog_info(obj.prog_fd(name)).id
-            count = sum(1 for idx, _ in ifaces if attach.query(idx, hook) == pid)
-            out.append({"name": name, "hook": hook, "attached": count, "prog_id": pid})
+        # per endpoint (lxc), the native device (host), the tunnel device (overlay)
+        for spec in (LXC, HOST, OVERLAY):
+            if spec.name not in self._objects:
+                continue
+            for name, hook in spec.programs.items():
+                pid = prog_info(self._objects[spec.name].prog_fd(name)).id
+                count = sum(1 for idx, _ in ifaces if attach.query(idx, hook) == pid)
+                out.append({"name": name, "hook": hook, "attached": count, "prog_id": pid})
         if self.socket_lb is not None:
             for row in self.socket_lb.attached():
                 out.append({
