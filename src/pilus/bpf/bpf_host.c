@@ -9,11 +9,13 @@
  * A TCP/UDP packet to a routable frontend (SVC_FLAG_ROUTABLE: node address :
  * nodePort, external IP, LoadBalancer IP; never a ClusterIP) is DNATed to a
  * backend of the external scope (externalTrafficPolicy: Local lists only this
- * node's backends) and handed to the stack, which routes it to the backend's
- * lxc: its to-container applies the backend's ingress policy and creates the
- * connection's conntrack entry. The backend's replies are CT_REPLY in its
- * from-container, where lb4_rev_nat() restores the frontend as their source
- * before they leave through the stack.
+ * node's backends). A packet for a local endpoint (such a DNATed one, or
+ * another node's pod in native routing) is delivered here: the endpoint's
+ * ingress policy with the source's identity from the ipcache, its conntrack
+ * entry, bpf_redirect_peer (BPF host routing; the stack and to-container are
+ * skipped). Anything else is the stack's. A local backend's replies are
+ * CT_REPLY in its from-container, where lb4_rev_nat() restores the frontend
+ * as their source before they leave through the stack.
  * Limits: backends on other nodes need SNAT (or DSR) for the reply to come
  * back here; that is not done yet, so externalTrafficPolicy: Cluster reaches
  * remote backends only if their node routes the client through this one.
