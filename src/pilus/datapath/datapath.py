@@ -321,9 +321,12 @@ class Datapath:
         self._loaded()
         ifaces = attach.interfaces()
         out = []
-        # per endpoint (lxc), the native device (host), the tunnel device (overlay)
+        # per endpoint (lxc), the native device (host), the tunnel device (overlay):
+        # the device programs once load() attached them
+        devices = {LXC.name: True, HOST.name: bool(self.cfg.native_device),
+                   OVERLAY.name: bool(self.cfg.tunnel_device)}
         for spec in (LXC, HOST, OVERLAY):
-            if spec.name not in self._objects:
+            if spec.name not in self._objects or not devices[spec.name]:
                 continue
             for name, hook in spec.programs.items():
                 pid = prog_info(self._objects[spec.name].prog_fd(name)).id
