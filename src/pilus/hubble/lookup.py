@@ -1,0 +1,96 @@
+"""What a flow needs to know about its two ends, and where it asks: the seam between
+Hubble and the agent's endpoints and identities.
+
+The flow parser asks an ``EndpointLookup`` for the endpoint behind an IP (a local
+endpoint, or a pod of another node that the agent learnt from the kvstore) and for the
+labels of a numeric identity. ``StaticLookup`` answers from tables (tests, and any
+caller that keeps such tables); the agent passes an adapter over its endpoint manager,
+ipcache sync and identity allocator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from pilus.identity.reserved import reserved_by_id
+
+
+@dataclass(frozen=True)
+class EndpointDetails:
+    """One end of a flow as the agent knows it. ``id`` is the endpoint id on this node
+    (0 for a pod of another node); ``labels`` are ``source:key=value`` strings
+    (``k8s:app=xwing``); ``cluster_name`` empty means the local cluster."""
+
+    id: int
+    identity: int
+    namespace: str = ""
+    pod_name: str = ""
+    labels: tuple[str, ...] = ()
+    ip: str = ""
+    cluster_name: str = ""
+
+
+@runtime_checkable
+class EndpointLookup(Protocol):
+    def endpoint_by_ip(self, ip: str) -> EndpointDetails | None:
+        """The endpoint (local, or a remote pod) with this address, if any."""
+        ...
+
+    def endpoint_by_id(self, endpoint_id: int) -> EndpointDetails | None:
+        """The local endpoint with this id, if any."""
+        ...
+
+    def identity_labels(self, identity: int) -> Sequence[str]:
+        """The labels of a numeric identity (empty when unknown)."""
+        ...
+
+
+def labels_of(lookup: EndpointLookup, identity: int) -> list[str]:
+    """``lookup.identity_labels``, falling back to the reserved identities' labels
+    (``reserved:world`` for 2, ...) when the lookup does not know the identity."""
+    labels = list(lookup.identity_labels(identity)) if identity else []
+    if not labels and (reserved := reserved_by_id(identity)) is not None:
+        labels = reserved.labels.to_list()
+    return sorted(labels)
+
+
+class StaticLookup:
+    """An EndpointLookup over tables: endpoints (their ``ip`` is the key) and
+    identity -> labels. ``add`` and ``remove`` keep the tables current."""
+
+    def __init__(self, endpoints: Iterable[EndpointDetails] = (),
+                 identities: Mapping[int, Sequence[str]] | None = None) -> None:
+        self._by_ip: dict[str, EndpointDetails] = {}
+        self._by_id: dict[int, EndpointDetails] = {}
+        self._identities: dict[int, tuple[str, ...]] = {
+            k: tuple(v) for k, v in (identities or {}).items()}
+        for ep in endpoints:
+            self.add(ep)
+
+    def add(self, ep: EndpointDetails) -> None:
+        if not ep.ip:
+            raise ValueError(f"endpoint {ep.namespace}/{ep.pod_name} has no ip")
+        self.remove(ep.ip)
+        self._by_ip[ep.ip] = ep
+        if ep.id:
+            self._by_id[ep.id] = ep
+        self._identities.setdefault(ep.identity, ep.labels)
+
+    def remove(self, ip: str) -> None:
+        old = self._by_ip.pop(ip, None)
+        if old is not None and self._by_id.get(old.id) is old:
+            del self._by_id[old.id]
+
+    def set_identity(self, identity: int, labels: Sequence[str]) -> None:
+        self._identities[identity] = tuple(labels)
+
+    def endpoint_by_ip(self, ip: str) -> EndpointDetails | None:
+        return self._by_ip.get(ip)
+
+    def endpoint_by_id(self, endpoint_id: int) -> EndpointDetails | None:
+        return self._by_id.get(endpoint_id)
+
+    def identity_labels(self, identity: int) -> Sequence[str]:
+        return self._identities.get(identity, ())
