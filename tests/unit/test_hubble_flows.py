@@ -51,15 +51,15 @@ def trace(point=abi.TRACE_TO_LXC, ct=0, *, pkt=None, source_ep=6, src_id=1000, d
     return TraceEvent(obs_point=point, ct_reason=ct, **_common(pkt, source_ep, src_id, dst_id, t))
 
 
-def verdict(v=0, *, direction=abi.POLICY_INGRESS, pkt=None, source_ep=6, match=2, proxy_port=0,
-            audited=False, t=T0) -> PolicyVerdictEvent:
+def verdict(v=0, *, direction=abi.POLICY_INGRESS, pkt=None, source_ep=6, local=1001, remote=1000, match=2,
+            proxy_port=0, audited=False, t=T0) -> PolicyVerdictEvent:
+    """The verdict of endpoint ``source_ep`` (identity ``local``) on a packet from (ingress)
+    or to (egress) identity ``remote``."""
     pkt = pkt if pkt is not None else packet()
-    egress = direction == abi.POLICY_EGRESS
-    local, remote = (1000, 1001) if egress else (1001, 1000)
-    common = _common(pkt, source_ep, local if egress else remote, remote if egress else local, t)
+    src_id, dst_id = (local, remote) if direction == abi.POLICY_EGRESS else (remote, local)
     return PolicyVerdictEvent(direction=direction, remote_identity=remote, local_identity=local, verdict=v,
                               match_type=match, policy_proto=6, policy_dport=80, proxy_port=proxy_port,
-                              audited=audited, **common)
+                              audited=audited, **_common(pkt, source_ep, src_id, dst_id, t))
 
 
 PARSER = FlowParser(LOOKUP, node_name=NODE, cluster_name="default")
@@ -211,7 +211,7 @@ def test_allowed_ingress_verdict():
 
 
 def test_denied_redirected_and_audited_verdicts():
-    f = parse(verdict(-181, direction=abi.POLICY_EGRESS, source_ep=5))
+    f = parse(verdict(-181, direction=abi.POLICY_EGRESS, source_ep=5, local=1000, remote=1001))
     assert f.verdict == flow_pb2.DROPPED and f.drop_reason_desc == flow_pb2.POLICY_DENY
     assert f.traffic_direction == flow_pb2.EGRESS
     f = parse(verdict(0, proxy_port=15001))

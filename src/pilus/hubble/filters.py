@@ -104,6 +104,8 @@ def _namespaced(field: str, values: Sequence[str]) -> list[tuple[str, str]]:
         if not v:
             raise FilterError(f"{field}: must be [namespace/]<name prefix>, got an empty string")
         ns, sep, prefix = v.partition("/")
+        if sep and not ns:
+            raise FilterError(f"{field}: must be [namespace/]<name prefix>, got {v!r} (no namespace)")
         out.append((ns, prefix) if sep else (DEFAULT_NAMESPACE, v))
     return out
 
@@ -113,8 +115,7 @@ def _pod_matcher(field: str, values: Sequence[str], get: Callable[[Flow], flow_p
 
     def match(f: Flow) -> bool:
         ep = get(f)
-        return any(ep.namespace == ns and ep.pod_name.startswith(prefix)
-                   and (ep.pod_name or not prefix) for ns, prefix in pairs)
+        return any(ep.namespace == ns and ep.pod_name.startswith(prefix) for ns, prefix in pairs)
     return match
 
 
