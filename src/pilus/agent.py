@@ -52,6 +52,7 @@ from pilus.ipam.hostscope import HostScopeIPAM
 from pilus.ipcache import IPCache
 from pilus.ipcache.kvsync import IPCacheSync, IPIdentityPair
 from pilus.kvstore import KVStoreError
+from pilus.loadbalancer.distribution import ServiceDistribution
 from pilus.loadbalancer.endpoints import endpoints_for_services
 from pilus.loadbalancer.manager import ServiceManager
 from pilus.metrics.collector import AgentCollector, Sample, datapath_samples
@@ -151,6 +152,9 @@ class Agent:
             Row("services", "Services -> LB maps; restored from the maps, written once endpoints are known",
                 self._make_services, lambda s: asyncio.to_thread(s.restore), None,
                 maps=lambda s: s.reconcilers_status()),
+            Row("service-sync", "services cluster-wide: published to and followed from the kvstore "
+                "(pilus/state/services/v1)",
+                lambda: ServiceDistribution(self.store, self.services)),
             Row("identities", "label set -> numeric identity through the kvstore",
                 lambda: IdentityAllocator(self.store, cfg.node_name)),
             Row("node-registry", "this node in the kvstore under a lease; watches every node of the cluster",
@@ -205,6 +209,10 @@ class Agent:
     @property
     def services(self) -> ServiceManager | None:
         return self.parts.get("services")
+
+    @property
+    def service_sync(self) -> ServiceDistribution | None:
+        return self.parts.get("service-sync")
 
     @property
     def identities(self) -> IdentityAllocator | None:
@@ -363,17 +371,21 @@ class Agent:
 
     async def _feed_service_backends(self) -> None:
         """Service backends: this node's endpoints and, for selectors, the other nodes'
-        (their labels from their identities; named ports are not published, so a remote
-        pod serves only numeric target ports)."""
+        (their labels from their identities, their named ports as published). Egress
+        rules' named ports resolve to the other nodes' ones too."""
         if self.services is None or self.endpoints is None or not self._endpoints_restored:
             return
         views = endpoints_for_services(self.endpoints.list())
         sync = self.parts.get("ipcache-sync")
-        for pair in sync.remote_endpoints() if sync is not None else []:
+        remote = sync.remote_endpoints() if sync is not None else []
+        for pair in remote:
             ident = await self.identities.get(pair.identity)
             if ident is not None:
                 views.append({"ip": str(pair.ip), "labels": [str(label) for label in ident.labels],
-                              "named_ports": {}, "node_local": False, "state": "active"})
+                              "named_ports": pair.named_port_specs(), "node_local": False,
+                              "state": "active"})
+        if self.policy is not None:
+            await self.policy.set_remote_named_ports(p.named_port_specs() for p in remote)
         await asyncio.to_thread(self.services.set_endpoints, views)
 
     def _remote_endpoints_changed(self) -> None:

@@ -24,10 +24,11 @@ UNDERLAY = IPv4Network("172.31.250.0/24")
 EXTERNAL_IP = "172.31.250.200"
 
 
-def probe(netns: str, *args: str, timeout: float = 15) -> dict:
-    """Run one probe in `netns` and return its JSON verdict."""
+def probe(netns: str | None, *args: str, timeout: float = 15) -> dict:
+    """Run one probe in `netns` (None: this machine's namespace) and return its JSON verdict."""
+    where = ["ip", "netns", "exec", netns] if netns else []
     done = subprocess.run(
-        ["ip", "netns", "exec", netns, sys.executable, "-m", "pilus.testing.probe", *args],
+        [*where, sys.executable, "-m", "pilus.testing.probe", *args],
         capture_output=True, text=True, timeout=timeout,
     )
     if done.returncode != 0:

@@ -3,7 +3,10 @@ cluster (VXLAN, the source identity in the VNI) and on two nodes of a native-rou
 cluster reach each other over TCP, UDP and ICMP with their own addresses; the VNI
 on the underlay is the sender's identity; a policy on a pod of node2 admits one
 remote pod and denies another, and node2 reports the drop; a forged VNI is dropped
-with its reason."""
+with its reason. Services are cluster-wide: one created through node1 exists on every
+node; NodePort on any node reaches a backend on another node with SNAT to that
+node's IP (tunnel and native), and externalTrafficPolicy: Local answers only where a
+backend lives."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from pilus.cluster import cluster_down
 from .conftest import EventLog, Servers, pilus_cli, probe, wait_for
 
 TCP_PORT, UDP_PORT = 8080, 5353
-DROP_POLICY, DROP_INVALID_IDENTITY, DROP_INVALID_VNI = 133, 171, 183
+DROP_POLICY, DROP_NO_SERVICE, DROP_INVALID_IDENTITY, DROP_INVALID_VNI = 133, 158, 171, 183
 VXLAN_PORT = 8472
 bind_layers(UDP, VXLAN, dport=VXLAN_PORT)  # scapy knows VXLAN on 4789 only
 
@@ -169,6 +172,75 @@ def test_a_forged_vni_is_dropped_with_its_reason(tunnel, vni, reason):
     assert drop, f"no drop {reason} for VNI {vni}: {log.events[-5:]}"
 
 
+NODE_PORT = 30480
+SNAT_PORT_MIN = 61000
+
+
+def _nodeport_service(name: str, node: dict, svc: str, vip: str, policy: str = "Cluster") -> None:
+    """A NodePort service of app=b created through ``node`` (the others learn it)."""
+    pilus_cli("--cluster", name, "--node", node["name"], "service", "create", "--name", svc,
+              "--type", "NodePort", "--frontend", f"{vip}:80/TCP", "--node-port", str(NODE_PORT),
+              "--selector", "app=b", "--target-port", str(TCP_PORT), "--external-traffic-policy", policy)
+
+
+def _frontends(name: str, node: dict) -> set[str]:
+    rows = json.loads(pilus_cli("--cluster", name, "--node", node["name"], "service", "list", "-o", "json"))
+    return {r["frontend"] for r in rows if r.get("backends")}
+
+
+def _nodeport_reaches_the_remote_backend(name: str, doc: dict, b: dict) -> None:
+    """From this machine (outside every node) to NodePort on each node without b: the
+    backend sees the entry node's IP and a SNAT port, the client the node's address."""
+    nodes = [n for n in doc["nodes"] if not b["netns"].startswith(n["netns"])]
+    for node in nodes:
+        assert wait_for(lambda node=node: f"{node['node_ip']}:{NODE_PORT}/TCP" in _frontends(name, node),
+                        timeout=15), _frontends(name, node)
+        for _ in range(3):
+            reply = probe(None, "tcp-connect", node["node_ip"], str(NODE_PORT))
+            assert reply["ok"], (node["name"], reply)
+            ip, port = reply["reply"].split(":")
+            assert ip == node["node_ip"] and int(port) >= SNAT_PORT_MIN, (node["name"], reply)
+
+
+def test_services_are_cluster_wide_and_nodeport_reaches_a_backend_on_another_node(tunnel):
+    name, doc, pods = tunnel
+    node1, node2 = doc["nodes"][0], doc["nodes"][1]
+    _nodeport_service(name, node1, "default/np", "10.96.12.20")
+    try:
+        # created through node1, served by node2 and node3 too, each on its own address
+        for node in doc["nodes"]:
+            assert wait_for(lambda node=node: {"10.96.12.20:80/TCP", f"{node['node_ip']}:{NODE_PORT}/TCP"}
+                            <= _frontends(name, node), timeout=15), (node["name"], _frontends(name, node))
+        _nodeport_reaches_the_remote_backend(name, doc, pods["b"])
+        # node2 holds b: NodePort there is delivered locally, the client keeps its address
+        reply = probe(None, "tcp-connect", node2["node_ip"], str(NODE_PORT))
+        assert reply["ok"] and reply["reply"].split(":")[0] == doc["bridge_ip"], reply
+        # the SNATed connections are in node1's LB conntrack: reply tuple to the node IP
+        rows = json.loads(pilus_cli("--cluster", name, "--node", node1["name"], "bpf", "lb", "list", "-o", "json"))
+        assert rows, "no LB state on node1"
+    finally:
+        pilus_cli("--cluster", name, "--node", node2["name"], "service", "delete", "default/np")
+    for node in doc["nodes"]:  # deleted through node2: gone everywhere
+        assert wait_for(lambda node=node: "10.96.12.20:80/TCP" not in _frontends(name, node), timeout=15)
+
+
+def test_external_traffic_policy_local_answers_only_on_the_backends_node(tunnel):
+    name, doc, pods = tunnel
+    node1, node2 = doc["nodes"][0], doc["nodes"][1]
+    _nodeport_service(name, node2, "default/np-local", "10.96.12.21", policy="Local")
+    try:
+        assert wait_for(lambda: "10.96.12.21:80/TCP" in _frontends(name, node1), timeout=15)
+        reply = probe(None, "tcp-connect", node2["node_ip"], str(NODE_PORT))
+        assert reply["ok"] and reply["reply"].split(":")[0] == doc["bridge_ip"], reply
+        log = EventLog(Client(node1["socket"]))
+        refused = probe(None, "tcp-connect", node1["node_ip"], str(NODE_PORT))
+        assert not refused["ok"], refused  # node1 has no local backend: refused, and said why
+        assert log.find(lambda e: e.get("type") == "drop" and e.get("reason") == DROP_NO_SERVICE
+                        and e.get("dst_ip") == node1["node_ip"]), log.events
+    finally:
+        pilus_cli("--cluster", name, "--node", node1["name"], "service", "delete", "default/np-local")
+
+
 def test_native_routing_reaches_the_other_node_without_encapsulation():
     with _cluster("mn", 2, "10.213.0.0/16", "172.31.239.0/24", "native") as (name, doc):
         pods = _pods(name, doc, {"a": "a", "b": "b"})
@@ -192,6 +264,14 @@ def test_native_routing_reaches_the_other_node_without_encapsulation():
             servers.stop()
         assert not [p for p in packets if VXLAN in p], "native routing encapsulated"
         assert [p for p in packets if IP in p and p[IP].src == a["ipv4"] and p[IP].dst == b["ipv4"]]
+        # NodePort on node1 to b on node2: SNAT, routed without the tunnel
+        servers = Servers()
+        try:
+            servers.start(b["netns"], "tcp-server", TCP_PORT)
+            _nodeport_service(name, node1, "default/np", "10.96.13.20")
+            _nodeport_reaches_the_remote_backend(name, doc, b)
+        finally:
+            servers.stop()
 
 
 

@@ -22,6 +22,7 @@ class Ep:
     ipv4: IPv4Address
     identity: int
     name: str
+    named_ports: dict | None = None
 
 
 def node_ip(n: int) -> IPv4Address:
@@ -63,6 +64,40 @@ def test_pair_json_round_trip():
     pair = IPIdentityPair(pod(1, 5), 1234, node_ip(1), "node1", "default/a")
     assert IPIdentityPair.from_json(pair.to_json()) == pair
     assert pair.to_json()["HostIP"] == "192.168.50.1" and pair.to_json()["ID"] == 1234
+
+
+def test_named_ports_travel_with_the_pair_and_bad_ones_are_refused():
+    pair = IPIdentityPair(pod(1, 5), 1234, node_ip(1), "node1", "default/a",
+                          (("dns", 53, "UDP"), ("http", 8080, "TCP")))
+    raw = pair.to_json()
+    assert raw["NamedPorts"] == [{"Name": "dns", "Port": 53, "Protocol": "UDP"},
+                                 {"Name": "http", "Port": 8080, "Protocol": "TCP"}]
+    assert IPIdentityPair.from_json(raw) == pair
+    assert pair.named_port_specs() == {"dns": "53/UDP", "http": "8080/TCP"}
+    assert "NamedPorts" not in IPIdentityPair(pod(1, 5), 1234, node_ip(1), "n", "d/a").to_json()
+    raw["NamedPorts"][0]["Port"] = 70000
+    try:
+        IPIdentityPair.from_json(raw)
+    except ValueError as exc:
+        assert "70000" in str(exc)
+    else:
+        raise AssertionError("a port above 65535 was accepted")
+
+
+def test_a_published_endpoints_named_ports_reach_the_other_node(tmp_path):
+    async def main():
+        a, b = Node(tmp_path, 1), Node(tmp_path, 2)
+        try:
+            await a.start()
+            await b.start()
+            await b.sync.publish([Ep(pod(2, 7), 1002, "default/b", {"http": "8080/TCP", "dns": "53/udp"})])
+            await eventually(lambda: a.sync.remote_endpoint("default/b") is not None)
+            assert a.sync.remote_endpoint("default/b").named_port_specs() == {"http": "8080/TCP", "dns": "53/UDP"}
+        finally:
+            await a.stop()
+            await b.stop()
+
+    run(main())
 
 
 def test_two_nodes_see_each_others_endpoints_and_node_ips(tmp_path):

@@ -18,6 +18,7 @@ from pilus.endpoint.model import EndpointNameError
 from pilus.errors import TraceInputError
 from pilus.identity.labels import LabelError
 from pilus.ipam.hostscope import IPAMExhausted
+from pilus.kvstore.base import KVStoreError
 from pilus.loadbalancer.manager import BackendNotFound, ServiceConflict, ServiceNotFound
 from pilus.loadbalancer.model import ServiceValidationError
 from pilus.policy.distribution import NamespaceError
@@ -41,6 +42,7 @@ ERROR_STATUS: list[tuple[type[BaseException], int]] = [
     (ServiceConflict, 409),
     (ServiceNotFound, 404),
     (BackendNotFound, 404),
+    (KVStoreError, 503),  # cluster state cannot be written now: nothing changed, try again
 ]
 
 #: exception type -> more fields of its error body (a policy's issue list, for editors)

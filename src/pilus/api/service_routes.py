@@ -39,6 +39,11 @@ def _manager(agent):
     return getattr(agent, "services", None)
 
 
+def _sync(agent):
+    """The agent's ServiceDistribution (services cluster-wide), if it runs one."""
+    return getattr(agent, "service_sync", None)
+
+
 def _decode(raw: bytes) -> Any:
     try:
         return json.loads(raw)
@@ -82,36 +87,43 @@ async def service_get(request, agent, mgr):
 async def service_put(request, agent, mgr):
     raw = await request.read()
     # decoding, validating and applying 20,000 services takes seconds: off the event loop
-    reply = await asyncio.to_thread(_put_services, mgr, raw)
+    services = await asyncio.to_thread(_parse_services, raw)
+    sync = _sync(agent)
+    if sync is not None:  # cluster-wide: applied here, then published through the kvstore
+        applied = await sync.upsert(services)
+    else:
+        applied = await asyncio.to_thread(mgr.upsert, services)
+    names = {s.full_name for s in applied}
+    reply = await asyncio.to_thread(
+        lambda: json.dumps({"applied": sorted(names),
+                            "frontends": [r for r in mgr.frontends() if r["service"] in names]}))
     return web.Response(text=reply, content_type="application/json")
 
 
-def _put_services(mgr, raw: bytes) -> str:
+def _parse_services(raw: bytes) -> list:
     body = _decode(raw)
     if not isinstance(body, dict):
         raise ServiceValidationError(["body: must be a JSON object"])
     if "yaml" in body:
         if not isinstance(body["yaml"], str):
             raise ServiceValidationError(["yaml: must be a string"])
-        services = parse_documents(body["yaml"])
-    elif "service" in body:
+        return parse_documents(body["yaml"])
+    if "service" in body:
         if not isinstance(body["service"], dict):
             raise ServiceValidationError(["service: must be a Kubernetes Service object"])
-        services = [service_from_json(body["service"])]
-    elif body.get("kind") in ("Service", "List"):
-        services = parse_objects([body])
-    else:
-        raise ServiceValidationError(
-            ['body: expected {"yaml": "..."}, {"service": {...}} or a Kubernetes Service']
-        )
-    names = {s.full_name for s in mgr.upsert(services)}
-    rows = [r for r in mgr.frontends() if r["service"] in names]
-    return json.dumps({"applied": sorted(names), "frontends": rows})
+        return [service_from_json(body["service"])]
+    if body.get("kind") in ("Service", "List"):
+        return parse_objects([body])
+    raise ServiceValidationError(
+        ['body: expected {"yaml": "..."}, {"service": {...}} or a Kubernetes Service']
+    )
 
 
 @_guard
 async def service_delete(request, agent, mgr):
-    svc = await asyncio.to_thread(mgr.delete, request.match_info["ns"], request.match_info["name"])
+    ns, name = request.match_info["ns"], request.match_info["name"]
+    sync = _sync(agent)
+    svc = await sync.delete(ns, name) if sync is not None else await asyncio.to_thread(mgr.delete, ns, name)
     return web.json_response({"deleted": svc.full_name})
 
 
@@ -121,7 +133,11 @@ async def service_delete_all(request, agent, mgr):
     namespace = request.query.get("namespace")
     if not everything and not namespace:
         raise ServiceValidationError(["say which services: ?namespace=NS or ?all=true"])
-    n = await asyncio.to_thread(mgr.delete_all, namespace or None)
+    sync = _sync(agent)
+    if sync is not None:
+        n = await sync.delete_all(namespace or None)
+    else:
+        n = await asyncio.to_thread(mgr.delete_all, namespace or None)
     return web.json_response({"deleted": n})
 
 

@@ -16,9 +16,10 @@
  * skipped). Anything else is the stack's. A local backend's replies are
  * CT_REPLY in its from-container, where lb4_rev_nat() restores the frontend
  * as their source before they leave through the stack.
- * Limits: backends on other nodes need SNAT (or DSR) for the reply to come
- * back here; that is not done yet, so externalTrafficPolicy: Cluster reaches
- * remote backends only if their node routes the client through this one.
+ * A backend on another node (externalTrafficPolicy: Cluster) is reached with
+ * SNAT to the node IP (lib/nodeport.h), through the tunnel (VNI world) or
+ * routed (native); its replies come back to the node IP, where the SNAT and
+ * the DNAT are reversed and the reply is routed to the client here.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -39,6 +40,9 @@
 #include "lib/lb_reply.h"
 #include "lib/conntrack.h"
 #include "lib/deliver.h"
+#include "lib/fib.h"
+#include "lib/nodeport.h"
+#include "lib/tunnel.h"
 
 /* a packet for a local endpoint (another node's pod in native routing, a
  * NodePort connection after its DNAT): the endpoint's ingress policy with the
@@ -72,9 +76,55 @@ static __always_inline int from_netdev_deliver(struct __sk_buff *skb, struct pkt
 	return ipv4_ingress_delivery(skb, p, dst_ep, src_id, &ct, d);
 }
 
+/* a frontend DNATed to another node's backend: SNAT, then into the tunnel
+ * (the client is presented as world) or routed to the backend's node */
+static __always_inline int nodeport_forward(struct __sk_buff *skb, struct pkt4 *p,
+					    const struct lb4_result *svc, struct drop_ctx *d)
+{
+	int ret = nodeport_snat_fwd(skb, p, svc);
+
+	if (ret)
+		return send_drop(skb, d, ret, METRIC_INGRESS);
+	if (CFG(tunnel_ifindex)) {
+		__be32 endpoint = tunnel_endpoint4(p->ip.daddr, ipcache_lookup4(p->ip.daddr));
+
+		if (!endpoint)
+			return send_drop(skb, d, DROP_NO_TUNNEL_ENDPOINT, METRIC_INGRESS);
+		if (tunnel_set_key4(skb, endpoint, IDENTITY_WORLD) < 0)
+			return send_drop(skb, d, DROP_WRITE_ERROR, METRIC_INGRESS);
+		update_metrics(skb->len, METRIC_INGRESS, REASON_FORWARDED);
+		return bpf_redirect(CFG(tunnel_ifindex), 0);
+	}
+	ret = lb4_fib_redirect(skb, p);
+	if (ret < 0)
+		return send_drop(skb, d, DROP_NO_FIB, METRIC_INGRESS);
+	update_metrics(skb->len, METRIC_INGRESS, REASON_FORWARDED);
+	return ret;
+}
+
+/* a remote backend's reply to a SNATed NodePort connection: both translations
+ * reversed, routed to the client; -1: not such a reply */
+static __always_inline int nodeport_reply(struct __sk_buff *skb, struct pkt4 *p, struct drop_ctx *d)
+{
+	bool snat = false;
+	int ret = lb4_rev_nat(skb, p, &snat);
+
+	if (ret)
+		return send_drop(skb, d, ret, METRIC_INGRESS);
+	if (!snat)
+		return -1;
+	ret = lb4_fib_redirect(skb, p);
+	if (ret < 0)
+		return send_drop(skb, d, DROP_NO_FIB, METRIC_INGRESS);
+	update_metrics(skb->len, METRIC_EGRESS, REASON_FORWARDED);
+	return ret;
+}
+
 SEC("tc")
 int cil_from_netdev(struct __sk_buff *skb)
 {
+	/* read once: a context pointer kept across calls is refused by the verifier */
+	__u32 ifindex = skb->ingress_ifindex;
 	struct lb4_result svc = {};
 	struct drop_ctx d = {};
 	struct pkt4 p;
@@ -85,15 +135,29 @@ int cil_from_netdev(struct __sk_buff *skb)
 		return CTX_ACT_OK;
 	if (pkt4_parse(skb, &p))
 		return CTX_ACT_OK;  /* not ours to judge: the stack decides */
+	d.ifindex = ifindex;
+	if (p.ip.daddr == CFG(node_ip) && bpf_ntohs(p.dport) >= NODEPORT_PORT_MIN) {
+		ret = nodeport_reply(skb, &p, &d);
+		if (ret >= 0)
+			return ret;
+	}
 	ret = lb4_local(skb, &p, false, &svc);
-	d.ifindex = skb->ingress_ifindex;
+	if (!ret && svc.rev_nat_index) {
+		struct endpoint_info *be_ep = lookup_ip4_endpoint(p.ip.daddr);
+
+		if (!be_ep || (be_ep->flags & ENDPOINT_F_HOST)) {
+			d.src_label = IDENTITY_WORLD;
+			d.dst_label = resolve_identity4(p.ip.daddr);
+			return nodeport_forward(skb, &p, &svc, &d);
+		}
+	}
 	if (!ret)
 		return from_netdev_deliver(skb, &p, &d);
 	d.src_label = resolve_identity4(p.ip.saddr);
 	if (svc.no_backend) {
 		/* counted and reported; a SYN gets a RST, UDP an ICMP unreachable */
 		send_drop(skb, &d, DROP_NO_SERVICE, METRIC_INGRESS);
-		ret = lb4_no_service_reply(skb, &p, skb->ingress_ifindex);
+		ret = lb4_no_service_reply(skb, &p, ifindex);
 		return ret < 0 ? CTX_ACT_SHOT : ret;
 	}
 	return send_drop(skb, &d, ret, METRIC_INGRESS);

@@ -68,6 +68,7 @@ LB_MAGLEV_SCOPE_BIT = 31
 LB_CT_F_SEEN_NON_SYN = 1
 LB_CT_F_CLOSING = 2
 LB_CT_F_LOOPBACK = 4
+LB_CT_F_SNAT = 8  # NodePort to another node's backend, SNATed to the node IP
 LB_CFG_F_NO_SERVICE_REPLY = 1
 
 PILUS_LB_SVC_MAX = 262144
@@ -156,6 +157,8 @@ class Lb4CtEntry(_Base):
         ("nat_port", c_uint16),
         ("flags", c_uint8),
         ("pad", c_uint8),
+        ("client_port", c_uint16),
+        ("pad2", c_uint8 * 2),
     ]
 
 

@@ -84,6 +84,8 @@ class PolicySync:
         self.revision = 0
         self.namespace_labels: dict[str, dict[str, str]] = {}
         self.endpoints: dict[int, Endpoint] = {}
+        #: named ports of the other nodes' endpoints: name -> {(port, proto number)}
+        self._remote_named_ports: dict[str, set[tuple[int, int]]] = {}
         self.cidr_identities: dict[IPv4Network, int] = {}
         self.ipblock_identities: dict[IPv4Network, int] = {}
         self._ipblock_restored = False
@@ -224,8 +226,24 @@ class PolicySync:
         except RuntimeError:  # the worker is shut down: the agent is stopping
             return None
 
-    def _set_cluster_named_ports(self) -> None:
+    async def set_remote_named_ports(self, specs: Iterable[Mapping[str, str]]) -> None:
+        """The other nodes' endpoints' named ports ("http" -> "8080/TCP", one mapping per
+        endpoint): egress rules naming a port resolve to these too."""
         ports: dict[str, set[tuple[int, int]]] = {}
+        for spec in specs:
+            for name, pp in _named_ports(spec).items():
+                ports.setdefault(name, set()).add(pp)
+
+        def apply() -> None:
+            if ports != self._remote_named_ports:
+                self._remote_named_ports = ports
+                self._set_cluster_named_ports()
+                self._sync_changed()
+
+        await self._run(apply)
+
+    def _set_cluster_named_ports(self) -> None:
+        ports: dict[str, set[tuple[int, int]]] = {k: set(v) for k, v in self._remote_named_ports.items()}
         for ep in self.endpoints.values():
             for name, (port, proto) in _named_ports(ep.named_ports).items():
                 ports.setdefault(name, set()).add((port, proto))

@@ -2,7 +2,9 @@
 
 Every agent publishes its endpoints under ``cilium/state/ip/v1/<cluster>/<ip>``
 (Cilium's key shape), value JSON :meth:`IPIdentityPair.to_json` (IP, security
-identity ID, HostIP = the publishing node's IP, node and endpoint name), attached to
+identity ID, HostIP = the publishing node's IP, node and endpoint name, NamedPorts:
+the container ports' names, so that other nodes resolve named ports of services and
+egress rules to this pod), attached to
 a lease the sync keeps alive, so a dead agent's keys go when its lease expires.
 Every agent watches the prefix and claims the entries of OTHER nodes (HostIP is not
 this node's IP) in the ipcache as ``Source.KVSTORE`` /32s with the HostIP as tunnel
@@ -48,16 +50,30 @@ class IPIdentityPair:
     host_ip: IPv4Address  # the node the endpoint lives on: the tunnel endpoint for the others
     node: str
     endpoint: str  # namespace/pod
+    named_ports: tuple[tuple[str, int, str], ...] = ()  # sorted (name, port, "TCP"/"UDP")
 
     def to_json(self) -> dict:
-        return {"IP": str(self.ip), "ID": self.identity, "HostIP": str(self.host_ip),
-                "Node": self.node, "Endpoint": self.endpoint}
+        out = {"IP": str(self.ip), "ID": self.identity, "HostIP": str(self.host_ip),
+               "Node": self.node, "Endpoint": self.endpoint}
+        if self.named_ports:
+            out["NamedPorts"] = [{"Name": n, "Port": p, "Protocol": pr} for n, p, pr in self.named_ports]
+        return out
 
     @classmethod
     def from_json(cls, data: dict) -> IPIdentityPair:
         """Raises ValueError/KeyError/TypeError on a malformed value."""
+        ports = []
+        for np in data.get("NamedPorts") or ():
+            port = int(np["Port"])
+            if not 1 <= port <= 65535:
+                raise ValueError(f"named port {np.get('Name')!r}: port {port} out of range")
+            ports.append((str(np["Name"]), port, str(np.get("Protocol") or "TCP").upper()))
         return cls(IPv4Address(data["IP"]), int(data["ID"]), IPv4Address(data["HostIP"]),
-                   str(data.get("Node", "")), str(data.get("Endpoint", "")))
+                   str(data.get("Node", "")), str(data.get("Endpoint", "")), tuple(sorted(ports)))
+
+    def named_port_specs(self) -> dict[str, str]:
+        """The endpoint model's shape: name -> "8080/TCP"."""
+        return {n: f"{p}/{pr}" for n, p, pr in self.named_ports}
 
 
 def _prefix(ip: IPv4Address) -> IPv4Network:
@@ -114,11 +130,14 @@ class IPCacheSync:
 
     async def publish(self, endpoints: Iterable) -> None:
         """Make this node's keys say exactly ``endpoints`` (objects with ``ipv4``,
-        ``identity``, ``name``); endpoints without an identity yet are left out."""
+        ``identity``, ``name``, ``named_ports``); endpoints without an identity yet are left out."""
         desired = {}
         for ep in endpoints:
             if ep.identity:
-                pair = IPIdentityPair(IPv4Address(ep.ipv4), ep.identity, self.node_ip, self.node_name, ep.name)
+                ports = tuple(sorted((name, int(spec.partition("/")[0]), (spec.partition("/")[2] or "TCP").upper())
+                                     for name, spec in (getattr(ep, "named_ports", None) or {}).items()))
+                pair = IPIdentityPair(IPv4Address(ep.ipv4), ep.identity, self.node_ip, self.node_name, ep.name,
+                                      ports)
                 desired[self.prefix + str(pair.ip)] = json.dumps(pair.to_json(), sort_keys=True)
         async with self._publish_lock:
             self._desired = desired

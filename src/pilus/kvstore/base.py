@@ -21,7 +21,7 @@ Revision semantics (all backends):
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -77,6 +77,12 @@ class Store(Protocol):
         ...
 
     async def delete(self, key: str) -> bool: ...
+
+    async def put_many(self, puts: Mapping[str, str], deletes: Iterable[str] = ()) -> int:
+        """Set ``puts`` and delete ``deletes`` (no leases) as one transaction; returns the
+        new revision. etcd limits a transaction's operations (``--max-txn-ops``, 128 by
+        default): a larger batch is several transactions, in key order."""
+        ...
 
     async def delete_prefix(self, prefix: str) -> int:
         """Delete every key starting with ``prefix``; returns how many."""

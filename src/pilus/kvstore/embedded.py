@@ -25,7 +25,7 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -313,6 +313,29 @@ class EmbeddedStore:
             rev += 1
             self._log(c, rev, "delete", key, None)
             return True, rev
+
+        return await self._run(self._tx, op)
+
+    async def put_many(self, puts: Mapping[str, str], deletes: Iterable[str] = ()) -> int:
+        items = dict(puts)
+        gone = [k for k in deletes if k not in items]
+        for key, value in items.items():
+            check_key(key)
+            check_value(value)
+        for key in gone:
+            check_key(key)
+
+        def op(c: sqlite3.Connection, rev: int, now: float) -> tuple[Any, int]:
+            new = rev + 1  # one revision for the batch, as etcd's transaction
+            changed = False
+            for key in gone:
+                if c.execute("DELETE FROM kv WHERE key = ?", (key,)).rowcount:
+                    self._log(c, new, "delete", key, None)
+                    changed = True
+            for key, value in items.items():
+                self._set_locked(c, rev, key, value, None)  # writes revision rev + 1
+                changed = True
+            return (new, new) if changed else (rev, rev)
 
         return await self._run(self._tx, op)
 

@@ -19,7 +19,7 @@ import asyncio
 import base64
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
 
 import aiohttp
 
@@ -38,6 +38,8 @@ __all__ = ["EtcdStore"]
 
 #: etcd's range_end "\0": every key >= key (with key "\0": every key)
 _ALL = base64.b64encode(b"\0").decode()
+#: etcd's default --max-txn-ops: put_many sends bigger batches as several transactions
+ETCD_MAX_TXN_OPS = 128
 
 
 def _b64(text: str) -> str:
@@ -162,6 +164,15 @@ class EtcdStore:
             if int(ttl.get("TTL", -1)) <= 0:
                 raise LeaseNotFound(f"lease {lease} not found (expired or revoked)")
         return False
+
+    async def put_many(self, puts: Mapping[str, str], deletes: Iterable[str] = ()) -> int:
+        ops = [{"request_delete_range": {"key": _b64(k)}} for k in sorted(set(deletes) - set(puts))]
+        ops += [{"request_put": self._put_body(k, v, None)} for k, v in sorted(puts.items())]
+        rev = await self.revision() if not ops else 0
+        for i in range(0, len(ops), ETCD_MAX_TXN_OPS):
+            reply = await self._call("kv/txn", {"success": ops[i:i + ETCD_MAX_TXN_OPS]})
+            rev = int(reply["header"]["revision"])
+        return rev
 
     async def delete(self, key: str) -> bool:
         check_key(key)

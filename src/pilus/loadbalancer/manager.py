@@ -32,7 +32,6 @@ import threading
 from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any
 
 from pilus.datapath import lb as lbmaps
 from pilus.loadbalancer.endpoints import EndpointView, selector_matches, view_key
@@ -43,6 +42,7 @@ from pilus.loadbalancer.model import (
     ServiceValidationError,
     parse_documents,
     parse_objects,
+    service_documents,
 )
 from pilus.loadbalancer.writer import MAX_SERVICE_ID, FrontendSpec, LbWriter
 
@@ -529,30 +529,7 @@ class ServiceManager:
     def _save(self) -> None:
         if not self.state_path:
             return
-        docs: list[dict[str, Any]] = []
-        for s in self.services():
-            docs.append(s.to_k8s())
-            if s.endpoints is not None:
-                for i, ep in enumerate(s.endpoints):
-                    docs.append({
-                        "apiVersion": "discovery.k8s.io/v1",
-                        "kind": "EndpointSlice",
-                        "metadata": {
-                            "name": f"{s.name}-{i}",
-                            "namespace": s.namespace,
-                            "labels": {"kubernetes.io/service-name": s.name},
-                        },
-                        "addressType": "IPv4",
-                        "ports": [{"name": n, "port": p, "protocol": pr} for n, p, pr in ep.ports],
-                        "endpoints": [{
-                            "addresses": [str(ep.ip)],
-                            "conditions": {
-                                "ready": ep.state == "active",
-                                "serving": True,
-                                "terminating": ep.state == "terminating",
-                            },
-                        }],
-                    })
+        docs = [d for svc in self.services() for d in service_documents(svc)]
         data = {
             "documents": docs,
             "backend_states": {f"{ip}:{port}": st for (ip, port), st in self._overrides.items()},

@@ -587,6 +587,33 @@ def parse_objects(docs: list[Any]) -> list[Service]:
     return services
 
 
+def service_documents(svc: Service) -> list[dict[str, Any]]:
+    """The Kubernetes documents that ``parse_objects`` turns back into ``svc``: the
+    Service and one EndpointSlice per explicit backend (the state file, the kvstore)."""
+    docs: list[dict[str, Any]] = [svc.to_k8s()]
+    for i, ep in enumerate(svc.endpoints or ()):
+        docs.append({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": f"{svc.name}-{i}",
+                "namespace": svc.namespace,
+                "labels": {"kubernetes.io/service-name": svc.name},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": n, "port": p, "protocol": pr} for n, p, pr in ep.ports],
+            "endpoints": [{
+                "addresses": [str(ep.ip)],
+                "conditions": {
+                    "ready": ep.state == "active",
+                    "serving": True,
+                    "terminating": ep.state == "terminating",
+                },
+            }],
+        })
+    return docs
+
+
 def service_from_json(body: dict) -> Service:
     """A Kubernetes Service as JSON (the API's PUT body)."""
     if body.get("kind") not in (None, "Service"):

@@ -153,6 +153,16 @@ async def _check_prefixes(store: Store, p: str) -> None:
     _expect(await store.get(p[:-1] + "-sibling") is not None, "delete_prefix() overreached")
     await store.delete(p[:-1] + "-sibling")
 
+    # a batch: puts and deletes at one revision (below etcd's default 128 operations)
+    rev = await store.revision()
+    batch = {p + f"m/{i:03d}": str(i) for i in range(100)}
+    r = await store.put_many(batch, deletes=[p + "b", p + "missing"])
+    _expect(r == rev + 1 == await store.revision(), f"put_many() must be one revision, {rev} -> {r}")
+    _expect(await store.get(p + "b") is None, "put_many() did not delete")
+    listed = await store.list_prefix(p + "m/")
+    _expect([kv.value for kv in listed] == [str(i) for i in range(100)], "put_many() did not put")
+    _expect(all(kv.mod_revision == r for kv in listed), "put_many() keys must carry its revision")
+
 
 async def _check_watch(store: Store, p: str, timeout: float) -> None:
     start = await store.revision()

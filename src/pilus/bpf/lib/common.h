@@ -58,6 +58,8 @@
 #define DROP_UNKNOWN_L4       142
 #define DROP_CSUM_L3          153
 #define DROP_CT_CREATE_FAILED 155
+#define DROP_NAT_NO_MAPPING   167
+#define DROP_NO_FIB           169
 #define DROP_NO_TUNNEL_KEY    147
 #define DROP_NO_TUNNEL_ENDPOINT 160
 #define DROP_INVALID_IDENTITY 171

@@ -76,6 +76,7 @@
 #define LB_CT_F_SEEN_NON_SYN 1
 #define LB_CT_F_CLOSING      2
 #define LB_CT_F_LOOPBACK     4
+#define LB_CT_F_SNAT         8  /* NodePort to another node's backend: source is the node IP */
 
 /* lb_config.flags */
 #define LB_CFG_F_NO_SERVICE_REPLY 1  /* answer TCP SYN with RST, UDP with ICMP */
@@ -132,9 +133,11 @@ struct lb4_ct_entry {
 	__u32  rev_nat_index;
 	__be32 nat_addr;       /* revnat: frontend address */
 	__be32 client_addr;    /* revnat of a hairpin: the pod itself */
-	__be16 nat_port;       /* revnat: frontend port */
+	__be16 nat_port;       /* revnat: frontend port; a SNATed frontend tuple: its source port */
 	__u8   flags;          /* LB_CT_F_* */
 	__u8   pad;
+	__be16 client_port;    /* revnat of a SNATed connection: the client's port */
+	__u8   pad2[2];
 };
 
 struct lb4_affinity_key {

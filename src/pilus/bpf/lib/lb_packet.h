@@ -225,8 +225,10 @@ static __always_inline int lb4_rev_nat(struct __sk_buff *skb, struct pkt4 *p, bo
 	ret = lb4_rewrite(skb, p, true, nat_addr, nat_port);
 	if (ret)
 		return ret;
-	if (flags & LB_CT_F_LOOPBACK) {
-		ret = lb4_rewrite(skb, p, false, client, 0);
+	if (flags & (LB_CT_F_LOOPBACK | LB_CT_F_SNAT)) {
+		/* hairpin: back to the pod itself; SNAT: back to the client's address
+		 * and port */
+		ret = lb4_rewrite(skb, p, false, client, rn->client_port);
 		*daddr_changed = true;
 	}
 	return ret;
