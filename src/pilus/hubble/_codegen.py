@@ -54,8 +54,10 @@ def _tool_versions() -> str:
 
 
 def fingerprint() -> str:
-    """What the generated code depends on: the .proto contents and the tools' versions."""
+    """What the generated code depends on: the .proto contents, this generator and the
+    tools' versions."""
     h = hashlib.sha256(_tool_versions().encode())
+    h.update(Path(__file__).read_bytes())  # the generator itself (header, import rewriting)
     for name in FILES:
         h.update(b"\0" + name.encode() + b"\0" + (PROTO_DIR / name).read_bytes())
     return h.hexdigest()

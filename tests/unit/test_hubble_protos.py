@@ -1,0 +1,148 @@
+"""Hubble's .proto files (src/pilus/hubble/proto) against the reference tables of
+Hubble's public API (shared/reference/hubble-api.md): every message, field number,
+type, label, oneof and deprecation, every enum value and every service method, both
+ways; and the generator (pilus.hubble._codegen): fresh/stale, rewritten imports."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import FieldDescriptor
+
+from pilus.hubble import _codegen, protos
+
+REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "hubble-api.md"
+PACKAGES = ("flow", "relay", "observer", "peer")
+
+SCALARS = {
+    FieldDescriptor.TYPE_STRING: "string", FieldDescriptor.TYPE_BOOL: "bool",
+    FieldDescriptor.TYPE_UINT32: "uint32", FieldDescriptor.TYPE_UINT64: "uint64",
+    FieldDescriptor.TYPE_INT32: "int32", FieldDescriptor.TYPE_INT64: "int64",
+    FieldDescriptor.TYPE_DOUBLE: "double", FieldDescriptor.TYPE_FLOAT: "float",
+    FieldDescriptor.TYPE_BYTES: "bytes",
+}
+
+
+def _reference() -> dict[str, dict]:
+    if not REFERENCE.exists():
+        pytest.skip(f"the reference {REFERENCE} is not beside this checkout")
+    text = REFERENCE.read_text()
+    out: dict[str, dict] = {"message": {}, "enum": {}, "service": {}}
+    for block in re.split(r"^### ", text, flags=re.MULTILINE)[1:]:
+        head, _, body = block.partition("\n")
+        m = re.match(r"(message|enum|service) `([\w.]+)`", head)
+        assert m, head
+        kind, name = m.groups()
+        if kind == "enum":
+            line = next(ln for ln in body.splitlines() if "=" in ln)
+            out["enum"][name] = {k.strip(): int(v) for k, v in (p.split("=") for p in line.split(","))}
+            continue
+        rows = [[c.strip() for c in ln.strip().strip("|").split("|")]
+                for ln in body.splitlines() if ln.startswith("|") and not ln.startswith("|---")]
+        out[kind][name] = rows[1:]  # without the header row
+    return out
+
+
+def _type_name(f: FieldDescriptor) -> str:
+    if f.type == FieldDescriptor.TYPE_MESSAGE:
+        return f.message_type.full_name
+    if f.type == FieldDescriptor.TYPE_ENUM:
+        return f.enum_type.full_name
+    return SCALARS[f.type]
+
+
+def _ours() -> dict[str, dict]:
+    pool = descriptor_pool.Default()
+    out: dict[str, dict] = {"message": {}, "enum": {}, "service": {}}
+
+    def walk_message(d) -> None:
+        out["message"][d.full_name] = d
+        for nested in d.nested_types:
+            walk_message(nested)
+        for e in d.enum_types:
+            out["enum"][e.full_name] = e
+
+    for pkg in PACKAGES:
+        fd = pool.FindFileByName(f"{pkg}/{pkg}.proto")
+        for d in fd.message_types_by_name.values():
+            walk_message(d)
+        for e in fd.enum_types_by_name.values():
+            out["enum"][e.full_name] = e
+        for s in fd.services_by_name.values():
+            out["service"][s.full_name] = s
+    return out
+
+
+def test_the_same_messages_enums_and_services_as_upstream():
+    ref, ours = _reference(), _ours()
+    for kind in ("message", "enum", "service"):
+        assert sorted(ours[kind]) == sorted(ref[kind]), kind
+
+
+def test_every_field_as_upstream():
+    ref, ours = _reference(), _ours()
+    problems = []
+    for name, rows in ref["message"].items():
+        d = ours["message"][name]
+        want = {}
+        for number, field, typ, notes in rows:
+            want[int(number)] = (field, typ, notes)
+        got = {}
+        for f in d.fields:
+            notes = []
+            if f.is_repeated:
+                notes.append("rep")
+            if f.containing_oneof is not None:
+                notes.append(f"oneof {f.containing_oneof.name}")
+            if f.GetOptions().deprecated:
+                notes.append("deprecated")
+            got[f.number] = (f.name, _type_name(f), ", ".join(notes))
+        for number in sorted(set(want) | set(got)):
+            w, g = want.get(number), got.get(number)
+            if w != g:
+                problems.append(f"{name} #{number}: upstream {w}, ours {g}")
+    assert problems == []
+
+
+def test_every_enum_value_as_upstream():
+    ref, ours = _reference(), _ours()
+    for name, values in ref["enum"].items():
+        assert {v.name: v.number for v in ours["enum"][name].values} == values, name
+
+
+def test_every_service_method_as_upstream():
+    ref, ours = _reference(), _ours()
+    for name, rows in ref["service"].items():
+        got = {m.name: (m.input_type.full_name, ("stream " if m.server_streaming else "") + m.output_type.full_name)
+               for m in ours["service"][name].methods}
+        assert got == {rpc: (req, resp) for rpc, req, resp in rows}, name
+        assert not any(m.client_streaming for m in ours["service"][name].methods)
+
+
+def test_generated_modules_are_fresh_and_import_from_the_package():
+    assert _codegen.is_fresh()
+    text = (Path(protos.observer_pb2.__file__)).read_text()
+    assert text.startswith("# Generated by pilus.hubble._codegen")
+    assert "from pilus.hubble._gen.flow import flow_pb2" in text
+    assert not re.search(r"^from (flow|relay|observer|peer)[. ]", text, re.MULTILINE)
+    # the descriptors keep upstream's file names
+    assert protos.flow_pb2.DESCRIPTOR.name == "flow/flow.proto"
+
+
+def test_generation_into_a_directory_and_staleness(tmp_path):
+    gen = tmp_path / "_gen"
+    assert not _codegen.is_fresh(gen)
+    _codegen.generate(gen)
+    assert _codegen.is_fresh(gen)
+    names = sorted(str(p.relative_to(gen)) for p in gen.rglob("*.py"))
+    assert names == ["__init__.py", "flow/__init__.py", "flow/flow_pb2.py", "observer/__init__.py",
+                     "observer/observer_pb2.py", "observer/observer_pb2_grpc.py", "peer/__init__.py",
+                     "peer/peer_pb2.py", "peer/peer_pb2_grpc.py", "relay/__init__.py", "relay/relay_pb2.py"]
+    (gen / _codegen.STAMP).write_text("another fingerprint\n")
+    assert not _codegen.is_fresh(gen)
+    _codegen.ensure(gen)
+    assert _codegen.is_fresh(gen)
+    assert not list(tmp_path.glob("_gen.*"))  # no temporary directories left
