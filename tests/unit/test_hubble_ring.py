@@ -33,7 +33,7 @@ def test_a_full_ring_overwrites_the_oldest():
         ring.push(flow_at(T0 + i))
     assert len(ring) == ring.num_flows() == 3 and ring.seen_flows == 5
     assert (ring.oldest_seq, ring.next_seq) == (2, 5)
-    assert [e.time_ns for e in ring.entries()] == [int((T0 + i) * 1e9) for i in (2, 3, 4)]
+    assert [e.time_ns for e in ring.entries()] == [int(T0 + i) * 10**9 + 250_000_000 for i in (2, 3, 4)]
     assert [e.seq for e in ring.newest_first()] == [4, 3, 2]
 
 

@@ -78,9 +78,10 @@ TCP_FLAG_ORDER = ("SYN", "ACK", "RST", "FIN", "PSH", "URG", "ECE", "CWR", "NS")
 
 
 def timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
+    # split first: seconds * 1e9 as a float would lose the nanoseconds' last digits
+    whole = int(seconds // 1)
+    nanos = min(round((seconds - whole) * 1e9), 999_999_999)
+    return Timestamp(seconds=whole, nanos=nanos)
 
 
 def lost_event(source: int, count: int, first: float, last: float) -> flow_pb2.LostEvent:
