@@ -73,8 +73,9 @@ def test_pod_filter_ns_slash_means_the_whole_namespace():
     assert matching(FF(source_pod=["kube-system/"])) == {"dns"}
     # the namespace filter of hubble observe: either end in the namespace
     assert matching(FF(source_pod=["kube-system/"]), FF(destination_pod=["kube-system/"])) == {"dns"}
-    # world has no namespace, and a filter must name one
-    with pytest.raises(FilterError, match="no namespace"):
+    # world has neither namespace nor pod name: no pod filter selects it
+    assert matching(FF(source_pod=["/w"])) == set()
+    with pytest.raises(FilterError, match="namespace/"):
         compile_filter(FF(source_pod=["/"]))
 
 
@@ -142,8 +143,10 @@ def test_event_type_with_and_without_sub_type():
     # trace:to-endpoint is sub type 0 (Cilium's TraceToLxc); from-overlay is 9
     assert matching(FF(event_type=[ET(type=4, match_sub_type=True, sub_type=0)])) == {"d2x"}
     assert matching(FF(event_type=[ET(type=4, match_sub_type=True, sub_type=9)])) == {"dns"}
-    # sub_type without match_sub_type is ignored, as in Hubble
+    # sub_type without match_sub_type is ignored, as in Hubble; type 0 is any type
     assert matching(FF(event_type=[ET(type=4, sub_type=9)])) == {"d2x", "dns"}
+    assert matching(FF(event_type=[ET(type=0)])) == set(FLOWS)
+    assert matching(FF(event_type=[ET(match_sub_type=True, sub_type=133)])) == {"x2d"}
 
 
 def test_protocol():
@@ -221,6 +224,9 @@ def test_http_filters():
     for bad in ("600", "abc", "4", "4++"):
         with pytest.raises(FilterError, match="http_status_code"):
             compile_filter(FF(http_status_code=[bad]))
+    with pytest.raises(FilterError, match="needs an event type filter"):
+        compile_filter(FF(http_status_code=["200"], event_type=[flow_pb2.EventTypeFilter(type=1)]))
+    compile_filter(FF(http_status_code=["200"], event_type=[flow_pb2.EventTypeFilter(type=129)]))
     with pytest.raises(FilterError, match="http_path: invalid regular expression"):
         compile_filter(FF(http_path=["(unclosed"]))
 

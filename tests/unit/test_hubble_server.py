@@ -264,6 +264,10 @@ def test_number_first_since_until_and_field_mask(sockdir):
             # number counts flows that pass the filters
             filtered = await times(number=2, whitelist=[flow_pb2.FlowFilter(source_pod=["default/xwing"])])
             assert filtered == [6, 8]
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await node.flows(first=True, follow=True)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details() == "first cannot be specified with follow"
             masked = only_flows(await node.flows(number=1, field_mask={"paths": ["source.pod_name", "verdict"]},
                                                  whitelist=[flow_pb2.FlowFilter(source_identity=[1000])]))
             assert masked[0] == flow_pb2.Flow(source=flow_pb2.Endpoint(pod_name="xwing"), verdict=flow_pb2.DROPPED)
@@ -302,7 +306,7 @@ def test_a_reader_left_behind_gets_a_lost_event(sockdir):
     async def main():
         async with Node(sockdir, capacity=4) as node:
             await node.feed(drop(133, t=T0))
-            stream = node.observer.GetFlows(observer_pb2.GetFlowsRequest(follow=True, first=True))
+            stream = node.observer.GetFlows(observer_pb2.GetFlowsRequest(follow=True, number=1))
             it = stream.__aiter__()
             assert (await asyncio.wait_for(it.__anext__(), 5)).flow.time == timestamp(T0)
             # while the client does not read, the ring wraps under it

@@ -14,8 +14,9 @@ Rules:
 Field by field, where Hubble's meaning is not just "equals":
 - ``source_pod`` / ``destination_pod``: ``namespace/prefix``: the namespace must be
   equal and the pod name must start with the prefix, so ``default/`` is every pod of
-  namespace default; a value without ``/`` is a pod prefix in namespace ``default``
-  (what the hubble CLI's ``--from-pod NAME`` means). ``*_service`` likewise.
+  namespace default; a value without ``/`` is a pod prefix in namespace ``default``;
+  an end with neither namespace nor pod name (world) matches none. ``*_service`` likewise.
+- ``event_type``: type 0 is any type; the sub type counts only with ``match_sub_type``.
 - ``*_label`` and ``node_labels``: Kubernetes label selectors (``app=x``,
   ``app!=x``, ``app in (a,b)``, ``app notin (a)``, ``app``, ``!app``, comma = AND)
   whose keys may carry a Cilium source (``k8s:app``, ``reserved:world``); no source
@@ -50,6 +51,7 @@ Flow = flow_pb2.Flow
 Predicate = Callable[[Flow], bool]
 DEFAULT_NAMESPACE = "default"
 DEFAULT_CLUSTER = "default"
+L7_EVENT_TYPE = 129  # Cilium's MessageTypeAccessLog
 
 
 class FilterError(ValueError):
@@ -104,9 +106,9 @@ def _namespaced(field: str, values: Sequence[str]) -> list[tuple[str, str]]:
         if not v:
             raise FilterError(f"{field}: must be [namespace/]<name prefix>, got an empty string")
         ns, sep, prefix = v.partition("/")
-        if sep and not ns:
-            raise FilterError(f"{field}: must be [namespace/]<name prefix>, got {v!r} (no namespace)")
-        out.append((ns, prefix) if sep else (DEFAULT_NAMESPACE, v))
+        if sep and not ns and not prefix:
+            raise FilterError(f"{field}: must be [namespace/]<name prefix>, got {v!r}")
+        out.append((ns, prefix.split("/")[0]) if sep else (DEFAULT_NAMESPACE, v))
     return out
 
 
@@ -115,6 +117,8 @@ def _pod_matcher(field: str, values: Sequence[str], get: Callable[[Flow], flow_p
 
     def match(f: Flow) -> bool:
         ep = get(f)
+        if not ep.namespace and not ep.pod_name:
+            return False
         return any(ep.namespace == ns and ep.pod_name.startswith(prefix) for ns, prefix in pairs)
     return match
 
@@ -124,7 +128,9 @@ def _service_matcher(field: str, values: Sequence[str], get: Callable[[Flow], fl
 
     def match(f: Flow) -> bool:
         svc = get(f)
-        return bool(svc.name) and any(svc.namespace == ns and svc.name.startswith(p) for ns, p in pairs)
+        if not svc.namespace and not svc.name:
+            return False
+        return any(svc.namespace == ns and svc.name.startswith(p) for ns, p in pairs)
     return match
 
 
@@ -352,7 +358,8 @@ FIELDS: dict[str, Callable[[object], Predicate]] = {
     "interface": lambda v: _any(v, lambda f, i: f.HasField("interface")
                                 and (not i.index or i.index == f.interface.index)
                                 and (not i.name or i.name == f.interface.name)),
-    "event_type": lambda v: _any(v, lambda f, t: f.event_type.type == t.type
+    "event_type": lambda v: _any(v, lambda f, t: f.HasField("event_type")
+                                 and (not t.type or f.event_type.type == t.type)
                                  and (not t.match_sub_type or f.event_type.sub_type == t.sub_type)),
     "protocol": _protocol_matcher,
     "source_port": lambda v: (lambda ports: lambda f: _port_of(f, "source_port") in ports)(
@@ -384,6 +391,9 @@ FIELDS: dict[str, Callable[[object], Predicate]] = {
 
 def compile_filter(ff: flow_pb2.FlowFilter) -> Predicate:
     """One FlowFilter -> a predicate: the AND of the fields it sets."""
+    if ff.http_status_code and ff.event_type and not any(t.type == L7_EVENT_TYPE for t in ff.event_type):
+        raise FilterError("http_status_code: filtering by HTTP status code needs an event type filter "
+                          "that matches L7 events (type 129) or none")
     preds: list[Predicate] = []
     for field, value in ff.ListFields():
         build = FIELDS.get(field.name)

@@ -14,8 +14,8 @@ GetFlows follows Hubble's observer (Cilium pkg/hubble/observer):
   that the ring overwrote its next flows gets a LostEvent (HUBBLE_RING_BUFFER) with
   their count and goes on with the oldest flow there is, so a slow client never holds
   up the agent or other clients (the writer never waits for a reader);
-- a bad filter or field mask is INVALID_ARGUMENT with the reason; a field mask keeps
-  only the named Flow fields.
+- a bad filter or field mask, or ``first`` with ``follow``, is INVALID_ARGUMENT with
+  the reason; a field mask keeps only the named Flow fields.
 """
 
 from __future__ import annotations
@@ -83,15 +83,18 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
 
     async def GetAgentEvents(self, request, context) -> None:
         # pilus records no agent events yet: an empty stream, kept open while following
+        await _validate(request, context)
         if request.follow:
             await self.closing.wait()
 
     async def GetDebugEvents(self, request, context) -> None:
         # the datapath emits no debug events: an empty stream, kept open while following
+        await _validate(request, context)
         if request.follow:
             await self.closing.wait()
 
     async def GetFlows(self, request, context) -> AsyncIterator[observer_pb2.GetFlowsResponse]:
+        await _validate(request, context)
         try:
             matcher = FlowMatcher(request.whitelist, request.blacklist)
         except FilterError as exc:
@@ -161,6 +164,11 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
         now = time.time()
         ev = flow_pb2.LostEvent(source=flow_pb2.HUBBLE_RING_BUFFER, num_events_lost=count)
         return observer_pb2.GetFlowsResponse(lost_events=ev, node_name=self.node_name, time=timestamp(now))
+
+
+async def _validate(request, context) -> None:
+    if request.first and request.follow:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first cannot be specified with follow")
 
 
 def _masked(f: flow_pb2.Flow, mask: FieldMask | None) -> flow_pb2.Flow:
