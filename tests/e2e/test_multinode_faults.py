@@ -1,7 +1,8 @@
 """Faults of a two-node tunnel-mode cluster on etcd, during traffic across the tunnel:
 etcd killed (the datapath does not need the store: no connection fails; `status`
 shows the outage; the agents resync without a restart), and node2's agent killed
-(connections to its pod keep working; node1 keeps node2's entries)."""
+(connections to its pod keep working; node1 keeps node2's entries), then node2
+removed (`pilus cluster node remove`: node1 forgets its pods, node and routes at once)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,26 @@ def test_traffic_across_nodes_survives_etcd_and_agent_kills():
         out, _ = loop.communicate(timeout=30)
         result = json.loads(out.strip().splitlines()[-1])
         assert result["connected"] > 300 and result["failed"] == 0, result
+
+        # node2 taken away: node1 forgets its pods, node and route at once (its leases are
+        # revoked), not after the lease TTL
+        bad = subprocess.run([sys.executable, "-m", "pilus", "cluster", "node", "remove", "--name", name,
+                              f"{name}-node9"], capture_output=True, text=True)
+        assert bad.returncode != 0 and f"no node named '{name}-node9'" in bad.stderr, bad.stderr
+        t0 = time.monotonic()
+        out = pilus_cli("cluster", "node", "remove", "--name", name, node2["name"])
+        assert "kvstore lease" in out and f"netns {node2['netns']}" in out, out
+        assert wait_for(lambda: not {f"{b['ipv4']}/32", f"{c['ipv4']}/32"} & _ipcache(name, node1), timeout=5)
+        nodes = json.loads(pilus_cli("--cluster", name, "--node", node1["name"], "node", "list", "-o", "json"))
+        assert [n["name"] for n in nodes] == [node1["name"]], nodes
+        assert wait_for(lambda: b["ipv4"].rsplit(".", 1)[0] not in pilus_cli(
+            "--cluster", name, "--node", node1["name"], "bpf", "tunnel", "list"), timeout=5)
+        assert time.monotonic() - t0 < 20  # well inside the lease TTL after the agent stopped
+        assert node2["netns"] not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                    text=True).stdout
+        last = subprocess.run([sys.executable, "-m", "pilus", "cluster", "node", "remove", "--name", name,
+                               node1["name"]], capture_output=True, text=True)
+        assert last.returncode != 0 and "last node" in last.stderr, last.stderr
     finally:
         if loop is not None and loop.poll() is None:
             os.killpg(loop.pid, signal.SIGKILL)

@@ -134,3 +134,27 @@ def test_api_lists_the_nodes(tmp_path):
             await store.close()
 
     run(main())
+
+
+def test_a_name_registered_by_another_machine_is_refused_and_a_restart_is_not(tmp_path):
+    async def main():
+        store = open_store(path=tmp_path / "kv.db", poll_interval=0.02)
+        first = NodeRegistry(store, entry(1))
+        twin = NodeRegistry(store, NodeEntry(**{**entry(1).__dict__, "node_ip": IPv4Address("192.168.50.99")}))
+        again = NodeRegistry(store, entry(1))  # the same machine restarted: same node IP
+        try:
+            await first.start()
+            with pytest.raises(NodeRegistryError) as err:
+                await twin.start()
+            assert "'node1' is already registered" in str(err.value) and "192.168.50.1" in str(err.value)
+            kv = await store.get(first.key)
+            assert json.loads(kv.value)["node_ip"] == "192.168.50.1"  # the twin changed nothing
+            await first.stop()
+            await again.start()
+            assert set(again.nodes) == {"node1"}
+        finally:
+            for r in (first, twin, again):
+                await r.stop()
+            await store.close()
+
+    run(main())

@@ -62,6 +62,16 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
     name_arg(down)
     down.set_defaults(func=cmd_down)
 
+    node = csub.add_parser("node", parents=[parent], help="change the nodes of a cluster")
+    nsub = node.add_subparsers(dest="node_cmd", metavar="COMMAND", required=True)
+    rm = nsub.add_parser("remove", parents=[parent], help="take a node out of the cluster",
+                         description="Stop the node's agent, remove its entries from the kvstore "
+                                     "(the other nodes drop its endpoints, identities and routes at "
+                                     "once) and remove its namespaces, link, pins and state.")
+    name_arg(rm)
+    rm.add_argument("node_name", metavar="NODE", help="the node, e.g. default-node3")
+    rm.set_defaults(func=cmd_node_remove)
+
     st = csub.add_parser("status", parents=[parent], help="show the nodes of a cluster",
                          description="Show the nodes of the cluster and whether their agents "
                                      "answer.")
@@ -151,6 +161,18 @@ def cmd_down(args) -> int:
     for item in removed or []:
         output.emit(f"removed {item}\n")
     output.emit(f"Cluster '{name}' is down\n")
+    return 0
+
+
+def cmd_node_remove(args) -> int:
+    mgr = _manager()
+    try:
+        removed = mgr.node_remove(_name(args), args.node_name, common.state_root())
+    except mgr.ClusterError as e:
+        raise common.CLIError(str(e)) from e
+    for item in removed:
+        output.emit(f"removed {item}\n")
+    output.emit(f"Node '{args.node_name}' is out of cluster '{_name(args)}'\n")
     return 0
 
 

@@ -9,6 +9,7 @@ from pilus.cluster.manager import (
     cluster_up,
     healthy,
     load_cluster,
+    node_remove,
     unix_http,
 )
 from pilus.cluster.plan import ClusterError, ClusterSpec
@@ -21,5 +22,6 @@ __all__ = [
     "cluster_up",
     "healthy",
     "load_cluster",
+    "node_remove",
     "unix_http",
 ]

@@ -554,3 +554,92 @@ def cluster_names(state_root: Path = DEFAULT_STATE_ROOT) -> list[str]:
         return sorted(d.name for d in Path(state_root).iterdir() if (d / "cluster.json").exists())
     except OSError:
         return []
+
+
+def node_remove(name: str, node_name: str, state_root: Path = DEFAULT_STATE_ROOT) -> list[str]:
+    """Take one node out of cluster ``name``: the supervisor stops its agent, the node's
+    kvstore leases are revoked (its node entry, endpoints and identity references go at
+    once on every other node, instead of after the lease TTL), then its namespaces,
+    link, pins and state dir are removed. Returns what was removed."""
+    cdir = cluster_dir(name, Path(state_root))
+    doc = load_cluster(name, state_root)
+    if doc is None:
+        raise ClusterError(f"no cluster named {name!r}")
+    names = [n["name"] for n in doc["nodes"]]
+    if node_name not in names:
+        raise ClusterError(f"cluster {name!r} has no node named {node_name!r} (nodes: {', '.join(names)})")
+    if len(names) == 1:
+        raise ClusterError(f"{node_name} is the last node of cluster {name!r}: use `pilus cluster down`")
+    node = next(n for n in doc["nodes"] if n["name"] == node_name)
+    doc["nodes"] = [n for n in doc["nodes"] if n["name"] != node_name]
+    _write_json(cdir / "cluster.json", doc)  # the supervisor stops the agent it no longer lists
+    removed: list[str] = []
+
+    def agent_pids() -> list[int]:
+        return [p for p in _pids() if _is_agent_of(p, name, cdir) and f"--node-name {node_name} " in
+                " ".join(_cmdline(p)) + " "]
+
+    deadline = time.monotonic() + 10
+    while agent_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for p in _terminate(agent_pids(), grace=5.0):  # no supervisor, or it did not stop it
+        removed.append(f"agent pid {p}")
+    removed += [f"kvstore lease {lease}" for lease in _revoke_node_leases(doc, node_name)]
+    nsre = node_netns_re(name)
+    netns = [n for n in links.list_netns("pilus-") if nsre.match(n)
+             and (n == node["netns"] or n.startswith(node["netns"] + "-ep"))]
+    for p in _terminate(_pids_in_netns(netns), grace=2.0):
+        removed.append(f"process pid {p}")
+    for n in sorted(netns, key=lambda n: n == node["netns"]):  # endpoints first
+        links.delete_netns(n)
+        removed.append(f"netns {n}")
+    if node.get("host_veth") and links.link_info(node["host_veth"]) is not None:
+        links.delete_link(node["host_veth"])
+        removed.append(f"link {node['host_veth']}")
+    if (BPFFS_ROOT / node_name).is_dir():
+        _rm_tree_bpffs(BPFFS_ROOT / node_name)
+        removed.append(f"pins {BPFFS_ROOT / node_name}")
+    sdir = Path(node["state_dir"])
+    if sdir.exists():
+        shutil.rmtree(sdir, ignore_errors=True)
+        removed.append(f"state dir {sdir}")
+    return removed
+
+
+def _revoke_node_leases(doc: dict, node_name: str) -> list[int]:
+    """Revoke every lease that holds a key of ``node_name``: keys ending in /<node>
+    (node registry, identity references) or whose JSON value names it (ipcache)."""
+    import asyncio
+
+    from pilus.kvstore import KVStoreError, open_store
+
+    async def run() -> list[int]:
+        if doc.get("kvstore") == "etcd":
+            store = open_store("etcd", address=doc["kvstore_address"])
+        else:
+            store = open_store(path=doc["kvstore_path"])
+        try:
+            leases: set[int] = set()
+            for prefix in ("cilium/state/", "pilus/state/"):
+                for kv in await store.list_prefix(prefix):
+                    if kv.lease is None:
+                        continue
+                    named = kv.key.endswith("/" + node_name)
+                    if not named and node_name in kv.value:
+                        with contextlib.suppress(ValueError):
+                            value = json.loads(kv.value)
+                            named = isinstance(value, dict) and value.get("Node") == node_name
+                    if named:
+                        leases.add(kv.lease)
+            for lease in sorted(leases):
+                with contextlib.suppress(KVStoreError):  # expired meanwhile
+                    await store.revoke_lease(lease)
+            return sorted(leases)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(run())
+    except KVStoreError as exc:
+        raise ClusterError(f"{node_name} is stopped, but its kvstore entries could not be removed "
+                           f"({exc}); the other nodes drop them when its leases expire") from exc

@@ -191,6 +191,7 @@ class Supervisor:
         self.stopping = False
         doc = json.loads((self.cdir / "cluster.json").read_text())
         self.agents = [AgentProc(doc, n) for n in doc["nodes"]]
+        self._doc_mtime = (self.cdir / "cluster.json").stat().st_mtime_ns
         self.etcd = EtcdProc(doc) if doc.get("kvstore") == "etcd" else None
         # agents start once the kvstore answers (they would fail fast without it)
         self.kvstore_ready = self.etcd is None
@@ -207,6 +208,22 @@ class Supervisor:
         with contextlib.suppress(OSError):
             tmp.write_text(json.dumps(data, indent=1) + "\n")
             os.replace(tmp, self.cdir / "supervisor.json")
+
+    def _drop_removed_nodes(self) -> None:
+        """`pilus cluster node remove` rewrote cluster.json: stop the agents it no longer lists."""
+        try:
+            mtime = (self.cdir / "cluster.json").stat().st_mtime_ns
+            if mtime == self._doc_mtime:
+                return
+            self._doc_mtime = mtime
+            names = {n["name"] for n in json.loads((self.cdir / "cluster.json").read_text())["nodes"]}
+        except (OSError, ValueError, KeyError):
+            return  # being rewritten: read it again next time
+        gone = [a for a in self.agents if a.node["name"] not in names]
+        if gone:
+            _log(f"node(s) {', '.join(a.node['name'] for a in gone)} removed from the cluster: stopping")
+            self.agents = [a for a in self.agents if a not in gone]
+            self.stop_children(gone)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.stopping = True
@@ -235,6 +252,7 @@ class Supervisor:
             if not (self.cdir / "cluster.json").exists():
                 _log("cluster.json is gone: stopping")
                 break
+            self._drop_removed_nodes()
             if self._step(time.monotonic()):
                 self.write_status()
             time.sleep(0.1)

@@ -92,6 +92,15 @@ class NodeRegistry:
         return self.prefix + self.local.name
 
     async def start(self) -> None:
+        kv = await self.store.get(self.key)
+        other = self._parse(kv.key, kv.value) if kv is not None else None
+        if other is not None and other.node_ip != self.local.node_ip:
+            # a live entry (it is under a lease) of another machine: two agents, one name
+            raise NodeRegistryError(
+                f"node name {self.local.name!r} is already registered in cluster {self.local.cluster!r} "
+                f"by node IP {other.node_ip} (pod CIDR {other.pod_cidr}): another agent runs with this "
+                f"name; choose another --node-name, or wait until its entry expires "
+                f"({self.lease_ttl:.0f} s after that agent stopped)")
         await self._register()
         rev = await self._resync()
         self._tasks = [
