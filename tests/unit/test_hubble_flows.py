@@ -7,6 +7,8 @@ use them too."""
 
 from __future__ import annotations
 
+import uuid
+
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import raw
@@ -80,7 +82,7 @@ def test_policy_drop_has_both_ends_with_names_and_labels():
     assert (f.event_type.type, f.event_type.sub_type) == (1, 133)
     assert f.Type == flow_pb2.L3_L4 and f.node_name == NODE
     assert (f.time.seconds, f.time.nanos) == (1_750_000_000, 250_000_000)
-    assert len(f.uuid) == 36 and f.uuid != parse(drop(133)).uuid
+    assert uuid.UUID(f.uuid).version == 4 and f.uuid != parse(drop(133)).uuid
     assert (f.source.ID, f.source.identity, f.source.namespace, f.source.pod_name) == (5, 1000, "default", "xwing")
     assert list(f.source.labels) == sorted(XWING.labels)  # sorted, as Hubble sends them
     assert f.source.cluster_name == "default"

@@ -60,6 +60,13 @@ def test_lost_events_are_counted_and_kept_in_the_ring():
     assert ring.lost == 15
     assert ring.lost_by_source == {flow_pb2.OBSERVER_EVENTS_QUEUE: 12, flow_pb2.PERF_EVENT_RING_BUFFER: 3}
     assert len(ring) == 3 and ring.num_flows() == 1 and ring.seen_flows == 1
+    small = FlowRing(2)
+    small.push(flow_at(T0))
+    small.record_lost(flow_pb2.OBSERVER_EVENTS_QUEUE, 1)
+    small.push(flow_at(T0 + 1))  # overwrites the first flow
+    assert small.num_flows() == 1
+    small.push(flow_at(T0 + 2))  # overwrites the lost event
+    assert small.num_flows() == 2
 
 
 def test_flows_rate_over_the_last_minute():

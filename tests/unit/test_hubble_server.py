@@ -302,6 +302,24 @@ def test_follow_streams_new_flows(sockdir):
     run(main())
 
 
+def test_fifty_followers_each_get_every_new_flow(sockdir):
+    async def main():
+        async with Node(sockdir) as node:
+            streams = [node.observer.GetFlows(observer_pb2.GetFlowsRequest(follow=True)) for _ in range(50)]
+            iters = [s.__aiter__() for s in streams]
+            pending = [asyncio.ensure_future(it.__anext__()) for it in iters]
+            await asyncio.sleep(0.3)  # every stream is open and waiting
+            node.reader.push(drop(133, t=T0), trace(t=T0 + 1))
+            firsts = await asyncio.wait_for(asyncio.gather(*pending), 10)
+            seconds = await asyncio.wait_for(asyncio.gather(*(it.__anext__() for it in iters)), 10)
+            assert {r.flow.verdict for r in firsts} == {flow_pb2.DROPPED}
+            assert {r.flow.verdict for r in seconds} == {flow_pb2.FORWARDED}
+            assert len({r.flow.uuid for r in firsts}) == 1  # the same flow for everybody
+            for s in streams:
+                s.cancel()
+    run(main())
+
+
 def test_a_reader_left_behind_gets_a_lost_event(sockdir):
     async def main():
         async with Node(sockdir, capacity=4) as node:

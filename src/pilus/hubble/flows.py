@@ -24,8 +24,8 @@ endpoint gets its identity's labels (``reserved:world``, a CIDR identity's label
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from collections.abc import Iterable
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -90,9 +90,20 @@ def lost_event(source: int, count: int, first: float, last: float) -> flow_pb2.L
                               first=timestamp(first), last=timestamp(last))
 
 
+_TCP_FLAG_FIELDS = frozenset(flow_pb2.TCPFlags.DESCRIPTOR.fields_by_name)
+
+
 def tcp_flags(names: Iterable[str]) -> flow_pb2.TCPFlags:
-    fields = set(flow_pb2.TCPFlags.DESCRIPTOR.fields_by_name)
-    return flow_pb2.TCPFlags(**{n: True for n in names if n in fields})
+    return flow_pb2.TCPFlags(**{n: True for n in names if n in _TCP_FLAG_FIELDS})
+
+
+def new_uuid() -> str:
+    """A random (version 4) UUID as text; uuid.uuid4() without its object (per flow)."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def summary(p: PacketSummary) -> str:
@@ -141,28 +152,25 @@ class FlowParser:
         if not isinstance(event, DropEvent | TraceEvent | PolicyVerdictEvent):
             return None
         p = event.packet
-        f = flow_pb2.Flow(
-            uuid=str(uuid.uuid4()),
-            emitter=self.emitter,
-            Type=flow_pb2.L3_L4,
-            node_name=self.node_name,
-            Summary=summary(p),
-        )
-        f.time.CopyFrom(timestamp(event.time if event.time is not None else time.time()))
+        f = flow_pb2.Flow(uuid=new_uuid(), Type=flow_pb2.L3_L4, node_name=self.node_name, Summary=summary(p))
+        f.emitter.CopyFrom(self.emitter)
+        t = event.time if event.time is not None else time.time()
+        whole = int(t)
+        f.time.seconds, f.time.nanos = whole, min(round((t - whole) * 1e9), 999_999_999)
         if p.src_mac is not None:
-            f.ethernet.source, f.ethernet.destination = p.src_mac, p.dst_mac or ""
+            eth = f.ethernet
+            eth.source, eth.destination = p.src_mac, p.dst_mac or ""
         if p.ethertype == ETH_P_IP and p.src_ip is not None:
-            f.IP.source, f.IP.destination = p.src_ip, p.dst_ip or ""
-            f.IP.ipVersion = flow_pb2.IPv4
+            ip = f.IP
+            ip.source, ip.destination, ip.ipVersion = p.src_ip, p.dst_ip or "", flow_pb2.IPv4
         l4 = layer4(p)
         if isinstance(event, PolicyVerdictEvent) and l4 is None:
             l4 = self._policy_layer4(event)
         if l4 is not None:
             f.l4.CopyFrom(l4)
-        src = self._endpoint(p.src_ip, event.src_identity)
-        dst = self._endpoint(p.dst_ip, event.dst_identity)
-        f.source.CopyFrom(src)
-        f.destination.CopyFrom(dst)
+        src = f.source
+        self._fill_endpoint(src, p.src_ip, event.src_identity)
+        self._fill_endpoint(f.destination, p.dst_ip, event.dst_identity)
         if event.ifindex:
             f.interface.index = event.ifindex
         if isinstance(event, DropEvent):
@@ -240,21 +248,18 @@ class FlowParser:
 
     # -- endpoints ----------------------------------------------------------------------
 
-    def _endpoint(self, ip: str | None, identity: int) -> flow_pb2.Endpoint:
+    def _fill_endpoint(self, ep: flow_pb2.Endpoint, ip: str | None, identity: int) -> None:
         details = self.lookup.endpoint_by_ip(ip) if ip else None
         if details is None:
-            return flow_pb2.Endpoint(identity=identity, labels=labels_of(self.lookup, identity))
+            ep.identity = identity
+            ep.labels.extend(labels_of(self.lookup, identity))
+            return
         if not identity:
             identity = details.identity  # e.g. a trace, which carries the source's identity only
         labels = sorted(details.labels) if details.identity == identity else labels_of(self.lookup, identity)
-        return flow_pb2.Endpoint(
-            ID=details.id,
-            identity=identity,
-            cluster_name=details.cluster_name or self.cluster_name,
-            namespace=details.namespace,
-            labels=labels or sorted(details.labels),
-            pod_name=details.pod_name,
-        )
+        ep.ID, ep.identity, ep.namespace, ep.pod_name = details.id, identity, details.namespace, details.pod_name
+        ep.cluster_name = details.cluster_name or self.cluster_name
+        ep.labels.extend(labels or sorted(details.labels))
 
 
 __all__ = ["FlowParser", "lost_event", "summary", "timestamp"]

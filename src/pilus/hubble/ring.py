@@ -50,6 +50,7 @@ class FlowRing:
         self.seen_flows = 0  # flows ever written
         self.lost = 0  # events lost before the ring (see record_lost)
         self.lost_by_source: dict[int, int] = {}
+        self._flows_held = 0  # entries in the ring that are flows (not LostEvents)
         self._changed: asyncio.Event | None = None
 
     # -- writing --------------------------------------------------------------------------
@@ -72,7 +73,10 @@ class FlowRing:
 
     def _write(self, message: flow_pb2.Flow | flow_pb2.LostEvent, time_ns: int) -> RingEntry:
         entry = RingEntry(self._next, time_ns, message)
-        self._buf[self._next % self.capacity] = entry
+        slot = self._next % self.capacity
+        old = self._buf[slot]
+        self._flows_held += (entry.flow is not None) - (old is not None and old.flow is not None)
+        self._buf[slot] = entry
         self._next += 1
         self.wake()
         return entry
@@ -92,7 +96,8 @@ class FlowRing:
         return min(self._next, self.capacity)
 
     def num_flows(self) -> int:
-        return sum(1 for e in self._buf if e is not None and e.flow is not None)
+        """Flows the ring holds now (LostEvent entries not counted)."""
+        return self._flows_held
 
     def read(self, seq: int) -> tuple[RingEntry | None, int]:
         """The entry ``seq`` (None once it is overwritten or not yet written) and how
