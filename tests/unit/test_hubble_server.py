@@ -427,6 +427,17 @@ def test_tcp_listener_and_a_taken_port(sockdir):
     run(main())
 
 
+def test_event_types_limit_the_subscription(sockdir):
+    async def main():
+        async with Node(sockdir, event_types=frozenset({"drop", "policy-verdict"})) as node:
+            assert node.reader.masks[-1] == (1 << abi.NOTIFY_DROP) | (1 << abi.NOTIFY_POLICY_VERDICT)
+            await node.feed(drop(133, t=T0))
+            node.reader.push(trace(t=T0 + 1))  # not subscribed: the hub does not pass it on
+            await node.feed(verdict(0, t=T0 + 2))
+            assert [f.event_type.type for f in only_flows(await node.flows())] == [1, 5]
+    run(main())
+
+
 def test_stop_ends_followers_and_removes_the_socket(sockdir):
     async def main():
         node = Node(sockdir)

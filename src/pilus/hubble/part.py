@@ -1,8 +1,9 @@
 """Hubble on one node, as an agent component: the event hub's typed events -> flows in
 the node's ring -> the gRPC server (pilus.hubble.server).
 
-The part subscribes to every event type of the hub (pilus.observer.monitor) and turns
-each drop, trace and policy verdict into a Flow (pilus.hubble.flows) as the hub queues
+The part subscribes to the hub's event types (pilus.observer.monitor; ``event_types``,
+default all: the datapath then emits them for as long as Hubble runs) and turns each
+drop, trace and policy verdict into a Flow (pilus.hubble.flows) as the hub queues
 them. What is lost on the way is counted and kept in the ring as LostEvents, which
 GetFlows clients receive as Hubble's do: events the hub could not queue for us
 (OBSERVER_EVENTS_QUEUE) and, sampled once per LOST_POLL_INTERVAL, events the datapath
@@ -38,8 +39,10 @@ LOST_POLL_INTERVAL = 1.0  # seconds between two reads of the datapath's lost cou
 class HubblePart:
     def __init__(self, events_hub: Any, lookup: EndpointLookup, *, node_name: str, socket_path: Path | str,
                  tcp_address: str | None = None, capacity: int = DEFAULT_CAPACITY,
-                 cluster_name: str = "default", peer_address: str | None = None) -> None:
+                 cluster_name: str = "default", peer_address: str | None = None,
+                 event_types: frozenset[str] | None = None) -> None:
         self.hub = events_hub
+        self.event_types = event_types  # the hub's type names to subscribe to (None: all)
         self.ring = FlowRing(capacity)
         self.parser = FlowParser(lookup, node_name=node_name, cluster_name=cluster_name)
         self.server = HubbleServer(self.ring, node_name=node_name, socket_path=socket_path,
@@ -54,7 +57,7 @@ class HubblePart:
         await self.server.start()
         try:
             self._datapath_lost = self._read_datapath_lost()
-            self._sub = self.hub.subscribe(None, None)
+            self._sub = self.hub.subscribe(self.event_types, None)
             self._task = asyncio.create_task(self.run_reader(self._sub), name="hubble-flows")
         except BaseException:
             await self.server.stop()
