@@ -3,17 +3,17 @@ Hubble and the agent's endpoints and identities.
 
 The flow parser asks an ``EndpointLookup`` for the endpoint behind an IP (a local
 endpoint, or a pod of another node that the agent learnt from the kvstore) and for the
-labels of a numeric identity. ``StaticLookup`` answers from tables (tests, and any
-caller that keeps such tables); ``AgentLookup`` adapts the agent's parts (its endpoints,
-the other nodes' endpoints from the kvstore, the identity cache), given as callables so
-that this room imports none of them.
+labels of a numeric identity; it is called for every event, so it must answer from
+memory, never wait. ``StaticLookup`` answers from tables (tests, and any caller that
+keeps such tables); the agent passes its own adapter over its endpoints, the other
+nodes' endpoints and its identity cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from pilus.identity.reserved import reserved_by_id
 
@@ -51,7 +51,9 @@ class EndpointLookup(Protocol):
 def labels_of(lookup: EndpointLookup, identity: int) -> list[str]:
     """``lookup.identity_labels``, falling back to the reserved identities' labels
     (``reserved:world`` for 2, ...) when the lookup does not know the identity."""
-    labels = list(lookup.identity_labels(identity)) if identity else []
+    if not identity:
+        return []  # no identity known (e.g. a trace's destination): no labels either
+    labels = list(lookup.identity_labels(identity))
     if not labels and (reserved := reserved_by_id(identity)) is not None:
         labels = reserved.labels.to_list()
     return sorted(labels)
@@ -96,48 +98,3 @@ class StaticLookup:
     def identity_labels(self, identity: int) -> Sequence[str]:
         return self._identities.get(identity, ())
 
-
-class AgentLookup:
-    """An EndpointLookup over the agent's parts:
-
-    - ``local_endpoints()``: this node's endpoints (pilus.endpoint.model.Endpoint: ``id``,
-      ``identity``, ``namespace``, ``pod_name``, ``labels``, ``ipv4``);
-    - ``remote_by_ip(ip)``: another node's endpoint (pilus.ipcache.kvsync.IPIdentityPair:
-      ``identity``, ``endpoint`` = ``namespace/pod``) or None;
-    - ``identity_labels(identity)``: the labels of an identity (label strings or a
-      pilus Labels), None or empty when unknown; must not block (a cache).
-
-    Local endpoints are found by a scan per call (a node has tens to hundreds).
-    """
-
-    def __init__(self, local_endpoints: Callable[[], Iterable[Any]],
-                 remote_by_ip: Callable[[str], Any | None] | None = None,
-                 identity_labels: Callable[[int], Iterable[Any] | None] | None = None) -> None:
-        self._local = local_endpoints
-        self._remote = remote_by_ip
-        self._identity_labels = identity_labels
-
-    @staticmethod
-    def _details(ep: Any) -> EndpointDetails:
-        return EndpointDetails(ep.id, ep.identity, ep.namespace, ep.pod_name,
-                               tuple(str(lbl) for lbl in ep.labels), ip=str(ep.ipv4))
-
-    def endpoint_by_ip(self, ip: str) -> EndpointDetails | None:
-        for ep in self._local():
-            if str(ep.ipv4) == ip:
-                return self._details(ep)
-        pair = self._remote(ip) if self._remote is not None else None
-        if pair is None:
-            return None
-        namespace, _, pod = str(pair.endpoint).rpartition("/")
-        return EndpointDetails(0, pair.identity, namespace, pod, tuple(self.identity_labels(pair.identity)), ip=ip)
-
-    def endpoint_by_id(self, endpoint_id: int) -> EndpointDetails | None:
-        return next((self._details(ep) for ep in self._local() if ep.id == endpoint_id), None)
-
-    def identity_labels(self, identity: int) -> Sequence[str]:
-        labels = self._identity_labels(identity) if self._identity_labels is not None else None
-        if labels:
-            return tuple(str(lbl) for lbl in labels)
-        # an identity only a local endpoint has told us about
-        return next((tuple(str(lbl) for lbl in ep.labels) for ep in self._local() if ep.identity == identity), ())
