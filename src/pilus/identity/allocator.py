@@ -331,6 +331,11 @@ class IdentityAllocator:
         except LabelError:
             return None
 
+    def cached(self, id_: int) -> Labels | None:
+        """The labels of ``id_`` if known without the store (reserved, or in the cache)."""
+        reserved = reserved_by_id(id_)
+        return reserved.labels if reserved is not None else self._by_id.get(id_)
+
     def lookup(self, labels: Labels) -> Identity | None:
         """The identity of ``labels`` if known (reserved, or in the cache); no store access."""
         reserved = reserved_by_labels(labels)

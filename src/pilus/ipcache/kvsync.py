@@ -190,6 +190,10 @@ class IPCacheSync:
         """Other nodes' endpoints as the kvstore holds them."""
         return sorted(self._remote.values(), key=lambda p: p.ip)
 
+    def remote_by_ip(self, ip: str) -> IPIdentityPair | None:
+        """Another node's endpoint by its address."""
+        return self._remote.get(self.prefix + ip)
+
     def remote_endpoint(self, name: str) -> IPIdentityPair | None:
         """Another node's endpoint by ``namespace/pod``."""
         return next((p for p in self._remote.values() if p.endpoint == name), None)
