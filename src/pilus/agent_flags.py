@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 from pathlib import Path
 
+from pilus.datapath.config import LB_MODES
 from pilus.datapath.lb import MAGLEV_PRIMES
 from pilus.kvstore import BACKENDS, store_options
 from pilus.metrics.server import parse_addr
@@ -33,14 +35,47 @@ class AgentConfig:
     socket_lb: bool = False  # also translate services at connect()/sendmsg() (bpf_sock.c)
     routing_mode: str = "tunnel"  # tunnel (VXLAN, identity in the VNI) or native
     tunnel_port: int = TUNNEL_PORT
+    #: NodePort to a backend on another node: snat (Cilium's default) or dsr (native routing only)
+    bpf_lb_mode: str = "snat"
+    enable_hubble: bool = True  # flows of this node's events on <state-dir>/hubble.sock
+    hubble_listen_address: tuple[str, int] | None = None  # also Hubble's gRPC on TCP, e.g. :4244
+    hubble_event_buffer_capacity: int = 4095
+
+    def __post_init__(self) -> None:
+        problem = lb_mode_problem(self.bpf_lb_mode, self.routing_mode)
+        if problem:
+            raise ValueError(problem)
 
     @property
     def socket_path(self) -> Path:
         return self.state_dir / "pilus.sock"
 
 
+def lb_mode_problem(lb_mode: str, routing_mode: str) -> str | None:
+    """Why ``--bpf-lb-mode`` cannot run with ``--routing-mode`` (one line), or None."""
+    if lb_mode not in LB_MODES:
+        return f"unknown --bpf-lb-mode {lb_mode!r}: use one of {', '.join(LB_MODES)}"
+    if lb_mode == "dsr" and routing_mode == "tunnel":
+        return ("--bpf-lb-mode dsr needs --routing-mode native: in tunnel mode DSR needs Geneve "
+                "dispatch, which pilus does not have (VXLAN only)")
+    return None
+
+
+class _AgentParser(argparse.ArgumentParser):
+    """Refuses flag combinations that cannot run, with the parser's one-line error."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        ns, rest = super().parse_known_args(args, namespace)
+        problem = lb_mode_problem(ns.bpf_lb_mode, ns.routing_mode)
+        if problem:
+            self.error(problem)
+        return ns, rest
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _AgentParser(
         prog="pilus agent", description="Run the pilus node agent in this network namespace."
     )
     p.add_argument("--node-name", required=True, help="this node's name (unique on the machine)")
@@ -83,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "VNI, Cilium's default) or native (routes <pod CIDR> via <node IP>, no encapsulation)")
     p.add_argument("--tunnel-port", type=int, default=TUNNEL_PORT, metavar="PORT",
                    help=f"VXLAN UDP port in tunnel mode (default {TUNNEL_PORT})")
+    p.add_argument("--bpf-lb-mode", default="snat", choices=LB_MODES,
+                   help="NodePort/ExternalIP/LoadBalancer traffic to a backend on another node: snat "
+                        "(source becomes this node's IP, replies come back through it; default) or dsr "
+                        "(the frontend travels in an IPv4 option, the backend's node answers the client "
+                        "directly; needs --routing-mode native and the same mode on every node)")
+    p.add_argument("--enable-hubble", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep flows of this node's events and serve Hubble's Observer gRPC API on "
+                        "<state-dir>/hubble.sock (default on)")
+    p.add_argument("--hubble-listen-address", type=_listen_addr, metavar="[HOST]:PORT",
+                   help="also serve it on TCP, e.g. :4244 (Cilium's port; off by default)")
+    p.add_argument("--hubble-event-buffer-capacity", type=_flow_capacity, default=4095, metavar="N",
+                   help="flows kept per node, 2^k - 1 between 1 and 65535 (default 4095)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     p.add_argument("--describe", action="store_true", help="print the components and settings, then exit")
     return p
@@ -107,6 +154,13 @@ def _listen_addr(text: str) -> tuple[str, int]:
         return parse_addr(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _flow_capacity(text: str) -> int:
+    n = int(text) if text.isdigit() else 0
+    if not 1 <= n <= 65535 or n & (n + 1):
+        raise argparse.ArgumentTypeError(f"expected 2^k - 1 between 1 and 65535 (as Cilium), got {text!r}")
+    return n
 
 
 def _maglev_size(text: str) -> int:
@@ -136,4 +190,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         prometheus_addr=args.prometheus_serve_addr,
         routing_mode=args.routing_mode,
         tunnel_port=args.tunnel_port,
+        bpf_lb_mode=args.bpf_lb_mode,
+        enable_hubble=args.enable_hubble,
+        hubble_listen_address=args.hubble_listen_address,
+        hubble_event_buffer_capacity=args.hubble_event_buffer_capacity,
     )

@@ -20,6 +20,10 @@
  * SNAT to the node IP (lib/nodeport.h), through the tunnel (VNI world) or
  * routed (native); its replies come back to the node IP, where the SNAT and
  * the DNAT are reversed and the reply is routed to the client here.
+ * DSR mode (pilus_config.lb_dsr, native routing only): the client's address
+ * and port stay, every packet gets an IPv4 option with the frontend and is
+ * routed to the backend's node, whose from-netdev records the frontend for the
+ * replies (lib/nodeport.h); the backend answers the client directly.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -65,6 +69,13 @@ static __always_inline int from_netdev_deliver(struct __sk_buff *skb, struct pkt
 	ret = ct_lookup4(skb, p, &ct);
 	if (ret)
 		return send_drop(skb, d, ret, METRIC_INGRESS);
+	/* DSR: another node's NodePort connection to a local backend; the
+	 * option stays in the packet (the pod's stack ignores it) */
+	if (CFG(lb_dsr)) {
+		ret = nodeport_dsr_ingress(skb, p);
+		if (ret)
+			return send_drop(skb, d, ret, METRIC_INGRESS);
+	}
 	/* a remote backend's reply to a service connection of a local pod */
 	if (ct.state == CT_REPLY) {
 		bool redo = false;
@@ -76,13 +87,41 @@ static __always_inline int from_netdev_deliver(struct __sk_buff *skb, struct pkt
 	return ipv4_ingress_delivery(skb, p, dst_ep, src_id, &ct, d);
 }
 
+/* DSR: the client keeps its address; the frontend rides in an IPv4 option to
+ * the backend's node (routed: DSR is native routing only), which answers the
+ * client itself. Too big with the option: ICMP fragmentation needed. */
+static __always_inline int nodeport_dsr_forward(struct __sk_buff *skb, struct pkt4 *p,
+						const struct lb4_result *svc, struct drop_ctx *d)
+{
+	__u32 mtu = 0;
+	int ret;
+
+	if (bpf_check_mtu(skb, 0, &mtu, DSR_IPV4_OPT_LEN, 0) == BPF_MTU_CHK_RET_FRAG_NEEDED) {
+		send_drop(skb, d, DROP_FRAG_NEEDED, METRIC_INGRESS);
+		ret = nodeport_dsr_frag_needed(skb, p, svc, mtu, d->ifindex);
+		return ret < 0 ? CTX_ACT_SHOT : ret;
+	}
+	ret = nodeport_dsr_set_opt4(skb, p, svc->vip, svc->vport);
+	if (ret)
+		return send_drop(skb, d, ret, METRIC_INGRESS);
+	ret = lb4_fib_redirect(skb, p);
+	if (ret < 0)
+		return send_drop(skb, d, DROP_NO_FIB, METRIC_INGRESS);
+	update_metrics(skb->len, METRIC_INGRESS, REASON_FORWARDED);
+	return ret;
+}
+
 /* a frontend DNATed to another node's backend: SNAT, then into the tunnel
- * (the client is presented as world) or routed to the backend's node */
+ * (the client is presented as world) or routed to the backend's node; DSR
+ * instead in native routing with lb_dsr */
 static __always_inline int nodeport_forward(struct __sk_buff *skb, struct pkt4 *p,
 					    const struct lb4_result *svc, struct drop_ctx *d)
 {
-	int ret = nodeport_snat_fwd(skb, p, svc);
+	int ret;
 
+	if (CFG(lb_dsr) && !CFG(tunnel_ifindex))
+		return nodeport_dsr_forward(skb, p, svc, d);
+	ret = nodeport_snat_fwd(skb, p, svc);
 	if (ret)
 		return send_drop(skb, d, ret, METRIC_INGRESS);
 	if (CFG(tunnel_ifindex)) {

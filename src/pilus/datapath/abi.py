@@ -368,6 +368,7 @@ class PilusConfig(_Base):
         ("ct_lifetime_nontcp", c_uint32),
         ("trace_aggregate", c_uint32),
         ("tunnel_ifindex", c_uint32),  # 0 = native routing
+        ("lb_dsr", c_uint32),  # 1 = --bpf-lb-mode dsr (native routing only)
     ]
 
 

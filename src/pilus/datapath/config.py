@@ -9,6 +9,9 @@ from pathlib import Path
 from . import abi
 from .lb import LbConfig
 
+#: NodePort modes (Cilium's --bpf-lb-mode, without hybrid)
+LB_MODES = ("snat", "dsr")
+
 
 @dataclass(frozen=True)
 class DatapathConfig:
@@ -30,6 +33,16 @@ class DatapathConfig:
     #: and bpf_lxc.o encapsulates into; None: native routing
     tunnel_device: str | None = None
     tunnel_ifindex: int = 0
+    #: NodePort to another node's backend (agent --bpf-lb-mode): "snat" (to the node IP,
+    #: replies come back here) or "dsr" (the frontend travels in an IPv4 option, the
+    #: backend's node answers the client directly; native routing only)
+    lb_mode: str = "snat"
+
+    def __post_init__(self) -> None:
+        if self.lb_mode not in LB_MODES:
+            raise ValueError(f"unknown lb mode {self.lb_mode!r}: use one of {', '.join(LB_MODES)}")
+        if self.lb_mode == "dsr" and self.tunnel_device:
+            raise ValueError("lb mode dsr needs native routing (no tunnel device)")
 
 
 def build_config(cfg: DatapathConfig, trace_aggregate: bool = True) -> abi.PilusConfig:
@@ -47,4 +60,5 @@ def build_config(cfg: DatapathConfig, trace_aggregate: bool = True) -> abi.Pilus
     c.ct_lifetime_nontcp = 60
     c.trace_aggregate = 1 if trace_aggregate else 0
     c.tunnel_ifindex = cfg.tunnel_ifindex if cfg.tunnel_device else 0
+    c.lb_dsr = 1 if cfg.lb_mode == "dsr" else 0
     return c

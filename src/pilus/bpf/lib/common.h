@@ -339,6 +339,9 @@ struct pilus_config {
 	__u32  ct_lifetime_nontcp;
 	__u32  trace_aggregate;   /* 0 = every packet, 1 = CT-aggregated (medium) */
 	__u32  tunnel_ifindex;    /* the VXLAN device (tunnel mode); 0 = native routing */
+	__u32  lb_dsr;            /* 1: --bpf-lb-mode dsr (native routing only): NodePort to a
+	                           * remote backend carries the frontend in an IPv4 option
+	                           * (lib/nodeport.h) and the backend's node answers directly */
 };
 
 #endif /* __PILUS_COMMON_H */
