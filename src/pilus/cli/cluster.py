@@ -53,6 +53,10 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
     up.add_argument("--routing-mode", choices=("tunnel", "native"), default="tunnel",
                     help="how pods reach other nodes' pods: tunnel (VXLAN, the source identity in the "
                          "VNI; default) or native (routes via the node IPs, no encapsulation)")
+    up.add_argument("--bpf-lb-mode", choices=("snat", "dsr"), default="snat",
+                    help="NodePort to a backend on another node: snat (to the entry node's IP; default) "
+                         "or dsr (the backend's node answers the client directly; needs "
+                         "--routing-mode native)")
     common.add_output_option(up)
     up.set_defaults(func=cmd_up)
 
@@ -137,7 +141,8 @@ def cmd_up(args) -> int:
     name = _name(args)
     spec = mgr.ClusterSpec(name=name, nodes=args.nodes, pod_cidr=args.pod_cidr,
                            underlay_cidr=args.underlay_cidr, state_root=common.state_root(),
-                           kvstore=args.kvstore, routing_mode=args.routing_mode)
+                           kvstore=args.kvstore, routing_mode=args.routing_mode,
+                           bpf_lb_mode=args.bpf_lb_mode)
     print(f"Creating cluster '{name}' with {args.nodes} node(s)...", file=sys.stderr, flush=True)
     try:
         info = mgr.cluster_up(spec)

@@ -37,6 +37,7 @@ class ClusterSpec:
     state_root: Path = DEFAULT_STATE_ROOT
     kvstore: str = "embedded"
     routing_mode: str = "tunnel"  # tunnel or native (the agents' --routing-mode)
+    bpf_lb_mode: str = "snat"  # snat or dsr (the agents' --bpf-lb-mode; dsr needs native routing)
 
 
 def validate(spec: ClusterSpec) -> None:
@@ -68,6 +69,11 @@ def validate(spec: ClusterSpec) -> None:
         raise ClusterError(f"pod CIDR {pod} overlaps the underlay CIDR {und}: pick disjoint ranges")
     if spec.routing_mode not in ("tunnel", "native"):
         raise ClusterError(f"unknown routing mode {spec.routing_mode!r}: use tunnel or native")
+    if spec.bpf_lb_mode not in ("snat", "dsr"):
+        raise ClusterError(f"unknown lb mode {spec.bpf_lb_mode!r}: use snat or dsr")
+    if spec.bpf_lb_mode == "dsr" and spec.routing_mode == "tunnel":
+        raise ClusterError("--bpf-lb-mode dsr needs --routing-mode native (DSR in tunnel mode needs "
+                           "Geneve dispatch, which pilus does not have)")
     if spec.kvstore not in KVSTORES:
         raise ClusterError(
             f"unknown kvstore {spec.kvstore!r}: use one of {', '.join(KVSTORES)}"
@@ -177,6 +183,7 @@ def build_cluster_doc(spec: ClusterSpec, supervisor_pid: int | None = None) -> d
         "pod_cidr": str(IPv4Network(spec.pod_cidr)),
         "kvstore": spec.kvstore,
         "routing_mode": spec.routing_mode,
+        "bpf_lb_mode": spec.bpf_lb_mode,
         "kvstore_path": str(cdir / "kvstore.db"),
         "state_root": str(spec.state_root),
         "supervisor_pid": supervisor_pid,
@@ -276,7 +283,14 @@ def agent_argv(doc: dict[str, Any], node: dict[str, Any], python: str) -> list[s
         doc["pod_cidr"],
         "--routing-mode",
         doc.get("routing_mode", "tunnel"),
+        *_lb_mode_flags(doc),
     ]
+
+
+def _lb_mode_flags(doc: dict[str, Any]) -> list[str]:
+    """``--bpf-lb-mode`` when it is not the agents' default (snat)."""
+    mode = doc.get("bpf_lb_mode") or "snat"
+    return [] if mode == "snat" else ["--bpf-lb-mode", mode]
 
 
 def _kvstore_flags(doc: dict[str, Any]) -> list[str]:
