@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from pilus import __version__, protocols
 from pilus.agent_flags import AgentConfig, build_parser, config_from_args
+from pilus.agent_hubble import AgentEndpointLookup
 from pilus.api.server import APIServer
 from pilus.components import (
     EventsPart,
@@ -45,6 +46,7 @@ from pilus.endpoint.manager import EndpointManager, EndpointNotFound, NodeInfo
 from pilus.endpoint.model import EndpointStore
 from pilus.endpoint.policy_sync import PolicySync
 from pilus.errors import TraceInputError, user_message
+from pilus.hubble.part import HubblePart
 from pilus.identity import reserved
 from pilus.identity.allocator import IdentityAllocator
 from pilus.identity.labels import Label, Labels, endpoint_labels, parse_labels
@@ -105,6 +107,7 @@ class Agent:
         self._netns_cookies = NetnsCookies()
         self._endpoints_restored = False
         self._backends_task: asyncio.Task | None = None
+        self.hubble_lookup: AgentEndpointLookup | None = None  # invalidated when the endpoints change
         self.parts: dict[str, Any] = {}  # built components by row name
         self.state: dict[str, str] = {}  # row name -> Pending / Ok / Failed: ... / Stopped
         self._started: list[Row] = []
@@ -177,6 +180,9 @@ class Agent:
                 lambda: MapRetrier([self.ipcache, self.parts["endpoint-map"], self.services,
                                     self.parts["node-routes"]])),
             Row("events", "ring buffer -> monitor subscribers", lambda: EventsPart(self.datapath)),
+            Row("hubble", "events -> flows (ring of --hubble-event-buffer-capacity); Hubble's Observer gRPC "
+                "API on <state-dir>/hubble.sock and --hubble-listen-address",
+                self._make_hubble, enabled=cfg.enable_hubble),
             Row("api", "REST on <state-dir>/pilus.sock", lambda: APIServer(self, cfg.socket_path)),
             Row("metrics", "Prometheus /metrics on --prometheus-serve-addr",
                 lambda: PrometheusServer(self.registry, *cfg.prometheus_addr),
@@ -248,6 +254,10 @@ class Agent:
         return self.parts.get("api")
 
     @property
+    def hubble(self) -> HubblePart | None:
+        return self.parts.get("hubble")
+
+    @property
     def prometheus(self) -> PrometheusServer | None:
         return self.parts.get("metrics")
 
@@ -258,6 +268,7 @@ class Agent:
             lb=LbConfig(maglev_table_size=cfg.maglev_table_size),
             socket_lb=cfg.socket_lb, native_device=self.parts["addresses"].device,
             tunnel_device=self.parts["tunnel"].name, tunnel_ifindex=self.parts["tunnel"].ifindex,
+            lb_mode=cfg.bpf_lb_mode,  # DSR-TEMP
         )
 
     def _make_services(self) -> ServiceManager:
@@ -270,6 +281,16 @@ class Agent:
             local_networks=[cfg.pod_cidr],
             state_path=cfg.state_dir / "services.json",
         )
+
+    def _make_hubble(self) -> HubblePart:
+        cfg = self.cfg
+        addr = cfg.hubble_listen_address
+        self.hubble_lookup = AgentEndpointLookup(self)
+        return HubblePart(self.events, self.hubble_lookup, node_name=cfg.node_name,
+                          socket_path=cfg.state_dir / "hubble.sock",
+                          tcp_address=f"{addr[0]}:{addr[1]}" if addr else None,
+                          capacity=cfg.hubble_event_buffer_capacity, cluster_name=cfg.cluster_name,
+                          peer_address=f"{self.node_ip}:{addr[1]}" if addr else None)
 
     def _make_nodes(self) -> NodeRegistry:
         cfg = self.cfg
@@ -359,6 +380,8 @@ class Agent:
     async def endpoints_changed(self) -> None:
         """Service backends follow the endpoints (like Kubernetes Endpoints); the other
         nodes learn them through the kvstore."""
+        if self.hubble_lookup is not None:
+            self.hubble_lookup.invalidate()
         sync = self.parts.get("ipcache-sync")
         if sync is not None and self.endpoints is not None:
             await sync.publish(self.endpoints.list())
@@ -570,6 +593,8 @@ class Agent:
             "nodes": self.node_registry.status() if self.node_registry else {},
             "routing": routes.status() if (routes := self.parts.get("node-routes")) and hasattr(routes, "status")
             else {"mode": self.cfg.routing_mode},
+            "hubble": self.hubble.status() if self.hubble is not None and hasattr(self.hubble, "status")
+            else {"ok": False, "disabled": True},
             "policy": {
                 "mode": self.cfg.policy_enforcement,
                 "revision": self.policy.revision if self.policy else 0,

@@ -131,7 +131,7 @@ def test_starts_in_table_order_and_stops_in_reverse(tmp_path):
     with_stop = [r.name for r in agent.rows if r.enabled and r.stop]
     assert started == [f"start {n}" for n in enabled]
     assert log[len(started):] == [f"stop {n}" for n in reversed(with_stop)]
-    assert with_stop[:2] == ["lock", "kvstore"] and with_stop[-2:] == ["events", "api"]
+    assert with_stop[:2] == ["lock", "kvstore"] and with_stop[-3:] == ["events", "hubble", "api"]
     assert all(agent.state[r.name] == ("Stopped" if r.enabled else "Disabled") for r in agent.rows)
 
 

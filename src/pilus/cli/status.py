@@ -121,6 +121,16 @@ def format_status(h: dict) -> str:
     if pol:
         lines.append(("Policy", f"enforcement {output.or_dash(pol.get('mode'))}, "
                       f"revision {output.or_dash(pol.get('revision'))}"))
+    hub = h.get("hubble")
+    if hub:
+        if hub.get("disabled"):
+            lines.append(("Hubble", "Disabled"))
+        else:
+            lines.append(("Hubble", f"{'Ok' if hub.get('ok') else 'Failure'}   Current/Max Flows: "
+                          f"{output.or_dash(hub.get('current_flows'))}/{output.or_dash(hub.get('max_flows'))}, "
+                          f"Flows/s: {output.or_dash(hub.get('flows_per_second'))}, "
+                          f"{output.or_dash(hub.get('lost'))} lost"
+                          + (f", on {hub['address']}" if hub.get("address") else "")))
     ev = h.get("events") or {}
     lines.append(("Events", f"{output.or_dash(ev.get('received'))} received, "
                   f"{output.or_dash(ev.get('lost'))} lost"))

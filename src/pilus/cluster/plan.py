@@ -15,6 +15,7 @@ from typing import Any
 
 DEFAULT_STATE_ROOT = Path("/run/pilus")
 BPFFS_ROOT = Path("/sys/fs/bpf/pilus")
+HUBBLE_PORT = 4244  # Hubble's gRPC port on every node (Cilium's)
 MAX_NODES = 200  # underlay .11 ... .210 in a /24; also keeps names short
 KVSTORES = ("embedded", "etcd")
 # etcd listens on the bridge address only, so a system etcd on 127.0.0.1 cannot collide
@@ -284,6 +285,8 @@ def agent_argv(doc: dict[str, Any], node: dict[str, Any], python: str) -> list[s
         "--routing-mode",
         doc.get("routing_mode", "tunnel"),
         *_lb_mode_flags(doc),
+        "--hubble-listen-address",  # in the node's namespace: the relay and `--node` reach it
+        f":{HUBBLE_PORT}",
     ]
 
 
