@@ -1,0 +1,200 @@
+"""Hubble Relay (pilus.hubble.relay) over two real node servers (pilus.hubble.server on
+loopback TCP, rings filled directly), no root: nodes found through peer.Peer/Notify,
+flows of both merged by time with number/first, node_status at the start of a stream,
+a node that stops reported NODE_UNAVAILABLE while the other's flows keep coming and its
+stream resuming when it is back, GetNodes, ServerStatus, GetNamespaces and health."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from pathlib import Path
+
+import grpc
+import pytest
+from aio_helpers import eventually, run
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pilus.hubble.flows import timestamp
+from pilus.hubble.protos import flow_pb2, observer_pb2, observer_pb2_grpc, relay_pb2
+from pilus.hubble.relay import Relay, merge_flows
+from pilus.hubble.ring import FlowRing
+from pilus.hubble.server import HubbleServer
+
+T0 = 1_750_000_000.0
+
+
+@pytest.fixture
+def sockdir():
+    d = Path(tempfile.mkdtemp(prefix="relay-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def flow(node: str, t: float, pod: str, *, verdict=flow_pb2.FORWARDED, namespace="default") -> flow_pb2.Flow:
+    f = flow_pb2.Flow(node_name=node, verdict=verdict, Type=flow_pb2.L3_L4, time=timestamp(t))
+    f.source.namespace, f.source.pod_name = namespace, pod
+    f.destination.namespace, f.destination.pod_name = namespace, "deathstar"
+    return f
+
+
+class Cluster:
+    """Two node servers on 127.0.0.1 and a relay over them (Notify of both)."""
+
+    def __init__(self, sockdir: Path) -> None:
+        self.sockdir = sockdir
+        self.rings = {"n1": FlowRing(100), "n2": FlowRing(100)}
+        self.servers: dict[str, HubbleServer] = {}
+        self.ports: dict[str, int] = {}
+        self.relay: Relay | None = None
+        self.channel: grpc.aio.Channel | None = None
+
+    async def start_node(self, name: str) -> None:
+        port = self.ports.get(name, 0)
+        server = HubbleServer(self.rings[name], node_name=name, socket_path=self.sockdir / f"{name}.sock",
+                              tcp_address=f"127.0.0.1:{port}")
+        await server.start()
+        self.servers[name], self.ports[name] = server, server.tcp_port
+
+    async def stop_node(self, name: str) -> None:
+        await self.servers.pop(name).stop()
+
+    async def __aenter__(self) -> Cluster:
+        for name in self.rings:
+            await self.start_node(name)
+        self.relay = Relay("127.0.0.1:0", [f"127.0.0.1:{p}" for p in self.ports.values()], health_interval=0.2)
+        await self.relay.start()
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.relay.port}")
+        await eventually(lambda: sum(p.connected for p in self.relay.peers.snapshot()) == 2, timeout=5)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.channel.close()
+        await self.relay.stop()
+        for name in list(self.servers):
+            await self.stop_node(name)
+
+    @property
+    def observer(self) -> observer_pb2_grpc.ObserverStub:
+        return observer_pb2_grpc.ObserverStub(self.channel)
+
+    async def get_flows(self, **req) -> list[observer_pb2.GetFlowsResponse]:
+        return [r async for r in self.observer.GetFlows(observer_pb2.GetFlowsRequest(**req), timeout=10)]
+
+
+def kinds(responses) -> list[str]:
+    return [r.WhichOneof("response_types") for r in responses]
+
+
+def pods(responses) -> list[str]:
+    return [r.flow.source.pod_name for r in responses if r.WhichOneof("response_types") == "flow"]
+
+
+def test_flows_of_both_nodes_are_merged_by_time_and_number_keeps_the_newest(sockdir):
+    async def main():
+        async with Cluster(sockdir) as c:
+            for i in range(4):
+                c.rings["n1"].push(flow("n1", T0 + 2 * i, f"a{i}"))
+                c.rings["n2"].push(flow("n2", T0 + 2 * i + 1, f"b{i}"))
+            everything = await c.get_flows()
+            assert kinds(everything)[0] == "node_status"
+            opening = everything[0].node_status
+            assert opening.state_change == relay_pb2.NODE_CONNECTED and list(opening.node_names) == ["n1", "n2"]
+            assert pods(everything) == ["a0", "b0", "a1", "b1", "a2", "b2", "a3", "b3"]
+            assert pods(await c.get_flows(number=3)) == ["b2", "a3", "b3"]
+            assert pods(await c.get_flows(number=3, first=True)) == ["a0", "b0", "a1"]
+            only_b = await c.get_flows(number=2, whitelist=[flow_pb2.FlowFilter(source_pod=["default/b"])])
+            assert pods(only_b) == ["b2", "b3"] and {r.node_name for r in only_b if r.HasField("flow")} == {"n2"}
+    run(main())
+
+
+def test_a_bad_filter_is_invalid_argument_once(sockdir):
+    async def main():
+        async with Cluster(sockdir) as c:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.get_flows(whitelist=[flow_pb2.FlowFilter(source_ip=["not-an-ip"])])
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not-an-ip" in err.value.details()
+    run(main())
+
+
+def test_nodes_status_namespaces_and_health(sockdir):
+    async def main():
+        async with Cluster(sockdir) as c:
+            c.rings["n1"].push(flow("n1", T0, "a", namespace="rebels"))
+            c.rings["n2"].push(flow("n2", T0 + 1, "b"))
+            c.rings["n2"].push(flow("n2", T0 + 2, "b"))
+            nodes = (await c.observer.GetNodes(observer_pb2.GetNodesRequest(), timeout=5)).nodes
+            assert [(n.name, n.state) for n in nodes] == [("n1", relay_pb2.NODE_CONNECTED),
+                                                          ("n2", relay_pb2.NODE_CONNECTED)]
+            assert [n.num_flows for n in nodes] == [1, 2] and nodes[0].address == f"127.0.0.1:{c.ports['n1']}"
+            status = await c.observer.ServerStatus(observer_pb2.ServerStatusRequest(), timeout=5)
+            assert (status.num_flows, status.max_flows, status.seen_flows) == (3, 200, 3)
+            assert status.num_connected_nodes.value == 2 and status.num_unavailable_nodes.value == 0
+            spaces = (await c.observer.GetNamespaces(observer_pb2.GetNamespacesRequest(), timeout=5)).namespaces
+            assert [s.namespace for s in spaces] == ["default", "rebels"]
+            check = await health_pb2_grpc.HealthStub(c.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+
+            await c.stop_node("n2")
+            await eventually(lambda: not c.relay.peers.peers["n2"].connected, timeout=5)
+            status = await c.observer.ServerStatus(observer_pb2.ServerStatusRequest(), timeout=5)
+            assert status.num_connected_nodes.value == 1 and status.num_unavailable_nodes.value == 1
+            assert list(status.unavailable_nodes) == ["n2"] and status.num_flows == 1
+            nodes = (await c.observer.GetNodes(observer_pb2.GetNodesRequest(), timeout=5)).nodes
+            assert [(n.name, n.state) for n in nodes] == [("n1", relay_pb2.NODE_CONNECTED),
+                                                          ("n2", relay_pb2.NODE_UNAVAILABLE)]
+            got = await c.get_flows()
+            assert [(r.node_status.state_change, list(r.node_status.node_names)) for r in got
+                    if r.HasField("node_status")] == [(relay_pb2.NODE_CONNECTED, ["n1"]),
+                                                      (relay_pb2.NODE_UNAVAILABLE, ["n2"])]
+            assert pods(got) == ["a"]
+    run(main())
+
+
+def test_follow_goes_on_when_a_node_goes_and_resumes_when_it_is_back(sockdir):
+    async def main():
+        async with Cluster(sockdir) as c:
+            stream = c.observer.GetFlows(observer_pb2.GetFlowsRequest(follow=True), timeout=30)
+            seen: list[observer_pb2.GetFlowsResponse] = []
+
+            async def read():
+                async for r in stream:
+                    seen.append(r)
+
+            reader = asyncio.create_task(read())
+            try:
+                await eventually(lambda: len(seen) >= 1)  # the opening node_status
+                await asyncio.sleep(0.2)  # both node streams are open
+                c.rings["n1"].push(flow("n1", T0, "a0"))
+                c.rings["n2"].push(flow("n2", T0 + 1, "b0"))
+                await eventually(lambda: sorted(pods(seen)) == ["a0", "b0"])
+                await c.stop_node("n2")
+
+                def unavailable():
+                    return [list(r.node_status.node_names) for r in seen if r.HasField("node_status")
+                            and r.node_status.state_change == relay_pb2.NODE_UNAVAILABLE]
+                await eventually(lambda: unavailable() == [["n2"]], timeout=5)
+                c.rings["n1"].push(flow("n1", T0 + 2, "a1"))
+                await eventually(lambda: "a1" in pods(seen))
+                c.rings["n2"].push(flow("n2", T0 + 3, "b1"))  # while n2 is down
+                await c.start_node("n2")  # same ring and port: the node is back
+                await eventually(lambda: "b1" in pods(seen), timeout=5)
+                assert pods(seen).count("b0") == 1  # resumed after the last flow sent
+            finally:
+                stream.cancel()
+                reader.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await reader
+    run(main(), timeout=40)
+
+
+def test_merge_keeps_lost_events_in_the_window():
+    def r(t, pod=None):
+        if pod is None:
+            return observer_pb2.GetFlowsResponse(lost_events=flow_pb2.LostEvent(num_events_lost=1), time=timestamp(t))
+        return observer_pb2.GetFlowsResponse(flow=flow("n", t, pod), time=timestamp(t))
+
+    merged = merge_flows([[r(1, "a"), r(3), r(4, "b")], [r(2, "c"), r(5, "d")]], 3)
+    assert kinds(merged) == ["flow", "lost_events", "flow", "flow"] and pods(merged) == ["c", "b", "d"]
+    assert pods(merge_flows([[r(1, "a"), r(4, "b")], [r(2, "c")]], 2, first=True)) == ["a", "c"]
