@@ -198,3 +198,13 @@ def test_merge_keeps_lost_events_in_the_window():
     merged = merge_flows([[r(1, "a"), r(3), r(4, "b")], [r(2, "c"), r(5, "d")]], 3)
     assert kinds(merged) == ["flow", "lost_events", "flow", "flow"] and pods(merged) == ["c", "b", "d"]
     assert pods(merge_flows([[r(1, "a"), r(4, "b")], [r(2, "c")]], 2, first=True)) == ["a", "c"]
+
+
+def test_the_cluster_runs_its_relay_on_the_bridge_address_with_every_node_as_target():
+    from pilus.cluster import plan
+
+    doc = plan.build_cluster_doc(plan.ClusterSpec(name="c1", nodes=2))
+    assert doc["relay_address"] == "172.30.0.1:4245"
+    argv = plan.relay_argv(doc, "/usr/bin/python3")
+    assert argv == ["/usr/bin/python3", "-m", "pilus.hubble.relay", "--listen-address", "172.30.0.1:4245",
+                    "--peer-target", "172.30.0.11:4244", "--peer-target", "172.30.0.12:4244"]

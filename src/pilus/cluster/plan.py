@@ -16,6 +16,7 @@ from typing import Any
 DEFAULT_STATE_ROOT = Path("/run/pilus")
 BPFFS_ROOT = Path("/sys/fs/bpf/pilus")
 HUBBLE_PORT = 4244  # Hubble's gRPC port on every node (Cilium's)
+RELAY_PORT = 4245  # the cluster's Hubble Relay on the bridge address (the hubble CLI's default port)
 MAX_NODES = 200  # underlay .11 ... .210 in a /24; also keeps names short
 KVSTORES = ("embedded", "etcd")
 # etcd listens on the bridge address only, so a system etcd on 127.0.0.1 cannot collide
@@ -189,6 +190,8 @@ def build_cluster_doc(spec: ClusterSpec, supervisor_pid: int | None = None) -> d
         "state_root": str(spec.state_root),
         "supervisor_pid": supervisor_pid,
         "nodes": nodes,
+        "relay_address": f"{bridge_ip(und)}:{RELAY_PORT}",
+        "relay_log": str(cdir / "relay.log"),
     }
     if spec.kvstore == "etcd":
         doc["kvstore_path"] = None
@@ -300,3 +303,10 @@ def _kvstore_flags(doc: dict[str, Any]) -> list[str]:
     if doc.get("kvstore") == "etcd":
         return ["--kvstore-opt", f"etcd.address={doc['kvstore_address']}"]
     return ["--kvstore-path", doc["kvstore_path"]]
+
+
+def relay_argv(doc: dict[str, Any], python: str) -> list[str]:
+    """The cluster's Hubble Relay (pilus.hubble.relay) in the machine's namespace, on the
+    bridge address, with every node's Hubble server (node IP:4244) as a peer target."""
+    targets = [arg for n in doc["nodes"] for arg in ("--peer-target", f"{n['node_ip']}:{HUBBLE_PORT}")]
+    return [python, "-m", "pilus.hubble.relay", "--listen-address", doc["relay_address"], *targets]

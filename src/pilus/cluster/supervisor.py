@@ -13,6 +13,9 @@ With ``"kvstore": "etcd"`` it also runs the cluster's etcd (output in
 ``<root>/<name>/etcd.log``), restarted like an agent; the agents are started only
 once etcd answers GET /health, and stopped before it.
 
+It also runs the cluster's Hubble Relay (pilus.hubble.relay, on ``relay_address`` of
+cluster.json, output in ``relay.log``), restarted like an agent and stopped with them.
+
 How an agent enters its node: ``nsenter --net=/run/netns/<netns> -- <agent argv>``
 (the network namespace only). `ip netns exec` would also put the agent in a
 private mount namespace with a fresh /sys, where the machine's bpffs
@@ -37,7 +40,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pilus.cluster.plan import agent_argv, etcd_argv
+from pilus.cluster.plan import agent_argv, etcd_argv, relay_argv
 
 RESTART_MIN_S = 1.0
 RESTART_MAX_S = 5.0
@@ -175,6 +178,21 @@ class EtcdProc(ChildProc):
         return self.running() and etcd_healthy(self.address, timeout=0.5)
 
 
+class RelayProc(ChildProc):
+    """The cluster's Hubble Relay, in the machine's namespace on ``doc["relay_address"]``
+    (output in ``doc["relay_log"]``); started with the agents, stopped with them."""
+
+    what = "relay"
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        super().__init__(f"cluster {doc['name']}", Path(doc.get("relay_log") or
+                                                        Path(doc["state_root"]) / doc["name"] / "relay.log"))
+        self.doc = doc
+
+    def argv(self) -> list[str]:
+        return relay_argv(self.doc, sys.executable)
+
+
 def etcd_healthy(address: str, timeout: float = 2.0) -> bool:
     """etcd's GET /health says {"health":"true"}."""
     try:
@@ -193,6 +211,7 @@ class Supervisor:
         self.agents = [AgentProc(doc, n) for n in doc["nodes"]]
         self._doc_mtime = (self.cdir / "cluster.json").stat().st_mtime_ns
         self.etcd = EtcdProc(doc) if doc.get("kvstore") == "etcd" else None
+        self.relay = RelayProc(doc) if doc.get("relay_address") else None
         # agents start once the kvstore answers (they would fail fast without it)
         self.kvstore_ready = self.etcd is None
 
@@ -204,6 +223,8 @@ class Supervisor:
         }
         if self.etcd is not None:
             data["etcd"] = dict(self.etcd.status(), ready=self.kvstore_ready)
+        if self.relay is not None:
+            data["relay"] = dict(self.relay.status(), address=self.relay.doc["relay_address"])
         tmp = self.cdir / "supervisor.json.tmp"
         with contextlib.suppress(OSError):
             tmp.write_text(json.dumps(data, indent=1) + "\n")
@@ -238,6 +259,8 @@ class Supervisor:
         if self.kvstore_ready:
             for a in self.agents:
                 changed |= a.poll(now)
+            if self.relay is not None:
+                changed |= self.relay.poll(now)
         return changed
 
     def run(self) -> int:
@@ -256,7 +279,7 @@ class Supervisor:
             if self._step(time.monotonic()):
                 self.write_status()
             time.sleep(0.1)
-        self.stop_children(self.agents)
+        self.stop_children(self.agents + ([self.relay] if self.relay is not None else []))
         if self.etcd is not None:
             self.stop_children([self.etcd])  # after the agents: they revoke leases on the way out
         with contextlib.suppress(OSError):

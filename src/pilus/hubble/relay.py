@@ -106,7 +106,7 @@ def merge_flows(per_node: list[list[observer_pb2.GetFlowsResponse]], number: int
 
 
 @dataclass
-class Peer:
+class RelayPeer:
     """One node of the cluster as the relay sees it."""
 
     name: str
@@ -142,7 +142,7 @@ class PeerManager:
             raise ValueError("the relay needs at least one peer target")
         self.targets = list(targets)
         self.health_interval = health_interval
-        self.peers: dict[str, Peer] = {}
+        self.peers: dict[str, RelayPeer] = {}
         self.changed = asyncio.Event()  # set whenever a node is added, moved or deleted
         self.gone: set[str] = set()
         self._tasks: list[asyncio.Task] = []
@@ -164,7 +164,7 @@ class PeerManager:
                 await p.channel.close()
         self._tasks.clear()
 
-    def snapshot(self) -> list[Peer]:
+    def snapshot(self) -> list[RelayPeer]:
         return sorted(self.peers.values(), key=lambda p: p.name)
 
     def _announce(self) -> None:
@@ -192,7 +192,7 @@ class PeerManager:
         if peer is not None:
             self._close(peer)
         log.info("relay: node %s at %s", name, address)
-        peer = Peer(name, address)
+        peer = RelayPeer(name, address)
         peer.open()
         peer.task = asyncio.create_task(self.run_health(peer), name=f"relay-health-{name}")
         self.peers[name] = peer
@@ -200,7 +200,7 @@ class PeerManager:
         self._announce()
 
     @staticmethod
-    def _close(peer: Peer) -> None:
+    def _close(peer: RelayPeer) -> None:
         if peer.task is not None:
             peer.task.cancel()
         peer.set_state(False, "deleted")
@@ -221,7 +221,7 @@ class PeerManager:
             await asyncio.sleep(delay)
             delay = min(delay * 2, NOTIFY_RETRY_MAX)
 
-    async def run_health(self, peer: Peer) -> None:
+    async def run_health(self, peer: RelayPeer) -> None:
         assert peer.channel is not None
         stub = health_pb2_grpc.HealthStub(peer.channel)
         while True:
@@ -334,7 +334,7 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
             yield response
 
     @staticmethod
-    async def _collect(peer: Peer, request, context) -> tuple[list, grpc.aio.AioRpcError | None]:
+    async def _collect(peer: RelayPeer, request, context) -> tuple[list, grpc.aio.AioRpcError | None]:
         remaining = context.time_remaining()
         timeout = COLLECT_TIMEOUT if remaining is None else max(min(remaining, COLLECT_TIMEOUT), 0.1)
         got: list[observer_pb2.GetFlowsResponse] = []
@@ -349,9 +349,9 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
     async def follow(self, request) -> AsyncIterator[observer_pb2.GetFlowsResponse]:
         """Every node's stream as it comes, nodes joining and leaving on the way."""
         queue: asyncio.Queue[observer_pb2.GetFlowsResponse | None] = asyncio.Queue(FOLLOW_QUEUE)
-        tasks: dict[str, tuple[Peer, asyncio.Task]] = {}
+        tasks: dict[str, tuple[RelayPeer, asyncio.Task]] = {}
 
-        def spawn(peer: Peer, *, announced: bool) -> None:
+        def spawn(peer: RelayPeer, *, announced: bool) -> None:
             task = asyncio.create_task(self._follow_node(peer, request, queue, announced=announced),
                                        name=f"relay-follow-{peer.name}")
             tasks[peer.name] = (peer, task)
@@ -394,7 +394,7 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
             for _, t in tasks.values():
                 t.cancel()
 
-    async def _follow_node(self, peer: Peer, request, queue: asyncio.Queue, *, announced: bool) -> None:
+    async def _follow_node(self, peer: RelayPeer, request, queue: asyncio.Queue, *, announced: bool) -> None:
         """One node's part of a follow stream: streams, reports it unavailable when it goes,
         and resumes after the last flow seen when it is back."""
         req = observer_pb2.GetFlowsRequest()
@@ -421,7 +421,7 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
                 await asyncio.sleep(HEALTH_INTERVAL)
 
     @staticmethod
-    async def _stream_node(peer: Peer, req, queue: asyncio.Queue,
+    async def _stream_node(peer: RelayPeer, req, queue: asyncio.Queue,
                            last_ns: int | None) -> tuple[str, int | None, bool]:
         """Pass one stream of a node on until it ends; (why, last time sent, ended by until)."""
         call = peer.observer.GetFlows(req)
@@ -460,7 +460,7 @@ async def _pump(call, queue: asyncio.Queue, last_ns: int | None) -> int | None:
     return last_ns
 
 
-async def _wait_down(peer: Peer) -> None:
+async def _wait_down(peer: RelayPeer) -> None:
     while peer.connected:
         await peer.changed.wait()
 
@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(_serve(args))
 
 
-__all__ = ["Peer", "PeerManager", "Relay", "RelayObserver", "grpc_target", "main", "merge_flows", "node_status"]
+__all__ = ["RelayPeer", "PeerManager", "Relay", "RelayObserver", "grpc_target", "main", "merge_flows", "node_status"]
 
 if __name__ == "__main__":
     sys.exit(main())
