@@ -438,6 +438,23 @@ def test_event_types_limit_the_subscription(sockdir):
     run(main())
 
 
+def test_an_empty_listen_host_means_every_address(sockdir):
+    async def main():
+        async with Node(sockdir, tcp_address=":0") as node:
+            port = node.part.server.tcp_port
+            # nothing to tell a relay but the socket: the listen address names no host
+            assert node.part.server.peer_address == f"unix://{node.part.server.socket_path}"
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                status = await observer_pb2_grpc.ObserverStub(ch).ServerStatus(observer_pb2.ServerStatusRequest())
+                assert status.max_flows == 4095
+        async with Node(sockdir, tcp_address=":0", peer_address="10.0.0.1:4244") as node:
+            notify = peer_pb2_grpc.PeerStub(node.channel).Notify(peer_pb2.NotifyRequest())
+            first = await asyncio.wait_for(notify.__aiter__().__anext__(), 5)
+            assert first.address == "10.0.0.1:4244"
+            notify.cancel()
+    run(main())
+
+
 def test_stop_ends_followers_and_removes_the_socket(sockdir):
     async def main():
         node = Node(sockdir)

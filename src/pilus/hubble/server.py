@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 VERSION = f"pilus-{pilus.__version__}"
 HEALTH_SERVICES = ("", "hubble.server.Observer")
+UNSPECIFIED_HOSTS = ("", "0.0.0.0", "[::]", "::")
 STOP_GRACE = 0.5  # seconds that open streams get to finish when the server stops
 
 
@@ -192,8 +193,9 @@ class PeerService(peer_pb2_grpc.PeerServicer):
 
 
 class HubbleServer:
-    """The three services on ``socket_path`` (and ``tcp_address``, ``host:port``; port 0
-    picks a free one, see ``tcp_port``)."""
+    """The three services on ``socket_path`` (and ``tcp_address``, ``host:port`` or
+    ``:port``; port 0 picks a free one, see ``tcp_port``). ``peer_address`` is what
+    peer.Peer tells relays (see the property)."""
 
     def __init__(self, ring: FlowRing, *, node_name: str, socket_path: Path | str,
                  tcp_address: str | None = None, peer_address: str | None = None,
@@ -210,12 +212,14 @@ class HubbleServer:
 
     @property
     def peer_address(self) -> str:
-        """What peer.Peer announces: the given address, else the TCP one, else the socket."""
+        """What peer.Peer announces: the given address, else the TCP one when it names a
+        host, else the socket (``unix://...``, reachable from the machine's namespace)."""
         if self._peer_address:
             return self._peer_address
         if self.tcp_address is not None and self.tcp_port is not None:
             host = self.tcp_address.rpartition(":")[0]
-            return f"{host}:{self.tcp_port}"
+            if host not in UNSPECIFIED_HOSTS:
+                return f"{host}:{self.tcp_port}"
         return f"unix://{self.socket_path}"
 
     async def start(self) -> None:
@@ -228,7 +232,7 @@ class HubbleServer:
             os.unlink(self.socket_path)  # a stale socket of an earlier run
         self._bind(server, f"unix:{self.socket_path}")
         if self.tcp_address is not None:
-            self.tcp_port = self._bind(server, self.tcp_address)
+            self.tcp_port = self._bind_tcp(server, self.tcp_address)
         self.observer.address = self.peer_address
         peer_pb2_grpc.add_PeerServicer_to_server(
             PeerService(node_name=self.node_name, address=self.peer_address, closing=self.observer.closing), server)
@@ -238,6 +242,18 @@ class HubbleServer:
         self._server = server
         log.info("hubble: serving on %s%s", self.socket_path,
                  f" and {self.peer_address}" if self.tcp_address is not None else "")
+
+    @classmethod
+    def _bind_tcp(cls, server: grpc.aio.Server, address: str) -> int:
+        """``host:port``; an empty host (``:4244``, Hubble's way of saying every
+        address) is ``[::]`` (both families), or ``0.0.0.0`` where IPv6 is off."""
+        host, _, port = address.rpartition(":")
+        if host:
+            return cls._bind(server, address)
+        try:
+            return cls._bind(server, f"[::]:{port}")
+        except OSError:
+            return cls._bind(server, f"0.0.0.0:{port}")
 
     @staticmethod
     def _bind(server: grpc.aio.Server, address: str) -> int:
