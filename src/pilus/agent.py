@@ -290,7 +290,8 @@ class Agent:
                           socket_path=cfg.state_dir / "hubble.sock",
                           tcp_address=f"{addr[0]}:{addr[1]}" if addr else None,
                           capacity=cfg.hubble_event_buffer_capacity, cluster_name=cfg.cluster_name,
-                          peer_address=f"{self.node_ip}:{addr[1]}" if addr else None)
+                          peer_address=f"{self.node_ip}:{addr[1]}" if addr else None,
+                          event_types=cfg.hubble_monitor_events)
 
     def _make_nodes(self) -> NodeRegistry:
         cfg = self.cfg

@@ -14,6 +14,7 @@ from pilus.kvstore import BACKENDS, store_options
 from pilus.metrics.server import parse_addr
 from pilus.node.routes import ROUTING_MODES, TUNNEL_PORT
 
+HUBBLE_EVENT_TYPES = frozenset({"drop", "policy-verdict", "trace"})  # the hub's type names
 
 @dataclass(frozen=True)
 class AgentConfig:
@@ -40,6 +41,8 @@ class AgentConfig:
     enable_hubble: bool = True  # flows of this node's events on <state-dir>/hubble.sock
     hubble_listen_address: tuple[str, int] | None = None  # also Hubble's gRPC on TCP, e.g. :4244
     hubble_event_buffer_capacity: int = 4095
+    #: event types Hubble turns into flows; trace events cost the agent CPU per new connection
+    hubble_monitor_events: frozenset[str] = frozenset({"drop", "policy-verdict"})
 
     def __post_init__(self) -> None:
         problem = lb_mode_problem(self.bpf_lb_mode, self.routing_mode)
@@ -130,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also serve it on TCP, e.g. :4244 (Cilium's port; off by default)")
     p.add_argument("--hubble-event-buffer-capacity", type=_flow_capacity, default=4095, metavar="N",
                    help="flows kept per node, 2^k - 1 between 1 and 65535 (default 4095)")
+    p.add_argument("--hubble-monitor-events", type=_event_types, default=frozenset({"drop", "policy-verdict"}),
+                   metavar="TYPE[,TYPE]",
+                   help="datapath events Hubble turns into flows: drop, policy-verdict, trace (default "
+                        "drop,policy-verdict; trace adds forwarded packets of every new connection, at a "
+                        "measured cost of half the new connections per second: docs/hubble.md)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     p.add_argument("--describe", action="store_true", help="print the components and settings, then exit")
     return p
@@ -154,6 +162,15 @@ def _listen_addr(text: str) -> tuple[str, int]:
         return parse_addr(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _event_types(text: str) -> frozenset[str]:
+    types = frozenset(t.strip() for t in text.split(",") if t.strip())
+    unknown = types - HUBBLE_EVENT_TYPES
+    if not types or unknown:
+        raise argparse.ArgumentTypeError(f"expected a list of {', '.join(sorted(HUBBLE_EVENT_TYPES))}, "
+                                         f"got {text!r}")
+    return types
 
 
 def _flow_capacity(text: str) -> int:
@@ -194,4 +211,5 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         enable_hubble=args.enable_hubble,
         hubble_listen_address=args.hubble_listen_address,
         hubble_event_buffer_capacity=args.hubble_event_buffer_capacity,
+        hubble_monitor_events=args.hubble_monitor_events,
     )

@@ -173,6 +173,23 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
 		}
 	}
 
+	/* native routing: a pod on another node (an ipcache entry with its node)
+	 * is routed by us, FIB lookup and redirect to the native device; the
+	 * stack's routing and netfilter are skipped (Cilium's BPF host routing) */
+	if (!CFG(tunnel_ifindex)) {
+		const struct remote_endpoint_info *dst_info = ipcache_lookup4(p.ip.daddr);
+
+		if (dst_info && (dst_info->flags & IPCACHE_F_HAS_TUNNEL_EP)) {
+			ret = lb4_fib_redirect(skb, &p);
+			if (ret >= 0) {
+				send_trace(skb, &ct, TRACE_TO_STACK, d->source, src_id, dst_id_label, 0,
+					   skb->ingress_ifindex);
+				update_metrics(skb->len, METRIC_EGRESS, REASON_FORWARDED);
+				return ret;
+			}
+		}
+	}
+
 	/* a NodePort reply (its source is now a node address): routed by us,
 	 * the stack would drop it as a martian */
 	if (lb4_is_host_addr(p.ip.saddr)) {
