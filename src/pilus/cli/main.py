@@ -12,7 +12,7 @@ import os
 import sys
 
 from pilus import __version__
-from pilus.cli import bpf, cluster, common, endpoint, exec_cmd, identity, monitor, node, policy, status
+from pilus.cli import bpf, cluster, common, endpoint, exec_cmd, identity, monitor, node, observe, policy, status
 from pilus.cli import namespace as namespace_cmd
 from pilus.cli import service as service_cmd
 
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     exec_cmd.register(sub, parent)
     identity.register(sub, parent)
     monitor.register(sub, parent)
+    observe.register(sub, parent)
     node.register(sub, parent)
     status.register(sub, parent)
     bpf.register(sub, parent)

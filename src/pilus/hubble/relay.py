@@ -52,6 +52,7 @@ from pilus.hubble.protos import observer_pb2, observer_pb2_grpc, peer_pb2, peer_
 log = logging.getLogger("pilus.hubble.relay")
 
 VERSION = f"pilus-relay-{pilus.__version__}"
+RELAY_NAME = "hubble-relay"  # node_name of the relay's own node_status responses
 DEFAULT_LISTEN = ":4245"
 HEALTH_SERVICES = ("", "observer.Observer")
 HEALTH_INTERVAL = 1.0  # seconds between two health checks of a node
@@ -86,7 +87,7 @@ def _time_ns(response: observer_pb2.GetFlowsResponse) -> int:
 def node_status(state: int, names: Iterable[str], message: str = "") -> observer_pb2.GetFlowsResponse:
     return observer_pb2.GetFlowsResponse(
         node_status=relay_pb2.NodeStatusEvent(state_change=state, node_names=sorted(names), message=message),
-        time=timestamp(time.time()))
+        node_name=RELAY_NAME, time=timestamp(time.time()))
 
 
 def merge_flows(per_node: list[list[observer_pb2.GetFlowsResponse]], number: int,
