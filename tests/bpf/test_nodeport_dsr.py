@@ -169,6 +169,11 @@ def test_too_big_with_the_option_answers_fragmentation_needed(dsr, underlay):
     assert out.dst == "02:aa:00:00:00:01"
     assert (out[IP].src, out[IP].dst, out[ICMP].type, out[ICMP].code) == (NODE, CLIENT, 3, 4)
     assert out[ICMP].nexthopmtu == 1492
+    fresh = IP(raw(out[IP]))
+    del fresh.chksum
+    del fresh[ICMP].chksum
+    fresh = IP(raw(fresh))
+    assert (out[IP].chksum, out[ICMP].chksum) == (fresh.chksum, fresh[ICMP].chksum)
     quoted = out[ICMP].payload  # what the client sent: the frontend, not the backend
     assert (quoted.src, quoted.dst, quoted.payload.dport) == (CLIENT, NODE, NODE_PORT)
     assert dsr.metrics.get(DROP_FRAG_NEEDED, "ingress")[0] == before + 1
