@@ -286,7 +286,8 @@ class Agent:
         cfg = self.cfg
         addr = cfg.hubble_listen_address
         self.hubble_lookup = AgentEndpointLookup(self)
-        return HubblePart(self.events, self.hubble_lookup, node_name=cfg.node_name,
+        # Hubble names a node <cluster>/<node> (its node-name filter reads it so)
+        return HubblePart(self.events, self.hubble_lookup, node_name=f"{cfg.cluster_name}/{cfg.node_name}",
                           socket_path=cfg.state_dir / "hubble.sock",
                           tcp_address=f"{addr[0]}:{addr[1]}" if addr else None,
                           capacity=cfg.hubble_event_buffer_capacity, cluster_name=cfg.cluster_name,
