@@ -46,6 +46,7 @@ from pilus.endpoint.manager import EndpointManager, EndpointNotFound, NodeInfo
 from pilus.endpoint.model import EndpointStore
 from pilus.endpoint.policy_sync import PolicySync
 from pilus.errors import TraceInputError, user_message
+from pilus.hubble.metrics import HubbleMetrics
 from pilus.hubble.part import HubblePart
 from pilus.identity import reserved
 from pilus.identity.allocator import IdentityAllocator
@@ -268,7 +269,7 @@ class Agent:
             lb=LbConfig(maglev_table_size=cfg.maglev_table_size),
             socket_lb=cfg.socket_lb, native_device=self.parts["addresses"].device,
             tunnel_device=self.parts["tunnel"].name, tunnel_ifindex=self.parts["tunnel"].ifindex,
-            lb_mode=cfg.bpf_lb_mode,  # DSR-TEMP
+            lb_mode=cfg.bpf_lb_mode,
         )
 
     def _make_services(self) -> ServiceManager:
@@ -292,7 +293,9 @@ class Agent:
                           tcp_address=f"{addr[0]}:{addr[1]}" if addr else None,
                           capacity=cfg.hubble_event_buffer_capacity, cluster_name=cfg.cluster_name,
                           peer_address=f"{self.node_ip}:{addr[1]}" if addr else None,
-                          event_types=cfg.hubble_monitor_events)
+                          event_types=cfg.hubble_monitor_events,
+                          metrics=HubbleMetrics(cfg.hubble_metrics) if cfg.hubble_metrics else None,
+                          metrics_address=cfg.hubble_metrics_server)
 
     def _make_nodes(self) -> NodeRegistry:
         cfg = self.cfg

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pilus.datapath.config import LB_MODES
 from pilus.datapath.lb import MAGLEV_PRIMES
+from pilus.hubble.metrics import parse_handlers
 from pilus.kvstore import BACKENDS, store_options
 from pilus.metrics.server import parse_addr
 from pilus.node.routes import ROUTING_MODES, TUNNEL_PORT
@@ -43,6 +44,8 @@ class AgentConfig:
     hubble_event_buffer_capacity: int = 4095
     #: event types Hubble turns into flows; trace events cost the agent CPU per new connection
     hubble_monitor_events: frozenset[str] = frozenset({"drop", "policy-verdict"})
+    hubble_metrics: tuple[str, ...] = ()  # handlers of Hubble metrics (flow, drop, tcp, policy); () = off
+    hubble_metrics_server: tuple[str, int] = ("0.0.0.0", 9965)
 
     def __post_init__(self) -> None:
         problem = lb_mode_problem(self.bpf_lb_mode, self.routing_mode)
@@ -138,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="datapath events Hubble turns into flows: drop, policy-verdict, trace (default "
                         "drop,policy-verdict; trace adds forwarded packets of every new connection, at a "
                         "measured cost of half the new connections per second: docs/hubble.md)")
+    p.add_argument("--hubble-metrics", type=_hubble_metrics, default=(), metavar="NAME[,NAME]",
+                   help="Hubble metrics to keep: flow, drop, tcp, policy (off by default), served on "
+                        "--hubble-metrics-server")
+    p.add_argument("--hubble-metrics-server", type=_listen_addr, default=("0.0.0.0", 9965), metavar="[HOST]:PORT",
+                   help="where Hubble metrics are served (default :9965, Cilium's)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     p.add_argument("--describe", action="store_true", help="print the components and settings, then exit")
     return p
@@ -171,6 +179,13 @@ def _event_types(text: str) -> frozenset[str]:
         raise argparse.ArgumentTypeError(f"expected a list of {', '.join(sorted(HUBBLE_EVENT_TYPES))}, "
                                          f"got {text!r}")
     return types
+
+
+def _hubble_metrics(text: str) -> tuple[str, ...]:
+    try:
+        return parse_handlers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _flow_capacity(text: str) -> int:
@@ -212,4 +227,6 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         hubble_listen_address=args.hubble_listen_address,
         hubble_event_buffer_capacity=args.hubble_event_buffer_capacity,
         hubble_monitor_events=args.hubble_monitor_events,
+        hubble_metrics=args.hubble_metrics,
+        hubble_metrics_server=args.hubble_metrics_server,
     )

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import time
+import urllib.request
 
 import pytest
 from scapy.all import IP, TCP, UDP, VXLAN, AsyncSniffer, Ether, bind_layers, sendp
@@ -119,6 +120,15 @@ def test_the_vni_on_the_underlay_is_the_source_identity(tunnel):
     assert (b["identity"], b["ipv4"], a["ipv4"]) in inner, inner  # the reply carries b's identity
 
 
+def _hubble_drops(node_ip: str) -> float:
+    """hubble_drop_total{reason="POLICY_DENIED",protocol="TCP"} scraped from a node."""
+    with urllib.request.urlopen(f"http://{node_ip}:9965/metrics", timeout=3) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith("hubble_drop_total{") and 'reason="POLICY_DENIED"' in line and 'protocol="TCP"' in line:
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_a_policy_across_nodes_admits_one_remote_pod_and_node2_reports_the_other(tunnel):
     name, doc, pods = tunnel
     a, b, c = pods["a"], pods["b"], pods["c"]
@@ -150,6 +160,9 @@ spec:
                                                            "dport": f"{TCP_PORT}/TCP"})["verdict"]
 
         assert (trace("default/a"), trace("default/c")) == ("ALLOWED", "DENIED")
+        # Hubble metrics of node2 (cluster up turns them on, <node IP>:9965) count the drop
+        assert wait_for(lambda: _hubble_drops(b["node"]["node_ip"]) >= 1, timeout=10), \
+            _hubble_drops(b["node"]["node_ip"])
     finally:
         Client(a["node"]["socket"]).request("DELETE", "/policy?all=true")
     assert wait_for(lambda: probe(c["netns"], "tcp-connect", b["ipv4"], str(TCP_PORT), "whoami", "1")["ok"],

@@ -120,6 +120,7 @@ def test_agent_argv_default_and_override():
         "--cluster-cidr", "10.200.0.0/16",
         "--routing-mode", "tunnel",
         "--hubble-listen-address", ":4244",
+        "--hubble-metrics", "flow,drop,tcp,policy",
     ]  # fmt: skip
     doc["agent_cmd"] = ["{python}", "fake.py", "--node-name", "{node}", "--socket", "{socket}"]
     assert plan.agent_argv(doc, node, "py") == [

@@ -290,6 +290,7 @@ def agent_argv(doc: dict[str, Any], node: dict[str, Any], python: str) -> list[s
         *_lb_mode_flags(doc),
         "--hubble-listen-address",  # in the node's namespace: the relay and `--node` reach it
         f":{HUBBLE_PORT}",
+        "--hubble-metrics", "flow,drop,tcp,policy",  # on <node IP>:9965
     ]
 
 

@@ -26,9 +26,11 @@ from typing import Any
 
 from pilus.hubble.flows import FlowParser
 from pilus.hubble.lookup import EndpointLookup
+from pilus.hubble.metrics import HubbleMetrics
 from pilus.hubble.protos import flow_pb2
 from pilus.hubble.ring import DEFAULT_CAPACITY, FlowRing
 from pilus.hubble.server import HubbleServer
+from pilus.metrics.server import PrometheusServer
 from pilus.observer.monitor import LostEvents, Subscriber
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,12 @@ class HubblePart:
     def __init__(self, events_hub: Any, lookup: EndpointLookup, *, node_name: str, socket_path: Path | str,
                  tcp_address: str | None = None, capacity: int = DEFAULT_CAPACITY,
                  cluster_name: str = "default", peer_address: str | None = None,
-                 event_types: frozenset[str] | None = None) -> None:
+                 event_types: frozenset[str] | None = None, metrics: HubbleMetrics | None = None,
+                 metrics_address: tuple[str, int] | None = None) -> None:
         self.hub = events_hub
+        self.metrics = metrics  # counters of the flows (--hubble-metrics), served on metrics_address
+        self._metrics_server = (PrometheusServer(metrics.registry, *metrics_address)
+                                if metrics is not None and metrics_address is not None else None)
         self.event_types = event_types  # the hub's type names to subscribe to (None: all)
         self.ring = FlowRing(capacity)
         self.parser = FlowParser(lookup, node_name=node_name, cluster_name=cluster_name)
@@ -56,11 +62,15 @@ class HubblePart:
     async def start(self) -> None:
         await self.server.start()
         try:
+            if self._metrics_server is not None:
+                await self._metrics_server.start()
             self._datapath_lost = self._read_datapath_lost()
             self._sub = self.hub.subscribe(self.event_types, None)
             self._task = asyncio.create_task(self.run_reader(self._sub), name="hubble-flows")
         except BaseException:
             await self.server.stop()
+            if self._metrics_server is not None:
+                await self._metrics_server.stop()
             raise
 
     async def stop(self) -> None:
@@ -73,6 +83,8 @@ class HubblePart:
             self.hub.unsubscribe(self._sub)
             self._sub = None
         await self.server.stop()
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
 
     async def run_reader(self, sub: Subscriber) -> None:
         """Queued events -> ring, batch by batch, until cancelled."""
@@ -85,7 +97,7 @@ class HubblePart:
     def ingest(self, events: list) -> None:
         for ev in events:
             if isinstance(ev, LostEvents):
-                self.ring.record_lost(flow_pb2.OBSERVER_EVENTS_QUEUE, ev.count)
+                self._lost(flow_pb2.OBSERVER_EVENTS_QUEUE, ev.count)
                 continue
             try:
                 flow = self.parser.parse(ev)
@@ -95,10 +107,17 @@ class HubblePart:
                 continue
             if flow is not None:
                 self.ring.push(flow)
+                if self.metrics is not None:
+                    self.metrics.observe(flow)
         now = time.monotonic()
         if now - self._lost_checked >= LOST_POLL_INTERVAL:
             self._lost_checked = now
             self._note_datapath_lost()
+
+    def _lost(self, source: int, count: int) -> None:
+        self.ring.record_lost(source, count)
+        if self.metrics is not None:
+            self.metrics.record_lost(source, count)
 
     def _read_datapath_lost(self) -> int | None:
         try:
@@ -111,7 +130,7 @@ class HubblePart:
         if current is None:
             return
         if self._datapath_lost is not None and current > self._datapath_lost:
-            self.ring.record_lost(flow_pb2.PERF_EVENT_RING_BUFFER, current - self._datapath_lost)
+            self._lost(flow_pb2.PERF_EVENT_RING_BUFFER, current - self._datapath_lost)
         self._datapath_lost = current
 
     def status(self) -> dict:

@@ -1,0 +1,92 @@
+"""Hubble metrics: counters of the node's flows, Prometheus on --hubble-metrics-server.
+
+Opt-in by handler name as Cilium's ``--hubble-metrics`` (``flow,drop,tcp,policy``);
+``hubble_lost_events_total`` is always there. Every label takes its value from a fixed
+set (enum names, observation points, TCP flag names), so the cardinality is bounded
+whatever the traffic: no addresses, ports or pod names.
+
+  flow    hubble_flows_processed_total{type, subtype, verdict}
+  drop    hubble_drop_total{reason, protocol}
+  tcp     hubble_tcp_flags_total{flag, family}
+  policy  hubble_policy_verdicts_total{direction, match, action}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter
+
+from pilus.hubble.flows import (
+    MESSAGE_TYPE_ACCESS_LOG,
+    MESSAGE_TYPE_DROP,
+    MESSAGE_TYPE_POLICY_VERDICT,
+    MESSAGE_TYPE_TRACE,
+)
+from pilus.hubble.protos import flow_pb2
+
+HANDLERS = ("flow", "drop", "tcp", "policy")
+
+_TYPES = {MESSAGE_TYPE_DROP: "Drop", MESSAGE_TYPE_TRACE: "Trace", MESSAGE_TYPE_POLICY_VERDICT: "PolicyVerdict",
+          MESSAGE_TYPE_ACCESS_LOG: "L7"}
+#: Cilium's policy match types (policy_match_type) as its metric labels them
+_MATCH = {0: "none", 1: "l3-only", 2: "l3-l4", 3: "l4-only", 4: "all", 5: "l3-proto", 6: "proto-only"}
+_TCP_FLAGS = ("SYN", "ACK", "FIN", "RST", "PSH", "URG", "ECE", "CWR", "NS")
+
+
+def parse_handlers(text: str) -> tuple[str, ...]:
+    """``flow,drop`` (Cilium's per-handler options after ``:`` are not supported)."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    bad = [n for n in names if n not in HANDLERS]
+    if bad:
+        raise ValueError(f"unknown Hubble metric {bad[0]!r}: choose from {', '.join(HANDLERS)}")
+    return names
+
+
+def _protocol(f: flow_pb2.Flow) -> str:
+    which = f.l4.WhichOneof("protocol") if f.HasField("l4") else None
+    return {"TCP": "TCP", "UDP": "UDP", "ICMPv4": "ICMPv4", "ICMPv6": "ICMPv6", "SCTP": "SCTP"}.get(which or "",
+                                                                                                    "Unknown")
+
+
+class HubbleMetrics:
+    def __init__(self, handlers: Iterable[str]) -> None:
+        self.handlers = tuple(handlers)
+        self.registry = CollectorRegistry()
+        self.lost = Counter("hubble_lost_events_total", "Events lost before they became flows",
+                            ["source"], registry=self.registry)
+        self.flows = self.drops = self.tcp = self.policy = None
+        if "flow" in self.handlers:
+            self.flows = Counter("hubble_flows_processed_total", "Flows processed",
+                                 ["type", "subtype", "verdict"], registry=self.registry)
+        if "drop" in self.handlers:
+            self.drops = Counter("hubble_drop_total", "Dropped packets", ["reason", "protocol"],
+                                 registry=self.registry)
+        if "tcp" in self.handlers:
+            self.tcp = Counter("hubble_tcp_flags_total", "TCP packets by flag", ["flag", "family"],
+                               registry=self.registry)
+        if "policy" in self.handlers:
+            self.policy = Counter("hubble_policy_verdicts_total", "Policy verdicts",
+                                  ["direction", "match", "action"], registry=self.registry)
+
+    def observe(self, f: flow_pb2.Flow) -> None:
+        etype = f.event_type.type
+        verdict = flow_pb2.Verdict.Name(f.verdict)
+        if self.flows is not None:
+            subtype = ""
+            if etype == MESSAGE_TYPE_TRACE:
+                subtype = flow_pb2.TraceObservationPoint.Name(f.trace_observation_point).lower().replace("_", "-")
+            self.flows.labels(_TYPES.get(etype, "Unknown"), subtype, verdict).inc()
+        if self.drops is not None and f.verdict == flow_pb2.DROPPED:
+            self.drops.labels(flow_pb2.DropReason.Name(f.drop_reason_desc), _protocol(f)).inc()
+        if self.tcp is not None and f.HasField("l4") and f.l4.WhichOneof("protocol") == "TCP":
+            flags = f.l4.TCP.flags
+            for name in _TCP_FLAGS:
+                if getattr(flags, name):
+                    self.tcp.labels(name, "IPv4").inc()
+        if self.policy is not None and etype == MESSAGE_TYPE_POLICY_VERDICT:
+            direction = flow_pb2.TrafficDirection.Name(f.traffic_direction).lower()
+            self.policy.labels(direction, _MATCH.get(f.policy_match_type, "unknown"), verdict.lower()).inc()
+
+    def record_lost(self, source: int, count: int) -> None:
+        self.lost.labels(flow_pb2.LostEventSource.Name(source)).inc(count)
