@@ -208,3 +208,50 @@ def test_the_cluster_runs_its_relay_on_the_bridge_address_with_every_node_as_tar
     argv = plan.relay_argv(doc, "/usr/bin/python3")
     assert argv == ["/usr/bin/python3", "-m", "pilus.hubble.relay", "--listen-address", "172.30.0.1:4245",
                     "--peer-target", "172.30.0.11:4244", "--peer-target", "172.30.0.12:4244"]
+
+
+def test_follow_puts_the_nodes_backlogs_in_time_order_and_reports_a_deleted_node_gone(sockdir):
+    from pilus.hubble.protos import peer_pb2
+
+    async def main():
+        async with Cluster(sockdir) as c:
+            for i in range(2):
+                c.rings["n1"].push(flow("n1", T0 + 2 * i, f"a{i}"))
+                c.rings["n2"].push(flow("n2", T0 + 2 * i + 1, f"b{i}"))
+            stream = c.observer.GetFlows(observer_pb2.GetFlowsRequest(follow=True, number=2), timeout=30)
+            seen: list[observer_pb2.GetFlowsResponse] = []
+
+            async def read():
+                async for r in stream:
+                    seen.append(r)
+
+            reader = asyncio.create_task(read())
+            try:
+                await eventually(lambda: len(pods(seen)) == 4)
+                assert pods(seen) == ["a0", "b0", "a1", "b1"]  # one time line, not node by node
+                c.relay.peers.apply(peer_pb2.ChangeNotification(name="n2", type=peer_pb2.PEER_DELETED))
+                await eventually(lambda: any(r.HasField("node_status") and r.node_status.state_change ==
+                                             relay_pb2.NODE_GONE for r in seen))
+                assert [n.name for n in (await c.observer.GetNodes(observer_pb2.GetNodesRequest())).nodes] == ["n1"]
+                c.rings["n1"].push(flow("n1", T0 + 9, "a9"))
+                await eventually(lambda: "a9" in pods(seen))
+            finally:
+                stream.cancel()
+                reader.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await reader
+    run(main(), timeout=40)
+
+
+def test_the_sort_buffer_holds_at_most_its_size_and_drains_in_order():
+    from pilus.hubble.relay import _SortBuffer
+
+    def r(t):
+        return observer_pb2.GetFlowsResponse(flow=flow("n", t, f"p{t}"), time=timestamp(t))
+
+    buf = _SortBuffer(size=2, drain=10.0)
+    assert buf.timeout() is None
+    assert buf.push(r(3)) == [] and buf.push(r(1)) == []
+    assert 9.0 < buf.timeout() <= 10.0
+    assert pods(buf.push(r(2))) == ["p1"]  # full: the oldest goes out
+    assert pods(buf.drain()) == ["p2", "p3"] and buf.timeout() is None

@@ -15,8 +15,9 @@ Rules (Hubble Relay's, Cilium pkg/hubble/relay):
   connected node gets the request (so each returns up to ``number`` flows), the
   answers are merged by time and the newest ``number`` kept (the oldest with
   ``first``); a node that fails on the way is reported NODE_UNAVAILABLE and the others'
-  flows are still sent. With ``follow`` each node's stream is passed on as it comes; a
-  node that goes away is reported NODE_UNAVAILABLE, the others keep streaming, and when
+  flows are still sent. With ``follow`` the nodes' streams are passed on as they come,
+  put in time order by a sort buffer (up to ``SORT_BUFFER`` responses, none held longer
+  than ``SORT_DRAIN``); a node that goes away is reported NODE_UNAVAILABLE, the others keep streaming, and when
   it is back its stream resumes after the last flow seen (NODE_CONNECTED again); a node
   announced meanwhile joins the stream; a deleted one is reported NODE_GONE.
 - GetNodes lists every known node (NODE_CONNECTED with its flow counts, or
@@ -59,6 +60,8 @@ HEALTH_INTERVAL = 1.0  # seconds between two health checks of a node
 CALL_TIMEOUT = 2.0  # seconds a node gets for a unary call (health, status, nodes, namespaces)
 COLLECT_TIMEOUT = 30.0  # seconds a node gets to send its flows of a request without follow
 NOTIFY_RETRY_MIN, NOTIFY_RETRY_MAX = 0.5, 5.0  # seconds before asking a peer target again
+SORT_BUFFER = 100  # follow: responses held to put the nodes' streams in time order (Hubble Relay's)
+SORT_DRAIN = 0.25  # follow: seconds a response waits at most in that buffer
 FOLLOW_QUEUE = 1024  # responses buffered per follow client (node streams wait when it is full)
 STOP_GRACE = 0.5
 CHANNEL_OPTIONS = [
@@ -104,6 +107,9 @@ def merge_flows(per_node: list[list[observer_pb2.GetFlowsResponse]], number: int
     if first:
         return merged[:flows[number - 1] + 1]
     return merged[flows[-number]:]
+
+
+_CLOSING: set[asyncio.Task] = set()  # channels of deleted nodes being closed
 
 
 @dataclass
@@ -206,7 +212,9 @@ class PeerManager:
             peer.task.cancel()
         peer.set_state(False, "deleted")
         if peer.channel is not None:
-            asyncio.get_running_loop().create_task(peer.channel.close())
+            task = asyncio.get_running_loop().create_task(peer.channel.close())
+            _CLOSING.add(task)
+            task.add_done_callback(_CLOSING.discard)
 
     async def run_notify(self, target: str) -> None:
         """Follow one target's Notify stream, asking again after it ends or fails."""
@@ -361,22 +369,33 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
             spawn(p, announced=True)  # the opening node_status named it
         closing = asyncio.create_task(self.closing.wait())
         getter: asyncio.Task | None = None
+        order = _SortBuffer()
         try:
             while True:
                 if getter is None:
                     getter = asyncio.create_task(queue.get())
                 changed = asyncio.create_task(self.peers.changed.wait())
-                done, _ = await asyncio.wait({getter, changed, closing}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({getter, changed, closing}, timeout=order.timeout(),
+                                             return_when=asyncio.FIRST_COMPLETED)
                 if changed not in done:
                     changed.cancel()
                 if closing in done:
                     return
+                if not done:  # the oldest buffered response waited long enough: all out, in order
+                    for response in order.drain():
+                        yield response
                 if getter in done:
                     item, getter = getter.result(), None
-                    if item is not None:
+                    if item is None:
+                        if all(t.done() for _, t in tasks.values()):  # every node reached `until`
+                            for response in order.drain():
+                                yield response
+                            return
+                    elif item.WhichOneof("response_types") == "node_status":
                         yield item
-                    elif all(t.done() for _, t in tasks.values()):
-                        return  # every node's stream reached `until`
+                    else:
+                        for response in order.push(item):
+                            yield response
                 if changed in done:
                     current = {p.name: p for p in self.peers.snapshot()}
                     for name in [n for n in tasks if n not in current]:
@@ -446,6 +465,40 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
         finally:
             down.cancel()
             call.cancel()
+
+
+class _SortBuffer:
+    """Follow responses of several nodes back in time order: each response waits until
+    ``SORT_BUFFER`` others are buffered (the oldest goes out) or the first one buffered
+    has waited ``SORT_DRAIN`` seconds (all go out, in order), as Hubble Relay's sort
+    buffer with a latency bound instead of an idle timeout."""
+
+    def __init__(self, size: int | None = None, drain: float | None = None) -> None:
+        self.size = SORT_BUFFER if size is None else size
+        self.drain_after = SORT_DRAIN if drain is None else drain
+        self._heap: list[tuple[int, int, observer_pb2.GetFlowsResponse]] = []
+        self._seq = 0
+        self._since: float | None = None  # when the oldest buffered response arrived
+
+    def push(self, response: observer_pb2.GetFlowsResponse) -> list[observer_pb2.GetFlowsResponse]:
+        self._seq += 1
+        heapq.heappush(self._heap, (_time_ns(response), self._seq, response))
+        if self._since is None:
+            self._since = time.monotonic()
+        out = []
+        while len(self._heap) > self.size:
+            out.append(heapq.heappop(self._heap)[2])
+        return out
+
+    def timeout(self) -> float | None:
+        if self._since is None:
+            return None
+        return max(self._since + self.drain_after - time.monotonic(), 0.0)
+
+    def drain(self) -> list[observer_pb2.GetFlowsResponse]:
+        out = [heapq.heappop(self._heap)[2] for _ in range(len(self._heap))]
+        self._since = None
+        return out
 
 
 async def _pump(call, queue: asyncio.Queue, last_ns: int | None) -> int | None:
