@@ -269,7 +269,7 @@ class Agent:
             lb=LbConfig(maglev_table_size=cfg.maglev_table_size),
             socket_lb=cfg.socket_lb, native_device=self.parts["addresses"].device,
             tunnel_device=self.parts["tunnel"].name, tunnel_ifindex=self.parts["tunnel"].ifindex,
-            lb_mode=cfg.bpf_lb_mode,
+            lb_mode=cfg.bpf_lb_mode, monitor_aggregation=cfg.monitor_aggregation,
         )
 
     def _make_services(self) -> ServiceManager:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from pilus.datapath.config import LB_MODES
+from pilus.datapath.config import LB_MODES, MONITOR_AGGREGATION
 from pilus.datapath.lb import MAGLEV_PRIMES
 from pilus.hubble.metrics import parse_handlers
 from pilus.kvstore import BACKENDS, store_options
@@ -46,6 +46,7 @@ class AgentConfig:
     hubble_monitor_events: frozenset[str] = frozenset({"drop", "policy-verdict"})
     hubble_metrics: tuple[str, ...] = ()  # handlers of Hubble metrics (flow, drop, tcp, policy); () = off
     hubble_metrics_server: tuple[str, int] = ("0.0.0.0", 9965)
+    monitor_aggregation: str = "medium"  # traces: none = every packet, medium = per connection
 
     def __post_init__(self) -> None:
         problem = lb_mode_problem(self.bpf_lb_mode, self.routing_mode)
@@ -146,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--hubble-metrics-server")
     p.add_argument("--hubble-metrics-server", type=_listen_addr, default=("0.0.0.0", 9965), metavar="[HOST]:PORT",
                    help="where Hubble metrics are served (default :9965, Cilium's)")
+    p.add_argument("--monitor-aggregation", default="medium", choices=sorted(MONITOR_AGGREGATION),
+                   help="trace events: none (every packet) or medium (the first packet of each direction "
+                        "of a connection and TCP flag changes; default), as Cilium's levels")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     p.add_argument("--describe", action="store_true", help="print the components and settings, then exit")
     return p
@@ -229,4 +233,5 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         hubble_monitor_events=args.hubble_monitor_events,
         hubble_metrics=args.hubble_metrics,
         hubble_metrics_server=args.hubble_metrics_server,
+        monitor_aggregation=args.monitor_aggregation,
     )

@@ -13,6 +13,9 @@ from .lb import LbConfig
 LB_MODES = ("snat", "dsr")
 
 
+#: --monitor-aggregation levels built -> pilus_config.trace_aggregate
+MONITOR_AGGREGATION = {"none": 0, "medium": 1}
+
 @dataclass(frozen=True)
 class DatapathConfig:
     node_name: str
@@ -37,15 +40,21 @@ class DatapathConfig:
     #: replies come back here) or "dsr" (the frontend travels in an IPv4 option, the
     #: backend's node answers the client directly; native routing only)
     lb_mode: str = "snat"
+    #: Cilium's --monitor-aggregation: "none" traces every packet, "medium" (default) the
+    #: first packet of each direction of a connection and its TCP flag changes
+    monitor_aggregation: str = "medium"
 
     def __post_init__(self) -> None:
+        if self.monitor_aggregation not in MONITOR_AGGREGATION:
+            raise ValueError(f"monitor aggregation {self.monitor_aggregation!r}: use "
+                             f"{' or '.join(MONITOR_AGGREGATION)} (low and maximum are not built)")
         if self.lb_mode not in LB_MODES:
             raise ValueError(f"unknown lb mode {self.lb_mode!r}: use one of {', '.join(LB_MODES)}")
         if self.lb_mode == "dsr" and self.tunnel_device:
             raise ValueError("lb mode dsr needs native routing (no tunnel device)")
 
 
-def build_config(cfg: DatapathConfig, trace_aggregate: bool = True) -> abi.PilusConfig:
+def build_config(cfg: DatapathConfig) -> abi.PilusConfig:
     c = abi.PilusConfig()
     c.router_ip = abi.ip4_to_raw(cfg.router_ip)
     c.node_ip = abi.ip4_to_raw(cfg.node_ip)
@@ -58,7 +67,7 @@ def build_config(cfg: DatapathConfig, trace_aggregate: bool = True) -> abi.Pilus
     c.ct_syn_timeout = 60
     c.ct_close_timeout = 10
     c.ct_lifetime_nontcp = 60
-    c.trace_aggregate = 1 if trace_aggregate else 0
+    c.trace_aggregate = MONITOR_AGGREGATION[cfg.monitor_aggregation]
     c.tunnel_ifindex = cfg.tunnel_ifindex if cfg.tunnel_device else 0
     c.lb_dsr = 1 if cfg.lb_mode == "dsr" else 0
     return c
