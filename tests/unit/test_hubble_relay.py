@@ -255,3 +255,42 @@ def test_the_sort_buffer_holds_at_most_its_size_and_drains_in_order():
     assert 9.0 < buf.timeout() <= 10.0
     assert pods(buf.push(r(2))) == ["p1"]  # full: the oldest goes out
     assert pods(buf.drain()) == ["p2", "p3"] and buf.timeout() is None
+
+
+def test_follow_passes_flows_of_the_same_time_and_a_resume_skips_only_those_sent(sockdir):
+    from pilus.hubble.relay import _Sent
+
+    async def main():
+        async with Cluster(sockdir) as c:
+            stream = c.observer.GetFlows(observer_pb2.GetFlowsRequest(follow=True), timeout=30)
+            seen: list[observer_pb2.GetFlowsResponse] = []
+
+            async def read():
+                async for r in stream:
+                    seen.append(r)
+
+            reader = asyncio.create_task(read())
+            try:
+                await eventually(lambda: len(seen) >= 1)
+                await asyncio.sleep(0.2)
+                for pod in ("verdict", "drop"):  # one packet: a policy verdict and a drop, same time
+                    f = flow("n1", T0, pod)
+                    f.uuid = pod
+                    c.rings["n1"].push(f)
+                await eventually(lambda: sorted(pods(seen)) == ["drop", "verdict"])
+            finally:
+                stream.cancel()
+                reader.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await reader
+    run(main(), timeout=40)
+
+    def r(t, uuid):
+        f = flow("n", t, uuid)
+        f.uuid = uuid
+        return observer_pb2.GetFlowsResponse(flow=f, time=timestamp(t))
+
+    sent = _Sent()
+    assert [sent.fresh(x) for x in (r(1, "a"), r(2, "b"), r(2, "c"))] == [True, True, True]
+    # resumed with since = 2: the node sends b and c again, and d of the same time for the first time
+    assert [sent.fresh(x) for x in (r(2, "b"), r(2, "c"), r(2, "d"), r(3, "e"))] == [False, False, True, True]

@@ -419,7 +419,7 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
         and resumes after the last flow seen when it is back."""
         req = observer_pb2.GetFlowsRequest()
         req.CopyFrom(request)
-        last_ns: int | None = None
+        sent = _Sent()
         reported = ("connected" if peer.connected else "unavailable") if announced else ""
         while True:
             while not peer.connected:
@@ -427,11 +427,11 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
             if reported != "connected":
                 await queue.put(node_status(relay_pb2.NODE_CONNECTED, [peer.name]))
                 reported = "connected"
-            if last_ns is not None:  # resume: the flows after the last one sent
+            if sent.last_ns is not None:  # resume: from the last flow sent on (those sent are skipped)
                 req.number = 0
-                since = max(last_ns + 1, request.since.ToNanoseconds() if request.HasField("since") else 0)
+                since = max(sent.last_ns, request.since.ToNanoseconds() if request.HasField("since") else 0)
                 req.since.FromNanoseconds(since)
-            reason, last_ns, until_reached = await self._stream_node(peer, req, queue, last_ns)
+            reason, until_reached = await self._stream_node(peer, req, queue, sent)
             if until_reached:
                 await queue.put(None)
                 return
@@ -441,30 +441,48 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
                 await asyncio.sleep(HEALTH_INTERVAL)
 
     @staticmethod
-    async def _stream_node(peer: RelayPeer, req, queue: asyncio.Queue,
-                           last_ns: int | None) -> tuple[str, int | None, bool]:
-        """Pass one stream of a node on until it ends; (why, last time sent, ended by until)."""
+    async def _stream_node(peer: RelayPeer, req, queue: asyncio.Queue, sent: _Sent) -> tuple[str, bool]:
+        """Pass one stream of a node on until it ends; (why, ended by until)."""
         call = peer.observer.GetFlows(req)
         down = asyncio.create_task(_wait_down(peer))
         try:
-            reader = asyncio.create_task(_pump(call, queue, last_ns))
+            reader = asyncio.create_task(_pump(call, queue, sent))
             done, _ = await asyncio.wait({reader, down}, return_when=asyncio.FIRST_COMPLETED)
             if reader not in done:
                 call.cancel()
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                     await reader
-                return peer.last_error or "health check failed", last_ns, False
+                return peer.last_error or "health check failed", False
             try:
-                last = reader.result()
+                reader.result()
             except grpc.aio.AioRpcError as exc:
-                return f"{exc.code().name}: {exc.details()}", last_ns, False
+                return f"{exc.code().name}: {exc.details()}", False
             if req.HasField("until"):
-                return "", last, True
-            return "the node ended its stream", last, False
+                return "", True
+            return "the node ended its stream", False
         finally:
             down.cancel()
             call.cancel()
+
+
+class _Sent:
+    """What one node's follow has passed on: the newest flow time and the uuids of the
+    flows of that time, so that a resumed stream (since = that time) skips them."""
+
+    def __init__(self) -> None:
+        self.last_ns: int | None = None
+        self.uuids: set[str] = set()
+
+    def fresh(self, response: observer_pb2.GetFlowsResponse) -> bool:
+        """False for a flow sent before; records the others."""
+        t = _time_ns(response)
+        if self.last_ns is not None and (t < self.last_ns or t == self.last_ns and response.flow.uuid in self.uuids):
+            return False
+        if t != self.last_ns:
+            self.last_ns, self.uuids = t, set()
+        self.uuids.add(response.flow.uuid)
+        return True
 
 
 class _SortBuffer:
@@ -501,17 +519,12 @@ class _SortBuffer:
         return out
 
 
-async def _pump(call, queue: asyncio.Queue, last_ns: int | None) -> int | None:
+async def _pump(call, queue: asyncio.Queue, sent: _Sent) -> None:
     async for response in call:
-        if response.WhichOneof("response_types") is None:
+        kind = response.WhichOneof("response_types")
+        if kind is None or kind == "flow" and not sent.fresh(response):
             continue
-        t = _time_ns(response)
-        if response.WhichOneof("response_types") == "flow":
-            if last_ns is not None and t <= last_ns:
-                continue  # sent before the node went away
-            last_ns = t
         await queue.put(response)
-    return last_ns
 
 
 async def _wait_down(peer: RelayPeer) -> None:
