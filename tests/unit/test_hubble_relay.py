@@ -40,11 +40,11 @@ def flow(node: str, t: float, pod: str, *, verdict=flow_pb2.FORWARDED, namespace
 
 
 class Cluster:
-    """Two node servers on 127.0.0.1 and a relay over them (Notify of both)."""
+    """Node servers (two unless told) on 127.0.0.1 and a relay over them (Notify of each)."""
 
-    def __init__(self, sockdir: Path) -> None:
+    def __init__(self, sockdir: Path, nodes: int = 2) -> None:
         self.sockdir = sockdir
-        self.rings = {"n1": FlowRing(100), "n2": FlowRing(100)}
+        self.rings = {f"n{i}": FlowRing(100) for i in range(1, nodes + 1)}
         self.servers: dict[str, HubbleServer] = {}
         self.ports: dict[str, int] = {}
         self.relay: Relay | None = None
@@ -66,7 +66,7 @@ class Cluster:
         self.relay = Relay("127.0.0.1:0", [f"127.0.0.1:{p}" for p in self.ports.values()], health_interval=0.2)
         await self.relay.start()
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.relay.port}")
-        await eventually(lambda: sum(p.connected for p in self.relay.peers.snapshot()) == 2, timeout=5)
+        await eventually(lambda: sum(p.connected for p in self.relay.peers.snapshot()) == len(self.rings), timeout=5)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -294,3 +294,20 @@ def test_follow_passes_flows_of_the_same_time_and_a_resume_skips_only_those_sent
     assert [sent.fresh(x) for x in (r(1, "a"), r(2, "b"), r(2, "c"))] == [True, True, True]
     # resumed with since = 2: the node sends b and c again, and d of the same time for the first time
     assert [sent.fresh(x) for x in (r(2, "b"), r(2, "c"), r(2, "d"), r(3, "e"))] == [False, False, True, True]
+
+
+def test_three_nodes_are_merged_and_listed(sockdir):
+    async def main():
+        async with Cluster(sockdir, nodes=3) as c:
+            for i, name in enumerate(c.rings):
+                for j in range(3):
+                    c.rings[name].push(flow(name, T0 + 3 * j + i, f"{name}-{j}"))
+            got = await c.get_flows(number=5)
+            assert pods(got) == ["n2-1", "n3-1", "n1-2", "n2-2", "n3-2"]
+            assert list(got[0].node_status.node_names) == ["n1", "n2", "n3"]
+            nodes = (await c.observer.GetNodes(observer_pb2.GetNodesRequest(), timeout=5)).nodes
+            assert [(n.name, n.state, n.num_flows) for n in nodes] == [
+                (name, relay_pb2.NODE_CONNECTED, 3) for name in ("n1", "n2", "n3")]
+            status = await c.observer.ServerStatus(observer_pb2.ServerStatusRequest(), timeout=5)
+            assert (status.num_flows, status.num_connected_nodes.value) == (9, 3)
+    run(main())
