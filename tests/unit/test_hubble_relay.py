@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from aio_helpers import eventually, run
+from google.protobuf.field_mask_pb2 import FieldMask
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pilus.hubble.flows import timestamp
@@ -115,6 +116,17 @@ def test_a_bad_filter_is_invalid_argument_once(sockdir):
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await c.get_flows(whitelist=[flow_pb2.FlowFilter(source_ip=["not-an-ip"])])
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not-an-ip" in err.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.get_flows(follow=True, first=True)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.get_flows(field_mask=FieldMask(paths=["no_such_field"]))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no_such_field" in err.value.details()
+            c.rings["n2"].push(flow("n2", T0, "b"))
+            masked = [r for r in await c.get_flows(field_mask=FieldMask(paths=["source.pod_name"]))
+                      if r.HasField("flow")]
+            assert [r.flow for r in masked] == [flow_pb2.Flow(source=flow_pb2.Endpoint(pod_name="b"))]
+            assert masked[0].node_name == "n2"
     run(main())
 
 

@@ -48,7 +48,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import pilus
 from pilus.hubble.filters import FilterError, FlowMatcher
 from pilus.hubble.flows import timestamp
-from pilus.hubble.protos import observer_pb2, observer_pb2_grpc, peer_pb2, peer_pb2_grpc, relay_pb2
+from pilus.hubble.protos import flow_pb2, observer_pb2, observer_pb2_grpc, peer_pb2, peer_pb2_grpc, relay_pb2
 
 log = logging.getLogger("pilus.hubble.relay")
 
@@ -133,12 +133,13 @@ class RelayPeer:
         return observer_pb2_grpc.ObserverStub(self.channel)
 
     def set_state(self, connected: bool, error: str = "") -> None:
-        if connected != self.connected:
+        was = self.connected
+        self.connected, self.last_error = connected, error
+        if connected != was:
             log.info("relay: node %s at %s is %s%s", self.name, self.address,
                      "connected" if connected else "unavailable", f" ({error})" if error else "")
-        self.connected, self.last_error = connected, error
-        self.changed.set()
-        self.changed = asyncio.Event()
+            self.changed.set()
+            self.changed = asyncio.Event()
 
 
 class PeerManager:
@@ -151,7 +152,6 @@ class PeerManager:
         self.health_interval = health_interval
         self.peers: dict[str, RelayPeer] = {}
         self.changed = asyncio.Event()  # set whenever a node is added, moved or deleted
-        self.gone: set[str] = set()
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -187,7 +187,6 @@ class PeerManager:
             peer = self.peers.pop(name, None)
             if peer is not None:
                 log.info("relay: node %s was deleted", name)
-                self.gone.add(name)
                 self._close(peer)
                 self._announce()
             return
@@ -203,7 +202,6 @@ class PeerManager:
         peer.open()
         peer.task = asyncio.create_task(self.run_health(peer), name=f"relay-health-{name}")
         self.peers[name] = peer
-        self.gone.discard(name)
         self._announce()
 
     @staticmethod
@@ -316,6 +314,10 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
             FlowMatcher(request.whitelist, request.blacklist)
         except FilterError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        mask = request.field_mask if request.HasField("field_mask") and request.field_mask.paths else None
+        if mask is not None and not mask.IsValidForDescriptor(flow_pb2.Flow.DESCRIPTOR):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"invalid field mask {list(mask.paths)}: not all paths are fields of flow.Flow")
         peers = self.peers.snapshot()
         if not peers:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
