@@ -33,11 +33,15 @@ def test_counters_follow_the_flows():
     m.observe(_flow(MESSAGE_TYPE_TRACE, flow_pb2.FORWARDED, trace_observation_point=flow_pb2.TO_ENDPOINT))
     m.observe(_flow(MESSAGE_TYPE_POLICY_VERDICT, flow_pb2.FORWARDED, traffic_direction=flow_pb2.INGRESS,
                     policy_match_type=2))
+    # the same denied packet as a policy verdict: no second drop
+    m.observe(_flow(MESSAGE_TYPE_POLICY_VERDICT, flow_pb2.DROPPED, drop_reason_desc=flow_pb2.POLICY_DENIED,
+                    traffic_direction=flow_pb2.INGRESS, policy_match_type=0))
     m.record_lost(flow_pb2.PERF_EVENT_RING_BUFFER, 7)
     assert _value(m, "hubble_flows_processed_total", type="Drop", subtype="", verdict="DROPPED") == 1
     assert _value(m, "hubble_flows_processed_total", type="Trace", subtype="to-endpoint", verdict="FORWARDED") == 1
     assert _value(m, "hubble_drop_total", reason="POLICY_DENIED", protocol="TCP") == 1
-    assert _value(m, "hubble_tcp_flags_total", flag="SYN", family="IPv4") == 3
+    assert _value(m, "hubble_tcp_flags_total", flag="SYN", family="IPv4") == 4
+    assert _value(m, "hubble_policy_verdicts_total", direction="ingress", match="none", action="dropped") == 1
     assert _value(m, "hubble_policy_verdicts_total", direction="ingress", match="l3-l4", action="forwarded") == 1
     assert _value(m, "hubble_lost_events_total", source="PERF_EVENT_RING_BUFFER") == 7
 

@@ -57,6 +57,9 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
                     help="NodePort to a backend on another node: snat (to the entry node's IP; default) "
                          "or dsr (the backend's node answers the client directly; needs "
                          "--routing-mode native)")
+    up.add_argument("--prometheus", action="store_true",
+                    help="also run Debian's prometheus on the bridge address :9090, scraping every "
+                         "agent (:9962) and every node's Hubble metrics (:9965)")
     common.add_output_option(up)
     up.set_defaults(func=cmd_up)
 
@@ -142,7 +145,7 @@ def cmd_up(args) -> int:
     spec = mgr.ClusterSpec(name=name, nodes=args.nodes, pod_cidr=args.pod_cidr,
                            underlay_cidr=args.underlay_cidr, state_root=common.state_root(),
                            kvstore=args.kvstore, routing_mode=args.routing_mode,
-                           bpf_lb_mode=args.bpf_lb_mode)
+                           bpf_lb_mode=args.bpf_lb_mode, prometheus=args.prometheus)
     print(f"Creating cluster '{name}' with {args.nodes} node(s)...", file=sys.stderr, flush=True)
     try:
         info = mgr.cluster_up(spec)
@@ -151,8 +154,13 @@ def cmd_up(args) -> int:
     if args.output:
         output.emit(output.dump(info, args.output))
         return 0
+    extra = ""
+    if (info or {}).get("relay_address"):
+        extra += f"Hubble Relay: {info['relay_address']}\n"
+    if (info or {}).get("prometheus"):
+        extra += f"Prometheus: http://{info['prometheus']['address']}\n"
     output.emit(f"Cluster '{name}' is up (kvstore {_kvstore(info or {})}):\n"
-                + format_nodes(info or {"nodes": []}))
+                + format_nodes(info or {"nodes": []}) + extra)
     return 0
 
 

@@ -36,6 +36,7 @@ from pilus.cluster.plan import (
     host_veth_re,
     node_name_re,
     node_netns_re,
+    prometheus_config,
     validate,
 )
 from pilus.cluster.supervisor import etcd_healthy
@@ -419,6 +420,8 @@ def cluster_up(
         )
     if spec.kvstore == "etcd" and shutil.which("etcd") is None:
         raise ClusterError("--kvstore etcd needs the etcd binary: install etcd-server")
+    if spec.prometheus and shutil.which("prometheus") is None:
+        raise ClusterError("--prometheus needs the prometheus binary: install prometheus (make setup)")
     doc = build_cluster_doc(spec)
     if agent_cmd:
         doc["agent_cmd"] = list(agent_cmd)
@@ -428,6 +431,8 @@ def cluster_up(
         links.create_bridge(doc["bridge"], f"{doc['bridge_ip']}/{prefixlen}")
         for node in doc["nodes"]:
             _build_node(doc, node, prefixlen)
+        if doc.get("prometheus"):
+            Path(doc["prometheus"]["config"]).write_text(prometheus_config(doc))
         _write_json(cdir / "cluster.json", doc)
         sup = _start_supervisor(doc, cdir)
         doc["supervisor_pid"] = sup.pid
@@ -480,6 +485,9 @@ def cluster_down(name: str = "default", state_root: Path = DEFAULT_STATE_ROOT) -
     agents = [p for p in _pids() if p != os.getpid() and _is_agent_of(p, name, cdir)]
     for p in _terminate(agents, grace=5.0):
         removed.append(f"agent pid {p}")
+    tsdb = f"--storage.tsdb.path={cdir / 'prometheus'}"
+    for p in _terminate([p for p in _pids() if tsdb in _cmdline(p)], grace=5.0):
+        removed.append(f"prometheus pid {p}")
     for p in _terminate([p for p in _pids() if _is_etcd_of(p, cdir)], grace=5.0):
         removed.append(f"etcd pid {p}")
 

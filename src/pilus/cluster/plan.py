@@ -16,6 +16,9 @@ from typing import Any
 DEFAULT_STATE_ROOT = Path("/run/pilus")
 BPFFS_ROOT = Path("/sys/fs/bpf/pilus")
 HUBBLE_PORT = 4244  # Hubble's gRPC port on every node (Cilium's)
+PROMETHEUS_PORT = 9090  # the cluster's prometheus on the bridge address
+AGENT_METRICS_PORT = 9962  # the agents' --prometheus-serve-addr (Cilium's agent port)
+HUBBLE_METRICS_PORT = 9965
 RELAY_PORT = 4245  # the cluster's Hubble Relay on the bridge address (the hubble CLI's default port)
 MAX_NODES = 200  # underlay .11 ... .210 in a /24; also keeps names short
 KVSTORES = ("embedded", "etcd")
@@ -40,6 +43,7 @@ class ClusterSpec:
     kvstore: str = "embedded"
     routing_mode: str = "tunnel"  # tunnel or native (the agents' --routing-mode)
     bpf_lb_mode: str = "snat"  # snat or dsr (the agents' --bpf-lb-mode; dsr needs native routing)
+    prometheus: bool = False  # run Debian's prometheus scraping every agent and Hubble metrics
 
 
 def validate(spec: ClusterSpec) -> None:
@@ -193,6 +197,13 @@ def build_cluster_doc(spec: ClusterSpec, supervisor_pid: int | None = None) -> d
         "relay_address": f"{bridge_ip(und)}:{RELAY_PORT}",
         "relay_log": str(cdir / "relay.log"),
     }
+    if spec.prometheus:
+        doc["prometheus"] = {
+            "address": f"{bridge_ip(und)}:{PROMETHEUS_PORT}",
+            "config": str(cdir / "prometheus.yml"),
+            "data_dir": str(cdir / "prometheus"),
+            "log": str(cdir / "prometheus.log"),
+        }
     if spec.kvstore == "etcd":
         doc["kvstore_path"] = None
         doc["kvstore_address"] = f"http://{bridge_ip(und)}:{ETCD_CLIENT_PORT}"
@@ -291,6 +302,7 @@ def agent_argv(doc: dict[str, Any], node: dict[str, Any], python: str) -> list[s
         "--hubble-listen-address",  # in the node's namespace: the relay and `--node` reach it
         f":{HUBBLE_PORT}",
         "--hubble-metrics", "flow,drop,tcp,policy",  # on <node IP>:9965
+        *(["--prometheus-serve-addr", f":{AGENT_METRICS_PORT}"] if doc.get("prometheus") else []),
     ]
 
 
@@ -311,3 +323,23 @@ def relay_argv(doc: dict[str, Any], python: str) -> list[str]:
     bridge address, with every node's Hubble server (node IP:4244) as a peer target."""
     targets = [arg for n in doc["nodes"] for arg in ("--peer-target", f"{n['node_ip']}:{HUBBLE_PORT}")]
     return [python, "-m", "pilus.hubble.relay", "--listen-address", doc["relay_address"], *targets]
+
+
+def prometheus_argv(doc: dict[str, Any]) -> list[str]:
+    """The cluster's prometheus (Debian's) in the machine's namespace, on the bridge address."""
+    prom = doc["prometheus"]
+    return ["prometheus", f"--config.file={prom['config']}", f"--storage.tsdb.path={prom['data_dir']}",
+            f"--web.listen-address={prom['address']}"]
+
+
+def prometheus_config(doc: dict[str, Any]) -> str:
+    """prometheus.yml: every agent (:9962) and every node's Hubble metrics (:9965)."""
+    def targets(port: int) -> str:
+        return ", ".join(f"'{n['node_ip']}:{port}'" for n in doc["nodes"])
+
+    return (
+        "global:\n  scrape_interval: 2s\n  evaluation_interval: 2s\n"
+        "scrape_configs:\n"
+        f"  - job_name: pilus-agent\n    static_configs:\n      - targets: [{targets(AGENT_METRICS_PORT)}]\n"
+        f"  - job_name: hubble\n    static_configs:\n      - targets: [{targets(HUBBLE_METRICS_PORT)}]\n"
+    )

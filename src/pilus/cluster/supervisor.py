@@ -40,7 +40,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pilus.cluster.plan import agent_argv, etcd_argv, relay_argv
+from pilus.cluster.plan import agent_argv, etcd_argv, prometheus_argv, relay_argv
 
 RESTART_MIN_S = 1.0
 RESTART_MAX_S = 5.0
@@ -193,6 +193,19 @@ class RelayProc(ChildProc):
         return relay_argv(self.doc, sys.executable)
 
 
+class PrometheusProc(ChildProc):
+    """The cluster's prometheus (``pilus cluster up --prometheus``), on the bridge address."""
+
+    what = "prometheus"
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        super().__init__(f"cluster {doc['name']}", Path(doc["prometheus"]["log"]))
+        self.doc = doc
+
+    def argv(self) -> list[str]:
+        return prometheus_argv(self.doc)
+
+
 def etcd_healthy(address: str, timeout: float = 2.0) -> bool:
     """etcd's GET /health says {"health":"true"}."""
     try:
@@ -212,6 +225,7 @@ class Supervisor:
         self._doc_mtime = (self.cdir / "cluster.json").stat().st_mtime_ns
         self.etcd = EtcdProc(doc) if doc.get("kvstore") == "etcd" else None
         self.relay = RelayProc(doc) if doc.get("relay_address") else None
+        self.prometheus = PrometheusProc(doc) if doc.get("prometheus") else None
         # agents start once the kvstore answers (they would fail fast without it)
         self.kvstore_ready = self.etcd is None
 
@@ -225,6 +239,8 @@ class Supervisor:
             data["etcd"] = dict(self.etcd.status(), ready=self.kvstore_ready)
         if self.relay is not None:
             data["relay"] = dict(self.relay.status(), address=self.relay.doc["relay_address"])
+        if self.prometheus is not None:
+            data["prometheus"] = dict(self.prometheus.status(), address=self.prometheus.doc["prometheus"]["address"])
         tmp = self.cdir / "supervisor.json.tmp"
         with contextlib.suppress(OSError):
             tmp.write_text(json.dumps(data, indent=1) + "\n")
@@ -261,6 +277,8 @@ class Supervisor:
                 changed |= a.poll(now)
             if self.relay is not None:
                 changed |= self.relay.poll(now)
+            if self.prometheus is not None:
+                changed |= self.prometheus.poll(now)
         return changed
 
     def run(self) -> int:
@@ -279,7 +297,7 @@ class Supervisor:
             if self._step(time.monotonic()):
                 self.write_status()
             time.sleep(0.1)
-        self.stop_children(self.agents + ([self.relay] if self.relay is not None else []))
+        self.stop_children(self.agents + [c for c in (self.relay, self.prometheus) if c is not None])
         if self.etcd is not None:
             self.stop_children([self.etcd])  # after the agents: they revoke leases on the way out
         with contextlib.suppress(OSError):

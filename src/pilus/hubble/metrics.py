@@ -6,7 +6,7 @@ set (enum names, observation points, TCP flag names), so the cardinality is boun
 whatever the traffic: no addresses, ports or pod names.
 
   flow    hubble_flows_processed_total{type, subtype, verdict}
-  drop    hubble_drop_total{reason, protocol}
+  drop    hubble_drop_total{reason, protocol}   (drop events: each dropped packet once)
   tcp     hubble_tcp_flags_total{flag, family}
   policy  hubble_policy_verdicts_total{direction, match, action}
 """
@@ -77,7 +77,8 @@ class HubbleMetrics:
             if etype == MESSAGE_TYPE_TRACE:
                 subtype = flow_pb2.TraceObservationPoint.Name(f.trace_observation_point).lower().replace("_", "-")
             self.flows.labels(_TYPES.get(etype, "Unknown"), subtype, verdict).inc()
-        if self.drops is not None and f.verdict == flow_pb2.DROPPED:
+        # drop events only: a denied packet is also a DROPPED policy verdict, counted once here
+        if self.drops is not None and etype == MESSAGE_TYPE_DROP:
             self.drops.labels(flow_pb2.DropReason.Name(f.drop_reason_desc), _protocol(f)).inc()
         if self.tcp is not None and f.HasField("l4") and f.l4.WhichOneof("protocol") == "TCP":
             flags = f.l4.TCP.flags
