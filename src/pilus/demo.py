@@ -4,9 +4,10 @@ It drives the real CLI (``python -m pilus ...``) and prints each command like a
 shell transcript: cluster up, three Star Wars endpoints, identities, a TCP
 service in the deathstar reached by tiefighter and xwing, a spoofed packet from
 xwing dropped by the datapath and seen by ``pilus monitor``, Cilium's Star Wars
-L3/L4 policy (tiefighter lands, xwing is dropped, ``pilus policy trace`` explains
-why), the maps, metrics and status, and finally ``pilus cluster down`` -- always,
-even on failure or Ctrl-C.
+L3/L4 policy (tiefighter lands, xwing is dropped, ``pilus observe`` shows the
+dropped flow through the Hubble Relay, ``pilus policy trace`` explains why), the
+maps, metrics and status, and finally ``pilus cluster down`` -- always, even on
+failure or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -203,6 +204,19 @@ def connect(client: str, ip: str) -> None:
     raise DemoError(f"{client} could not connect to {ip}:{PORT}")
 
 
+def wait_for_flow(timeout: float = 10) -> bool:
+    """Whether the relay has xwing's dropped flow (node2's flows reach it within a second)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        res = subprocess.run(pilus_argv(["observe", "--verdict", "DROPPED", "--from-pod", "default/xwing",
+                                         "--last", "1", "-o", "json"]),
+                             capture_output=True, text=True, timeout=30)
+        if res.returncode == 0 and "POLICY_DENIED" in res.stdout:
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def run_demo(background: list[Background]) -> None:
     step(f"Create a local cluster '{CLUSTER}' of two nodes: node namespaces, underlay, kvstore, "
          "one agent per node, a VXLAN tunnel between them")
@@ -268,6 +282,12 @@ def run_demo(background: list[Background]) -> None:
     if line is None:
         raise DemoError("no 'Policy denied' drop was reported by pilus monitor")
     mon.stop()
+
+    step("The same drop as a Hubble flow, through the cluster's Hubble Relay: both ends' names "
+         "and labels, the node that dropped it and why")
+    if not wait_for_flow():
+        raise DemoError("the Hubble Relay shows no dropped flow of xwing")
+    pilus("observe", "--verdict", "DROPPED", "--from-pod", "default/xwing", "--last", "3")
 
     step("Explain the verdict without sending a packet, and show the deathstar's policy map")
     pilus("policy", "trace", "--src-endpoint", "default/xwing", "--dst-endpoint", "default/deathstar",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from pilus.cli import common, output
 
@@ -131,6 +132,15 @@ def format_status(h: dict) -> str:
                           f"Flows/s: {output.or_dash(hub.get('flows_per_second'))}, "
                           f"{output.or_dash(hub.get('lost'))} lost"
                           + (f", on {hub['address']}" if hub.get("address") else "")))
+    relay = h.get("relay")
+    if relay:
+        if relay.get("error"):
+            lines.append(("Hubble Relay", f"Failure   {relay['address']}: {relay['error']}"))
+        else:
+            total = relay["connected"] + relay["unavailable"]
+            lines.append(("Hubble Relay", f"{'Ok' if not relay['unavailable'] else 'Warning'}   "
+                          f"{relay['connected']}/{total} nodes connected, {relay['flows']} flows, "
+                          f"on {relay['address']}"))
     ev = h.get("events") or {}
     lines.append(("Events", f"{output.or_dash(ev.get('received'))} received, "
                   f"{output.or_dash(ev.get('lost'))} lost"))
@@ -150,8 +160,35 @@ def format_brief(h: dict) -> str:
     return "OK\n"
 
 
+def relay_status(args: argparse.Namespace) -> dict | None:
+    """The cluster's Hubble Relay as its ServerStatus says (None outside a cluster, or
+    when a socket is named): connected and unavailable nodes, or why it does not answer."""
+    if getattr(args, "socket", None) or os.environ.get("PILUS_SOCK"):
+        return None
+    info = common.read_cluster_file(common.cluster_name(args))
+    address = (info or {}).get("relay_address")
+    if not address:
+        return None
+    import grpc
+
+    from pilus.hubble.protos import observer_pb2, observer_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = observer_pb2_grpc.ObserverStub(channel).ServerStatus(observer_pb2.ServerStatusRequest(),
+                                                                         timeout=2)
+    except grpc.RpcError as exc:
+        return {"address": address, "error": exc.code().name}
+    return {"address": address, "connected": reply.num_connected_nodes.value,
+            "unavailable": reply.num_unavailable_nodes.value, "flows": reply.num_flows}
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     health = common.client(args).healthz()
+    if not args.brief:
+        relay = relay_status(args)
+        if relay is not None:
+            health["relay"] = relay
     if args.output:
         output.emit(output.dump(health, args.output))
         return 0
