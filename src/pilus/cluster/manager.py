@@ -485,6 +485,10 @@ def cluster_down(name: str = "default", state_root: Path = DEFAULT_STATE_ROOT) -
     agents = [p for p in _pids() if p != os.getpid() and _is_agent_of(p, name, cdir)]
     for p in _terminate(agents, grace=5.0):
         removed.append(f"agent pid {p}")
+    relay = (doc or {}).get("relay_address")
+    strays = [p for p in _pids() if relay and "pilus.hubble.relay" in _cmdline(p) and relay in _cmdline(p)]
+    for p in _terminate(strays, grace=2.0):
+        removed.append(f"relay pid {p}")
     tsdb = f"--storage.tsdb.path={cdir / 'prometheus'}"
     for p in _terminate([p for p in _pids() if tsdb in _cmdline(p)], grace=5.0):
         removed.append(f"prometheus pid {p}")
