@@ -15,6 +15,7 @@ from pilus import __version__
 from pilus.cli import bpf, cluster, common, endpoint, exec_cmd, identity, monitor, node, observe, policy, status
 from pilus.cli import namespace as namespace_cmd
 from pilus.cli import service as service_cmd
+from pilus.cli import ui as ui_cmd
 
 # global options that take a value (to find the subcommand before parsing)
 _VALUE_OPTIONS = ("--cluster", "--node", "--socket")
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     namespace_cmd.register(sub, parent)
     service_cmd.register(sub, parent)
     service_cmd.register_bpf_lb_under(sub, parent)
+    ui_cmd.register(sub, parent)
     return parser
 
 
