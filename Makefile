@@ -47,6 +47,7 @@ bench: setup
 	$(PY) -m bench.crossnode
 	$(PY) -m bench.service_scale
 	$(PY) -m bench.policy_resolve
+	$(PY) -m bench.hubble
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
