@@ -1,0 +1,176 @@
+"""The proxy's configuration file (JSON), parsed and compiled all-or-nothing.
+
+```
+{"listeners": [
+  {"name": "ep12-ingress",          optional; default "<direction>:<port>"
+   "port": 15001,                    the port the proxy listens on (TPROXY / datapath target)
+   "address": "0.0.0.0",             optional
+   "direction": "ingress",           ingress | egress
+   "transparent": true,              optional; false = a plain listener (tests, debugging)
+   "upstream": "10.0.0.5:80",        optional; only with transparent false: where to forward
+   "rules": [                        rule sets; the union of those that apply is enforced
+     {"endpoint": 12,                optional, reported in records
+      "endpoint_ips": ["10.200.1.5"], optional; null/absent = any local endpoint
+      "port": 80,                    optional; the original destination port; null = any
+      "peers": [1234, 2],            the peer identities it applies to; null = any peer
+      "http": [ {PortRuleHTTP with Cilium's field names}, ... ]}   [] = allow all (visibility)
+   ]}
+]}
+```
+
+The local endpoint is the original destination on ingress and the client on egress; the peer
+is the other side. No applicable rule set: the request is denied (403).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .http_rules import CompiledHttpRules, HttpRuleError, compile_http_rules, deny_all, rule_from_dict
+
+__all__ = ["ConfigError", "ListenerConfig", "ProxyConfig", "RuleSet"]
+
+DIRECTIONS = ("ingress", "egress")
+
+
+class ConfigError(ValueError):
+    """A configuration the proxy refuses; the message starts with the field path."""
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    endpoint: int | None
+    endpoint_ips: frozenset[str] | None
+    port: int | None
+    peers: frozenset[int] | None
+    http: CompiledHttpRules
+
+    def applies(self, local_ip: str, port: int, peer: int) -> bool:
+        return ((self.endpoint_ips is None or local_ip in self.endpoint_ips)
+                and (self.port is None or self.port == port)
+                and (self.peers is None or peer in self.peers))
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    port: int
+    address: str
+    direction: str
+    transparent: bool
+    upstream: tuple[str, int] | None
+    rules: tuple[RuleSet, ...]
+
+    def select(self, local_ip: str, port: int, peer: int) -> tuple[CompiledHttpRules, int | None]:
+        """The rules for one request's (endpoint, port, peer) and the endpoint id."""
+        sets = [r for r in self.rules if r.applies(local_ip, port, peer)]
+        if not sets:
+            return deny_all(), None
+        return CompiledHttpRules.union(r.http for r in sets), sets[0].endpoint
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    listeners: tuple[ListenerConfig, ...]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ProxyConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: {e}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ProxyConfig:
+        if not isinstance(data, dict) or not isinstance(data.get("listeners", []), list):
+            raise ConfigError("listeners: must be a list")
+        listeners = tuple(_listener(ld, f"listeners[{i}]") for i, ld in enumerate(data.get("listeners", [])))
+        seen: dict[tuple[str, int], str] = {}
+        for lst in listeners:
+            if (lst.address, lst.port) in seen:
+                other = seen[(lst.address, lst.port)]
+                raise ConfigError(f"listeners: port {lst.port} used twice ({other}, {lst.name})")
+            seen[(lst.address, lst.port)] = lst.name
+        return cls(listeners)
+
+
+def _int(v: Any, where: str, lo: int, hi: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ConfigError(f"{where}: must be an integer {lo}-{hi}")
+    return v
+
+
+def _listener(d: Any, where: str) -> ListenerConfig:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: must be an object")
+    unknown = set(d) - {"name", "port", "address", "direction", "transparent", "upstream", "rules"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown field")
+    port = _int(d.get("port"), f"{where}.port", 1, 65535)
+    direction = d.get("direction")
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"{where}.direction: must be ingress or egress")
+    address = str(d.get("address", "0.0.0.0"))
+    try:
+        ipaddress.IPv4Address(address)
+    except ValueError:
+        raise ConfigError(f"{where}.address: not an IPv4 address") from None
+    transparent = d.get("transparent", True)
+    if not isinstance(transparent, bool):
+        raise ConfigError(f"{where}.transparent: must be true or false")
+    upstream = None
+    if d.get("upstream") is not None:
+        if transparent:
+            raise ConfigError(f"{where}.upstream: only for a listener with transparent false")
+        host, _, p = str(d["upstream"]).rpartition(":")
+        if not host or not p.isdigit():
+            raise ConfigError(f"{where}.upstream: must be HOST:PORT")
+        upstream = (host, _int(int(p), f"{where}.upstream", 1, 65535))
+    elif not transparent:
+        raise ConfigError(f"{where}.upstream: needed when transparent is false")
+    rules = d.get("rules", [])
+    if not isinstance(rules, list):
+        raise ConfigError(f"{where}.rules: must be a list")
+    return ListenerConfig(
+        str(d.get("name") or f"{direction}:{port}"), port, address, direction, transparent, upstream,
+        tuple(_ruleset(r, f"{where}.rules[{i}]") for i, r in enumerate(rules)),
+    )
+
+
+def _ruleset(d: Any, where: str) -> RuleSet:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: must be an object")
+    unknown = set(d) - {"endpoint", "endpoint_ips", "port", "peers", "http"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown field")
+    endpoint = None if d.get("endpoint") is None else _int(d["endpoint"], f"{where}.endpoint", 0, 2**32 - 1)
+    ips = d.get("endpoint_ips")
+    if ips is not None:
+        if not isinstance(ips, list):
+            raise ConfigError(f"{where}.endpoint_ips: must be a list of IPv4 addresses or null")
+        for j, ip in enumerate(ips):
+            try:
+                ipaddress.IPv4Address(ip)
+            except ValueError:
+                raise ConfigError(f"{where}.endpoint_ips[{j}]: not an IPv4 address") from None
+        ips = frozenset(ips)
+    port = None if d.get("port") is None else _int(d["port"], f"{where}.port", 1, 65535)
+    peers = d.get("peers")
+    if peers is not None:
+        if not isinstance(peers, list):
+            raise ConfigError(f"{where}.peers: must be a list of identities or null (any peer)")
+        peers = frozenset(_int(p, f"{where}.peers[{j}]", 0, 2**32 - 1) for j, p in enumerate(peers))
+    http = d.get("http", [])
+    if not isinstance(http, list):
+        raise ConfigError(f"{where}.http: must be a list")
+    try:
+        typed = [rule_from_dict(r, f"{where}.http[{i}]") for i, r in enumerate(http)]
+        compiled = compile_http_rules(typed, f"{where}.http")
+    except HttpRuleError as e:
+        raise ConfigError(str(e)) from None
+    return RuleSet(endpoint, ips, port, peers, compiled)
