@@ -63,7 +63,7 @@ class EchoServer:
         self.httpd = ThreadingHTTPServer((host, port), EchoHandler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def close(self) -> None:
@@ -135,3 +135,46 @@ def wait_records(proxy: ProxyThread, n: int, timeout: float = 3.0) -> list[dict]
     while len(proxy.sink.records) < n and time.monotonic() < deadline:
         time.sleep(0.005)
     return list(proxy.sink.records)
+
+
+class GrpcDoorServer:
+    """A grpcio server with generic handlers (raw bytes, no .proto): cilium.examples.DoorManager
+    GetName echoes the request with a prefix and the metadata key x-token; OpenDoor answers b"open"."""
+
+    SERVICE = "cilium.examples.DoorManager"
+
+    def __init__(self, address: str = "127.0.0.1:0"):
+        from concurrent import futures
+
+        import grpc
+
+        def get_name(request: bytes, context) -> bytes:
+            token = dict(context.invocation_metadata()).get("x-token", "")
+            return b"name:" + request + b";token:" + token.encode() + b";peer:" + context.peer().encode()
+
+        def open_door(request: bytes, context) -> bytes:
+            return b"open"
+
+        handlers = {
+            "GetName": grpc.unary_unary_rpc_method_handler(get_name),
+            "OpenDoor": grpc.unary_unary_rpc_method_handler(open_door),
+        }
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(self.SERVICE, handlers),))
+        self.port = self.server.add_insecure_port(address)
+        self.server.start()
+
+    def close(self) -> None:
+        self.server.stop(0)
+
+
+def grpc_call(target: str, method: str, payload: bytes, metadata=(), timeout: float = 5.0):
+    """(response bytes or None, status code name) of one unary call with raw bytes."""
+    import grpc
+
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(f"/{GrpcDoorServer.SERVICE}/{method}")
+        try:
+            return call(payload, metadata=metadata, timeout=timeout), "OK"
+        except grpc.RpcError as e:
+            return None, e.code().name
