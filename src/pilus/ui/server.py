@@ -37,7 +37,7 @@ from aiohttp import WSMsgType, web
 
 from pilus.ui.graph import ServiceMap, flow_row
 
-__all__ = ["UISettings", "build_app", "run"]
+__all__ = ["FEED", "UISettings", "build_app", "run"]
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
@@ -178,13 +178,17 @@ class FlowFeed:
 
 # -- HTTP ------------------------------------------------------------------------------------
 
+#: the application's FlowFeed
+FEED = web.AppKey("feed", FlowFeed)
+_FEED_TASK = web.AppKey("feed_task", asyncio.Task)
+
 def build_app(settings: UISettings, *, feed: FlowFeed | None = None) -> web.Application:
     """The application; it starts the flow reader on startup and stops it on cleanup
     (a given ``feed`` is used as is and not started: tests feed it themselves)."""
     app = web.Application()
     own = feed is None
     feed = feed or FlowFeed(settings)
-    app["feed"] = feed
+    app[FEED] = feed
 
     def namespace_of(request: web.Request) -> str:
         return request.query.get("namespace", settings.namespace if "namespace" not in request.query else "")
@@ -245,10 +249,10 @@ def build_app(settings: UISettings, *, feed: FlowFeed | None = None) -> web.Appl
         return ws
 
     async def start_feed(app: web.Application) -> None:
-        app["feed_task"] = asyncio.create_task(feed.run_flows(), name="pilus-ui-flows")
+        app[_FEED_TASK] = asyncio.create_task(feed.run_flows(), name="pilus-ui-flows")
 
     async def stop_feed(app: web.Application) -> None:
-        task = app["feed_task"]
+        task = app[_FEED_TASK]
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
