@@ -182,3 +182,9 @@ def test_the_page_says_when_hubble_does_not_answer(tmp_path: Path):
             await client.close()
 
     asyncio.run(main())
+
+
+def test_a_reason_or_verdict_our_protos_do_not_name_is_kept_as_a_number():
+    row = flow_row(flow("a", "b", flow_pb2.DROPPED, reason=9999))
+    assert row.reason == "DROP_REASON_9999" and row.verdict == "DROPPED"
+    assert flow_row(flow("a", "b", 77)).verdict == "VERDICT_77"

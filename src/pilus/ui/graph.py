@@ -183,6 +183,14 @@ def _time(flow: Any) -> str:
     return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _name(enum: Any, value: int, prefix: str) -> str:
+    """An enum value's name; a number our protos do not name (a newer peer's) as PREFIX_<n>."""
+    try:
+        return str(enum.Name(value))
+    except ValueError:
+        return f"{prefix}_{value}"
+
+
 def flow_row(flow: Any) -> FlowRow:
     """A flow.Flow as a table row, oriented as its connection (a reply's ends swapped)."""
     from pilus.hubble.protos import flow_pb2
@@ -194,8 +202,8 @@ def flow_row(flow: Any) -> FlowRow:
     dst_pod = f"{flow.destination.namespace}/{flow.destination.pod_name}" if flow.destination.pod_name else dst.name
     if flow.HasField("is_reply") and flow.is_reply.value:
         src, dst, dport, src_pod, dst_pod = dst, src, sport, dst_pod, src_pod
-    reason = flow.drop_reason_desc and flow_pb2.DropReason.Name(flow.drop_reason_desc)
-    verdict = flow_pb2.Verdict.Name(flow.verdict)
+    verdict = _name(flow_pb2.Verdict, flow.verdict, "VERDICT")
+    reason = _name(flow_pb2.DropReason, flow.drop_reason_desc, "DROP_REASON") if flow.drop_reason_desc else ""
     if reason == "DROP_REASON_UNKNOWN" or verdict not in DROPPED:
         reason = ""
     return FlowRow(time=_time(flow), source=src, destination=dst, port=dport, protocol=proto, verdict=verdict,

@@ -165,6 +165,9 @@ class FlowFeed:
                 self._set(connected=False, error=f"{self.settings.target} does not answer")
             except grpc.aio.AioRpcError as exc:
                 self._set(connected=False, error=f"{exc.code().name}: {exc.details()}")
+            except Exception as exc:  # a flow we cannot read must not end the page's data for good
+                log.exception("reading flows from %s", self.settings.target)
+                self._set(connected=False, error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
 
