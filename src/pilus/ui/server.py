@@ -260,6 +260,11 @@ def build_app(settings: UISettings, *, feed: FlowFeed | None = None) -> web.Appl
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
+    async def no_stale_page(request: web.Request, response: web.StreamResponse) -> None:
+        if request.path == "/" or request.path.startswith("/static/"):  # a new pilus's page, not a cached one
+            response.headers["Cache-Control"] = "no-cache"
+
+    app.on_response_prepare.append(no_stale_page)
     app.router.add_get("/", index)
     app.router.add_get("/api/graph", graph)
     app.router.add_get("/api/stream", stream)

@@ -7,7 +7,7 @@
 "use strict";
 
 const SVG = "http://www.w3.org/2000/svg";
-const BOX_W = 200, BOX_H = 58, COL_GAP = 170, ROW_GAP = 34, MARGIN = 30;
+const BOX_W = 180, BOX_H = 58, COL_GAP = 150, ROW_GAP = 30, MARGIN = 30, EDGE_GAP = 16;
 const MAX_ROWS = 200;
 
 const state = { namespace: null, nodes: new Map(), edges: new Map(), rows: [], flows: 0, status: null };
@@ -54,16 +54,28 @@ function layout() {
     if (!columns.has(r)) columns.set(r, []);
     columns.get(r).push(n);
   }
+  // a box grows with the edges on its busier side, so that their ends stay EDGE_GAP apart
+  const degree = new Map();
+  for (const e of state.edges.values()) {
+    if (e.source === e.destination) continue;
+    for (const [id, side] of [[e.source, 0], [e.destination, 1]]) {
+      if (!degree.has(id)) degree.set(id, [0, 0]);
+      degree.get(id)[side] += 1;
+    }
+  }
   const pos = new Map();
   let height = 0, width = 0;
   for (const [r, list] of columns) {
     list.sort((a, b) => (a.namespace + "/" + a.name).localeCompare(b.namespace + "/" + b.name));
-    list.forEach((n, i) => {
-      const x = MARGIN + r * (BOX_W + COL_GAP), y = MARGIN + i * (BOX_H + ROW_GAP);
-      pos.set(n.id, { x, y });
+    let y = MARGIN;
+    for (const n of list) {
+      const h = Math.max(BOX_H, EDGE_GAP * (Math.max(...(degree.get(n.id) || [0, 0])) + 1));
+      const x = MARGIN + r * (BOX_W + COL_GAP);
+      pos.set(n.id, { x, y, h });
       width = Math.max(width, x + BOX_W + MARGIN + 90);
-      height = Math.max(height, y + BOX_H + MARGIN);
-    });
+      y += h + ROW_GAP;
+      height = Math.max(height, y - ROW_GAP + MARGIN);
+    }
   }
   return { pos, width, height };
 }
@@ -84,7 +96,7 @@ function anchors(edges, pos) {
     for (const [id, list] of lists) {
       list.sort((p, q) => pos.get(p[other]).y - pos.get(q[other]).y || p.id.localeCompare(q.id));
       list.forEach((e, i) => {
-        const y = pos.get(id).y + BOX_H * (i + 1) / (list.length + 1);
+        const y = pos.get(id).y + pos.get(id).h * (i + 1) / (list.length + 1);
         at.set(e.id + end, y);
       });
     }
@@ -148,12 +160,12 @@ function renderMap() {
     const g = el("g", { class: `node ${n.kind}`, id: "node-" + n.id, "data-node": n.id,
                         transform: `translate(${p.x},${p.y})` });
     g.appendChild(el("title", {}, [n.id, ...n.labels].join("\n")));
-    g.appendChild(el("rect", { width: BOX_W, height: BOX_H, rx: 6 }));
+    g.appendChild(el("rect", { width: BOX_W, height: p.h, rx: 6 }));
     g.appendChild(el("text", { class: "name", x: 10, y: 20 }, n.name));
     g.appendChild(el("text", { class: "ns", x: 10, y: 36 }, n.kind === "entity" ? "entity" : `namespace ${n.namespace}`));
     const shown = n.labels.filter((l) => !l.startsWith("k8s:io.kubernetes") && !l.startsWith("k8s:io.cilium"))
       .map((l) => l.replace(/^k8s:/, "")).join(" ");
-    g.appendChild(el("text", { class: "labels", x: 10, y: 50 }, shown.length > 34 ? shown.slice(0, 33) + "…" : shown));
+    g.appendChild(el("text", { class: "labels", x: 10, y: 50 }, shown.length > 30 ? shown.slice(0, 29) + "…" : shown));
     nodesG.appendChild(g);
   }
 }
