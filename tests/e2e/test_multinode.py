@@ -237,6 +237,51 @@ def test_services_are_cluster_wide_and_nodeport_reaches_a_backend_on_another_nod
         assert wait_for(lambda node=node: "10.96.12.20:80/TCP" not in _frontends(name, node), timeout=15)
 
 
+def test_named_ports_of_a_remote_pod_resolve_for_egress_rules_and_service_target_ports(tunnel):
+    name, doc, pods = tunnel
+    a, node1, node3 = pods["a"], doc["nodes"][0], doc["nodes"][2]
+    srv = json.loads(pilus_cli("--cluster", name, "--node", node3["name"], "endpoint", "create", "default/np-srv",
+                               "-l", "app=np-srv", "-p", "web=8080/TCP", "-o", "json"))
+    servers = Servers()
+    api1 = Client(node1["socket"])
+    try:
+        servers.start(srv["netns"], "tcp-server", TCP_PORT)
+        servers.start(srv["netns"], "tcp-server", 9090)
+        _wait_ipcache(name, node1, [srv["ipv4"]])
+        # a Service whose targetPort names node3's pod's port: node1 learns the number from the kvstore
+        pilus_cli("--cluster", name, "--node", node1["name"], "service", "create", "--name", "default/np-web",
+                  "--frontend", "10.96.12.30:80/TCP", "--selector", "app=np-srv", "--target-port", "web")
+        assert wait_for(lambda: any(be["address"] == f"{srv['ipv4']}:{TCP_PORT}/TCP"
+                                    for r in json.loads(pilus_cli("--cluster", name, "--node", node1["name"],
+                                                                  "service", "list", "-o", "json"))
+                                    for be in r.get("backends") or []), timeout=15)
+        reply = probe(a["netns"], "tcp-connect", "10.96.12.30", "80")
+        assert reply["ok"], reply
+        # an egress rule on node1's pod that names the port: 8080 allowed, 9090 not
+        api1.import_policy("""
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: a-to-web, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: np-srv}}]
+    toPorts: [{ports: [{port: "web", protocol: TCP}]}]
+""")
+        assert wait_for(lambda: not probe(a["netns"], "tcp-connect", srv["ipv4"], "9090", "whoami", "1")["ok"],
+                        timeout=15), "egress to 9090 still allowed"
+        assert probe(a["netns"], "tcp-connect", srv["ipv4"], str(TCP_PORT))["ok"]
+        trace = api1.request("POST", "/policy/trace", {"src_endpoint": "default/a", "dst_endpoint": "default/np-srv",
+                                                      "dport": f"{TCP_PORT}/TCP"})
+        assert trace["verdict"] == "ALLOWED", trace
+    finally:
+        servers.stop()
+        api1.request("DELETE", "/policy?all=true")
+        with contextlib.suppress(AssertionError):
+            pilus_cli("--cluster", name, "--node", node1["name"], "service", "delete", "default/np-web")
+        pilus_cli("--cluster", name, "--node", node3["name"], "endpoint", "delete", "default/np-srv")
+
+
 def test_external_traffic_policy_local_answers_only_on_the_backends_node(tunnel):
     name, doc, pods = tunnel
     node1, node2 = doc["nodes"][0], doc["nodes"][1]
