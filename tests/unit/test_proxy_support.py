@@ -178,3 +178,30 @@ def grpc_call(target: str, method: str, payload: bytes, metadata=(), timeout: fl
             return call(payload, metadata=metadata, timeout=timeout), "OK"
         except grpc.RpcError as e:
             return None, e.code().name
+
+
+def _main(argv: list[str]) -> int:
+    """``python test_proxy_support.py http PORT | grpc PORT | grpc-call TARGET METHOD PAYLOAD [KEY=VALUE]``:
+    the servers and the gRPC client the e2e tests run inside namespaces."""
+    import sys
+
+    server: EchoServer | GrpcDoorServer
+    if argv[0] == "http":
+        server = EchoServer("0.0.0.0", int(argv[1]))
+    elif argv[0] == "grpc":
+        server = GrpcDoorServer(f"0.0.0.0:{argv[1]}")
+    elif argv[0] == "grpc-call":
+        meta = tuple(tuple(kv.split("=", 1)) for kv in argv[4:])
+        reply, code = grpc_call(argv[1], argv[2], argv[3].encode(), metadata=meta)
+        print(json.dumps({"code": code, "reply": reply.decode("latin-1") if reply is not None else None}))
+        return 0
+    print("ready", flush=True)
+    sys.stdin.read()  # serve until the test closes our stdin or kills us
+    server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))
