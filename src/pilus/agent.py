@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from pilus import __version__, protocols
 from pilus.agent_flags import AgentConfig, build_parser, config_from_args
-from pilus.agent_hubble import AgentEndpointLookup
+from pilus.agent_hubble import AgentEndpointLookup, NodePeers
 from pilus.api.server import APIServer
 from pilus.components import (
     EventsPart,
@@ -295,7 +295,9 @@ class Agent:
                           peer_address=f"{self.node_ip}:{addr[1]}" if addr else None,
                           event_types=cfg.hubble_monitor_events,
                           metrics=HubbleMetrics(cfg.hubble_metrics) if cfg.hubble_metrics else None,
-                          metrics_address=cfg.hubble_metrics_server)
+                          metrics_address=cfg.hubble_metrics_server,
+                          peers=NodePeers(self.node_registry, cfg.cluster_name, addr[1])
+                          if addr and self.node_registry is not None else None)
 
     def _make_nodes(self) -> NodeRegistry:
         cfg = self.cfg

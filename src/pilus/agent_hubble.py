@@ -8,6 +8,7 @@ store access: the flow parser runs for every event and must not wait).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pilus.hubble.lookup import EndpointDetails
@@ -52,3 +53,21 @@ class AgentEndpointLookup:
         ids = self.agent.identities
         labels = ids.cached(identity) if ids is not None else None
         return [str(label) for label in labels] if labels is not None else []
+
+
+class NodePeers:
+    """The ``PeerSource`` of peer.Peer/Notify: every node of the node registry, named
+    ``<cluster>/<node>`` as flows name them, at ``<node IP>:<its Hubble port>`` (every
+    agent of a cluster listens on the same port)."""
+
+    def __init__(self, registry: Any, cluster: str, port: int) -> None:
+        self.registry, self.cluster, self.port = registry, cluster, port
+
+    def _table(self, nodes: Any) -> dict[str, str]:
+        return {f"{self.cluster}/{n.name}": f"{n.node_ip}:{self.port}" for n in nodes.values()}
+
+    def current(self) -> dict[str, str]:
+        return self._table(self.registry.nodes)
+
+    def subscribe(self, callback: Callable[[dict[str, str]], None]) -> Callable[[], None]:
+        return self.registry.on_change(lambda nodes: callback(self._table(nodes)))

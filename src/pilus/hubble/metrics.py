@@ -13,7 +13,7 @@ whatever the traffic: no addresses, ports or pod names.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -53,6 +53,7 @@ class HubbleMetrics:
     def __init__(self, handlers: Iterable[str]) -> None:
         self.handlers = tuple(handlers)
         self.registry = CollectorRegistry()
+        self._children: dict[int, dict[tuple, object]] = {}  # counter -> raw key -> labelled child
         self.lost = Counter("hubble_lost_events_total", "Events lost before they became flows",
                             ["source"], registry=self.registry)
         self.flows = self.drops = self.tcp = self.policy = None
@@ -69,25 +70,39 @@ class HubbleMetrics:
             self.policy = Counter("hubble_policy_verdicts_total", "Policy verdicts",
                                   ["direction", "match", "action"], registry=self.registry)
 
+    def _child(self, counter: Counter, key: tuple, labels: Callable[[], tuple[str, ...]]):
+        """The counter's child for ``key`` (raw enum numbers), its label strings made once:
+        the labels are bounded, and looking a child up by strings costs more than the flow."""
+        cache = self._children.setdefault(id(counter), {})
+        child = cache.get(key)
+        if child is None:
+            child = cache[key] = counter.labels(*labels())
+        return child
+
     def observe(self, f: flow_pb2.Flow) -> None:
-        etype = f.event_type.type
-        verdict = flow_pb2.Verdict.Name(f.verdict)
+        etype, verdict = f.event_type.type, f.verdict
         if self.flows is not None:
-            subtype = ""
-            if etype == MESSAGE_TYPE_TRACE:
-                subtype = flow_pb2.TraceObservationPoint.Name(f.trace_observation_point).lower().replace("_", "-")
-            self.flows.labels(_TYPES.get(etype, "Unknown"), subtype, verdict).inc()
+            point = f.trace_observation_point if etype == MESSAGE_TYPE_TRACE else -1
+            self._child(self.flows, (etype, point, verdict), lambda: (
+                _TYPES.get(etype, "Unknown"),
+                flow_pb2.TraceObservationPoint.Name(point).lower().replace("_", "-") if point >= 0 else "",
+                flow_pb2.Verdict.Name(verdict))).inc()
         # drop events only: a denied packet is also a DROPPED policy verdict, counted once here
         if self.drops is not None and etype == MESSAGE_TYPE_DROP:
-            self.drops.labels(flow_pb2.DropReason.Name(f.drop_reason_desc), _protocol(f)).inc()
+            proto = _protocol(f)
+            reason = f.drop_reason_desc
+            self._child(self.drops, (reason, proto),
+                        lambda: (flow_pb2.DropReason.Name(reason), proto)).inc()
         if self.tcp is not None and f.HasField("l4") and f.l4.WhichOneof("protocol") == "TCP":
             flags = f.l4.TCP.flags
             for name in _TCP_FLAGS:
                 if getattr(flags, name):
-                    self.tcp.labels(name, "IPv4").inc()
+                    self._child(self.tcp, (name,), lambda name=name: (name, "IPv4")).inc()
         if self.policy is not None and etype == MESSAGE_TYPE_POLICY_VERDICT:
-            direction = flow_pb2.TrafficDirection.Name(f.traffic_direction).lower()
-            self.policy.labels(direction, _MATCH.get(f.policy_match_type, "unknown"), verdict.lower()).inc()
+            direction, match = f.traffic_direction, f.policy_match_type
+            self._child(self.policy, (direction, match, verdict), lambda: (
+                flow_pb2.TrafficDirection.Name(direction).lower(), _MATCH.get(match, "unknown"),
+                flow_pb2.Verdict.Name(verdict).lower())).inc()
 
     def record_lost(self, source: int, count: int) -> None:
         self.lost.labels(flow_pb2.LostEventSource.Name(source)).inc(count)

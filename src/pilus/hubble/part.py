@@ -29,7 +29,7 @@ from pilus.hubble.lookup import EndpointLookup
 from pilus.hubble.metrics import HubbleMetrics
 from pilus.hubble.protos import flow_pb2
 from pilus.hubble.ring import DEFAULT_CAPACITY, FlowRing
-from pilus.hubble.server import HubbleServer
+from pilus.hubble.server import HubbleServer, PeerSource
 from pilus.metrics.server import PrometheusServer
 from pilus.observer.monitor import LostEvents, Subscriber
 
@@ -43,7 +43,7 @@ class HubblePart:
                  tcp_address: str | None = None, capacity: int = DEFAULT_CAPACITY,
                  cluster_name: str = "default", peer_address: str | None = None,
                  event_types: frozenset[str] | None = None, metrics: HubbleMetrics | None = None,
-                 metrics_address: tuple[str, int] | None = None) -> None:
+                 metrics_address: tuple[str, int] | None = None, peers: PeerSource | None = None) -> None:
         self.hub = events_hub
         self.metrics = metrics  # counters of the flows (--hubble-metrics), served on metrics_address
         self._metrics_server = (PrometheusServer(metrics.registry, *metrics_address)
@@ -52,7 +52,7 @@ class HubblePart:
         self.ring = FlowRing(capacity)
         self.parser = FlowParser(lookup, node_name=node_name, cluster_name=cluster_name)
         self.server = HubbleServer(self.ring, node_name=node_name, socket_path=socket_path,
-                                   tcp_address=tcp_address, peer_address=peer_address)
+                                   tcp_address=tcp_address, peer_address=peer_address, peers=peers)
         self.parse_errors = 0
         self._sub: Subscriber | None = None
         self._task: asyncio.Task | None = None

@@ -25,8 +25,9 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
@@ -180,16 +181,50 @@ def _masked(f: flow_pb2.Flow, mask: FieldMask | None) -> flow_pb2.Flow:
     return out
 
 
-class PeerService(peer_pb2_grpc.PeerServicer):
-    """peer.Peer: this node (PEER_ADDED), then the stream stays open (no other peers yet)."""
+class PeerSource(Protocol):
+    """The cluster's Hubble servers: name -> address now, and a callback on every change."""
 
-    def __init__(self, *, node_name: str, address: str, closing: asyncio.Event) -> None:
-        self.node_name, self.address, self.closing = node_name, address, closing
+    def current(self) -> dict[str, str]: ...
+
+    def subscribe(self, callback: Callable[[dict[str, str]], None]) -> Callable[[], None]: ...
+
+
+class PeerService(peer_pb2_grpc.PeerServicer):
+    """peer.Peer: every node of ``peers`` (PEER_ADDED, then PEER_ADDED / PEER_UPDATED /
+    PEER_DELETED as the cluster changes), or, without a source, this node alone."""
+
+    def __init__(self, *, node_name: str, address: str, closing: asyncio.Event,
+                 peers: PeerSource | None = None) -> None:
+        self.node_name, self.address, self.closing, self.peers = node_name, address, closing, peers
 
     async def Notify(self, request, context) -> None:
-        await context.write(peer_pb2.ChangeNotification(
-            name=self.node_name, address=self.address, type=peer_pb2.PEER_ADDED))
-        await self.closing.wait()
+        if self.peers is None:
+            await context.write(peer_pb2.ChangeNotification(
+                name=self.node_name, address=self.address, type=peer_pb2.PEER_ADDED))
+            await self.closing.wait()
+            return
+        changes: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+        unsubscribe = self.peers.subscribe(changes.put_nowait)
+        try:
+            known: dict[str, str] = {}
+            table = self.peers.current()
+            closing = asyncio.ensure_future(self.closing.wait())
+            while True:
+                for name in sorted(known.keys() - table.keys()):
+                    await context.write(peer_pb2.ChangeNotification(name=name, type=peer_pb2.PEER_DELETED))
+                for name, address in sorted(table.items()):
+                    if known.get(name) != address:
+                        kind = peer_pb2.PEER_UPDATED if name in known else peer_pb2.PEER_ADDED
+                        await context.write(peer_pb2.ChangeNotification(name=name, address=address, type=kind))
+                known = dict(table)
+                nxt = asyncio.ensure_future(changes.get())
+                done, _ = await asyncio.wait({nxt, closing}, return_when=asyncio.FIRST_COMPLETED)
+                if closing in done:
+                    nxt.cancel()
+                    return
+                table = nxt.result()
+        finally:
+            unsubscribe()
 
 
 class HubbleServer:
@@ -199,8 +234,9 @@ class HubbleServer:
 
     def __init__(self, ring: FlowRing, *, node_name: str, socket_path: Path | str,
                  tcp_address: str | None = None, peer_address: str | None = None,
-                 version: str = VERSION) -> None:
+                 version: str = VERSION, peers: PeerSource | None = None) -> None:
         self.ring = ring
+        self.peers = peers
         self.node_name = node_name
         self.socket_path = Path(socket_path)
         self.tcp_address = tcp_address
@@ -235,7 +271,8 @@ class HubbleServer:
             self.tcp_port = self._bind_tcp(server, self.tcp_address)
         self.observer.address = self.peer_address
         peer_pb2_grpc.add_PeerServicer_to_server(
-            PeerService(node_name=self.node_name, address=self.peer_address, closing=self.observer.closing), server)
+            PeerService(node_name=self.node_name, address=self.peer_address, closing=self.observer.closing,
+                        peers=self.peers), server)
         for service in HEALTH_SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         await server.start()
