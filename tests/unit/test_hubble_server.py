@@ -476,3 +476,45 @@ def test_stop_ends_followers_and_removes_the_socket(sockdir):
         with socket.socket(socket.AF_UNIX) as s, pytest.raises(OSError):
             s.connect(str(sock))
     run(main())
+
+
+class TablePeers:
+    """A PeerSource over a table the test changes (the agent's is the node registry)."""
+
+    def __init__(self, table: dict[str, str]) -> None:
+        self.table, self.callbacks = dict(table), []
+
+    def current(self) -> dict[str, str]:
+        return dict(self.table)
+
+    def subscribe(self, callback):
+        self.callbacks.append(callback)
+        return lambda: self.callbacks.remove(callback)
+
+    def set(self, table: dict[str, str]) -> None:
+        self.table = dict(table)
+        for cb in list(self.callbacks):
+            cb(dict(table))
+
+
+def test_peer_notify_follows_the_cluster_table(sockdir):
+    async def main():
+        peers = TablePeers({"c1/n1": "10.0.0.1:4244", "c1/n2": "10.0.0.2:4244"})
+        async with Node(sockdir, peers=peers) as node:
+            notify = peer_pb2_grpc.PeerStub(node.channel).Notify(peer_pb2.NotifyRequest())
+            it = notify.__aiter__()
+
+            async def nxt():
+                n = await asyncio.wait_for(it.__anext__(), 5)
+                return (n.name, n.address, n.type)
+
+            assert [await nxt(), await nxt()] == [("c1/n1", "10.0.0.1:4244", peer_pb2.PEER_ADDED),
+                                                  ("c1/n2", "10.0.0.2:4244", peer_pb2.PEER_ADDED)]
+            peers.set({"c1/n1": "10.0.0.9:4244", "c1/n3": "10.0.0.3:4244"})
+            assert {await nxt(), await nxt(), await nxt()} == {
+                ("c1/n2", "", peer_pb2.PEER_DELETED), ("c1/n1", "10.0.0.9:4244", peer_pb2.PEER_UPDATED),
+                ("c1/n3", "10.0.0.3:4244", peer_pb2.PEER_ADDED)}
+            notify.cancel()
+            await asyncio.sleep(0.1)
+            assert peers.callbacks == []  # the stream's subscription ended with it
+    run(main())
