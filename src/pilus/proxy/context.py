@@ -53,6 +53,8 @@ class ConnectionContext:
         self.client_identity = proxy.resolver.resolve(client[0])
         self.dst_identity = proxy.resolver.resolve(orig_dst[0])
         self.counters = listener.counters
+        self._rules_for: ListenerConfig | None = None
+        self._rules: tuple[CompiledHttpRules, int | None] = (CompiledHttpRules(), None)
 
     @property
     def secrets(self) -> SecretStore:
@@ -61,9 +63,13 @@ class ConnectionContext:
     def rules(self) -> tuple[CompiledHttpRules, int | None]:
         """Read per request, so a reload applies to open connections from their next request."""
         cfg = self.listener.config
-        if cfg.direction == "ingress":
-            return cfg.select(self.orig_dst[0], self.orig_dst[1], self.client_identity)
-        return cfg.select(self.client[0], self.orig_dst[1], self.dst_identity)
+        if cfg is not self._rules_for:  # a connection's addresses never change: select once per config
+            if cfg.direction == "ingress":
+                self._rules = cfg.select(self.orig_dst[0], self.orig_dst[1], self.client_identity)
+            else:
+                self._rules = cfg.select(self.client[0], self.orig_dst[1], self.dst_identity)
+            self._rules_for = cfg
+        return self._rules
 
     async def open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         cfg = self.listener.config

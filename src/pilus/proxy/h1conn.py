@@ -69,7 +69,8 @@ class _H1Connection:
         while not self.events:
             if self.eof:
                 return None
-            data = await asyncio.wait_for(self.reader.read(READ_SIZE), IDLE_TIMEOUT)
+            async with asyncio.timeout(IDLE_TIMEOUT):
+                data = await self.reader.read(READ_SIZE)
             if not data:
                 self.eof = True
                 return None
@@ -129,14 +130,21 @@ class _H1Connection:
             return False
         if head.upgrade:
             return await self._tunnel(rec)
-        relay = asyncio.ensure_future(self._relay_response(head.method == "HEAD"))
+        relay = None
         try:
-            body_ok = await self._forward_body(head.chunked)
-            status, keep, complete = await relay
+            if head.content_length or head.chunked or head.expect_continue:
+                # the response may start before the body ends (100 Continue, early answers)
+                relay = asyncio.ensure_future(self._relay_response(head.method == "HEAD"))
+                body_ok = await self._forward_body(head.chunked)
+                status, keep, complete = await relay
+            else:
+                body_ok = await self._forward_body(False)
+                status, keep, complete = await self._relay_response(head.method == "HEAD")
         except (OSError, ValueError, TimeoutError):
-            relay.cancel()
-            with contextlib.suppress(BaseException):
-                await relay
+            if relay is not None:
+                relay.cancel()
+                with contextlib.suppress(BaseException):
+                    await relay
             self.close_upstream()
             self.ctx.record(status=502, verdict="ERROR", **rec)
             return False

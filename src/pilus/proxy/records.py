@@ -8,7 +8,7 @@ status (0 when none was sent), "grpc_status": int or null, "verdict": "FORWARDED
 "ERROR", "latency_ns": request head to end of response, "header_mismatches":
 [{"name", "action"}]}``. Header values are never recorded.
 
-Sinks: ``ListSink`` (tests), ``JsonLinesFileSink`` (appends one line per record), and
+Sinks: ``ListSink`` (tests), ``CountingSink`` (no destination), ``JsonLinesFileSink`` (appends one line per record), and
 ``UnixSocketSink`` (one line per record to a UNIX stream socket; at most
 ``MAX_PENDING_RECORDS`` wait while it is away, older ones are dropped and counted).
 """
@@ -22,7 +22,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["MAX_PENDING_RECORDS", "JsonLinesFileSink", "ListSink", "RecordSink", "UnixSocketSink", "open_sink"]
+__all__ = ["MAX_PENDING_RECORDS", "CountingSink", "JsonLinesFileSink", "ListSink", "RecordSink", "UnixSocketSink",
+           "open_sink"]
 
 MAX_PENDING_RECORDS = 4096
 
@@ -39,6 +40,19 @@ class ListSink:
 
     def emit(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class CountingSink:
+    """No destination configured: records are counted, not kept."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def emit(self, record: dict[str, Any]) -> None:
+        self.count += 1
 
     async def aclose(self) -> None:
         return None
@@ -103,9 +117,9 @@ class UnixSocketSink:
 
 
 def open_sink(spec: str | None) -> RecordSink:
-    """``unix:/path`` or ``file:/path`` (a plain path is a file); None: records are kept in a list."""
+    """``unix:/path`` or ``file:/path`` (a plain path is a file); None: records are only counted."""
     if not spec:
-        return ListSink()
+        return CountingSink()
     if spec.startswith("unix:"):
         return UnixSocketSink(spec[5:])
     return JsonLinesFileSink(spec[5:] if spec.startswith("file:") else spec)

@@ -142,7 +142,7 @@ class ProxyServer:
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:
-            raise
+            pass  # the proxy is stopping: the connection just ends
         except Exception:
             log.exception("connection from %s failed", writer.get_extra_info("peername"))
         finally:
