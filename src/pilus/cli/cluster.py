@@ -57,6 +57,8 @@ def register(sub, parent: argparse.ArgumentParser) -> None:
                     help="NodePort to a backend on another node: snat (to the entry node's IP; default) "
                          "or dsr (the backend's node answers the client directly; needs "
                          "--routing-mode native)")
+    up.add_argument("--socket-lb", action="store_true",
+                    help="the agents also load-balance services at the socket (connect()/sendmsg())")
     up.add_argument("--prometheus", action="store_true",
                     help="also run Debian's prometheus on the bridge address :9090, scraping every "
                          "agent (:9962) and every node's Hubble metrics (:9965)")
@@ -145,7 +147,8 @@ def cmd_up(args) -> int:
     spec = mgr.ClusterSpec(name=name, nodes=args.nodes, pod_cidr=args.pod_cidr,
                            underlay_cidr=args.underlay_cidr, state_root=common.state_root(),
                            kvstore=args.kvstore, routing_mode=args.routing_mode,
-                           bpf_lb_mode=args.bpf_lb_mode, prometheus=args.prometheus)
+                           bpf_lb_mode=args.bpf_lb_mode, prometheus=args.prometheus,
+                           socket_lb=args.socket_lb)
     print(f"Creating cluster '{name}' with {args.nodes} node(s)...", file=sys.stderr, flush=True)
     try:
         info = mgr.cluster_up(spec)

@@ -44,6 +44,7 @@ class ClusterSpec:
     routing_mode: str = "tunnel"  # tunnel or native (the agents' --routing-mode)
     bpf_lb_mode: str = "snat"  # snat or dsr (the agents' --bpf-lb-mode; dsr needs native routing)
     prometheus: bool = False  # run Debian's prometheus scraping every agent and Hubble metrics
+    socket_lb: bool = False  # the agents' --socket-lb (services translated at connect()/sendmsg())
 
 
 def validate(spec: ClusterSpec) -> None:
@@ -190,6 +191,7 @@ def build_cluster_doc(spec: ClusterSpec, supervisor_pid: int | None = None) -> d
         "kvstore": spec.kvstore,
         "routing_mode": spec.routing_mode,
         "bpf_lb_mode": spec.bpf_lb_mode,
+        "socket_lb": spec.socket_lb,
         "kvstore_path": str(cdir / "kvstore.db"),
         "state_root": str(spec.state_root),
         "supervisor_pid": supervisor_pid,
@@ -303,6 +305,7 @@ def agent_argv(doc: dict[str, Any], node: dict[str, Any], python: str) -> list[s
         f":{HUBBLE_PORT}",
         "--hubble-metrics", "flow,drop,tcp,policy",  # on <node IP>:9965
         *(["--prometheus-serve-addr", f":{AGENT_METRICS_PORT}"] if doc.get("prometheus") else []),
+        *(["--socket-lb"] if doc.get("socket_lb") else []),
     ]
 
 
