@@ -94,8 +94,8 @@ def wrk(connections: int, duration: int) -> dict:
     out = sh("wrk", "-t", "1" if connections == 1 else "2", "-c", str(connections), "-d", f"{duration}s",
              "--latency", URL, ns=NS_C)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "requests": total,
