@@ -150,11 +150,13 @@ class CompiledHttpRules:
     """The union of HTTP rules that apply to one (direction, endpoint, port, peer)."""
 
     rules: tuple[_Rule, ...] = ()
-    allow_all: bool = False  # an empty rule list, or a rule set that is empty
+    allow_all: bool = False  # from an empty rule list; no rules and not allow_all = deny everything
 
     def evaluate(self, req: RequestHead, secrets: SecretStore) -> HttpVerdict:
-        if self.allow_all or not self.rules:
+        if self.allow_all:
             return HttpVerdict(True, None)
+        if not self.rules:  # deny_all(): no rule set applies
+            return HttpVerdict(False, None)
         has_matches = any(r.header_matches for r in self.rules)
         log: list[tuple[str, str]] = []
         allowed_by: int | None = None
@@ -173,7 +175,7 @@ class CompiledHttpRules:
     @staticmethod
     def union(parts: Iterable[CompiledHttpRules]) -> CompiledHttpRules:
         parts = list(parts)
-        if any(p.allow_all or not p.rules for p in parts):
+        if any(p.allow_all for p in parts):
             return CompiledHttpRules((), True)
         return CompiledHttpRules(tuple(r for p in parts for r in p.rules), False)
 
