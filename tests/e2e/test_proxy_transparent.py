@@ -215,3 +215,10 @@ def test_status_and_reload_without_dropping_connections(net):
     (net["tmp"] / "proxy.json").write_text('{"listeners": [{"port": 0}]}')
     bad = control_request(sock, "reload")
     assert not bad["ok"] and bad["error"].startswith("listeners[0].port")
+
+
+def test_h2c_denial_with_curl(net):
+    out = curl("--http2-prior-knowledge", "-X", "PUT", f"http://{SERVER_IP}/v1/exhaust-port")
+    assert out[0] == "Access denied" and out[1].startswith("403")
+    rec = records(net, 1)[-1]
+    assert (rec["protocol"], rec["method"], rec["status"], rec["verdict"]) == ("HTTP/2", "PUT", 403, "DENIED")

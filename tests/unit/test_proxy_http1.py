@@ -10,7 +10,7 @@ import pytest
 from test_proxy_support import EchoServer, ProxyThread, free_port, plain_listener, read_response, wait_records
 
 RULES = [
-    {"method": "GET", "path": "/public/.*"},
+    {"method": "GET|HEAD", "path": "/public/.*"},
     {"method": "POST", "path": "/upload"},
     {"method": "GET", "path": "/ws"},
     {"method": "GET", "path": "/secure", "headerMatches": [
@@ -169,3 +169,65 @@ def test_reload_keeps_open_connections_and_applies_new_rules(env):
         s.sendall(get("/other"))  # same connection, new rules
         assert read_response(s, buf)[0] == 200
     assert proxy.server.status()["generation"] == 2
+
+
+def test_head_response_has_no_body_and_the_connection_goes_on(env):
+    _, port = env
+    with connect(port) as s:
+        buf = bytearray()
+        s.sendall(get("/public/h", "HEAD"))
+        s.settimeout(5)
+        while b"\r\n\r\n" not in buf:
+            buf += s.recv(65536)
+        head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200")
+        assert b"Content-Length" in head and rest == b""  # the length is announced, no body follows
+        buf.clear()
+        s.sendall(get("/public/after-head"))
+        status, _, body = read_response(s, buf)
+    assert status == 200 and b"/public/after-head" in body
+
+
+def test_denied_expect_continue_is_403_and_closed(env):
+    _, port = env
+    with connect(port) as s:
+        s.sendall(get("/nope", "POST", "Content-Length: 4\r\nExpect: 100-continue\r\n"))
+        status, headers, _ = read_response(s, bytearray())
+        assert status == 403 and headers["connection"] == "close"
+
+
+def test_a_slow_client_does_not_stall_others(env):
+    _, port = env
+    with connect(port) as slow, connect(port) as fast:
+        slow.sendall(b"GET /public/slow HTTP/1.1\r\nHo")  # and nothing more for now
+        t0 = time.monotonic()
+        fast.sendall(get("/public/fast"))
+        assert read_response(fast, bytearray())[0] == 200
+        assert time.monotonic() - t0 < 2
+        slow.sendall(b"st: x\r\n\r\n")
+        assert read_response(slow, bytearray())[0] == 200
+
+
+def test_egress_listener_judges_by_the_destination_identity():
+    from test_proxy_support import EchoServer as _Echo
+
+    echo = _Echo()
+    port = free_port()
+    config = {"listeners": [{"port": port, "address": "127.0.0.1", "direction": "egress", "transparent": False,
+                             "upstream": f"127.0.0.1:{echo.port}", "rules": [
+                                 {"endpoint": 3, "endpoint_ips": ["127.0.0.1"], "peers": [4242],
+                                  "http": [{"path": "/out/.*"}]}]}]}
+    proxy = ProxyThread(config, identities={"127.0.0.1": 4242})
+    try:
+        with connect(port) as s:
+            buf = bytearray()
+            s.sendall(get("/out/ok"))
+            assert read_response(s, buf)[0] == 200
+            s.sendall(get("/in"))
+            assert read_response(s, buf)[0] == 403
+        recs = wait_records(proxy, 2)
+        assert [(r["direction"], r["endpoint"], r["destination"]["identity"]) for r in recs] == [
+            ("egress", 3, 4242), ("egress", 3, 4242)]
+    finally:
+        proxy.close()
+        echo.close()
