@@ -73,3 +73,14 @@ def test_proxy_answers_or_closes(env, data):
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(VALID)
         assert read_response(s, bytearray())[0] == 200
+
+
+@given(data=st.binary(min_size=1, max_size=400))
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_h2_garbage_after_the_preface_is_survived(env, data):
+    proxy, port = env
+    out = _exchange(port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + data)
+    assert out == b"" or out[3:4] == b"\x04"  # the proxy speaks frames (SETTINGS first) or closes
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(VALID)
+        assert read_response(s, bytearray())[0] == 200

@@ -60,3 +60,15 @@ def test_many_calls_and_a_large_message_on_one_connection(env):
     assert [r["verdict"] for r in recs].count("DENIED") == 1 and len(recs) == 22
     st = proxy.server.status()["listeners"][0]
     assert (st["forwarded"], st["denied"]) == (21, 1)
+
+
+def test_trailers_only_error_from_the_server_is_recorded(env):
+    proxy, port = env
+    upstream = proxy.server.config.listeners[0].upstream[1]
+    cfg = plain_listener(port, upstream, [{"path": "/cilium.examples.DoorManager/.*"}])
+    from pilus.proxy.config import ProxyConfig
+    proxy.call(proxy.server.reload(ProxyConfig.from_dict(cfg)))
+    reply, code = grpc_call(f"127.0.0.1:{port}", "NoSuchMethod", b"")
+    assert (reply, code) == (None, "UNIMPLEMENTED")
+    rec = wait_records(proxy, 1)[0]
+    assert (rec["verdict"], rec["grpc_status"]) == ("FORWARDED", 12)

@@ -297,8 +297,15 @@ class _H2Proxy:
     def _up_event(self, side: _Side, ev) -> None:
         st = self.by_up.get(getattr(ev, "stream_id", 0) or 0)
         if isinstance(ev, h2.events.ResponseReceived) and st is not None:
-            st.status = int(dict(ev.headers).get(":status", "0") or 0)
-            self.down.headers(st.down, list(ev.headers))
+            hdrs = dict(ev.headers)
+            st.status = int(hdrs.get(":status", "0") or 0)
+            gs = hdrs.get("grpc-status")  # a trailers-only answer carries it in the headers
+            st.grpc_status = int(gs) if gs and gs.isdigit() else st.grpc_status
+            if ev.stream_ended is not None:  # HEADERS with END_STREAM (gRPC trailers-only): keep it one frame
+                self.down.headers(st.down, list(ev.headers), end=True)
+                self._finish(st)
+            else:
+                self.down.headers(st.down, list(ev.headers))
         elif isinstance(ev, h2.events.DataReceived):
             n, sid = ev.flow_controlled_length, ev.stream_id
             if st is None:
