@@ -231,3 +231,34 @@ def test_egress_listener_judges_by_the_destination_identity():
     finally:
         proxy.close()
         echo.close()
+
+
+def test_an_upstream_that_closed_its_idle_connection_is_reopened():
+    """A server that answers one request per connection (Connection: close not sent)."""
+    import socketserver
+    import threading
+
+    class OneShot(socketserver.BaseRequestHandler):
+        def handle(self):
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += self.request.recv(65536)
+            self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            # and close, without telling the client it would
+
+    srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), OneShot)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+    port = free_port()
+    proxy = ProxyThread(plain_listener(port, srv.server_address[1], []))
+    try:
+        with connect(port) as s:
+            buf = bytearray()
+            for _ in range(3):
+                s.sendall(get("/x"))
+                time.sleep(0.05)  # the server's close arrives before the next request
+                assert read_response(s, buf)[:3:2] == (200, b"ok")
+    finally:
+        proxy.close()
+        srv.shutdown()
+        srv.server_close()

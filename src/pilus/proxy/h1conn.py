@@ -34,6 +34,10 @@ __all__ = ["serve_h1"]
 READ_SIZE = 65536
 
 
+class _StaleUpstream(ConnectionError):
+    """The upstream connection closed before sending a byte of the response."""
+
+
 async def serve_h1(ctx: ConnectionContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                    first: bytes) -> None:
     conn = _H1Connection(ctx, reader, writer)
@@ -64,6 +68,7 @@ class _H1Connection:
         self.eof = False
         self.up_r: asyncio.StreamReader | None = None
         self.up_w: asyncio.StreamWriter | None = None
+        self.up_used = False  # the upstream connection has served a request (it may have gone idle since)
 
     async def _event(self):
         while not self.events:
@@ -81,6 +86,7 @@ class _H1Connection:
         if self.up_w is not None:
             self.up_w.close()
         self.up_r = self.up_w = None
+        self.up_used = False
 
     async def run(self, first: bytes) -> None:
         self.events.extend(self.parser.feed(first))
@@ -139,7 +145,18 @@ class _H1Connection:
                 status, keep, complete = await relay
             else:
                 body_ok = await self._forward_body(False)
-                status, keep, complete = await self._relay_response(head.method == "HEAD")
+                reused = self.up_used
+                try:
+                    status, keep, complete = await self._relay_response(head.method == "HEAD")
+                except _StaleUpstream:
+                    if not reused:
+                        raise
+                    # the server closed its idle keep-alive connection: once more on a fresh one
+                    self.close_upstream()
+                    self.up_r, self.up_w = await self.ctx.open_upstream()
+                    self.up_w.write(serialize_head(head, req.headers))
+                    status, keep, complete = await self._relay_response(head.method == "HEAD")
+            self.up_used = True
         except (OSError, ValueError, TimeoutError):
             if relay is not None:
                 relay.cancel()
@@ -174,12 +191,21 @@ class _H1Connection:
         """Copy one response to the client; (status, upstream keep-alive, complete)."""
         assert self.up_r is not None
         rr = ResponseReader(head_request=head_request)
+        got = False
         while not rr.complete:
-            data = await self.up_r.read(READ_SIZE)
+            try:
+                data = await self.up_r.read(READ_SIZE)
+            except ConnectionResetError:
+                if got:
+                    raise
+                data = b""
             if not data:
                 if rr.close_delimited:
                     return rr.status, False, False
+                if not got:
+                    raise _StaleUpstream("upstream closed before answering")
                 raise ConnectionError("upstream closed before the response ended")
+            got = True
             rr.feed(data)
             self.writer.write(data)
             await self.writer.drain()
