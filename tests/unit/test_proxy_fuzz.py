@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_proxy_support import EchoServer, ProxyThread, free_port, plain_listener, read_response
 
@@ -58,6 +58,7 @@ def _exchange(port: int, data: bytes) -> bytes:
 
 
 @given(data=MESSAGES)
+@example(data=b"GET /\n\r\n\x00")  # found in CI: a denied HTTP/0.9 request closes before the garbage
 @settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_proxy_answers_or_closes(env, data):
     proxy, port = env
@@ -68,7 +69,11 @@ def test_proxy_answers_or_closes(env, data):
     assert out == b"" or out.startswith(b"HTTP/1.1 ")
     parsed = RequestReader().feed(data)
     if parsed and isinstance(parsed[-1], Malformed):
-        assert b"HTTP/1.1 400 " in out or b"HTTP/1.1 431 " in out
+        # the malformed part is answered 400/431, unless an earlier answer closed the
+        # connection before it was read (e.g. a denied HTTP/1.0 request: 403, close)
+        answers = out.split(b"HTTP/1.1 ")[1:]
+        closed_before = len(answers) < len(parsed) and answers and b"connection: close" in answers[-1].lower()
+        assert b"HTTP/1.1 400 " in out or b"HTTP/1.1 431 " in out or closed_before, out
     # and the proxy still serves a good request
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(VALID)
