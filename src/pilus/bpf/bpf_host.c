@@ -54,9 +54,8 @@
  * routing: the stack and the pod's to-container are skipped); anything else
  * is the stack's */
 static __always_inline int from_netdev_deliver(struct __sk_buff *skb, struct pkt4 *p,
-					       struct drop_ctx *d)
+					       struct endpoint_info *dst_ep, struct drop_ctx *d)
 {
-	struct endpoint_info *dst_ep = lookup_ip4_endpoint(p->ip.daddr);
 	struct ct_result ct = {};
 	__u32 src_id;
 	int ret;
@@ -87,6 +86,19 @@ static __always_inline int from_netdev_deliver(struct __sk_buff *skb, struct pkt
 	return ipv4_ingress_delivery(skb, p, dst_ep, src_id, &ct, d);
 }
 
+/* routed by us to the FIB's next hop (a packet with a node address as its
+ * source would be dropped by the stack as a martian) */
+static __always_inline int fib_forward(struct __sk_buff *skb, struct pkt4 *p, struct drop_ctx *d,
+				       __u8 dir)
+{
+	int ret = lb4_fib_redirect(skb, p);
+
+	if (ret < 0)
+		return send_drop(skb, d, DROP_NO_FIB, dir);
+	update_metrics(skb->len, dir, REASON_FORWARDED);
+	return ret;
+}
+
 /* DSR: the client keeps its address; the frontend rides in an IPv4 option to
  * the backend's node (routed: DSR is native routing only), which answers the
  * client itself. Too big with the option: ICMP fragmentation needed. */
@@ -104,11 +116,7 @@ static __always_inline int nodeport_dsr_forward(struct __sk_buff *skb, struct pk
 	ret = nodeport_dsr_set_opt4(skb, p, svc->vip, svc->vport);
 	if (ret)
 		return send_drop(skb, d, ret, METRIC_INGRESS);
-	ret = lb4_fib_redirect(skb, p);
-	if (ret < 0)
-		return send_drop(skb, d, DROP_NO_FIB, METRIC_INGRESS);
-	update_metrics(skb->len, METRIC_INGRESS, REASON_FORWARDED);
-	return ret;
+	return fib_forward(skb, p, d, METRIC_INGRESS);
 }
 
 /* a frontend DNATed to another node's backend: SNAT, then into the tunnel
@@ -134,11 +142,7 @@ static __always_inline int nodeport_forward(struct __sk_buff *skb, struct pkt4 *
 		update_metrics(skb->len, METRIC_INGRESS, REASON_FORWARDED);
 		return bpf_redirect(CFG(tunnel_ifindex), 0);
 	}
-	ret = lb4_fib_redirect(skb, p);
-	if (ret < 0)
-		return send_drop(skb, d, DROP_NO_FIB, METRIC_INGRESS);
-	update_metrics(skb->len, METRIC_INGRESS, REASON_FORWARDED);
-	return ret;
+	return fib_forward(skb, p, d, METRIC_INGRESS);
 }
 
 /* a remote backend's reply to a SNATed NodePort connection: both translations
@@ -152,11 +156,7 @@ static __always_inline int nodeport_reply(struct __sk_buff *skb, struct pkt4 *p,
 		return send_drop(skb, d, ret, METRIC_INGRESS);
 	if (!snat)
 		return -1;
-	ret = lb4_fib_redirect(skb, p);
-	if (ret < 0)
-		return send_drop(skb, d, DROP_NO_FIB, METRIC_INGRESS);
-	update_metrics(skb->len, METRIC_EGRESS, REASON_FORWARDED);
-	return ret;
+	return fib_forward(skb, p, d, METRIC_EGRESS);
 }
 
 SEC("tc")
@@ -181,17 +181,17 @@ int cil_from_netdev(struct __sk_buff *skb)
 			return ret;
 	}
 	ret = lb4_local(skb, &p, false, &svc);
-	if (!ret && svc.rev_nat_index) {
-		struct endpoint_info *be_ep = lookup_ip4_endpoint(p.ip.daddr);
+	if (!ret) {
+		/* the destination after any DNAT: looked up once, for both paths */
+		struct endpoint_info *dst_ep = lookup_ip4_endpoint(p.ip.daddr);
 
-		if (!be_ep || (be_ep->flags & ENDPOINT_F_HOST)) {
+		if (svc.rev_nat_index && (!dst_ep || (dst_ep->flags & ENDPOINT_F_HOST))) {
 			d.src_label = IDENTITY_WORLD;
 			d.dst_label = resolve_identity4(p.ip.daddr);
 			return nodeport_forward(skb, &p, &svc, &d);
 		}
+		return from_netdev_deliver(skb, &p, dst_ep, &d);
 	}
-	if (!ret)
-		return from_netdev_deliver(skb, &p, &d);
 	d.src_label = resolve_identity4(p.ip.saddr);
 	if (svc.no_backend) {
 		/* counted and reported; a SYN gets a RST, UDP an ICMP unreachable */
