@@ -19,15 +19,18 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from pilus.api.errors import MAX_BODY_BYTES, error_response, json_errors
+from pilus.api.proxy_routes import add_proxy_routes
+from pilus.api.secret_routes import add_secret_routes
 from pilus.api.service_routes import add_service_routes
 from pilus.datapath.events import MONITOR_TYPES
 from pilus.metrics.server import exposition
 from pilus.observer.format import event_record
+from pilus.observer.l7 import L7Event
 
 log = logging.getLogger(__name__)
 
-#: the ?type= values of GET /v1/monitor
-MONITOR_TYPE_NAMES = frozenset(MONITOR_TYPES.values())
+#: the ?type= values of GET /v1/monitor (datapath events, and the L7 proxy's records)
+MONITOR_TYPE_NAMES = frozenset(MONITOR_TYPES.values()) | {L7Event.kind}
 
 
 class AgentSurface(Protocol):
@@ -86,6 +89,8 @@ class APIServer:
         r.add_get("/v1/policy/selectors", self.policy_selectors)
         r.add_get("/v1/bpf/policy/{ref:.+}", self.bpf_policy)
         add_service_routes(app, self.agent)
+        add_proxy_routes(app, self.agent)
+        add_secret_routes(app, self.agent)
         r.add_get("/v1/namespace", self.namespace_list)
         r.add_put("/v1/namespace/{name}", self.namespace_put)
         r.add_delete("/v1/namespace/{name}", self.namespace_delete)

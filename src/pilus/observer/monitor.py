@@ -143,6 +143,15 @@ class EventHub:
                 if sub.wants(event):
                     sub.offer(event)
 
+    def publish(self, event) -> None:
+        """Offer an event that does not come from the ring buffer (an L7 record from the
+        proxy, pilus.observer.l7.L7Event) to every subscriber that wants it."""
+        if event.time is None:
+            event.time = time.time()
+        for sub in self.subscribers:
+            if sub.wants(event):
+                sub.offer(event)
+
     def _resume_reading(self) -> None:
         self._resume = None
         if self._loop is not None:
