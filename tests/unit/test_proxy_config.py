@@ -38,6 +38,12 @@ def test_union_of_rule_sets_for_one_peer():
     assert not allowed(c, "1.1.1.1", 80, 200, "GET")
 
 
+def test_port_range():
+    c = cfg([{"port": 8000, "end_port": 8010, "peers": None, "http": [{"method": "GET"}]}])
+    assert allowed(c, "1.1.1.1", 8000, 7) and allowed(c, "1.1.1.1", 8010, 7)
+    assert not allowed(c, "1.1.1.1", 7999, 7) and not allowed(c, "1.1.1.1", 8011, 7)
+
+
 def test_defaults():
     lst = cfg([]).listeners[0]
     assert (lst.name, lst.address, lst.transparent, lst.upstream) == ("ingress:15001", "0.0.0.0", True, None)
@@ -50,6 +56,9 @@ def test_defaults():
     ({"listeners": [{"port": 1, "direction": "egress", "upstream": "a:1"}]}, "listeners[0].upstream"),
     ({"listeners": [{"port": 1, "direction": "egress", "bogus": 1}]}, "listeners[0].bogus"),
     ({"listeners": [{"port": 1, "direction": "ingress", "rules": [{"peers": 5}]}]}, "listeners[0].rules[0].peers"),
+    ({"listeners": [{"port": 1, "direction": "ingress", "rules": [{"end_port": 5}]}]}, "listeners[0].rules[0].end_port"),
+    ({"listeners": [{"port": 1, "direction": "ingress", "rules": [{"port": 9, "end_port": 5}]}]},
+     "listeners[0].rules[0].end_port"),
     ({"listeners": [{"port": 1, "direction": "ingress", "rules": [{"endpoint_ips": ["x"]}]}]},
      "listeners[0].rules[0].endpoint_ips[0]"),
     ({"listeners": [{"port": 1, "direction": "ingress", "rules": [{"http": [{"path": "(?x)"}]}]}]},

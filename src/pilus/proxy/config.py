@@ -12,6 +12,7 @@
      {"endpoint": 12,                optional, reported in records
       "endpoint_ips": ["10.200.1.5"], optional; null/absent = any local endpoint
       "port": 80,                    optional; the original destination port; null = any
+      "end_port": 89,                optional; with port: the range port..end_port (endPort)
       "peers": [1234, 2],            the peer identities it applies to; null = any peer
       "http": [ {PortRuleHTTP with Cilium's field names}, ... ]}   [] = allow all (visibility)
    ]}
@@ -48,10 +49,11 @@ class RuleSet:
     port: int | None
     peers: frozenset[int] | None
     http: CompiledHttpRules
+    end_port: int | None = None  # the range port..end_port (None: port alone)
 
     def applies(self, local_ip: str, port: int, peer: int) -> bool:
         return ((self.endpoint_ips is None or local_ip in self.endpoint_ips)
-                and (self.port is None or self.port == port)
+                and (self.port is None or self.port <= port <= (self.end_port or self.port))
                 and (self.peers is None or peer in self.peers))
 
 
@@ -145,7 +147,7 @@ def _listener(d: Any, where: str) -> ListenerConfig:
 def _ruleset(d: Any, where: str) -> RuleSet:
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: must be an object")
-    unknown = set(d) - {"endpoint", "endpoint_ips", "port", "peers", "http"}
+    unknown = set(d) - {"endpoint", "endpoint_ips", "port", "end_port", "peers", "http"}
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown field")
     endpoint = None if d.get("endpoint") is None else _int(d["endpoint"], f"{where}.endpoint", 0, 2**32 - 1)
@@ -160,6 +162,11 @@ def _ruleset(d: Any, where: str) -> RuleSet:
                 raise ConfigError(f"{where}.endpoint_ips[{j}]: not an IPv4 address") from None
         ips = frozenset(ips)
     port = None if d.get("port") is None else _int(d["port"], f"{where}.port", 1, 65535)
+    end_port = None
+    if d.get("end_port") is not None:
+        if port is None:
+            raise ConfigError(f"{where}.end_port: needs port")
+        end_port = _int(d["end_port"], f"{where}.end_port", port, 65535)
     peers = d.get("peers")
     if peers is not None:
         if not isinstance(peers, list):
@@ -173,4 +180,4 @@ def _ruleset(d: Any, where: str) -> RuleSet:
         compiled = compile_http_rules(typed, f"{where}.http")
     except HttpRuleError as e:
         raise ConfigError(str(e)) from None
-    return RuleSet(endpoint, ips, port, peers, compiled)
+    return RuleSet(endpoint, ips, port, peers, compiled, end_port)
