@@ -9,6 +9,7 @@ labels. Both read the same compilation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from pilus.policy.l7 import L7Rules
 from pilus.policy.mapstate import PolicyEntry, PolicyKey
@@ -28,6 +29,11 @@ class Contribution:
     origin: str
     # the typed L7 rules of the port rules behind a key (the L7 proxy's input)
     l7: tuple[tuple[L4Key, L7Rules], ...] = ()
+
+    @cached_property
+    def http_keys(self) -> frozenset[L4Key]:
+        """The keys an HTTP rule covers: their traffic is redirected to the L7 proxy."""
+        return frozenset(k for k, rules in self.l7 if rules.http)
 
 
 @dataclass

@@ -34,7 +34,7 @@ __all__ = ["L7_WARNING", "SCTP_WARNING", "ConversionError", "Context", "cilium_r
 
 SCTP_WARNING = "SCTP cannot be enforced on this kernel (no CONFIG_IP_SCTP): rule ignored"
 L7_WARNING = (
-    "L7 rules are accepted but not enforced yet: the port is allowed at L4 (all requests pass) until the L7 proxy lands"
+    "Kafka, DNS and l7proto rules are accepted but not enforced yet: the port is allowed at L4 (all requests pass)"
 )
 
 
@@ -104,7 +104,8 @@ def _port_rules(
         if isinstance(pr, PortRuleM):
             if pr.rules is not None:
                 l7 = _l7_rules(f"{p}.rules", pr.rules)
-                ctx.warn(f"{p}.rules", L7_WARNING)
+                if l7.parser not in ("", "http"):  # HTTP rules are the L7 proxy's
+                    ctx.warn(f"{p}.rules", L7_WARNING)
             for extra in ("terminatingTLS", "originatingTLS", "serverNames", "listener"):
                 if getattr(pr, extra) is not None:
                     ctx.warn(f"{p}.{extra}", "TLS interception / listeners are not supported yet: ignored (plain L4)")

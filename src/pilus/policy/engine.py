@@ -28,7 +28,16 @@ from pilus.identity.labels import K8S, LABEL_CLUSTER, LABEL_NAMESPACE, RESERVED,
 from pilus.identity.reserved import HOST
 from pilus.policy.compiled import CompiledPolicy, Contribution, L4Key
 from pilus.policy.l7 import L7Rules
-from pilus.policy.mapstate import EndpointPolicy, PolicyEntry, PolicyKey, merge_entry, normalize
+from pilus.policy.mapstate import (
+    EndpointPolicy,
+    PolicyEntry,
+    PolicyKey,
+    covers,
+    merge_entry,
+    normalize,
+    port_range,
+    redirect_wins,
+)
 from pilus.policy.rule import PeerRule, Rule, ServiceSelector, port_range_prefixes
 from pilus.policy.schema import PolicyDoc
 from pilus.policy.selector import CIDRSelector, EndpointSelector, Requirement
@@ -123,6 +132,8 @@ class PolicyEngine:
         self._services: dict[tuple[str, str], ServiceRef] = {}
         self._svc_labels: dict[tuple[str, str], Labels] = {}
         self._entity_cache: dict[str, tuple[Selector, ...]] = {}
+        #: the L7 proxy's listener ports (ingress, egress); 0: no proxy, HTTP rules stay L4
+        self._proxy_ports = (0, 0)
         self.stats = {"full": 0, "incremental": 0}
 
     # inputs ----------------------------------------------------------------
@@ -167,6 +178,13 @@ class PolicyEngine:
         if ep is not None and ep.comp is not None:
             for sel in ep.by_sel:
                 self._cache.release(sel)
+
+    def set_proxy_ports(self, ingress: int, egress: int) -> None:
+        """The L7 proxy's listener ports: allow entries that an HTTP rule covers carry the
+        direction's port, so the datapath redirects that traffic to the proxy."""
+        if (ingress, egress) != self._proxy_ports:
+            self._proxy_ports = (ingress, egress)
+            self._mark_all()
 
     def set_cluster_named_ports(self, ports: Mapping[str, set[tuple[int, int]]]) -> None:
         new = {k.lower(): {(int(p), int(q)) for p, q in v} for k, v in ports.items()}
@@ -286,6 +304,41 @@ class PolicyEngine:
                 continue
             out.extend(rules for k, rules in c.l7 if k == l4)
         return tuple(dict.fromkeys(out))
+
+    def proxy_rule_sets(self, ep_id: int) -> list[dict[str, Any]]:
+        """The L7 proxy's rule sets for one endpoint (docs/l7.md, config ``rules``; the
+        caller adds ``endpoint_ips``), ``egress`` saying which listener each is for.
+
+        One per (allow contribution, key with HTTP rules): its peers and its HTTP rules.
+        Besides, every other allow of the same direction whose keys cover that key gives
+        its peers an allow-all set there: the redirect wins over a plain allow, which then
+        means "every request, visible" (Cilium's wildcarded L7 rule)."""
+        ep = self._eps.get(ep_id)
+        if ep is None:
+            raise KeyError(f"endpoint {ep_id} is not known to the policy engine")
+        if ep.dirty:
+            self._recompute(ep)
+        assert ep.comp is not None
+        if not any(self._proxy_ports):
+            return []
+        items = [(sel, c) for sel, _p, c in ep.comp.items if not c.deny]
+        l7_keys = {(c.egress, k) for _sel, c in items for k in c.http_keys}
+        out: list[dict[str, Any]] = []
+        for sel, c in items:
+            peers = None if sel is None else sorted(self._cache.sels[sel].ids)
+            for egress, k in sorted(l7_keys):
+                if egress != c.egress:
+                    continue
+                if k in c.http_keys:
+                    http = [h.to_dict() for kk, rules in c.l7 if kk == k for h in rules.http]
+                elif any(covers(PolicyKey(0, egress, *ck), PolicyKey(0, egress, *k)) for ck in c.keys):
+                    http = [{}]
+                else:
+                    continue
+                lo, hi = port_range(k[1], k[2]) if k[0] and k[2] else (None, None)
+                out.append({"egress": egress, "endpoint": ep_id, "port": lo,
+                            "end_port": hi if hi != lo else None, "peers": peers, "http": http})
+        return out
 
     def selectors(self) -> list[dict[str, Any]]:
         return sorted(
@@ -481,9 +534,8 @@ class PolicyEngine:
         entries: dict[PolicyKey, PolicyEntry] = dict(comp.static)
         for sel, _p, c in comp.items:
             if sel is None:
-                e = PolicyEntry(c.deny, 0, c.origin)
-                for proto, dport, plen in c.keys:
-                    merge_entry(entries, PolicyKey(0, c.egress, proto, dport, plen), e)
+                for k in c.keys:
+                    merge_entry(entries, PolicyKey(0, c.egress, *k), self._entry(c, k))
             else:
                 by_sel.setdefault(sel, []).append(c)
         cache = self._cache
@@ -495,10 +547,10 @@ class PolicyEngine:
         for sel, contribs in by_sel.items():
             ids = cache.sels[sel].ids
             for c in contribs:
-                e = PolicyEntry(c.deny, 0, c.origin)
-                for ident in ids:
-                    for proto, dport, plen in c.keys:
-                        merge_entry(entries, PolicyKey(ident, c.egress, proto, dport, plen), e)
+                for k in c.keys:
+                    e = self._entry(c, k)
+                    for ident in ids:
+                        merge_entry(entries, PolicyKey(ident, c.egress, *k), e)
         entries = normalize(entries)
         by_id: dict[int, set[PolicyKey]] = {}
         for k in entries:
@@ -513,10 +565,17 @@ class PolicyEngine:
         out: dict[PolicyKey, PolicyEntry] = {k: v for k, v in ep.comp.static.items() if k.identity == ident}
         for sel in self._cache.id_sels.get(ident, ()):
             for c in ep.by_sel.get(sel, ()):
-                e = PolicyEntry(c.deny, 0, c.origin)
-                for proto, dport, plen in c.keys:
-                    merge_entry(out, PolicyKey(ident, c.egress, proto, dport, plen), e)
-        return normalize(out)  # deny wins within one identity: its entries alone decide
+                for k in c.keys:
+                    merge_entry(out, PolicyKey(ident, c.egress, *k), self._entry(c, k))
+        out = normalize(out)  # deny wins within one identity: its entries alone decide
+        redirect_wins(out, {k: ep.entries[k] for k in ep.by_id.get(0, ())})
+        return out
+
+    def _entry(self, c: Contribution, key: L4Key) -> PolicyEntry:
+        """The map entry of one contribution under one of its keys: an allow that an HTTP
+        rule covers carries the direction's proxy port."""
+        proxy = 0 if c.deny or key not in c.http_keys else self._proxy_ports[c.egress]
+        return PolicyEntry(c.deny, proxy, c.origin)
 
     def _apply_identity(self, ident: int, changed: set[Selector]) -> None:
         if not changed:

@@ -1,8 +1,9 @@
 """Typed L7 rules of a ``toPorts[].rules`` item, with Cilium's field names.
 
-Accepted and validated, not yet enforced: the port is allowed at L4 and the
-compiled policy carries these rules (``PolicyEngine.l7_rules``) for the L7 proxy
-that will read them. Frozen and hashable, like the rest of the internal rules.
+HTTP rules are enforced by the L7 proxy (``PolicyEngine.proxy_rule_sets`` is its
+input; the map entries they cover carry its port); Kafka, DNS and ``l7proto`` rules
+are accepted and validated, and allowed at L4 until their proxies exist. Frozen and
+hashable, like the rest of the internal rules.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class PortRuleHTTP:
     host: str = ""
     headers: tuple[str, ...] = ()
     headerMatches: tuple[HeaderMatch, ...] = ()  # noqa: N815 - Cilium's name
+
+    def to_dict(self) -> dict[str, Any]:
+        """As written in a policy (and read by the L7 proxy): defaults left out."""
+        return _fields(self)
 
 
 @dataclass(frozen=True)

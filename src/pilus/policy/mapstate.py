@@ -40,6 +40,7 @@ __all__ = [
     "normalize",
     "port_range",
     "port_range_text",
+    "redirect_wins",
 ]
 
 #: drop reasons of the lookup (the datapath's DROP_POLICY / DROP_POLICY_DENY)
@@ -147,6 +148,7 @@ def normalize(entries: Mapping[PolicyKey, object]) -> dict[PolicyKey, PolicyEntr
         if e.deny:
             denies.setdefault((k.identity, k.egress), []).append(k)
     if not denies:
+        redirect_wins(out, out)
         return out
     for k, e in out.items():
         if e.deny:
@@ -155,7 +157,24 @@ def normalize(entries: Mapping[PolicyKey, object]) -> dict[PolicyKey, PolicyEntr
             if covers(d, k):
                 out[k] = PolicyEntry(True, 0, out[d].rule)
                 break
+    redirect_wins(out, out)
     return out
+
+
+def redirect_wins(entries: dict[PolicyKey, PolicyEntry], wildcard: Mapping[PolicyKey, PolicyEntry]) -> None:
+    """A plain allow of one identity under a key that an any-identity (0) allow with a
+    proxy port covers takes that proxy port (in place): the datapath prefers the
+    identity's entry at equal length, and a plain allow must never bypass L7."""
+    proxied = [(k, e) for k, e in wildcard.items() if k.identity == 0 and not e.deny and e.proxy_port]
+    if not proxied:
+        return
+    for k, e in list(entries.items()):
+        if k.identity == 0 or e.deny or e.proxy_port:
+            continue
+        for w, we in proxied:
+            if w.egress == k.egress and covers(w, k):
+                entries[k] = PolicyEntry(False, we.proxy_port, e.rule)
+                break
 
 
 def _entry(v: object) -> PolicyEntry:
@@ -251,7 +270,10 @@ class EndpointPolicy:
 
 
 def merge_entry(entries: dict[PolicyKey, PolicyEntry], key: PolicyKey, entry: PolicyEntry) -> None:
-    """Add ``entry`` under ``key``; two rules producing one key: the deny (else the first) stays."""
+    """Add ``entry`` under ``key``; two rules producing one key: the deny stays, else the
+    one with a proxy port, else the first."""
     old = entries.get(key)
     if old is None or (entry.deny and not old.deny):
         entries[key] = entry
+    elif not old.deny and not entry.deny and entry.proxy_port and not old.proxy_port:
+        entries[key] = entry  # two allows: the L7 redirect wins (visibility is never bypassed)
