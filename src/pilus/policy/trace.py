@@ -12,6 +12,7 @@ trace and the datapath cannot disagree; the text says which rules matched.
 from __future__ import annotations
 
 import ipaddress
+import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -49,6 +50,9 @@ class DirectionTrace:
     rules_selected: list[str] = field(default_factory=list)
     allowed_by: list[str] = field(default_factory=list)
     denied_by: list[str] = field(default_factory=list)
+    #: allowed, and an HTTP rule covers the port: the L7 proxy judges each request against
+    #: these rules ({} = any request: a plain allow of the same peer and port)
+    http_rules: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -109,6 +113,7 @@ def _direction(
         covered = eng.ipblock_identity(peer_ip) if uses_ipblock and peer_ip is not None else None
         ipblock_peer = ipblock_identity_labels(covered[0]) if covered else None
         via: dict[str, str] = {}  # origin -> why an ipBlock rule matched
+        l7: list[tuple[str, list[dict[str, Any]]]] = []  # each matching allow's HTTP rules here
         peer_id = HOST if _is_host(peer) else TRACE_PEER
         # the map entries these rules give this peer (identity 0: any peer)
         entries = {k: e for k, e in comp.static.items() if k.egress == egress and k.identity in (0, peer_id)}
@@ -144,6 +149,10 @@ def _direction(
                 else f"    {c.origin}: {verb} {_port_str(dport, proto)} to {what}"
             )
             (res.denied_by if c.deny else res.allowed_by).append(c.origin)
+            if not c.deny:
+                http = [h.to_dict() for k, rules in c.l7 if k in c.http_keys
+                        and PolicyKey(0, egress, *k).matches(proto, dport) for h in rules.http]
+                l7.append((c.origin, http))
             if isinstance(sel, CIDRSelector) and sel.ipblock and covered is not None:
                 via.setdefault(c.origin, f"{peer_ip} is covered by ipBlock prefix {covered[0]} (identity {covered[1]})")
         verdict = lookup(normalize(entries), peer_id, egress, proto, dport, covered[1] if covered else 0)
@@ -171,6 +180,13 @@ def _direction(
                 )
             )
             res.reason = why
+        if res.verdict == "allowed" and any(http for _o, http in l7):
+            res.http_rules = [r for _o, http in l7 for r in (http or [{}])]
+            lines.append("    L7: redirected to the HTTP proxy; a request passes when it matches one of:")
+            for origin, http in l7:
+                for r in http or [{}]:
+                    what = json.dumps(r, separators=(",", ":")) if r else "any request (a plain allow: visible)"
+                    lines.append(f"      {what}  ({origin})")
     lines.append(f"{d.capitalize()} verdict: {res.verdict} ({res.reason})")
     lines.append("")
     return res

@@ -137,3 +137,12 @@ def test_set_proxy_ports_rewrites_entries():
     c.eng.set_proxy_ports(IN, EG)
     assert c.ids["deathstar"] in c.eng.changed_endpoints()
     assert proxy_port(c, "deathstar", "tiefighter", 80) == IN
+
+
+def test_trace_names_the_http_rules():
+    c = cluster(L7)
+    r = c.eng.trace(c.labels[c.ids["tiefighter"]], c.labels[c.ids["deathstar"]], 80, TCP)
+    assert r.verdict == "ALLOWED"
+    assert r.ingress.http_rules == [{"method": "POST", "path": "/v1/request-landing"}]
+    assert any("redirected to the HTTP proxy" in ln for ln in r.lines)
+    assert any('"path":"/v1/request-landing"' in ln for ln in r.lines)
