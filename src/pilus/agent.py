@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from pilus import __version__, protocols
 from pilus.agent_flags import AgentConfig, build_parser, config_from_args
 from pilus.agent_hubble import AgentEndpointLookup, NodePeers
+from pilus.agent_proxy import AgentProxy
 from pilus.api.server import APIServer
 from pilus.components import (
     EventsPart,
@@ -175,6 +176,9 @@ class Agent:
                 lambda: HostScopeIPAM(cfg.pod_cidr, reserved=[self.router_ip]), lambda _: None, None),
             Row("policy", "policies + namespaces from the kvstore -> engine -> per-endpoint policy maps",
                 self._make_policy, self._start_policy, maps=lambda p: p.reconcilers_status()),
+            Row("proxy", "L7 proxy: config from policy, supervised process, records -> events "
+                "(listeners --proxy-ingress-port / --proxy-egress-port; the process outlives the agent)",
+                self._make_proxy),
             Row("endpoints", "restore saved endpoints, then serve create/delete; feeds service backends",
                 self._make_endpoints, self._start_endpoints, None),
             Row("retries", "writes again map entries whose write failed, after their backoff",
@@ -240,6 +244,10 @@ class Agent:
     @property
     def distribution(self) -> PolicyDistribution | None:
         return self.policy.distribution if self.policy else None
+
+    @property
+    def proxy(self) -> AgentProxy | None:
+        return self.parts.get("proxy")
 
     @property
     def endpoints(self) -> EndpointManager | None:
@@ -318,6 +326,14 @@ class Agent:
     async def _start_policy(self, policy: PolicySync) -> None:
         await policy.start()
         await policy.watch_services(self.services)  # toServices follows service changes
+
+    def _make_proxy(self) -> AgentProxy:
+        cfg = self.cfg
+        dp = self.datapath
+        return AgentProxy(state_dir=cfg.state_dir, policy=self.policy, engine=self.policy_engine,
+                          ingress_port=cfg.proxy_ingress_port, egress_port=cfg.proxy_egress_port,
+                          ipcache_pin_dir=getattr(dp, "pin_root", None),
+                          hub=lambda: self.events)  # the events row starts later
 
     def _make_endpoints(self) -> EndpointManager:
         cfg = self.cfg
@@ -602,6 +618,8 @@ class Agent:
             else {"mode": self.cfg.routing_mode},
             "hubble": self.hubble.status() if self.hubble is not None and hasattr(self.hubble, "status")
             else {"ok": False, "disabled": True},
+            "proxy": self.proxy.summary() if self.proxy is not None and hasattr(self.proxy, "summary")
+            else {"state": "Disabled"},
             "policy": {
                 "mode": self.cfg.policy_enforcement,
                 "revision": self.policy.revision if self.policy else 0,

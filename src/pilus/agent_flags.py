@@ -47,11 +47,16 @@ class AgentConfig:
     hubble_metrics: tuple[str, ...] = ()  # handlers of Hubble metrics (flow, drop, tcp, policy); () = off
     hubble_metrics_server: tuple[str, int] = ("0.0.0.0", 9965)
     monitor_aggregation: str = "medium"  # traces: none = every packet, medium = per connection
+    proxy_ingress_port: int = 15001  # the L7 proxy's listeners (docs/l7.md); policy entries carry them
+    proxy_egress_port: int = 15002
 
     def __post_init__(self) -> None:
         problem = lb_mode_problem(self.bpf_lb_mode, self.routing_mode)
         if problem:
             raise ValueError(problem)
+        if self.proxy_ingress_port == self.proxy_egress_port:
+            raise ValueError(f"--proxy-ingress-port and --proxy-egress-port must differ "
+                             f"(both {self.proxy_ingress_port})")
 
     @property
     def socket_path(self) -> Path:
@@ -78,6 +83,8 @@ class _AgentParser(argparse.ArgumentParser):
         problem = lb_mode_problem(ns.bpf_lb_mode, ns.routing_mode)
         if problem:
             self.error(problem)
+        if ns.proxy_ingress_port == ns.proxy_egress_port:
+            self.error(f"--proxy-ingress-port and --proxy-egress-port must differ (both {ns.proxy_ingress_port})")
         return ns, rest
 
 
@@ -150,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--monitor-aggregation", default="medium", choices=sorted(MONITOR_AGGREGATION),
                    help="trace events: none (every packet) or medium (the first packet of each direction "
                         "of a connection and TCP flag changes; default), as Cilium's levels")
+    p.add_argument("--proxy-ingress-port", type=_port, default=15001, metavar="PORT",
+                   help="the L7 proxy's ingress listener (rules.http of ingress rules; default 15001)")
+    p.add_argument("--proxy-egress-port", type=_port, default=15002, metavar="PORT",
+                   help="the L7 proxy's egress listener (rules.http of egress rules; default 15002)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     p.add_argument("--describe", action="store_true", help="print the components and settings, then exit")
     return p
@@ -160,6 +171,12 @@ def _key_value(text: str) -> tuple[str, str]:
     if not eq or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535, got {text!r}")
+    return int(text)
 
 
 def _cidr(text: str) -> IPv4Network:
@@ -234,4 +251,6 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         hubble_metrics=args.hubble_metrics,
         hubble_metrics_server=args.hubble_metrics_server,
         monitor_aggregation=args.monitor_aggregation,
+        proxy_ingress_port=args.proxy_ingress_port,
+        proxy_egress_port=args.proxy_egress_port,
     )

@@ -98,6 +98,8 @@ class PolicySync:
         self._unsubscribe = None
         self._unsubscribe_services = None
         self.on_namespace_change = on_namespace_change  # async fn(namespace, labels)
+        #: fn() called on the policy worker after a sync (the L7 proxy's config follows)
+        self.change_callbacks: list = []
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -197,6 +199,7 @@ class PolicySync:
             self._set_cluster_named_ports()
             with contextlib.suppress(Exception):
                 self.datapath.policy.delete(ep.id)
+            self._changed()
 
         await self._run(apply)
 
@@ -329,6 +332,14 @@ class PolicySync:
         while self._ipblock_pending:
             prefix, ident = self._ipblock_pending.popitem()
             self.ipblock_writer.upsert(prefix, ident).raise_for_errors("pilus_ipblock")
+        self._changed()
+
+    def _changed(self) -> None:
+        for callback in list(self.change_callbacks):
+            try:
+                callback()
+            except Exception:
+                log.exception("a policy change callback failed")
 
     def _sync_endpoint(self, ep_id: int) -> int:
         policy = self.engine.policy_for(ep_id)
@@ -339,6 +350,7 @@ class PolicySync:
         ep.policy_flags = flags
         if changed and ep.interface_index:  # already programmed: flip enforcement in place
             self.entries.upsert(endpoint_info(ep))
+        self._changed()
         return flags
 
     async def _run_sync(self) -> None:
