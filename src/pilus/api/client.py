@@ -223,6 +223,10 @@ class Client:
         """Every node in the cluster's node registry, the local one marked."""
         return self.request("GET", "/node") or []
 
+    def proxy_status(self) -> dict:
+        """The L7 proxy: ports, process, listeners' counters, redirects (GET /v1/proxy)."""
+        return self.request("GET", "/proxy")
+
     def bpf_ipcache(self) -> list[dict]:
         return self.request("GET", "/bpf/ipcache") or []
 

@@ -14,6 +14,7 @@ import sys
 from pilus import __version__
 from pilus.cli import bpf, cluster, common, endpoint, exec_cmd, identity, monitor, node, observe, policy, status
 from pilus.cli import namespace as namespace_cmd
+from pilus.cli import proxy as proxy_cmd
 from pilus.cli import service as service_cmd
 from pilus.cli import ui as ui_cmd
 
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     namespace_cmd.register(sub, parent)
     service_cmd.register(sub, parent)
     service_cmd.register_bpf_lb_under(sub, parent)
+    proxy_cmd.register(sub, parent)
     ui_cmd.register(sub, parent)
     return parser
 

@@ -132,6 +132,9 @@ def format_status(h: dict) -> str:
                           f"Flows/s: {output.or_dash(hub.get('flows_per_second'))}, "
                           f"{output.or_dash(hub.get('lost'))} lost"
                           + (f", on {hub['address']}" if hub.get("address") else "")))
+    proxy = h.get("proxy")
+    if proxy:
+        lines.append(("Proxy", _proxy_line(proxy)))
     relay = h.get("relay")
     if relay:
         if relay.get("error"):
@@ -145,6 +148,21 @@ def format_status(h: dict) -> str:
     lines.append(("Events", f"{output.or_dash(ev.get('received'))} received, "
                   f"{output.or_dash(ev.get('lost'))} lost"))
     return output.status_lines(lines)
+
+
+def _proxy_line(p: dict) -> str:
+    state = _state(p)
+    if state == "Disabled":
+        return "Disabled"
+    proc = p.get("process") or {}
+    restarts = f"(restarts {output.or_dash(proc.get('restarts'))})"
+    if not proc.get("running"):
+        what = "not started (no L7 rules)" if state == "Ok" else "not running"
+        text = f"{state}   {what} {restarts}"
+    else:
+        text = (f"{state}   pid {proc.get('pid')}, {output.or_dash(p.get('listeners'))} listeners, "
+                f"{output.or_dash(p.get('redirects'))} redirects {restarts}")
+    return text + (f"; last error: {p['last_error']}" if p.get("last_error") else "")
 
 
 def format_brief(h: dict) -> str:
