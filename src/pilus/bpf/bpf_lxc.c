@@ -7,6 +7,10 @@
  * The endpoint is found by ifindex (pilus_lxc_if), so one loaded object serves
  * all endpoints of a node. The native device's program is in bpf_host.c, the
  * tunnel device's in bpf_overlay.c.
+ * L7 (lib/proxy.h): a connection an allow entry with a proxy port covers goes
+ * to the node's proxy by socket assign; one that arrives through the stack is
+ * hairpinned from to-container into this veth's ingress, where from-container
+ * does the assign. Replies to a proxy's upstream socket go to the stack.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -31,6 +35,7 @@
 #include "lib/fib.h"
 #include "lib/deliver.h"
 #include "lib/tunnel.h"
+#include "lib/proxy.h"
 
 static __always_inline int handle_arp(struct __sk_buff *skb, const struct endpoint_info *ep,
 				      struct drop_ctx *d)
@@ -111,26 +116,31 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
 			dst_id_label = dst_ep ? dst_ep->identity : resolve_identity4(p.ip.daddr);
 			d->dst_label = dst_id_label;
 		}
+		/* a reply to a proxy's upstream connection: its socket is in the
+		 * node netns, so the stack, not the client pod, gets it */
+		if (ct.flags & CT_F_FROM_PROXY)
+			return proxy_to_stack4(skb, &ct, d, METRIC_EGRESS);
 	}
 
 	/* policy for the first packet of a connection only: the sender's egress,
 	 * then, for local delivery, the receiver's ingress (redirect_peer skips
 	 * its to-container); the connection is recorded once both allowed */
 	if (ct.state == CT_NEW) {
-		/* the allowing entry's proxy port: the L7 proxy redirect (a later
-		 * issue) sends the connection there; unused until then */
-		__be16 proxy_port = 0;
+		/* the allowing entries' proxy ports: the egress proxy first (its
+		 * upstream connection passes the destination's ingress policy
+		 * again in to-container), else the destination's ingress proxy */
+		__be16 egress_port = 0, ingress_port = 0, proxy_port;
 
 		if (src_ep->flags & ENDPOINT_F_POLICY_EGRESS) {
 			ret = policy_check4(skb, &p, src_ep, dst_id_label, POLICY_EGRESS,
-					    skb->ingress_ifindex, &proxy_port);
+					    skb->ingress_ifindex, &egress_port);
 			if (ret)
 				return send_drop(skb, d, ret, METRIC_EGRESS);
 		}
 		if (dst_ep && !(dst_ep->flags & ENDPOINT_F_HOST) &&
 		    (dst_ep->flags & ENDPOINT_F_POLICY_INGRESS)) {
 			ret = policy_check4(skb, &p, dst_ep, src_id, POLICY_INGRESS,
-					    dst_ep->ifindex, &proxy_port);
+					    dst_ep->ifindex, &ingress_port);
 			if (ret) {
 				/* reported by the receiving endpoint, as its own drop */
 				struct drop_ctx di = *d;
@@ -141,12 +151,16 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
 				return send_drop(skb, &di, ret, METRIC_INGRESS);
 			}
 		}
-		ret = ct_create4(skb, &p, CT_EGRESS, src_id, &ct);
+		proxy_port = proxy_port_tcp(&p, egress_port ? egress_port : ingress_port);
+		ret = ct_create4_proxy(skb, &p, CT_EGRESS, src_id,
+				       proxy_port ? CT_F_PROXY_REDIRECT : 0, proxy_port, &ct);
 		if (ret)
 			return send_drop(skb, d, ret, METRIC_EGRESS);
 		/* a direct connection reusing the tuple of an earlier service one */
 		if (!svc.rev_nat_index)
 			lb4_forget_rev_nat(&p);
+		if (proxy_port)
+			return proxy_redirect4(skb, &p, proxy_port, &ct, d, METRIC_EGRESS);
 	} else if (!svc.rev_nat_index && p.ip.protocol == IPPROTO_TCP &&
 		   (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
 		/* a new direct connection (e.g. translated at the socket by
@@ -154,6 +168,9 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
 		 * per-packet service connection: its replies keep their source */
 		lb4_forget_rev_nat(&p);
 	}
+	/* the rest of a redirected connection (retransmitted SYNs too) */
+	if (ct.state == CT_ESTABLISHED && (ct.flags & CT_F_PROXY_REDIRECT) && ct.proxy_port)
+		return proxy_redirect4(skb, &p, ct.proxy_port, &ct, d, METRIC_EGRESS);
 
 	if (dst_ep && !(dst_ep->flags & ENDPOINT_F_HOST))
 		return ipv4_local_delivery(skb, &p, dst_ep, &ct, d, METRIC_EGRESS);
@@ -208,15 +225,38 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
 	return CTX_ACT_OK;
 }
 
+/* a packet to-container hairpinned into this veth's ingress (mark set there;
+ * a pod's own packets arrive with mark 0, the veth scrubs it): to the proxy
+ * listener in mark >> 16, or (no port) to a proxy's upstream socket */
+static __always_inline int handle_hairpin(struct __sk_buff *skb, __u32 mark, struct drop_ctx *d)
+{
+	struct ct_result ct = { .state = CT_ESTABLISHED, .report = true };
+	__be16 proxy_port = bpf_htons((__u16)(mark >> 16));
+	struct pkt4 p;
+	int ret;
+
+	if (!proxy_port)
+		return proxy_to_stack4(skb, &ct, d, METRIC_EGRESS);
+	ret = pkt4_parse(skb, &p);
+	if (ret)
+		return send_drop(skb, d, ret, METRIC_EGRESS);
+	d->src_label = resolve_identity4(p.ip.saddr);
+	d->dst_label = resolve_identity4(p.ip.daddr);
+	return proxy_redirect4(skb, &p, proxy_port, &ct, d, METRIC_EGRESS);
+}
+
 SEC("tc")
 int cil_from_container(struct __sk_buff *skb)
 {
+	/* read once: a context pointer kept across calls is refused by the verifier */
+	__u32 ifindex = skb->ingress_ifindex;
+	__u32 mark = skb->mark;
 	struct drop_ctx d = {};
 	struct endpoint_info *ep;
 	__be16 proto;
 
-	d.ifindex = skb->ingress_ifindex;
-	ep = lookup_ifindex_endpoint(skb->ingress_ifindex);
+	d.ifindex = ifindex;
+	ep = lookup_ifindex_endpoint(ifindex);
 	if (ep) {
 		d.source = ep->ep_id;
 		d.src_label = ep->identity;
@@ -230,12 +270,29 @@ int cil_from_container(struct __sk_buff *skb)
 		return send_drop(skb, &d, DROP_UNKNOWN_L3, METRIC_EGRESS);
 	if (!ep)
 		return send_drop(skb, &d, DROP_UNKNOWN_SENDER, METRIC_EGRESS);
+	if (mark_magic(mark) == MARK_MAGIC_TO_PROXY)
+		return handle_hairpin(skb, mark, &d);
 	return handle_ipv4_from_lxc(skb, ep, &d);
+}
+
+/* send a packet from the stack back into this veth's ingress, marked for
+ * from-container's socket assign (port in mark >> 16; 0: to the stack) */
+static __always_inline int proxy_hairpin(struct __sk_buff *skb, __u32 ifindex, __be16 proxy_port,
+					 const struct ct_result *ct, const struct drop_ctx *d)
+{
+	skb->mark = MARK_MAGIC_TO_PROXY | ((__u32)bpf_ntohs(proxy_port) << 16);
+	send_trace(skb, ct, TRACE_TO_PROXY, d->source, d->src_label, d->dst_label, d->dst_id,
+		   ifindex);
+	update_metrics(skb->len, METRIC_INGRESS, REASON_FORWARDED);
+	return bpf_redirect(ifindex, BPF_F_INGRESS);
 }
 
 SEC("tc")
 int cil_to_container(struct __sk_buff *skb)
 {
+	/* read once: a context pointer kept across calls is refused by the verifier */
+	__u32 ifindex = skb->ifindex;
+	__u32 mark = skb->mark;
 	struct ct_result ct = {};
 	struct drop_ctx d = {};
 	struct endpoint_info *ep;
@@ -244,8 +301,8 @@ int cil_to_container(struct __sk_buff *skb)
 	__be16 proto;
 	int ret;
 
-	d.ifindex = skb->ifindex;
-	ep = lookup_ifindex_endpoint(skb->ifindex);
+	d.ifindex = ifindex;
+	ep = lookup_ifindex_endpoint(ifindex);
 	if (ep) {
 		d.source = ep->ep_id;
 		d.dst_id = ep->ep_id;
@@ -276,29 +333,45 @@ int cil_to_container(struct __sk_buff *skb)
 		ret = lb4_rev_nat(skb, &p, &redo);
 		if (ret)
 			return send_drop(skb, &d, ret, METRIC_INGRESS);
+		/* the ingress proxy answering the egress proxy's upstream
+		 * connection (whose socket has this pod's address): back into
+		 * the stack through this veth's ingress, not into the pod */
+		if (ct.flags & CT_F_FROM_PROXY)
+			return proxy_hairpin(skb, ifindex, 0, &ct, &d);
 	}
 
 	/* ingress policy for the first packet of a connection from the stack
 	 * (node, other nodes, outside); replies of the pod's own connections
 	 * (masqueraded ones come back de-NATed: the reversed original tuple)
-	 * are CT_REPLY and pass */
+	 * are CT_REPLY and pass. The ingress proxy's upstream connections
+	 * (MARK_MAGIC_PROXY_INGRESS) were judged by the proxy: no policy; the
+	 * egress proxy's pass this endpoint's ingress policy, and one with a
+	 * proxy port goes to the ingress proxy (hairpin) as unmarked ones do. */
 	if (ct.state == CT_NEW) {
-		/* for the L7 proxy redirect (a later issue); unused until then */
 		__be16 proxy_port = 0;
+		__u16 flags = mark_from_proxy(mark) ? CT_F_FROM_PROXY : 0;
 
-		if (ep && (ep->flags & ENDPOINT_F_POLICY_INGRESS)) {
-			ret = policy_check4(skb, &p, ep, src_id, POLICY_INGRESS, skb->ifindex,
+		if (mark_magic(mark) != MARK_MAGIC_PROXY_INGRESS && ep &&
+		    (ep->flags & ENDPOINT_F_POLICY_INGRESS)) {
+			ret = policy_check4(skb, &p, ep, src_id, POLICY_INGRESS, ifindex,
 					    &proxy_port);
 			if (ret)
 				return send_drop(skb, &d, ret, METRIC_INGRESS);
+			proxy_port = proxy_port_tcp(&p, proxy_port);
+			if (proxy_port)
+				flags |= CT_F_PROXY_REDIRECT;
 		}
-		ret = ct_create4(skb, &p, CT_INGRESS, src_id, &ct);
+		ret = ct_create4_proxy(skb, &p, CT_INGRESS, src_id, flags, proxy_port, &ct);
 		if (ret)
 			return send_drop(skb, &d, ret, METRIC_INGRESS);
+		if (proxy_port)
+			return proxy_hairpin(skb, ifindex, proxy_port, &ct, &d);
+	} else if (ct.state == CT_ESTABLISHED && (ct.flags & CT_F_PROXY_REDIRECT) && ct.proxy_port) {
+		return proxy_hairpin(skb, ifindex, ct.proxy_port, &ct, &d);
 	}
 
 	send_trace(skb, &ct, TRACE_TO_LXC, d.source, src_id, d.dst_label, d.dst_id,
-		   skb->ifindex);
+		   ifindex);
 	update_metrics(skb->len, METRIC_INGRESS, REASON_FORWARDED);
 	return CTX_ACT_OK;
 }

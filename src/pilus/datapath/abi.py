@@ -51,6 +51,8 @@ DROP_CT_CREATE_FAILED = 155
 DROP_NO_TUNNEL_KEY = 147
 DROP_NO_TUNNEL_ENDPOINT = 160
 DROP_INVALID_IDENTITY = 171
+DROP_PROXY_LOOKUP_FAILED = 178
+DROP_PROXY_SET_FAILED = 179
 DROP_INVALID_VNI = 183
 DROP_UNKNOWN_SENDER = 172
 DROP_POLICY_DENY = 181
@@ -82,6 +84,14 @@ CT_F_RX_CLOSING = 1 << 0
 CT_F_TX_CLOSING = 1 << 1
 CT_F_SEEN_NON_SYN = 1 << 2
 CT_F_INGRESS = 1 << 3
+CT_F_PROXY_REDIRECT = 1 << 4  # the original direction goes to the proxy at ct_entry.proxy_port
+CT_F_FROM_PROXY = 1 << 5  # created from a proxy's upstream packet: replies go to the stack
+
+# skb->mark values of the L7 redirect (lib/proxy.h, Cilium's magic marks)
+MARK_MAGIC_TO_PROXY = 0x0200
+MARK_MAGIC_PROXY_INGRESS = 0x0A00
+MARK_MAGIC_PROXY_EGRESS = 0x0B00
+MARK_MAGIC_HOST_MASK = 0x0F00
 
 POLICY_STATIC_PREFIX = 40
 POLICY_PROTO_PREFIX = 8
@@ -234,7 +244,7 @@ class CtEntry(_Base):
         ("rx_flags_seen", c_uint8),
         ("src_sec_id", c_uint32),
         ("rev_nat_index", c_uint16),
-        ("ifindex", c_uint16),
+        ("proxy_port", c_uint16),  # network order (raw_to_port)
         ("last_tx_report", c_uint32),
         ("last_rx_report", c_uint32),
     ]

@@ -311,6 +311,21 @@ def monotonic_seconds() -> int:
     return int(time.clock_gettime(time.CLOCK_MONOTONIC))
 
 
+_CT_FLAG_NAMES = (
+    (abi.CT_F_RX_CLOSING, "RxClosing"),
+    (abi.CT_F_TX_CLOSING, "TxClosing"),
+    (abi.CT_F_SEEN_NON_SYN, "SeenNonSyn"),
+    (abi.CT_F_INGRESS, "Ingress"),
+    (abi.CT_F_PROXY_REDIRECT, "ProxyRedirect"),
+    (abi.CT_F_FROM_PROXY, "FromProxy"),
+)
+
+
+def ct_flag_names(flags: int) -> list[str]:
+    """ct_entry.flags as names (Cilium's `bpf ct list` spelling where it has one)."""
+    return [name for bit, name in _CT_FLAG_NAMES if flags & bit]
+
+
 class CtMap:
     """pilus_ct4 conntrack entries."""
 
@@ -347,6 +362,8 @@ class CtMap:
                     "seen_non_syn": bool(v.flags & abi.CT_F_SEEN_NON_SYN),
                     "closing": closing,
                     "src_identity": v.src_sec_id,
+                    "flags": ct_flag_names(v.flags),
+                    "proxy_port": abi.raw_to_port(v.proxy_port) if v.proxy_port else 0,
                 }
             )
         return out

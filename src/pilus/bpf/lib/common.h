@@ -63,6 +63,8 @@
 #define DROP_NO_TUNNEL_KEY    147
 #define DROP_NO_TUNNEL_ENDPOINT 160
 #define DROP_INVALID_IDENTITY 171
+#define DROP_PROXY_LOOKUP_FAILED 178  /* no L7 proxy socket for a redirect */
+#define DROP_PROXY_SET_FAILED 179     /* bpf_sk_assign refused the proxy's socket */
 #define DROP_UNKNOWN_SENDER   172
 #define DROP_INVALID_VNI      183
 #define DROP_POLICY_DENY      181
@@ -102,6 +104,11 @@
 #define CT_F_TX_CLOSING   (1 << 1)
 #define CT_F_SEEN_NON_SYN (1 << 2)
 #define CT_F_INGRESS      (1 << 3)  /* direction the entry was created in */
+/* the original direction goes to the L7 proxy listening on ct_entry.proxy_port */
+#define CT_F_PROXY_REDIRECT (1 << 4)
+/* created from a proxy's upstream packet (MARK_MAGIC_PROXY_INGRESS/EGRESS):
+ * replies go to the node stack (the proxy's socket), never into the pod */
+#define CT_F_FROM_PROXY     (1 << 5)
 
 /* TCP flag bits as on the wire (byte 13 of the TCP header) */
 #define TCP_FLAG_FIN 0x01
@@ -224,7 +231,7 @@ struct ct_entry {
 	__u8  rx_flags_seen;  /* reply direction */
 	__u32 src_sec_id;     /* identity of the originator */
 	__u16 rev_nat_index;  /* reserved for services */
-	__u16 ifindex;        /* reserved */
+	__be16 proxy_port;    /* CT_F_PROXY_REDIRECT: the proxy's listener port */
 	__u32 last_tx_report; /* seconds, reserved for report intervals */
 	__u32 last_rx_report;
 };
@@ -240,7 +247,7 @@ struct policy_key {
 };
 
 struct policy_entry {
-	__be16 proxy_port;         /* reserved for L7 redirects; 0 */
+	__be16 proxy_port;         /* L7 proxy listener for what it allows; 0: none */
 	__u8   deny;               /* 1 = deny rule */
 	__u8   lpm_prefix_length;  /* proto+port prefix bits of this entry, 0..24 */
 	__u32  pad;

@@ -31,6 +31,8 @@ struct ct_result {
 	__u8 state;     /* CT_NEW / CT_ESTABLISHED / CT_REPLY / CT_RELATED */
 	bool report;    /* monitor aggregation: emit a trace for this packet */
 	__u32 src_sec_id;
+	__u16 flags;       /* the entry's CT_F_* (0 for CT_NEW / CT_RELATED) */
+	__be16 proxy_port; /* the entry's proxy port (CT_F_PROXY_REDIRECT) */
 };
 
 static __always_inline __u32 bpf_now_sec(void)
@@ -168,6 +170,8 @@ static __always_inline int ct_lookup4(struct __sk_buff *skb, const struct pkt4 *
 
 	res->report = false;
 	res->src_sec_id = 0;
+	res->flags = 0;
+	res->proxy_port = 0;
 	ct_tuple4(p, &tuple, false);
 	e = ct_lookup_live(&tuple, now);
 	if (!e) {
@@ -230,13 +234,17 @@ static __always_inline int ct_lookup4(struct __sk_buff *skb, const struct pkt4 *
 	res->state = is_reply ? CT_REPLY : CT_ESTABLISHED;
 	res->report = fresh != 0;
 	res->src_sec_id = e->src_sec_id;
+	res->flags = e->flags;
+	res->proxy_port = e->proxy_port;
 	return 0;
 }
 
-/* record a CT_NEW packet's connection (after policy allowed it); returns 0 or
- * a drop reason. ICMP other than echo requests is not recorded. */
-static __always_inline int ct_create4(struct __sk_buff *skb, const struct pkt4 *p,
-				      __u8 dir, __u32 src_sec_id, struct ct_result *res)
+/* record a CT_NEW packet's connection (after policy allowed it) with extra
+ * CT_F_PROXY_* `flags` and the proxy port; returns 0 or a drop reason. ICMP
+ * other than echo requests is not recorded. */
+static __always_inline int ct_create4_proxy(struct __sk_buff *skb, const struct pkt4 *p,
+					    __u8 dir, __u32 src_sec_id, __u16 flags,
+					    __be16 proxy_port, struct ct_result *res)
 {
 	struct ipv4_ct_tuple tuple;
 	struct ct_entry ne = {};
@@ -247,6 +255,8 @@ static __always_inline int ct_create4(struct __sk_buff *skb, const struct pkt4 *
 	res->state = CT_NEW;
 	res->report = true;
 	res->src_sec_id = src_sec_id;
+	res->flags = flags;
+	res->proxy_port = proxy_port;
 	if (proto == IPPROTO_ICMP && (p->is_fragment || p->icmp_type != ICMP_ECHO))
 		return 0;
 
@@ -255,7 +265,8 @@ static __always_inline int ct_create4(struct __sk_buff *skb, const struct pkt4 *
 	ne.tx_bytes = skb->len;
 	ne.tx_flags_seen = tcp_flags;
 	ne.src_sec_id = src_sec_id;
-	ne.flags = dir == CT_INGRESS ? CT_F_INGRESS : 0;
+	ne.flags = (dir == CT_INGRESS ? CT_F_INGRESS : 0) | flags;
+	ne.proxy_port = proxy_port;
 	if (proto == IPPROTO_TCP)
 		ct_tcp_update(&ne, tcp_flags, false);
 	ne.lifetime = now + ct_lifetime(&ne, proto);
@@ -263,6 +274,12 @@ static __always_inline int ct_create4(struct __sk_buff *skb, const struct pkt4 *
 	if (bpf_map_update_elem(&pilus_ct4, &tuple, &ne, BPF_ANY) < 0)
 		return DROP_CT_CREATE_FAILED;
 	return 0;
+}
+
+static __always_inline int ct_create4(struct __sk_buff *skb, const struct pkt4 *p,
+				      __u8 dir, __u32 src_sec_id, struct ct_result *res)
+{
+	return ct_create4_proxy(skb, p, dir, src_sec_id, 0, 0, res);
 }
 
 /* lookup and, for CT_NEW, create at once (no policy in between); returns 0

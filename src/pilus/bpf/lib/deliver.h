@@ -11,6 +11,7 @@
 #include "drop.h"
 #include "trace.h"
 #include "policy.h"
+#include "proxy.h"
 
 static __always_inline int ipv4_local_delivery(struct __sk_buff *skb, struct pkt4 *p,
 					       const struct endpoint_info *dst_ep,
@@ -40,7 +41,8 @@ static __always_inline int ipv4_local_delivery(struct __sk_buff *skb, struct pkt
 
 /* a packet from another node (tunnel or native device) for a local endpoint:
  * the endpoint's ingress policy with the sender's identity for a new
- * connection, its conntrack entry, then delivery */
+ * connection, its conntrack entry, then delivery, or the ingress L7 proxy
+ * when the allowing entry has a proxy port (lib/proxy.h) */
 static __always_inline int ipv4_ingress_delivery(struct __sk_buff *skb, struct pkt4 *p,
 						 const struct endpoint_info *dst_ep, __u32 src_id,
 						 struct ct_result *ct, struct drop_ctx *d)
@@ -50,17 +52,30 @@ static __always_inline int ipv4_ingress_delivery(struct __sk_buff *skb, struct p
 	d->source = dst_ep->ep_id;
 	d->dst_id = dst_ep->ep_id;
 	if (ct->state == CT_NEW) {
-		__be16 proxy_port = 0;  /* for the L7 proxy redirect (a later issue) */
+		__be16 proxy_port = 0;
 
+		/* an answer to a proxy's upstream connection to another node or
+		 * the world: it left through the stack, so no entry exists here,
+		 * but its socket does (checked before policy: it is no new
+		 * connection to the pod) */
+		if (proxy_reply_to_node_socket4(skb, p))
+			return proxy_to_stack4(skb, ct, d, METRIC_INGRESS);
 		if (dst_ep->flags & ENDPOINT_F_POLICY_INGRESS) {
 			ret = policy_check4(skb, p, dst_ep, src_id, POLICY_INGRESS, dst_ep->ifindex,
 					    &proxy_port);
 			if (ret)
 				return send_drop(skb, d, ret, METRIC_INGRESS);
 		}
-		ret = ct_create4(skb, p, CT_INGRESS, src_id, ct);
+		proxy_port = proxy_port_tcp(p, proxy_port);
+		ret = ct_create4_proxy(skb, p, CT_INGRESS, src_id,
+				       proxy_port ? CT_F_PROXY_REDIRECT : 0, proxy_port, ct);
 		if (ret)
 			return send_drop(skb, d, ret, METRIC_INGRESS);
+		if (proxy_port)
+			return proxy_redirect4(skb, p, proxy_port, ct, d, METRIC_INGRESS);
+	} else if (ct->state == CT_ESTABLISHED && (ct->flags & CT_F_PROXY_REDIRECT) &&
+		   ct->proxy_port) {
+		return proxy_redirect4(skb, p, ct->proxy_port, ct, d, METRIC_INGRESS);
 	}
 	return ipv4_local_delivery(skb, p, dst_ep, ct, d, METRIC_INGRESS);
 }
