@@ -5,8 +5,9 @@ shell transcript: cluster up, three Star Wars endpoints, identities, a TCP
 service in the deathstar reached by tiefighter and xwing, a spoofed packet from
 xwing dropped by the datapath and seen by ``pilus monitor``, Cilium's Star Wars
 L3/L4 policy (tiefighter lands, xwing is dropped, ``pilus observe`` shows the
-dropped flow through the Hubble Relay, ``pilus policy trace`` explains why), the
-maps, metrics and status, and finally ``pilus cluster down`` -- always, even on
+dropped flow through the Hubble Relay), its L7 version (landing passes the L7 proxy,
+the exhaust port gets 403 and ``pilus monitor --type l7`` says so), ``pilus policy
+trace`` explaining both, the maps, metrics and status, and finally ``pilus cluster down`` -- always, even on
 failure or Ctrl-C.
 """
 
@@ -38,19 +39,35 @@ ENDPOINTS = [
 ]
 
 SERVER = f"""\
-import socket
-srv = socket.create_server(("", {PORT}))
-print("listening on port {PORT}", flush=True)
-while True:
-    conn, (peer, _) = srv.accept()
-    conn.recv(64)
-    conn.sendall(b"Ship landed\\n")
-    conn.close()
-    print("landing request from", peer, flush=True)
-"""
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-# the landing request: the TCP probe the e2e tests use, run in the client's namespace
-PROBE = [sys.executable, "-m", "pilus.testing.probe"]
+ROUTES = {{("POST", "/v1/request-landing"): (200, "Ship landed\\n"),
+          ("PUT", "/v1/exhaust-port"): (503, "Panic: deathstar exploded\\n")}}
+
+class Deathstar(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def answer(self, code, text):
+        body = text.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def route(self):
+        code, text = ROUTES.get((self.command, self.path), (404, "Not found\\n"))
+        self.answer(code, text)
+
+    do_POST = do_PUT = do_GET = route
+
+    def log_message(self, fmt, *args):
+        print("request from", self.client_address[0], self.command, self.path, flush=True)
+
+srv = ThreadingHTTPServer(("", {PORT}), Deathstar)
+print("listening on port {PORT}", flush=True)
+srv.serve_forever()
+"""
 
 SPOOF = """\
 import socket, struct, sys
@@ -80,6 +97,14 @@ spec:
     - matchLabels: {{org: empire}}
     toPorts:
     - ports: [{{port: "{PORT}", protocol: TCP}}]
+"""
+
+# the same rule with Cilium's L7 part: the empire may only request landing
+POLICY_L7 = POLICY.replace("L3-L4 policy", "L7 policy") + """\
+      rules:
+        http:
+        - method: "POST"
+          path: "/v1/request-landing"
 """
 
 _TTY = sys.stdout.isatty()
@@ -176,23 +201,25 @@ def endpoint_ip(name: str, node: str) -> str:
     return ip
 
 
-def land(client: str, ip: str, timeout: float = 5, shown: bool = True) -> bool:
-    """One landing request from ``client`` to the deathstar; prints its answer (or why
-    there was none) as the command's output."""
-    args = ["exec", client, "--", *PROBE, "tcp-connect", ip, str(PORT), "landing request",
-            f"{timeout:g}"]
+def request(client: str, ip: str, method: str = "POST", path: str = "/v1/request-landing",
+            timeout: float = 5, shown: bool = True) -> str | None:
+    """One HTTP request from ``client`` to the deathstar with curl; prints its answer (or
+    why there was none) as the command's output and returns the body (None: no answer)."""
+    args = ["exec", client, "--", "curl", "-s", "--max-time", f"{timeout:g}", "-X", method,
+            f"http://{ip}:{PORT}{path}"]
     if shown:
         show(args)
     res = subprocess.run(pilus_argv(args), text=True, timeout=30, stdout=subprocess.PIPE)
-    try:
-        verdict = json.loads(res.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        verdict = {"ok": False, "error": f"the probe failed with exit code {res.returncode}"}
-    if verdict.get("ok"):
-        print(verdict.get("reply", "").strip(), flush=True)
-        return True
-    print(f"no landing: {verdict.get('error')}", file=sys.stderr, flush=True)
-    return False
+    if res.returncode == 0:
+        print(res.stdout.strip(), flush=True)
+        return res.stdout
+    why = "timed out" if res.returncode == 28 else f"curl exit code {res.returncode}"
+    print(f"no answer: {why}", file=sys.stderr, flush=True)
+    return None
+
+
+def land(client: str, ip: str, timeout: float = 5, shown: bool = True) -> bool:
+    return "Ship landed" in (request(client, ip, timeout=timeout, shown=shown) or "")
 
 
 def connect(client: str, ip: str) -> None:
@@ -233,7 +260,7 @@ def run_demo(background: list[Background]) -> None:
     step("Identities: one per distinct set of security-relevant labels, plus reserved ones")
     pilus("identity", "list")
 
-    step("Start a TCP service in the deathstar that answers 'Ship landed'")
+    step("Start an HTTP service in the deathstar: POST /v1/request-landing answers 'Ship landed'")
     deathstar_ip = endpoint_ip("default/deathstar", NODE2)
     server = Background("deathstar", ["--node", NODE2, "exec", "default/deathstar", "--", python3(), "-c",
                                       SERVER])
@@ -247,7 +274,7 @@ def run_demo(background: list[Background]) -> None:
     step("tiefighter and xwing land on the deathstar (no policy yet: both allowed)")
     for client in ("default/tiefighter", "default/xwing"):
         connect(client, deathstar_ip)
-        server.wait_line(server.lines, lambda s: "landing request" in s, 3)
+        server.wait_line(server.lines, lambda s: "request from" in s, 3)
 
     step("Watch drops with `pilus monitor`, then send packets with a forged source IP "
          "from xwing")
@@ -289,8 +316,42 @@ def run_demo(background: list[Background]) -> None:
         raise DemoError("the Hubble Relay shows no dropped flow of xwing")
     pilus("observe", "--verdict", "DROPPED", "--from-pod", "default/xwing", "--last", "3")
 
+    step("The empire's ships may land, but nobody may reach the exhaust port: a tiefighter "
+         "can do it at L3/L4")
+    body = request("default/tiefighter", deathstar_ip, "PUT", "/v1/exhaust-port")
+    if not body or "exploded" not in body:
+        raise DemoError("the exhaust port did not answer at L3/L4")
+
+    step("Import the same rule with an HTTP part (Cilium's L7 Star Wars policy): POST "
+         "/v1/request-landing only. node2's datapath now hands port 80 to its L7 proxy")
+    policy_file.write_text(POLICY_L7)
+    print(f"$ cat {policy_file}\n{POLICY_L7}", end="", flush=True)
+    pilus("policy", "import", str(policy_file))
+    mon = Background("monitor", ["--node", NODE2, "monitor", "--type", "l7"])
+    background.append(mon)
+    if mon.wait_line(mon.err, lambda s: "Listening" in s, 15) is None:
+        raise DemoError("pilus monitor did not start")
+    for attempt in range(20):  # the proxy follows the policy within a moment
+        if land("default/tiefighter", deathstar_ip, shown=attempt == 0) and \
+                mon.wait_line(mon.lines, lambda s: "request-landing" in s, 2):
+            break
+        time.sleep(0.5)
+    else:
+        raise DemoError("the landing request did not pass the L7 proxy")
+    body = request("default/tiefighter", deathstar_ip, "PUT", "/v1/exhaust-port")
+    if not body or "Access denied" not in body:
+        raise DemoError("the L7 proxy did not deny PUT /v1/exhaust-port")
+    line = mon.wait_line(mon.lines, lambda s: "exhaust-port" in s, 10)
+    if line is None:
+        raise DemoError("pilus monitor --type l7 did not show the denied request")
+    note("403 from the proxy on node2: the request never reached the deathstar")
+    mon.stop()
+    pilus("--node", NODE2, "proxy", "status")
+
     step("Explain the verdict without sending a packet, and show the deathstar's policy map")
     pilus("policy", "trace", "--src-endpoint", "default/xwing", "--dst-endpoint", "default/deathstar",
+          "--dport", f"{PORT}/TCP")
+    pilus("policy", "trace", "--src-endpoint", "default/tiefighter", "--dst-endpoint", "default/deathstar",
           "--dport", f"{PORT}/TCP")
     pilus("--node", NODE2, "bpf", "policy", "get", "default/deathstar")
 
