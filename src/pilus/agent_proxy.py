@@ -84,6 +84,12 @@ def _port_text(rs: dict) -> int | str:
     return f"{port}-{end}" if end and end != port else int(port)
 
 
+def _port_order(port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    return int(port.split("-")[0]) if port[0].isdigit() else -1  # "any" first
+
+
 def redirects(endpoint_rule_sets: Iterable[tuple[LocalEndpoint, list[dict]]]) -> list[dict]:
     """Per endpoint with L7 rules: the ports redirected to the proxy, per direction."""
     out = []
@@ -93,9 +99,7 @@ def redirects(endpoint_rule_sets: Iterable[tuple[LocalEndpoint, list[dict]]]) ->
         ports: dict[str, set] = {"ingress": set(), "egress": set()}
         for rs in sets:
             ports["egress" if rs.get("egress") else "ingress"].add(_port_text(rs))
-        out.append({"endpoint": ep.id, "name": ep.name,
-                    **{d: sorted(p, key=lambda x: (isinstance(x, str), x if isinstance(x, int) else 0, str(x)))
-                       for d, p in ports.items()}})
+        out.append({"endpoint": ep.id, "name": ep.name, **{d: sorted(p, key=_port_order) for d, p in ports.items()}})
     return out
 
 
