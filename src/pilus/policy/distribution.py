@@ -20,6 +20,7 @@ from pilus.identity.labels import Label, LabelError, is_dns_label
 from pilus.kvstore.base import Store
 from pilus.policy.repository import PolicyNotFound, Repository
 from pilus.policy.schema import PolicyDoc, parse_policies
+from pilus.secrets import check_policy_secrets
 
 POLICY_KEY = "pilus/state/policies/v1/set"
 NAMESPACE_PREFIX = "pilus/state/namespaces/v1/"
@@ -57,6 +58,7 @@ class PolicyDistribution:
 
     async def import_text(self, text: str) -> tuple[int, list[PolicyDoc]]:
         docs = await asyncio.to_thread(parse_policies, text)  # PolicyValidationError: nothing written
+        await check_policy_secrets(self.store, text)  # headerMatches secrets must exist (or have a value)
         async with self._write:
             repo = await self._repository()
             repo.add(docs)  # same kind/namespace/name replaces
