@@ -17,6 +17,14 @@ pkg/hubble/parser/threefour):
 (1) EGRESS when the reporting endpoint is the packet's source XOR the packet is a reply,
 else INGRESS; unknown when the CT state is.
 
+L7 events (the proxy's records, pilus.observer.l7) follow Hubble's L7 parser (Cilium
+pkg/hubble/parser/seven): Type L7, event_type 129 (MessageTypeAccessLog), l7.http {code,
+method, url, protocol} (no headers: they may carry secrets), verdict FORWARDED, DROPPED
+(DENIED, with drop_reason_desc POLICY_DENIED) or ERROR. A forwarded request is two flows
+as Cilium's access log makes them: the REQUEST (client -> server, no code) and the
+RESPONSE (server -> client, is_reply, the code and latency_ns); a denied one is its
+REQUEST only, with the 403 the proxy sent.
+
 Endpoints: the datapath's identity wins (it is what policy saw); the endpoint behind
 the IP (lookup) gives ID, namespace, pod name and labels; an address that is no known
 endpoint gets its identity's labels (``reserved:world``, a CIDR identity's labels).
@@ -37,6 +45,7 @@ from pilus.datapath.events import DropEvent, Event, PacketSummary, PolicyVerdict
 from pilus.datapath.reasons import TRACE_POINTS
 from pilus.hubble.lookup import EndpointLookup, labels_of
 from pilus.hubble.protos import flow_pb2
+from pilus.observer.l7 import L7Event
 
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806
@@ -147,8 +156,55 @@ class FlowParser:
         self.cluster_name = cluster_name
         self.emitter = flow_pb2.Emitter(name="pilus", version=pilus.__version__)
 
+    def flows(self, event: Event | L7Event) -> list[flow_pb2.Flow]:
+        """Every Flow of an event: one per datapath event, one or two per L7 record."""
+        if isinstance(event, L7Event):
+            return self.l7_flows(event)
+        f = self.parse(event)
+        return [f] if f is not None else []
+
+    def l7_flows(self, ev: L7Event) -> list[flow_pb2.Flow]:
+        out = [self._l7_flow(ev, flow_pb2.REQUEST)]
+        if ev.verdict != "DENIED" and ev.status:
+            out.append(self._l7_flow(ev, flow_pb2.RESPONSE))
+        return out
+
+    def _l7_flow(self, ev: L7Event, kind: int) -> flow_pb2.Flow:
+        response = kind == flow_pb2.RESPONSE
+        src, dst = (ev.destination, ev.source) if response else (ev.source, ev.destination)
+        http = flow_pb2.HTTP(method=ev.method, url=ev.url or ev.path, protocol=ev.protocol)
+        if response or ev.verdict == "DENIED":
+            http.code = ev.status
+        request = f"{ev.method} {ev.url or ev.path}"
+        text = (f"{ev.protocol} {ev.status} {ev.latency_ns // 1_000_000}ms ({request})" if response
+                else f"{ev.protocol} {request}")
+        f = flow_pb2.Flow(uuid=new_uuid(), Type=flow_pb2.L7, node_name=self.node_name, Summary=text)
+        f.emitter.CopyFrom(self.emitter)
+        t = ev.record_time if ev.record_time is not None else ev.time if ev.time is not None else time.time()
+        # the record is written when the response ended: the request came latency_ns earlier
+        f.time.CopyFrom(timestamp(t if response else max(t - ev.latency_ns / 1e9, 0.0)))
+        f.IP.source, f.IP.destination, f.IP.ipVersion = src.ip, dst.ip, flow_pb2.IPv4
+        f.l4.TCP.source_port, f.l4.TCP.destination_port = src.port, dst.port
+        self._fill_endpoint(f.source, src.ip, src.identity)
+        self._fill_endpoint(f.destination, dst.ip, dst.identity)
+        f.l7.type = kind
+        if response:
+            f.l7.latency_ns = ev.latency_ns
+        f.l7.http.CopyFrom(http)
+        f.event_type.type = MESSAGE_TYPE_ACCESS_LOG
+        f.verdict = {"FORWARDED": flow_pb2.FORWARDED, "DENIED": flow_pb2.DROPPED}.get(ev.verdict, flow_pb2.ERROR)
+        if ev.verdict == "DENIED":
+            f.drop_reason_desc = flow_pb2.POLICY_DENIED
+        f.traffic_direction = flow_pb2.INGRESS if ev.direction == "ingress" else flow_pb2.EGRESS
+        f.is_reply.CopyFrom(BoolValue(value=response))
+        f.reply = response
+        return f
+
     def parse(self, event: Event) -> flow_pb2.Flow | None:
-        """The Flow of a drop, trace or policy-verdict event; None for other records."""
+        """The Flow of a drop, trace or policy-verdict event (of an L7 event, its first
+        flow); None for other records."""
+        if isinstance(event, L7Event):
+            return self.l7_flows(event)[0]
         if not isinstance(event, DropEvent | TraceEvent | PolicyVerdictEvent):
             return None
         p = event.packet

@@ -9,13 +9,18 @@ whatever the traffic: no addresses, ports or pod names.
   drop    hubble_drop_total{reason, protocol}   (drop events: each dropped packet once)
   tcp     hubble_tcp_flags_total{flag, family}
   policy  hubble_policy_verdicts_total{direction, match, action}
+  http    hubble_http_requests_total{method, protocol, reporter} (L7 REQUEST flows),
+          hubble_http_responses_total{method, protocol, status, reporter} (RESPONSE flows, and
+          the 403 of a denied request), hubble_http_request_duration_seconds{method, reporter}
+          (RESPONSE latency); reporter is "server" for ingress, "client" for egress (Cilium's
+          http handler). Methods and status codes are what the proxy parsed: bounded sets.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from pilus.hubble.flows import (
     MESSAGE_TYPE_ACCESS_LOG,
@@ -25,7 +30,7 @@ from pilus.hubble.flows import (
 )
 from pilus.hubble.protos import flow_pb2
 
-HANDLERS = ("flow", "drop", "tcp", "policy")
+HANDLERS = ("flow", "drop", "tcp", "policy", "http")
 
 _TYPES = {MESSAGE_TYPE_DROP: "Drop", MESSAGE_TYPE_TRACE: "Trace", MESSAGE_TYPE_POLICY_VERDICT: "PolicyVerdict",
           MESSAGE_TYPE_ACCESS_LOG: "L7"}
@@ -57,6 +62,7 @@ class HubbleMetrics:
         self.lost = Counter("hubble_lost_events_total", "Events lost before they became flows",
                             ["source"], registry=self.registry)
         self.flows = self.drops = self.tcp = self.policy = None
+        self.http_requests = self.http_responses = self.http_duration = None
         if "flow" in self.handlers:
             self.flows = Counter("hubble_flows_processed_total", "Flows processed",
                                  ["type", "subtype", "verdict"], registry=self.registry)
@@ -69,6 +75,13 @@ class HubbleMetrics:
         if "policy" in self.handlers:
             self.policy = Counter("hubble_policy_verdicts_total", "Policy verdicts",
                                   ["direction", "match", "action"], registry=self.registry)
+        if "http" in self.handlers:
+            self.http_requests = Counter("hubble_http_requests_total", "HTTP requests",
+                                         ["method", "protocol", "reporter"], registry=self.registry)
+            self.http_responses = Counter("hubble_http_responses_total", "HTTP responses",
+                                          ["method", "protocol", "status", "reporter"], registry=self.registry)
+            self.http_duration = Histogram("hubble_http_request_duration_seconds", "HTTP request latency",
+                                           ["method", "reporter"], registry=self.registry)
 
     def _child(self, counter: Counter, key: tuple, labels: Callable[[], tuple[str, ...]]):
         """The counter's child for ``key`` (raw enum numbers), its label strings made once:
@@ -103,6 +116,19 @@ class HubbleMetrics:
             self._child(self.policy, (direction, match, verdict), lambda: (
                 flow_pb2.TrafficDirection.Name(direction).lower(), _MATCH.get(match, "unknown"),
                 flow_pb2.Verdict.Name(verdict).lower())).inc()
+
+        if self.http_requests is not None and f.Type == flow_pb2.L7 and f.l7.WhichOneof("record") == "http":
+            self._http(f)
+
+    def _http(self, f: flow_pb2.Flow) -> None:
+        h, kind = f.l7.http, f.l7.type
+        reporter = {flow_pb2.INGRESS: "server", flow_pb2.EGRESS: "client"}.get(f.traffic_direction, "unknown")
+        if kind == flow_pb2.REQUEST:
+            self.http_requests.labels(h.method, h.protocol, reporter).inc()
+        if h.code and (kind == flow_pb2.RESPONSE or f.verdict == flow_pb2.DROPPED):
+            self.http_responses.labels(h.method, h.protocol, str(h.code), reporter).inc()
+        if kind == flow_pb2.RESPONSE:
+            self.http_duration.labels(h.method, reporter).observe(f.l7.latency_ns / 1e9)
 
     def record_lost(self, source: int, count: int) -> None:
         self.lost.labels(flow_pb2.LostEventSource.Name(source)).inc(count)

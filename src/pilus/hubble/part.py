@@ -2,9 +2,10 @@
 the node's ring -> the gRPC server (pilus.hubble.server).
 
 The part subscribes to the hub's event types (pilus.observer.monitor; ``event_types``,
-default all: the datapath then emits them for as long as Hubble runs) and turns each
-drop, trace and policy verdict into a Flow (pilus.hubble.flows) as the hub queues
-them. What is lost on the way is counted and kept in the ring as LostEvents, which
+default all: the datapath then emits them for as long as Hubble runs; the L7 proxy's
+records always) and turns each drop, trace, policy verdict and L7 record into flows
+(pilus.hubble.flows) as the hub queues them. What is lost on the way is counted and
+kept in the ring as LostEvents, which
 GetFlows clients receive as Hubble's do: events the hub could not queue for us
 (OBSERVER_EVENTS_QUEUE) and, sampled once per LOST_POLL_INTERVAL, events the datapath
 could not emit since the part started (PERF_EVENT_RING_BUFFER).
@@ -31,6 +32,7 @@ from pilus.hubble.protos import flow_pb2
 from pilus.hubble.ring import DEFAULT_CAPACITY, FlowRing
 from pilus.hubble.server import HubbleServer, PeerSource
 from pilus.metrics.server import PrometheusServer
+from pilus.observer.l7 import L7Event
 from pilus.observer.monitor import LostEvents, Subscriber
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,9 @@ class HubblePart:
             if self._metrics_server is not None:
                 await self._metrics_server.start()
             self._datapath_lost = self._read_datapath_lost()
-            self._sub = self.hub.subscribe(self.event_types, None)
+            # L7 records always: they cost the datapath nothing (the proxy sends them)
+            types = self.event_types | {L7Event.kind} if self.event_types is not None else None
+            self._sub = self.hub.subscribe(types, None)
             self._task = asyncio.create_task(self.run_reader(self._sub), name="hubble-flows")
         except BaseException:
             await self.server.stop()
@@ -100,12 +104,12 @@ class HubblePart:
                 self._lost(flow_pb2.OBSERVER_EVENTS_QUEUE, ev.count)
                 continue
             try:
-                flow = self.parser.parse(ev)
+                flows = self.parser.flows(ev)  # an L7 record may be a request and a response
             except Exception:  # noqa: BLE001 - one event the parser trips on must not stop the flow log
                 self.parse_errors += 1
                 log.exception("hubble: cannot make a flow of %r", type(ev).__name__)
                 continue
-            if flow is not None:
+            for flow in flows:
                 self.ring.push(flow)
                 if self.metrics is not None:
                     self.metrics.observe(flow)

@@ -25,6 +25,7 @@ from pilus.datapath.reasons import (
     TRACE_POINTS,
     drop_reason_desc,
 )
+from pilus.observer.l7 import L7Event
 
 if TYPE_CHECKING:
     from pilus.observer.monitor import LostEvents
@@ -124,9 +125,41 @@ def _policy_proto(proto: int) -> str | int:
     return protocols.NAMES[proto] if proto in (protocols.TCP, protocols.UDP, protocols.ICMP) else proto
 
 
-def event_record(ev: DropEvent | TraceEvent | PolicyVerdictEvent | UnknownEvent | LostEvents) -> dict:
+def _l7_record(ev: L7Event) -> dict[str, Any]:
+    # the proxy's record (docs/l7.md "L7 records"), flattened as the datapath events are
+    return {
+        "type": ev.kind,
+        "direction": ev.direction,
+        "endpoint": ev.endpoint,
+        "source_ep": ev.source_ep,
+        "dst_ep": ev.dst_ep,
+        "src_ip": ev.source.ip,
+        "sport": ev.source.port,
+        "src_identity": ev.source.identity,
+        "dst_ip": ev.destination.ip,
+        "dport": ev.destination.port,
+        "dst_identity": ev.destination.identity,
+        "l7_protocol": "http",
+        "protocol": ev.protocol,
+        "method": ev.method,
+        "url": ev.url,
+        "host": ev.host,
+        "path": ev.path,
+        "status": ev.status,
+        "grpc_status": ev.grpc_status,
+        "verdict": ev.verdict,
+        "latency_ns": ev.latency_ns,
+        "listener": ev.listener,
+        "header_mismatches": [{"name": n, "action": a} for n, a in ev.header_mismatches],
+        "record_time": ev.record_time,
+    }
+
+
+def event_record(ev: DropEvent | TraceEvent | PolicyVerdictEvent | UnknownEvent | L7Event | LostEvents) -> dict:
     """The JSON object `GET /v1/monitor` streams for one event (openapi.yaml MonitorEvent)."""
-    if isinstance(ev, DropEvent):
+    if isinstance(ev, L7Event):
+        d = _l7_record(ev)
+    elif isinstance(ev, DropEvent):
         d = _drop_record(ev)
     elif isinstance(ev, TraceEvent):
         d = _trace_record(ev)
@@ -282,11 +315,49 @@ def format_policy_verdict(ev: dict) -> str:
             f"match {match_type(ev.get('match_type'))}, {connection_summary(ev)}")
 
 
-def format_event(ev: dict, verbose: int = 0, ifnames: dict[int, str] | None = None) -> str:
+#: the proxy's verdicts as cilium-dbg monitor prints them (accesslog.FlowVerdict)
+L7_VERDICTS = {"FORWARDED": "Forwarded", "DENIED": "Denied", "ERROR": "Error"}
+
+
+def _label_list(labels) -> str:
+    # Go's fmt of a []string, as cilium-dbg prints an endpoint's labels
+    return "[" + " ".join(str(x) for x in labels or ()) + "]"
+
+
+def format_l7(ev: dict, labels: Any = None) -> str:
+    """cilium-dbg monitor's access-log line: ``<- Request http from 0 ([k8s:org=alliance])
+    to 1753 ([k8s:org=empire]), identity 46765->8283, verdict Denied PUT http://deathstar/v1/exhaust-port => 403``.
+
+    ``labels(identity) -> list[str]`` names the identities (the CLI asks the agent)."""
+    def named(identity) -> str:
+        return _label_list(labels(identity) if labels is not None and identity else [])
+
+    arrow = "->" if ev.get("direction") == "egress" else "<-"
+    sid, did = ev.get("src_identity", 0), ev.get("dst_identity", 0)
+    verdict = L7_VERDICTS.get(str(ev.get("verdict")), str(ev.get("verdict") or "unknown").capitalize())
+    line = (f"{arrow} Request {ev.get('l7_protocol') or 'http'} from {ev.get('source_ep', 0)} ({named(sid)}) "
+            f"to {ev.get('dst_ep', 0)} ({named(did)}), identity {sid}->{did}, verdict {verdict} "
+            f"{ev.get('method') or '?'} {ev.get('url') or ev.get('path') or ''} => {ev.get('status', 0)}")
+    if ev.get("grpc_status") is not None:
+        line += f" grpc-status {ev['grpc_status']}"
+    mism = ev.get("header_mismatches") or []
+    if mism:  # names and actions only: values may be secrets
+        line += " header-mismatch " + ",".join(f"{m.get('name')}:{m.get('action') or 'FAIL'}" for m in mism)
+    return line
+
+
+def format_event(ev: dict, verbose: int = 0, ifnames: dict[int, str] | None = None, labels: Any = None) -> str:
     """One monitor record -> text (one line, plus the packet bytes with -v)."""
     kind = ev.get("type")
     if kind == "lost":
         return f"EVENTS LOST: {ev.get('count', 0)}"
+    if kind == "l7":
+        line = format_l7(ev, labels)
+        if verbose:
+            line += (f" ({ev.get('protocol') or '?'}, {ev.get('src_ip')}:{ev.get('sport')} -> "
+                     f"{ev.get('dst_ip')}:{ev.get('dport')}, latency {ev.get('latency_ns', 0)} ns, "
+                     f"listener {ev.get('listener') or '?'})")
+        return line
     if kind == "drop":
         line = format_drop(ev)
     elif kind == "trace":
@@ -307,7 +378,7 @@ def format_event(ev: dict, verbose: int = 0, ifnames: dict[int, str] | None = No
     return "\n".join(lines)
 
 
-def event_line(ev: DropEvent | TraceEvent | PolicyVerdictEvent | UnknownEvent, verbose: int = 0,
-               ifnames: dict[int, str] | None = None) -> str:
+def event_line(ev: DropEvent | TraceEvent | PolicyVerdictEvent | UnknownEvent | L7Event, verbose: int = 0,
+               ifnames: dict[int, str] | None = None, labels: Any = None) -> str:
     """A typed event as `pilus monitor` prints it."""
-    return format_event(event_record(ev), verbose, ifnames)
+    return format_event(event_record(ev), verbose, ifnames, labels)
