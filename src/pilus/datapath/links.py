@@ -53,6 +53,9 @@ __all__ = [
     "del_route",
     "add_neigh",
     "del_neigh",
+    "add_fwmark_rule",
+    "del_fwmark_rule",
+    "add_local_default_route",
     "set_sysctl",
     "get_sysctl",
     "create_bridge",
@@ -440,6 +443,55 @@ def del_neigh(ip: str, dev: str, netns: str | None = None) -> None:
                 raise
 
     _nl(netns, f"delete neighbour {ip} on {dev}", rm)
+
+
+def _fwmark_rule(fwmark: int, mask: int, table: int, priority: int) -> dict[str, Any]:
+    return {"family": socket.AF_INET, "fwmark": fwmark, "fwmask": mask, "table": table,
+            "priority": priority, "action": "FR_ACT_TO_TBL"}
+
+
+def add_fwmark_rule(fwmark: int, mask: int, table: int, priority: int,
+                    netns: str | None = None) -> None:
+    """``ip rule add fwmark FWMARK/MASK lookup TABLE pref PRIORITY`` (kept if present)."""
+
+    def add(ipr: IPRoute) -> None:
+        for r in ipr.get_rules(family=socket.AF_INET):
+            if (r.get_attr("FRA_PRIORITY") == priority and r.get_attr("FRA_FWMARK") == fwmark
+                    and r.get_attr("FRA_FWMASK") == mask
+                    and (r.get_attr("FRA_TABLE") or r["table"]) == table):
+                return
+        try:
+            ipr.rule("add", **_fwmark_rule(fwmark, mask, table, priority))
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+
+    _nl(netns, f"add rule fwmark {fwmark:#x}/{mask:#x} lookup {table}", add)
+
+
+def del_fwmark_rule(fwmark: int, mask: int, table: int, priority: int,
+                    netns: str | None = None) -> None:
+    """Remove that rule; absent is fine."""
+
+    def rm(ipr: IPRoute) -> None:
+        try:
+            ipr.rule("del", **_fwmark_rule(fwmark, mask, table, priority))
+        except NetlinkError as e:
+            if e.code not in (errno.ENOENT, errno.ESRCH):
+                raise
+
+    _nl(netns, f"delete rule fwmark {fwmark:#x}/{mask:#x} lookup {table}", rm)
+
+
+def add_local_default_route(table: int, dev: str = "lo", netns: str | None = None) -> None:
+    """``ip route replace local 0.0.0.0/0 dev DEV table TABLE``: everything that looks
+    up ``table`` is delivered to this host (sockets assigned by BPF, TPROXY)."""
+
+    def add(ipr: IPRoute) -> None:
+        ipr.route("replace", dst="0.0.0.0/0", table=table, type=2,  # RTN_LOCAL
+                  scope=_SCOPES["host"], oif=_need_idx(ipr, dev))
+
+    _nl(netns, f"add local route table {table}", add)
 
 
 def _sysctl_path(key: str) -> str:

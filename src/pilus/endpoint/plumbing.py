@@ -28,6 +28,9 @@ class VethPlumbing:
         ep.interface_index, ep.host_mac, ep.mac = veth.host_ifindex, veth.host_mac, veth.peer_mac
         links.set_sysctl(f"net.ipv6.conf.{ep.interface_name}.disable_ipv6", 1)
         links.set_sysctl(f"net.ipv4.conf.{ep.interface_name}.rp_filter", 0)
+        # the L7 hairpin (bpf_lxc.c) hands the stack, on this device, packets
+        # whose source may be a node address (the node as client)
+        links.set_sysctl(f"net.ipv4.conf.{ep.interface_name}.accept_local", 1)
         # pod side: /32, the router on-link, default via the router, router's MAC pinned
         links.add_address(POD_IFNAME, f"{ep.ipv4}/32", netns=ep.netns)
         links.add_route(f"{router}/32", dev=POD_IFNAME, scope="link", netns=ep.netns)

@@ -6,6 +6,12 @@
 - masquerade for pod traffic leaving the node (nftables table `pilus`), except to the
   cluster's pods (the native-routing CIDR) and to the cluster's nodes (set
   `cluster_nodes`, kept by node/routes.py).
+- L7 proxy delivery (docs/l7.md "Datapath redirect"): packets the datapath marks
+  MARK_MAGIC_TO_PROXY (0x200/0xf00) are delivered locally, to the proxy's
+  transparent sockets, whatever their destination: `ip rule fwmark 0x200/0xf00
+  lookup 2004 pref 9` and `local 0.0.0.0/0 dev lo table 2004`; replies that come
+  back through netfilter (egress L7 to the world: de-masqueraded in prerouting)
+  get that mark from `socket transparent 1` (table `pilus`, chain `proxy`).
 - tunnel mode: the VXLAN device `pilus_vxlan` (collect-metadata, UDP 8472); native
   routing: no such device (one left by a tunnel-mode run is removed).
 """
@@ -23,6 +29,11 @@ HOST_DEV = "pilus_host"
 NET_DEV = "pilus_net"
 NFT_TABLE = "pilus"
 TUNNEL_DEV = "pilus_vxlan"
+# Cilium's: MARK_MAGIC_TO_PROXY under MARK_MAGIC_HOST_MASK, its table and preference
+PROXY_MARK = 0x0200
+PROXY_MARK_MASK = 0x0F00
+PROXY_ROUTE_TABLE = 2004
+PROXY_RULE_PRIORITY = 9
 
 
 class NodeSetupError(RuntimeError):
@@ -71,6 +82,19 @@ def setup_node(addressing: NodeAddressing) -> None:
     ):
         links.set_sysctl(key, value)
     install_masquerade(addressing.pod_cidr, addressing.cluster_cidr or addressing.pod_cidr, addressing.tunnel_port)
+    install_proxy_routing()
+
+
+def install_proxy_routing(netns: str | None = None) -> None:
+    """The policy routing that delivers MARK_MAGIC_TO_PROXY packets locally (idempotent)."""
+    links.add_local_default_route(PROXY_ROUTE_TABLE, "lo", netns=netns)
+    links.add_fwmark_rule(PROXY_MARK, PROXY_MARK_MASK, PROXY_ROUTE_TABLE, PROXY_RULE_PRIORITY,
+                          netns=netns)
+
+
+def remove_proxy_routing(netns: str | None = None) -> None:
+    links.del_fwmark_rule(PROXY_MARK, PROXY_MARK_MASK, PROXY_ROUTE_TABLE, PROXY_RULE_PRIORITY,
+                          netns=netns)
 
 
 def install_masquerade(pod_cidr: IPv4Network, cluster_cidr: IPv4Network, tunnel_port: int = 8472) -> None:
@@ -89,6 +113,12 @@ table ip {NFT_TABLE} {{
   chain output {{
     type filter hook output priority raw; policy accept;
     udp dport {tunnel_port} notrack
+  }}
+  chain proxy {{
+    # a reply for a proxy's transparent upstream socket (found through the
+    # connection's NAT: the socket has the pod's address) is delivered locally
+    type filter hook prerouting priority mangle; policy accept;
+    meta l4proto tcp socket transparent 1 socket wildcard 0 meta mark set {PROXY_MARK:#x}
   }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
