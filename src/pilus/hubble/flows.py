@@ -182,7 +182,10 @@ class FlowParser:
         f.emitter.CopyFrom(self.emitter)
         t = ev.record_time if ev.record_time is not None else ev.time if ev.time is not None else time.time()
         # the record is written when the response ended: the request came latency_ns earlier
-        f.time.CopyFrom(timestamp(t if response else max(t - ev.latency_ns / 1e9, 0.0)))
+        f.time.CopyFrom(timestamp(t))
+        if not response:  # in integer nanoseconds: a float of ~1.7e18 ns has no ns digits
+            ns = max(f.time.seconds * 1_000_000_000 + f.time.nanos - ev.latency_ns, 0)
+            f.time.seconds, f.time.nanos = divmod(ns, 1_000_000_000)
         f.IP.source, f.IP.destination, f.IP.ipVersion = src.ip, dst.ip, flow_pb2.IPv4
         f.l4.TCP.source_port, f.l4.TCP.destination_port = src.port, dst.port
         self._fill_endpoint(f.source, src.ip, src.identity)
