@@ -3,7 +3,8 @@ import`, a rules.http policy whose headerMatches takes it, curl through the data
 redirect to the agent's L7 proxy, and the server receiving the secret's value in the
 header (it echoes what it got). Evidence: the echoed value, the l7 event with the
 REPLACE mismatch (name and action, never the value) on `pilus monitor --type l7`, and
-the value changing when the secret is imported again."""
+the same requests as Hubble L7 flows on `pilus observe`, and the value changing when the
+secret is imported again."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import threading
 
 import pytest
 
-from .conftest import wait_for
+from .conftest import pilus_cli, wait_for
 
 PORT = 80
 TOKEN = "tok-3f9a-e2e-header"
@@ -161,6 +162,19 @@ def test_replace_from_a_secret(api, node, world):
     assert line and line.startswith("<- Request http from ") and "verdict Forwarded GET" in line, mon.lines
     assert f"identity {client['identity']}->{server['identity']}" in line
     assert "header-mismatch X-Token:REPLACE" in line and TOKEN not in "\n".join(mon.lines)
+
+    # the same requests as Hubble L7 flows (pilus observe on the node's hubble.sock)
+    out = pilus_cli("--socket", node["socket"], "observe", "--type", "l7", "--http-method", "GET",
+                    "--last", "100", "-o", "json")
+    assert TOKEN not in out  # flows carry no headers
+    flows = [json.loads(ln)["flow"] for ln in out.splitlines() if ln.strip().startswith('{"flow"')]
+    mine = [f for f in flows if server["id"] in (f["source"].get("ID"), f["destination"].get("ID"))]
+    kinds = {(f["l7"]["type"], f["verdict"], f["l7"]["http"].get("code")) for f in mine}
+    assert {("REQUEST", "FORWARDED", None), ("RESPONSE", "FORWARDED", 200)} <= kinds, mine
+    assert all(f["event_type"]["type"] == 129 and f["Type"] == "L7" for f in mine)
+    text = pilus_cli("--socket", node["socket"], "observe", "--type", "l7", "--http-status", "200", "--last", "100")
+    assert "default/shclient" in text and "<- default/shweb:80" in text
+    assert "http-response FORWARDED (HTTP/1.1 200" in text
 
     # a new value of the secret reaches the proxy without touching the policy
     api.request("PUT", "/secret", {"yaml": secret(TOKEN + "-2")})
