@@ -7,12 +7,12 @@ Layout (JSON, one key per secret):
       {"namespace": ..., "name": ..., "type": "Opaque", "data": {"<key>": "<base64>"}}
 
 A headerMatches ``secret`` takes the secret's value, and Cilium documents that such a
-secret "must only contain one entry": ``Secret.header_value`` is that entry's value, None
+secret "must only contain one entry": ``KubeSecret.header_value`` is that entry's value, None
 for a secret with several keys or a value no HTTP header can carry (CR, LF, NUL, not
 UTF-8). Importing such a secret is fine (it may serve something else); a policy that uses
 it is refused (``check_policy_secrets``), and the proxy treats it as missing.
 
-Values never leave this module except through ``Secret.data``/``header_value`` and
+Values never leave this module except through ``KubeSecret.data``/``header_value`` and
 ``SecretSync.values()`` (the proxy's secrets file): reprs, errors and listings carry
 names, keys and sizes only.
 """
@@ -47,7 +47,7 @@ _TOP_FIELDS = {"apiVersion", "kind", "metadata", "data", "stringData", "type", "
 __all__ = [
     "MAX_SECRET_BYTES",
     "SECRET_PREFIX",
-    "Secret",
+    "KubeSecret",
     "SecretDistribution",
     "SecretNotFound",
     "SecretSync",
@@ -74,7 +74,7 @@ class SecretNotFound(LookupError):
 
 
 @dataclass(frozen=True)
-class Secret:
+class KubeSecret:
     namespace: str
     name: str
     type: str = "Opaque"
@@ -119,7 +119,7 @@ class Secret:
                           sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> Secret:
+    def from_json(cls, text: str) -> KubeSecret:
         d = json.loads(text)
         return cls(d["namespace"], d["name"], d.get("type") or "Opaque",
                    {k: base64.b64decode(v) for k, v in d.get("data", {}).items()})
@@ -136,7 +136,7 @@ def _is_subdomain(s: str) -> bool:
     return 0 < len(s) <= 253 and all(_DNS_LABEL_RE.match(p) for p in s.split("."))
 
 
-def _parse_one(path: str, obj: Any, errors: list[str]) -> Secret | None:
+def _parse_one(path: str, obj: Any, errors: list[str]) -> KubeSecret | None:
     start = len(errors)
 
     def err(where: str, reason: str) -> None:
@@ -210,7 +210,7 @@ def _parse_one(path: str, obj: Any, errors: list[str]) -> Secret | None:
                     "(1 MiB, Kubernetes' limit for one Secret)")
     if len(errors) > start or name is None or namespace is None or not isinstance(typ, str):
         return None
-    return Secret(namespace, name, typ or "Opaque", data)
+    return KubeSecret(namespace, name, typ or "Opaque", data)
 
 
 def _short(value: Any, quote: bool = True) -> str:
@@ -220,10 +220,10 @@ def _short(value: Any, quote: bool = True) -> str:
     return repr(text) if quote and isinstance(value, str) else text
 
 
-def parse_secret_objects(objs: Iterable[Any]) -> list[Secret]:
+def parse_secret_objects(objs: Iterable[Any]) -> list[KubeSecret]:
     """Loaded documents (Secrets, or a v1 List of them) -> Secrets, all or nothing."""
     errors: list[str] = []
-    out: list[Secret] = []
+    out: list[KubeSecret] = []
     seen: dict[str, str] = {}
     found = False
     for idx, obj in enumerate(objs):
@@ -255,7 +255,7 @@ def parse_secret_objects(objs: Iterable[Any]) -> list[Secret]:
     return out
 
 
-def parse_secrets(text: str) -> list[Secret]:
+def parse_secrets(text: str) -> list[KubeSecret]:
     """YAML or JSON text (multi-document, or a v1 List) -> Secrets, all or nothing;
     SecretValidationError names every problem with its field path."""
     if not isinstance(text, str):
@@ -282,18 +282,18 @@ class SecretDistribution:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    async def import_text(self, text: str) -> list[Secret]:
+    async def import_text(self, text: str) -> list[KubeSecret]:
         secrets = await asyncio.to_thread(parse_secrets, text)  # SecretValidationError: nothing written
         # one transaction (etcd splits a batch over --max-txn-ops, 128 by default, into several)
         await self.store.put_many({secret_key(s.namespace, s.name): s.to_json() for s in secrets})
         return secrets
 
-    async def list(self) -> list[Secret]:
-        return [Secret.from_json(kv.value) for kv in await self.store.list_prefix(SECRET_PREFIX)]
+    async def list(self) -> list[KubeSecret]:
+        return [KubeSecret.from_json(kv.value) for kv in await self.store.list_prefix(SECRET_PREFIX)]
 
-    async def get(self, namespace: str, name: str) -> Secret | None:
+    async def get(self, namespace: str, name: str) -> KubeSecret | None:
         kv = await self.store.get(secret_key(namespace, name))
-        return Secret.from_json(kv.value) if kv is not None else None
+        return KubeSecret.from_json(kv.value) if kv is not None else None
 
     async def delete(self, namespace: str, name: str) -> None:
         if not await self.store.delete(secret_key(namespace, name)):
@@ -308,7 +308,7 @@ class SecretSync:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._secrets: dict[str, Secret] = {}
+        self._secrets: dict[str, KubeSecret] = {}
         self._callbacks: list[Callable[[], None]] = []
         self._task: asyncio.Task | None = None
 
@@ -327,7 +327,7 @@ class SecretSync:
 
     async def _resync(self) -> int:
         rev, kvs = await self.store.snapshot(SECRET_PREFIX)
-        fresh: dict[str, Secret] = {}
+        fresh: dict[str, KubeSecret] = {}
         for kv in kvs:
             s = self._decode(kv.key, kv.value)
             if s is not None:
@@ -340,9 +340,9 @@ class SecretSync:
         return rev
 
     @staticmethod
-    def _decode(key: str, value: str) -> Secret | None:
+    def _decode(key: str, value: str) -> KubeSecret | None:
         try:
-            return Secret.from_json(value)
+            return KubeSecret.from_json(value)
         except (ValueError, KeyError, TypeError, binascii.Error):
             log.warning("ignoring the malformed secret at %s", key)  # the key only, never the value
             return None
@@ -383,7 +383,7 @@ class SecretSync:
                 out[ref] = v
         return out
 
-    def secrets(self) -> list[Secret]:
+    def secrets(self) -> list[KubeSecret]:
         return [s for _, s in sorted(self._secrets.items())]
 
 
@@ -449,7 +449,7 @@ async def check_policy_secrets(store: Store, text: str) -> None:
     if not refs:
         return
     dist = SecretDistribution(store)
-    cache: dict[tuple[str, str], Secret | None] = {}
+    cache: dict[tuple[str, str], KubeSecret | None] = {}
     issues = []
     for idx, path, label, sec, has_value in refs:
         key = (str(sec.get("namespace") or "default"), str(sec.get("name")))

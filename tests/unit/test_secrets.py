@@ -18,7 +18,7 @@ from pilus.policy.errors import PolicyValidationError
 from pilus.secrets import (
     MAX_SECRET_BYTES,
     SECRET_PREFIX,
-    Secret,
+    KubeSecret,
     SecretDistribution,
     SecretNotFound,
     SecretSync,
@@ -115,8 +115,8 @@ def test_repr_and_summary_carry_no_value():
 
 
 def test_header_value_refuses_crlf_and_non_utf8():
-    assert "CR, LF or NUL" in Secret("d", "a", data={"k": b"a\r\nb"}).header_problem()
-    assert "not UTF-8" in Secret("d", "a", data={"k": b"\xff"}).header_problem()
+    assert "CR, LF or NUL" in KubeSecret("d", "a", data={"k": b"a\r\nb"}).header_problem()
+    assert "not UTF-8" in KubeSecret("d", "a", data={"k": b"\xff"}).header_problem()
 
 
 yaml_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=20),
@@ -158,7 +158,7 @@ def test_fuzz_text_never_crashes(text):
 def test_fuzz_base64_roundtrip(raw):
     (s,) = parse_secrets(dump(doc(data={"k": base64.b64encode(raw).decode()})))
     assert s.data == {"k": raw}
-    assert Secret.from_json(s.to_json()).data == {"k": raw}
+    assert KubeSecret.from_json(s.to_json()).data == {"k": raw}
 
 
 # -- kvstore, SecretSync, policy import --------------------------------------------------
