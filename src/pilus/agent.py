@@ -333,7 +333,8 @@ class Agent:
         return AgentProxy(state_dir=cfg.state_dir, policy=self.policy, engine=self.policy_engine,
                           ingress_port=cfg.proxy_ingress_port, egress_port=cfg.proxy_egress_port,
                           ipcache_pin_dir=getattr(dp, "pin_root", None),
-                          hub=lambda: self.events)  # the events row starts later
+                          hub=lambda: self.events,  # the events row starts later
+                          ready=lambda: self._endpoints_restored)
 
     def _make_endpoints(self) -> EndpointManager:
         cfg = self.cfg

@@ -296,7 +296,7 @@ class AgentProxy:
     def __init__(self, *, state_dir: Path, policy, engine, ingress_port: int = INGRESS_PORT,
                  egress_port: int = EGRESS_PORT, ipcache_pin_dir: Path | None = None,
                  hub: Callable[[], Any] = lambda: None, secrets=None,
-                 python: str = sys.executable) -> None:
+                 ready: Callable[[], bool] = lambda: True, python: str = sys.executable) -> None:
         self.dir = Path(state_dir) / "proxy"
         self.policy = policy  # PolicySync: its worker thread owns the engine
         self.engine = engine
@@ -304,6 +304,9 @@ class AgentProxy:
         self.ipcache_pin_dir = ipcache_pin_dir
         self.secrets = secrets  # SecretSync (values(), subscribe(fn)) or None
         self.python = python
+        #: the local endpoints are restored: before that a config would lack their rule sets
+        #: (and a running proxy would deny their traffic until the restore ends)
+        self._ready = ready
         self.records = RecordListener(self.dir / "records.sock", hub)
         self.proc: ProxyProcess | None = None
         self.restarts = 0
@@ -340,8 +343,8 @@ class AgentProxy:
         self.policy.change_callbacks.append(self._policy_changed)
         if self.secrets is not None:
             self._unsubscribe = self.secrets.subscribe(self._secrets_changed)
-        await self._write_files()
         await self._adopt()
+        self._dirty.set()  # the first config once the endpoints are restored
         self._tasks = [asyncio.create_task(self._run_refresh(), name="proxy-config"),
                        asyncio.create_task(self._supervise(), name="proxy-supervisor")]
 
@@ -425,6 +428,8 @@ class AgentProxy:
         while True:
             await self._dirty.wait()
             await asyncio.sleep(COALESCE_S)
+            while not self._ready():
+                await asyncio.sleep(0.1)
             self._dirty.clear()
             try:
                 await self.refresh()
@@ -463,9 +468,11 @@ class AgentProxy:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)  # it would hold the listeners' ports
             return
+        # it keeps its config (the same, unless policy changed while no agent ran) until the
+        # first refresh after the endpoint restore, which reloads it only if the file changed
         log.info("adopted the running L7 proxy, pid %d", pid)
+        self.generation = answer.get("generation")
         self._wanted.set()
-        await self._reload()
 
     async def _spawn(self) -> None:
         """Start a proxy and wait until it serves (its control socket answers)."""
@@ -509,6 +516,8 @@ class AgentProxy:
         while True:
             await self._wanted.wait()
             if self.proc is None or not self.proc.running:
+                while not self._ready():  # its first config must hold every endpoint's rules
+                    await asyncio.sleep(0.1)
                 try:
                     async with self._lock:
                         await self._write_files()  # start with the current policy
