@@ -28,7 +28,7 @@ def test_agent_flags_reach_the_config(capsys):
     cfg = config_from_args(build_parser().parse_args(base + ["--monitor-aggregation", "none",
                                                              "--hubble-metrics", "flow,drop"]))
     assert cfg.monitor_aggregation == "none" and cfg.hubble_metrics == ("flow", "drop")
-    for bad in (["--monitor-aggregation", "low"], ["--hubble-metrics", "http"],
+    for bad in (["--monitor-aggregation", "low"], ["--hubble-metrics", "dns"],
                 ["--hubble-event-buffer-capacity", "4096"], ["--hubble-monitor-events", "l7"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(base + bad)
