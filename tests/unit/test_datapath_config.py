@@ -33,5 +33,5 @@ def test_agent_flags_reach_the_config(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(base + bad)
     err = capsys.readouterr().err
-    assert "invalid choice: 'low'" in err and "unknown Hubble metric 'http'" in err
+    assert "invalid choice: 'low'" in err and "unknown Hubble metric 'dns'" in err
     assert "2^k - 1" in err and "expected a list of drop, policy-verdict, trace" in err
