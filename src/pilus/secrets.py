@@ -122,7 +122,7 @@ class KubeSecret:
     def from_json(cls, text: str) -> KubeSecret:
         d = json.loads(text)
         return cls(d["namespace"], d["name"], d.get("type") or "Opaque",
-                   {k: base64.b64decode(v) for k, v in d.get("data", {}).items()})
+                   {k: base64.b64decode(v, validate=True) for k, v in d.get("data", {}).items()})
 
 
 def secret_key(namespace: str, name: str) -> str:

@@ -232,3 +232,21 @@ def test_distribution_sync_and_policy_check(store):
             await sync.stop()
 
     asyncio.run(run())
+
+
+def test_sync_skips_a_malformed_value_and_logs_the_key_only(store, caplog):
+    async def run():
+        await store.put(SECRET_PREFIX + "default/bad", '{"namespace": "default", "name": "bad", "data": {"k": "'
+                        + VALUE + '!"}}')
+        await SecretDistribution(store).import_text(dump(doc(data={"token": B64})))
+        sync = SecretSync(store)
+        await sync.start()
+        try:
+            assert sync.values() == {"default/tok": VALUE}
+        finally:
+            await sync.stop()
+
+    with caplog.at_level("WARNING", logger="pilus.secrets"):
+        asyncio.run(run())
+    assert "ignoring the malformed secret at pilus/state/secrets/v1/default/bad" in caplog.text
+    assert VALUE not in caplog.text
