@@ -115,7 +115,7 @@ def _ms(text: str) -> float:
 
 def wrk(ns: str, url: str, connections: int, duration: float, close: bool = False) -> dict:
     argv = ["ip", "netns", "exec", ns, "wrk", "-t", "1" if connections == 1 else "2", "-c", str(connections),
-            "-d", f"{duration}s", "--latency", url]
+            "-d", f"{max(1, round(duration))}s", "--latency", url]
     if close:
         argv[-1:-1] = ["-H", "Connection: close"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
@@ -158,7 +158,7 @@ def proxy_counters(sock: str) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--duration", type=float, default=4.0)
+    p.add_argument("--duration", type=int, default=4)
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)

@@ -9,10 +9,13 @@ from ipaddress import IPv4Address
 
 from pilus.datapath import links
 from pilus.endpoint.model import Endpoint
+from pilus.proxy.context import UPSTREAM_PORTS
 
 log = logging.getLogger(__name__)
 
 POD_IFNAME = "eth0"
+#: the pods' ephemeral ports: below the L7 proxy's upstream ports (proxy/context.py)
+POD_EPHEMERAL_PORTS = (32768, UPSTREAM_PORTS[0] - 1)
 
 
 class VethPlumbing:
@@ -24,6 +27,7 @@ class VethPlumbing:
         links.create_netns(ep.netns)
         for key in ("all", "default"):
             links.set_sysctl(f"net.ipv6.conf.{key}.disable_ipv6", 1, netns=ep.netns)
+        links.set_sysctl("net.ipv4.ip_local_port_range", "{} {}".format(*POD_EPHEMERAL_PORTS), netns=ep.netns)
         veth = links.create_veth(ep.interface_name, POD_IFNAME, peer_netns=ep.netns, mtu=mtu)
         ep.interface_index, ep.host_mac, ep.mac = veth.host_ifindex, veth.host_mac, veth.peer_mac
         links.set_sysctl(f"net.ipv6.conf.{ep.interface_name}.disable_ipv6", 1)

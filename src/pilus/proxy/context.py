@@ -5,8 +5,10 @@ are documented in ``server.py``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +28,13 @@ MARK_PROXY_EGRESS = 0x0B00
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 SO_MARK = getattr(socket, "SO_MARK", 36)
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+IP_LOCAL_PORT_RANGE = getattr(socket, "IP_LOCAL_PORT_RANGE", 51)  # Linux 6.3
+#: the source ports of upstream connections (which carry the client's address): pods get an
+#: ephemeral range below these (endpoint/plumbing.py), so that an upstream connection never
+#: takes the 4-tuple of one of the client's own connections (conntrack would mix the two up).
+#: The kernel applies a per-socket range only inside the netns's (default 32768-60999).
+UPSTREAM_PORTS = (51000, 60999)
+_UPSTREAM_RANGE = struct.pack("I", UPSTREAM_PORTS[1] << 16 | UPSTREAM_PORTS[0])  # max << 16 | min
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 HEAD_TIMEOUT = 10.0  # a client gets this long to send a request head (a slow one stalls only itself)
 IDLE_TIMEOUT = 120.0  # idle keep-alive connections are closed after this
@@ -83,6 +92,8 @@ class ConnectionContext:
                 sock.setsockopt(socket.SOL_SOCKET, SO_MARK,
                                 MARK_PROXY_INGRESS if cfg.direction == "ingress" else MARK_PROXY_EGRESS)
                 sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                with contextlib.suppress(OSError):  # older kernels: the node's range
+                    sock.setsockopt(socket.SOL_IP, IP_LOCAL_PORT_RANGE, _UPSTREAM_RANGE)
                 sock.bind((self.client[0], 0))
                 dst = self.orig_dst
             else:
