@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -83,6 +84,23 @@ def _curl(netns: str, url: str) -> tuple[int, str]:
                            url], capture_output=True, text=True, timeout=30)
     body, _, code = done.stdout.rpartition("\n")
     return int(code or 0), body
+
+
+@contextlib.contextmanager
+def l7_events(api):
+    """The l7 events the agent streams while the block runs; the stream is closed after it
+    (an open monitor stream would hold up the agent's API shutdown at its restart)."""
+    conn, resp = api._open("GET", "/monitor?type=l7", timeout=api.timeout)
+    conn.sock.settimeout(None)
+    events: list[dict] = []
+    reader = threading.Thread(target=lambda: events.extend(api._events(conn, resp)), daemon=True)
+    reader.start()
+    try:
+        yield events
+    finally:
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        reader.join(10)
 
 
 def _proxy(api) -> dict:
@@ -161,18 +179,16 @@ def test_allowed_and_denied_through_the_proxy(api, web):
     server, client, _ = web
     before = wait_for(lambda: _configured(api, server), timeout=30)
     assert before, _proxy(api)
-    events: list[dict] = []
-    stream = api.stream_monitor(type="l7")
-    threading.Thread(target=lambda: events.extend(stream), daemon=True).start()
-    code, body = _curl(client["netns"], f"http://{server['ipv4']}/public/hello")
-    assert code == 200 and body.startswith("hello /public/hello"), body
-    assert f"from {client['ipv4']}" in body  # the server sees the real client (transparent upstream)
-    code, body = _curl(client["netns"], f"http://{server['ipv4']}/private")
-    assert code == 403 and body.strip() == "Access denied"
+    with l7_events(api) as events:
+        code, body = _curl(client["netns"], f"http://{server['ipv4']}/public/hello")
+        assert code == 200 and body.startswith("hello /public/hello"), body
+        assert f"from {client['ipv4']}" in body  # the server sees the real client (transparent upstream)
+        code, body = _curl(client["netns"], f"http://{server['ipv4']}/private")
+        assert code == 403 and body.strip() == "Access denied"
+        denied = wait_for(lambda: [e for e in events if e.get("verdict") == "DENIED"], timeout=10)
     after = _proxy(api)
     assert _ingress(after)["forwarded"] >= _ingress(before)["forwarded"] + 1
     assert _ingress(after)["denied"] >= _ingress(before)["denied"] + 1
-    denied = wait_for(lambda: [e for e in events if e.get("verdict") == "DENIED"], timeout=10)
     assert denied, events
     assert denied[0].get("path") == "/private" or "/private" in json.dumps(denied[0])
 
@@ -222,10 +238,8 @@ def test_agent_restart_keeps_the_proxy_and_every_request(api, node, web, tmp_pat
     failed = [x for x in lines if x != "ok 200"]
     assert lines and not failed, (failed[:5], _log_tail(node, 60))
     # the new agent receives the records of the same proxy process
-    events: list[dict] = []
-    stream = api.stream_monitor(type="l7")
-    threading.Thread(target=lambda: events.extend(stream), daemon=True).start()
-    code, _ = _curl(client["netns"], f"http://{server['ipv4']}/private/after-restart")
-    assert code == 403
-    assert wait_for(lambda: any("after-restart" in json.dumps(e) for e in events), timeout=10), events
+    with l7_events(api) as events:
+        code, _ = _curl(client["netns"], f"http://{server['ipv4']}/private/after-restart")
+        assert code == 403
+        assert wait_for(lambda: any("after-restart" in json.dumps(e) for e in events), timeout=10), events
     assert _proxy(api)["process"]["pid"] == proxy_pid
