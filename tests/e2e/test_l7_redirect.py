@@ -7,8 +7,10 @@ from a pod: an allowed request 200 (the server sees the client pod's address), a
 the connection's conntrack entry (ProxyRedirect with the port). A port without an L7 rule
 is not redirected (no flag, the counters stay). Covered: ingress, egress, egress then
 ingress (the egress proxy's upstream is hairpinned to the ingress proxy), egress to the
-world (masqueraded; the reply finds the upstream socket through the prerouting mark), and
-the node itself as client (hairpin from to-container).
+world (masqueraded; the reply finds the upstream socket through the prerouting mark), the
+node itself as client (hairpin from to-container), and across two nodes in tunnel and
+native routing (ingress L7 on the receiving node; egress L7 whose answers come back to the
+proxy's upstream socket without a conntrack entry).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import EXTERNAL_IP, wait_for
+from pilus.api.client import Client
+
+from .conftest import EXTERNAL_IP, pilus_cli, wait_for
 
 ING, EGR = 15001, 15002
 
@@ -308,4 +312,107 @@ def test_node_as_client_goes_through_the_ingress_proxy(api, world):
     code, body = curl(node["netns"], f"http://{web['ipv4']}/private")
     assert (code, body.strip()) == (403, "Access denied")
     after = counters(api, "ingress")
+    assert (after["forwarded"], after["denied"]) == (before["forwarded"] + 1, before["denied"] + 1)
+
+
+# ------------------------------------------------------------------ across nodes
+
+
+@contextlib.contextmanager
+def _two_nodes(prefix: str, pod: str, underlay: str, mode: str):
+    from pilus.cluster import cluster_down
+
+    name = f"{prefix}{os.getpid() % 10000}"
+    cluster_down(name)
+    try:
+        doc = json.loads(pilus_cli("cluster", "up", "--name", name, "--nodes", "2", "--pod-cidr", pod,
+                                   "--underlay-cidr", underlay, "--routing-mode", mode, "-o", "json"))
+        yield name, doc
+    finally:
+        cluster_down(name)
+
+
+@pytest.fixture(scope="module", params=["tunnel", "native"])
+def two_nodes(request):
+    """Pod a (app=l7a) on node1, pod b (app=l7b, HTTP on 80) on node2."""
+    nets = {"tunnel": ("10.214.0.0/16", "172.31.238.0/24"), "native": ("10.215.0.0/16", "172.31.237.0/24")}
+    pod, underlay = nets[request.param]
+    with _two_nodes("l7m" + request.param[0], pod, underlay, request.param) as (name, doc):
+        n1, n2 = doc["nodes"]
+        a = json.loads(pilus_cli("--cluster", name, "--node", n1["name"], "endpoint", "create", "default/l7a",
+                                 "-l", "app=l7a", "-o", "json"))
+        b = json.loads(pilus_cli("--cluster", name, "--node", n2["name"], "endpoint", "create", "default/l7b",
+                                 "-l", "app=l7b", "-o", "json"))
+        srv = subprocess.Popen(["ip", "netns", "exec", b["netns"], sys.executable, "-c", SERVER, "80"],
+                               stdout=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            assert srv.stdout.readline().strip() == "ready"
+            api1, api2 = Client(n1["socket"]), Client(n2["socket"])
+            # both nodes know both pods (the proxies resolve identities from the ipcache)
+            assert wait_for(lambda: all({a["ipv4"], b["ipv4"]} <= {str(r.get("prefix", "")).split("/")[0]
+                                                                     for r in api.bpf_ipcache()}
+                                        for api in (api1, api2)), timeout=30)
+            yield {"a": a, "b": b, "n1": n1, "n2": n2, "api1": api1, "api2": api2}
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(srv.pid, signal.SIGKILL)
+            srv.wait()
+
+
+def test_ingress_l7_from_another_node(two_nodes):
+    """lib/deliver.h: the connection arrives from the tunnel / native device on node2."""
+    t = two_nodes
+    a, b = t["a"], t["b"]
+    apply(t["api1"], """\
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: l7m-in, namespace: default}
+        spec:
+          endpointSelector: {matchLabels: {app: l7b}}
+          ingress:
+          - fromEndpoints: [{matchLabels: {app: l7a}}]
+            toPorts:
+            - ports: [{port: "80", protocol: TCP}]
+              rules:
+                http: [{method: GET, path: "/far/.*"}]
+        """)
+    assert wait_for(lambda: ready(t["api2"], t["n2"], b, "ingress", 80, ING, ["/far/.*"]), timeout=30)
+    warm_up(a["netns"], f"http://{b['ipv4']}/far/warm")
+    before = counters(t["api2"], "ingress")
+    code, body = curl(a["netns"], f"http://{b['ipv4']}/far/x")
+    assert code == 200 and body.strip() == f"hello /far/x from {a['ipv4']}"
+    code, body = curl(a["netns"], f"http://{b['ipv4']}/near")
+    assert (code, body.strip()) == (403, "Access denied")
+    after = counters(t["api2"], "ingress")
+    assert (after["forwarded"], after["denied"]) == (before["forwarded"] + 1, before["denied"] + 1)
+    rows = [c for c in ct_rows(t["api2"], a["ipv4"], b["ipv4"], 80) if "ProxyRedirect" in c["flags"]]
+    assert rows and {c["proxy_port"] for c in rows} == {ING}
+
+
+def test_egress_l7_to_another_node(two_nodes):
+    """The egress proxy's upstream leaves node1 through its stack; node2's answers are
+    conntrack-new on node1 and find the upstream socket (lib/deliver.h)."""
+    t = two_nodes
+    a, b = t["a"], t["b"]
+    apply(t["api1"], """\
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: l7m-out, namespace: default}
+        spec:
+          endpointSelector: {matchLabels: {app: l7a}}
+          egress:
+          - toEndpoints: [{matchLabels: {app: l7b}}]
+            toPorts:
+            - ports: [{port: "80", protocol: TCP}]
+              rules:
+                http: [{method: GET, path: "/away/.*"}]
+        """)
+    assert wait_for(lambda: ready(t["api1"], t["n1"], a, "egress", 80, EGR, ["/away/.*"]), timeout=30)
+    warm_up(a["netns"], f"http://{b['ipv4']}/away/warm")
+    before = counters(t["api1"], "egress")
+    code, body = curl(a["netns"], f"http://{b['ipv4']}/away/x")
+    assert code == 200 and body.strip() == f"hello /away/x from {a['ipv4']}"
+    code, body = curl(a["netns"], f"http://{b['ipv4']}/home")
+    assert (code, body.strip()) == (403, "Access denied")
+    after = counters(t["api1"], "egress")
     assert (after["forwarded"], after["denied"]) == (before["forwarded"] + 1, before["denied"] + 1)
