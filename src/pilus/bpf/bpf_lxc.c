@@ -230,7 +230,8 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
  * listener in mark >> 16, or (no port) to a proxy's upstream socket */
 static __always_inline int handle_hairpin(struct __sk_buff *skb, __u32 mark, struct drop_ctx *d)
 {
-	struct ct_result ct = { .state = CT_ESTABLISHED, .report = true };
+	/* to-container reported the packet (aggregated by its entry) */
+	struct ct_result ct = { .state = CT_ESTABLISHED, .report = false };
 	__be16 proxy_port = bpf_htons((__u16)(mark >> 16));
 	struct pkt4 p;
 	int ret;
