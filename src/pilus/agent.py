@@ -67,6 +67,7 @@ from pilus.node.routes import VXLAN_OVERHEAD, NodeRoutes
 from pilus.observer.monitor import EventHub
 from pilus.policy.distribution import PolicyDistribution
 from pilus.policy.engine import PolicyEngine
+from pilus.secrets import SecretSync
 
 log = logging.getLogger("pilus.agent")
 
@@ -176,6 +177,8 @@ class Agent:
                 lambda: HostScopeIPAM(cfg.pod_cidr, reserved=[self.router_ip]), lambda _: None, None),
             Row("policy", "policies + namespaces from the kvstore -> engine -> per-endpoint policy maps",
                 self._make_policy, self._start_policy, maps=lambda p: p.reconcilers_status()),
+            Row("secrets", "headerMatches secrets cluster-wide (pilus/state/secrets/v1) -> the proxy's secrets file",
+                lambda: SecretSync(self.store)),
             Row("proxy", "L7 proxy: config from policy, supervised process, records -> events "
                 "(listeners --proxy-ingress-port / --proxy-egress-port; the process outlives the agent)",
                 self._make_proxy),
@@ -334,7 +337,7 @@ class Agent:
                           ingress_port=cfg.proxy_ingress_port, egress_port=cfg.proxy_egress_port,
                           ipcache_pin_dir=getattr(dp, "pin_root", None),
                           hub=lambda: self.events,  # the events row starts later
-                          ready=lambda: self._endpoints_restored)
+                          ready=lambda: self._endpoints_restored, secrets=self.parts.get("secrets"))
 
     def _make_endpoints(self) -> EndpointManager:
         cfg = self.cfg
