@@ -42,6 +42,9 @@ def agent(tmp_path, request):
         proc.terminate()
         proc.wait(10)
         log.close()
+        from pilus.agent_proxy import stop_proxy
+
+        stop_proxy(state)  # the L7 proxy outlives its agent: no cluster down kills it here
         for ns in links.list_netns(f"pilus-{NODE}-ep"):
             links.delete_netns(ns)
         links.delete_netns(NETNS)
