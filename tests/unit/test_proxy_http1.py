@@ -262,3 +262,22 @@ def test_an_upstream_that_closed_its_idle_connection_is_reopened():
         proxy.close()
         srv.shutdown()
         srv.server_close()
+
+
+def test_after_connection_close_the_client_closes_first(env):
+    """The proxy answers `Connection: close` and then waits for the client's FIN, so the
+    TIME_WAIT state (and its hold on the 4-tuple) stays on the client's side."""
+    proxy, port = env
+    with connect(port) as s:
+        buf = bytearray()
+        s.sendall(get("/public/a", extra="Connection: close\r\n"))
+        status, headers, _ = read_response(s, buf)
+        assert status == 200
+        time.sleep(0.3)
+        s.setblocking(False)
+        with pytest.raises(BlockingIOError):  # no FIN from the proxy yet
+            s.recv(1)
+    deadline = time.monotonic() + 5
+    while proxy.server.status()["listeners"][0]["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proxy.server.status()["listeners"][0]["active"] == 0  # our FIN ended it at once

@@ -18,7 +18,7 @@ from .http_rules import CompiledHttpRules, SecretStore
 from .identity import IdentityResolver
 from .records import RecordSink
 
-__all__ = ["CONNECT_TIMEOUT", "H2_PREFACE", "HEAD_TIMEOUT", "IDLE_TIMEOUT", "MARK_PROXY_EGRESS",
+__all__ = ["CLOSE_LINGER", "CONNECT_TIMEOUT", "H2_PREFACE", "HEAD_TIMEOUT", "IDLE_TIMEOUT", "MARK_PROXY_EGRESS",
            "MARK_PROXY_INGRESS", "ConnectionContext", "ListenerCounters", "ListenerState", "ProxyParts"]
 
 log = logging.getLogger("pilus.proxy")
@@ -39,6 +39,7 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 HEAD_TIMEOUT = 10.0  # a client gets this long to send a request head (a slow one stalls only itself)
 IDLE_TIMEOUT = 120.0  # idle keep-alive connections are closed after this
 CONNECT_TIMEOUT = 5.0
+CLOSE_LINGER = 2.0  # how long a connection we end waits for the client to close first
 
 
 @dataclass

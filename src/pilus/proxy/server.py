@@ -22,7 +22,15 @@ from dataclasses import asdict
 from typing import Any
 
 from .config import ListenerConfig, ProxyConfig
-from .context import H2_PREFACE, HEAD_TIMEOUT, IP_TRANSPARENT, ConnectionContext, ListenerState, ProxyParts
+from .context import (
+    CLOSE_LINGER,
+    H2_PREFACE,
+    HEAD_TIMEOUT,
+    IP_TRANSPARENT,
+    ConnectionContext,
+    ListenerState,
+    ProxyParts,
+)
 from .h1conn import serve_h1
 from .h2conn import serve_h2
 from .http_rules import SecretStore
@@ -147,7 +155,27 @@ class ProxyServer:
             log.exception("connection from %s failed", writer.get_extra_info("peername"))
         finally:
             lst.counters.active -= 1
+            if not writer.is_closing() and not task.cancelling():
+                with contextlib.suppress(Exception):
+                    await _client_closes_first(reader)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
             self._tasks.discard(task)
+
+
+async def _client_closes_first(reader: asyncio.StreamReader) -> None:
+    """Wait a moment for the client's FIN before closing: the side that closes first keeps
+    the 4-tuple in TIME_WAIT, and here that would be the node's side, where the client's
+    next connection from the same port (the datapath hands SYNs straight to the listener)
+    would be refused as a duplicate. Clients close first after `Connection: close`."""
+    deadline = asyncio.get_running_loop().time() + CLOSE_LINGER
+    drained = 0
+    while drained < 1 << 20:
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            return
+        data = await asyncio.wait_for(reader.read(65536), left)
+        if not data:
+            return
+        drained += len(data)
