@@ -48,6 +48,7 @@ bench: setup
 	$(PY) -m bench.service_scale
 	$(PY) -m bench.policy_resolve
 	$(PY) -m bench.hubble
+	$(PY) -m bench.l7
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
