@@ -62,6 +62,7 @@ while not os.path.exists(stop):
         print("fail", f"{time.time():.3f}", repr(e), flush=True)
     finally:
         conn.close()
+    time.sleep(0.05)  # a steady load, not a flood: every connection leaves a TIME_WAIT upstream
 """
 
 POLICY = f"""\
@@ -224,7 +225,7 @@ def test_agent_restart_keeps_the_proxy_and_every_request(api, node, web, tmp_pat
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
     procs.append(loop)
     lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(line.strip() for line in loop.stdout), daemon=True).start()
+    threading.Thread(target=lambda: lines.extend(x for line in loop.stdout if (x := line.strip())), daemon=True).start()
     assert wait_for(lambda: len(lines) >= 20, timeout=30), lines
     old_agent = _agent_pid(api)
     os.kill(old_agent, signal.SIGTERM)  # a clean agent stop; the cluster supervisor starts it again
