@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 import time
 from collections import deque
 from urllib.parse import urlsplit
@@ -32,6 +34,7 @@ from .http_rules import RequestHead
 __all__ = ["serve_h1"]
 
 READ_SIZE = 65536
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
 
 class _StaleUpstream(ConnectionError):
@@ -69,6 +72,7 @@ class _H1Connection:
         self.up_r: asyncio.StreamReader | None = None
         self.up_w: asyncio.StreamWriter | None = None
         self.up_used = False  # the upstream connection has served a request (it may have gone idle since)
+        self.tunneled = False  # an upgrade made the upstream connection a byte tunnel
 
     async def _event(self):
         while not self.events:
@@ -84,6 +88,13 @@ class _H1Connection:
 
     def close_upstream(self) -> None:
         if self.up_w is not None:
+            # reset, not FIN: a TIME_WAIT here would hold one of the node's upstream ports
+            # (UPSTREAM_PORTS) for a minute per connection; between requests nothing is in
+            # flight (a tunnel's last bytes may still be, so a tunnel ends with a FIN)
+            sock = self.up_w.get_extra_info("socket")
+            if sock is not None and not self.tunneled:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             self.up_w.close()
         self.up_r = self.up_w = None
         self.up_used = False
@@ -231,6 +242,7 @@ class _H1Connection:
         self.ctx.record(status=status, verdict="FORWARDED", **rec)
         if status != 101:
             return False
+        self.tunneled = True
         if rest:
             self.up_w.write(rest)
         await asyncio.gather(_pipe(self.reader, self.up_w), _pipe(self.up_r, self.writer), return_exceptions=True)
