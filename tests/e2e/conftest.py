@@ -24,6 +24,30 @@ UNDERLAY = IPv4Network("172.31.250.0/24")
 EXTERNAL_IP = "172.31.250.200"
 
 
+#: an HTTP/1.1 server for pods: GET answers "hello <path> from <client address>"
+HELLO_SERVER = """\
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        body = f"hello {self.path} from {self.client_address[0]}\\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+srv = ThreadingHTTPServer(("", int(sys.argv[1])), H)
+print("ready", flush=True)
+srv.serve_forever()
+"""
+
+
 def probe(netns: str | None, *args: str, timeout: float = 15) -> dict:
     """Run one probe in `netns` (None: this machine's namespace) and return its JSON verdict."""
     where = ["ip", "netns", "exec", netns] if netns else []

@@ -18,31 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import HELLO_SERVER as SERVER
 from .conftest import pilus_cli, wait_for
 
 PORT = 80
 
-SERVER = """\
-import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):
-        body = f"hello {self.path} from {self.client_address[0]}\\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-srv = ThreadingHTTPServer(("", int(sys.argv[1])), H)
-print("ready", flush=True)
-srv.serve_forever()
-"""
 
 # one request per line of output, each on a new connection that the client closes first
 # (keep-alive, then close): the TIME_WAIT stays with the client, as with curl. When the

@@ -30,30 +30,10 @@ import pytest
 from pilus.api.client import Client
 
 from .conftest import EXTERNAL_IP, pilus_cli, wait_for
+from .conftest import HELLO_SERVER as SERVER
 
 ING, EGR = 15001, 15002
 
-SERVER = """\
-import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):
-        body = f"hello {self.path} from {self.client_address[0]}\\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-srv = ThreadingHTTPServer(("", int(sys.argv[1])), H)
-print("ready", flush=True)
-srv.serve_forever()
-"""
 
 
 def curl(netns: str, url: str) -> tuple[int, str]:
