@@ -11,12 +11,10 @@ A test replaces rows by name (``Agent(cfg, replace={"node": ...})``).
 from __future__ import annotations
 
 import asyncio
-import faulthandler
 import logging
 import os
 import signal
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
@@ -40,6 +38,7 @@ from pilus.components import (
     NodeNetwork,
     StateDirLock,
     TunnelDevice,
+    stop_deadline,
 )
 from pilus.datapath import Datapath, DatapathConfig
 from pilus.datapath.lb import LbConfig
@@ -651,10 +650,6 @@ def describe(cfg: AgentConfig) -> str:
     return "\n".join(lines)
 
 
-#: how long a stop may take before the agent exits anyway (_stop_overdue)
-STOP_DEADLINE_S = 20.0
-
-
 async def _run(cfg: AgentConfig) -> int:
     agent = Agent(cfg)
     stop = asyncio.Event()
@@ -664,20 +659,10 @@ async def _run(cfg: AgentConfig) -> int:
     await agent.start()  # stops what it started when a component fails
     await stop.wait()
     log.info("stopping (the datapath keeps forwarding)")
-    watchdog = threading.Timer(STOP_DEADLINE_S, _stop_overdue)
-    watchdog.daemon = True
-    watchdog.start()
-    await agent.stop()
-    watchdog.cancel()
+    with stop_deadline():
+        await agent.stop()
     return 0
 
-
-def _stop_overdue() -> None:
-    """A stop that hangs must not hold up the agent's restart (everything it keeps is in
-    the pins and the kvstore): say where every thread is, then exit."""
-    log.error("stopping took over %.0f s; exiting now (thread stacks follow)", STOP_DEADLINE_S)
-    faulthandler.dump_traceback(all_threads=True)
-    os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:

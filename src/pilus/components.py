@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import fcntl
 import logging
 import os
+import threading
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -171,3 +173,26 @@ class MapRetrier:
         while True:
             await asyncio.sleep(self.interval)
             await asyncio.to_thread(self.retry_due_now)
+
+
+#: how long an agent stop may take before the agent exits anyway (stop_deadline)
+STOP_DEADLINE_S = 20.0
+
+
+@contextlib.contextmanager
+def stop_deadline(seconds: float = STOP_DEADLINE_S):
+    """A stop that hangs must not hold up the agent's restart (everything it keeps is in
+    the pins and the kvstore): past the deadline, say where every thread is and exit."""
+
+    def overdue() -> None:
+        log.error("stopping took over %.0f s; exiting now (thread stacks follow)", seconds)
+        faulthandler.dump_traceback(all_threads=True)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, overdue)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()

@@ -90,14 +90,19 @@ class UnixSocketSink:
         self._wake.set()
 
     async def run_writer(self) -> None:
-        writer = None
+        reader = writer = None
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
+                # the agent never writes: EOF means it went away (a restart), and a write
+                # to a closing transport would be dropped without an error
+                if writer is not None and (reader.at_eof() or writer.is_closing()):
+                    writer.close()
+                    reader = writer = None
                 if writer is None:
                     try:
-                        _, writer = await asyncio.open_unix_connection(self.path)
+                        reader, writer = await asyncio.open_unix_connection(self.path)
                     except OSError:
                         await asyncio.sleep(1)
                         continue
@@ -105,9 +110,11 @@ class UnixSocketSink:
                 try:
                     writer.write(line)
                     await writer.drain()
-                    self._queue.popleft()
                 except OSError:
                     writer = None
+                    continue
+                if not writer.is_closing():
+                    self._queue.popleft()
 
     async def aclose(self) -> None:
         if self._task is not None:
