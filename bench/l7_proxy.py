@@ -16,13 +16,14 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.l7 import cpu_seconds, wrk
 
 TAG = f"{os.getpid() % 100000}"
 NS_C, NS_M, NS_S = f"pbc{TAG}", f"pbm{TAG}", f"pbs{TAG}"
@@ -85,34 +86,11 @@ def start(ns: str, argv: list[str], ready: str | None = None) -> subprocess.Pope
     return proc
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wrk(connections: int, duration: int) -> dict:
-    out = sh("wrk", "-t", "1" if connections == 1 else "2", "-c", str(connections), "-d", f"{duration}s",
-             "--latency", URL, ns=NS_C)
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
-    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "requests": total,
-            "non2xx": int(errors.group(1)) if errors else 0}
-
-
-def _ms(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
-    value, unit = float(m.group(1)), m.group(2)
-    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
-
-
 def measure(name: str, pid: int | None, args) -> dict:
     res = {"path": name}
     for label, conns in (("load", args.connections), ("single", 1)):
         cpu0 = cpu_seconds(pid) if pid else 0.0
-        r = wrk(conns, args.duration)
+        r = wrk(NS_C, URL, conns, args.duration)
         if pid:
             r["cpu_ms_per_1k"] = round((cpu_seconds(pid) - cpu0) * 1e6 / max(r["requests"], 1), 1)
         res[label] = r

@@ -265,11 +265,8 @@ def parse_secrets(text: str) -> list[KubeSecret]:
         for obj in manifests.load_all(text):
             objs.append(obj)
     except manifests.YAMLError as e:
-        # line and column only: PyYAML's snippet would quote the document, values included
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or "not YAML"
-        raise SecretValidationError([f"[{len(objs)}]: bad YAML: {where}{problem}"]) from None
+        problem = manifests.describe_error(e, "not YAML")  # never str(e): it quotes values
+        raise SecretValidationError([f"[{len(objs)}]: bad YAML: {problem}"]) from None
     return parse_secret_objects(objs)
 
 

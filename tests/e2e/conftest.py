@@ -78,6 +78,14 @@ class Servers:
         self.procs.append(proc)
         return proc
 
+    def hello(self, netns: str, port: int) -> subprocess.Popen:
+        """An HELLO_SERVER on ``port`` in ``netns``, once it listens."""
+        proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", HELLO_SERVER, str(port)],
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+        self.procs.append(proc)
+        assert proc.stdout.readline().strip() == "ready", f"hello server on {netns}:{port} did not start"
+        return proc
+
     def stop(self) -> None:
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError):

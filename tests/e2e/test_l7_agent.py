@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import HELLO_SERVER as SERVER
-from .conftest import pilus_cli, wait_for
+from .conftest import Servers, pilus_cli, wait_for
 
 PORT = 80
 
@@ -104,19 +103,13 @@ def _ingress(status: dict) -> dict:
 def web(api):
     server = api.create_endpoint("default/l7web", ["app=l7web"])
     client = api.create_endpoint("default/l7client", ["app=l7client"])
-    procs: list[subprocess.Popen] = []
+    servers = Servers()
     try:
-        srv = subprocess.Popen(["ip", "netns", "exec", server["netns"], sys.executable, "-c", SERVER, str(PORT)],
-                               stdout=subprocess.PIPE, text=True, start_new_session=True)
-        procs.append(srv)
-        assert srv.stdout.readline().strip() == "ready"
+        servers.hello(server["netns"], PORT)
         api.request("PUT", "/policy", {"yaml": POLICY})
-        yield server, client, procs
+        yield server, client, servers.procs
     finally:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        servers.stop()
         with contextlib.suppress(Exception):
             api.request("DELETE", "/policy?name=l7-web&namespace=default")
         for ep in (server, client):

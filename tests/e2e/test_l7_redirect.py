@@ -18,9 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
-import sys
 import textwrap
 import threading
 from pathlib import Path
@@ -29,8 +27,7 @@ import pytest
 
 from pilus.api.client import Client
 
-from .conftest import EXTERNAL_IP, pilus_cli, wait_for
-from .conftest import HELLO_SERVER as SERVER
+from .conftest import EXTERNAL_IP, Servers, pilus_cli, wait_for
 
 ING, EGR = 15001, 15002
 
@@ -47,19 +44,13 @@ def curl(netns: str, url: str) -> tuple[int, str]:
 def world(api, node, external):
     web = api.create_endpoint("default/l7rweb", ["app=l7rweb"])
     client = api.create_endpoint("default/l7rclient", ["app=l7rclient"])
-    procs: list[subprocess.Popen] = []
+    servers = Servers()
     try:
         for netns, port in ((web["netns"], 80), (web["netns"], 8080), (external, 80)):
-            p = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", SERVER, str(port)],
-                                 stdout=subprocess.PIPE, text=True, start_new_session=True)
-            procs.append(p)
-            assert p.stdout.readline().strip() == "ready"
+            servers.hello(netns, port)
         yield {"web": web, "client": client, "node": node, "external": external}
     finally:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        servers.stop()
         with contextlib.suppress(Exception):
             api.request("DELETE", "/policy?all=true")
         for ep in (web, client):
@@ -323,10 +314,9 @@ def two_nodes(request):
                                  "-l", "app=l7a", "-o", "json"))
         b = json.loads(pilus_cli("--cluster", name, "--node", n2["name"], "endpoint", "create", "default/l7b",
                                  "-l", "app=l7b", "-o", "json"))
-        srv = subprocess.Popen(["ip", "netns", "exec", b["netns"], sys.executable, "-c", SERVER, "80"],
-                               stdout=subprocess.PIPE, text=True, start_new_session=True)
+        servers = Servers()
         try:
-            assert srv.stdout.readline().strip() == "ready"
+            servers.hello(b["netns"], 80)
             api1, api2 = Client(n1["socket"]), Client(n2["socket"])
             # both nodes know both pods (the proxies resolve identities from the ipcache)
             assert wait_for(lambda: all({a["ipv4"], b["ipv4"]} <= {str(r.get("prefix", "")).split("/")[0]
@@ -334,9 +324,7 @@ def two_nodes(request):
                                         for api in (api1, api2)), timeout=30)
             yield {"a": a, "b": b, "n1": n1, "n2": n2, "api1": api1, "api2": api2}
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(srv.pid, signal.SIGKILL)
-            srv.wait()
+            servers.stop()
 
 
 def test_ingress_l7_from_another_node(two_nodes):

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 DEFAULT_CLUSTER = "default"
@@ -194,3 +195,18 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
     return value
+
+
+def read_input(path: str, kind: str) -> str:
+    """The text of a file to import (``-``: standard input); ``kind`` names it in errors."""
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise CLIError(f"{kind} file {path} not found") from None
+    except IsADirectoryError:
+        raise CLIError(f"{path} is a directory: give a YAML or JSON file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"cannot read {path}: {e}") from e

@@ -209,24 +209,10 @@ def _id_key(value):
 
 # -- commands -----------------------------------------------------------------------------
 
-def _read_file(path: str) -> str:
-    if path == "-":
-        return sys.stdin.read()
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise common.CLIError(f"policy file {path} not found") from None
-    except IsADirectoryError:
-        raise common.CLIError(f"{path} is a directory: give a YAML or JSON file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise common.CLIError(f"cannot read {path}: {e}") from e
-
-
 def cmd_import(args: argparse.Namespace) -> int:
     from pilus.api.client import APIError
 
-    text = _read_file(args.file)
+    text = common.read_input(args.file, "policy")
     if not text.strip():
         raise common.CLIError(f"{'standard input' if args.file == '-' else args.file} "
                               "is empty: nothing to import")

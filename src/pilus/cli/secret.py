@@ -38,20 +38,6 @@ def _ref(text: str) -> tuple[str, str]:
     return ns, name
 
 
-def _read(path: str) -> str:
-    if path == "-":
-        return sys.stdin.read()
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise common.CLIError(f"secret file {path} not found") from None
-    except IsADirectoryError:
-        raise common.CLIError(f"{path} is a directory: give a YAML or JSON file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise common.CLIError(f"cannot read {path}: {e}") from e
-
-
 def _keys(keys: dict) -> list[str]:
     return [f"{k} ({v} bytes)" for k, v in sorted((keys or {}).items())] or ["-"]
 
@@ -65,7 +51,7 @@ def format_secrets(secrets: list[dict]) -> str:
 def cmd_import(args: argparse.Namespace) -> int:
     from pilus.api.client import APIError
 
-    text = _read(args.file)
+    text = common.read_input(args.file, "secret")
     if not text.strip():
         raise common.CLIError(f"{'standard input' if args.file == '-' else args.file} is empty: nothing to import")
     try:

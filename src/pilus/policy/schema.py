@@ -215,10 +215,8 @@ def parse_policies(text: str) -> list[PolicyDoc]:
         for obj in manifests.load_all(text):
             objs.append(obj)
     except manifests.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise PolicyValidationError([ValidationIssue(len(objs), "", f"bad YAML: {where}{problem}")]) from None
+        problem = manifests.describe_error(e, str(e))
+        raise PolicyValidationError([ValidationIssue(len(objs), "", f"bad YAML: {problem}")]) from None
     if isinstance(text, str) and not any(o is not None for o in objs):
         raise PolicyValidationError([ValidationIssue(0, "", "no policy documents found")])
     return parse_policy_objects(objs)

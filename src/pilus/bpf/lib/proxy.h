@@ -60,6 +60,15 @@ static __always_inline __be16 proxy_port_tcp(const struct pkt4 *p, __be16 proxy_
 }
 
 /* assign the socket: returns 0 (assigned), 1 (nothing to assign) or a drop reason */
+/* the packet's own 4-tuple, as a socket lookup takes it */
+static __always_inline void sock_tuple4(const struct pkt4 *p, struct bpf_sock_tuple *t)
+{
+	t->ipv4.saddr = p->ip.saddr;
+	t->ipv4.daddr = p->ip.daddr;
+	t->ipv4.sport = p->sport;
+	t->ipv4.dport = p->dport;
+}
+
 static __always_inline int proxy_assign(struct __sk_buff *skb, struct bpf_sock_tuple *t,
 					bool established)
 {
@@ -91,10 +100,7 @@ static __always_inline int proxy_sk_assign4(struct __sk_buff *skb, const struct 
 	struct bpf_sock_tuple t = {};
 	int ret;
 
-	t.ipv4.saddr = p->ip.saddr;
-	t.ipv4.daddr = p->ip.daddr;
-	t.ipv4.sport = p->sport;
-	t.ipv4.dport = p->dport;
+	sock_tuple4(p, &t);
 	ret = proxy_assign(skb, &t, true);
 	if (ret != 1)
 		return ret;
@@ -102,6 +108,24 @@ static __always_inline int proxy_sk_assign4(struct __sk_buff *skb, const struct 
 	t.ipv4.dport = proxy_port;
 	ret = proxy_assign(skb, &t, false);
 	return ret == 1 ? DROP_PROXY_LOOKUP_FAILED : ret;
+}
+
+/* a packet for a socket of the node netns (a proxy's upstream connection):
+ * to the stack with MARK_MAGIC_TO_PROXY so it is delivered locally */
+static __always_inline int proxy_to_stack4(struct __sk_buff *skb, const struct ct_result *ct,
+					   struct drop_ctx *d, __u8 metric_dir)
+{
+	__u32 ifindex = skb->ingress_ifindex;
+
+	/* from the tunnel device the inner destination MAC is not ours: the
+	 * stack must take the packet as for this host (harmless elsewhere) */
+	if (bpf_skb_change_type(skb, PACKET_HOST) < 0)
+		return send_drop(skb, d, DROP_WRITE_ERROR, metric_dir);
+	skb->mark = MARK_MAGIC_TO_PROXY;
+	send_trace(skb, ct, TRACE_TO_PROXY, d->source, d->src_label, d->dst_label, d->dst_id,
+		   ifindex);
+	update_metrics(skb->len, metric_dir, REASON_FORWARDED);
+	return CTX_ACT_OK;
 }
 
 /*
@@ -114,37 +138,11 @@ static __always_inline int proxy_redirect4(struct __sk_buff *skb, const struct p
 					   __be16 proxy_port, const struct ct_result *ct,
 					   struct drop_ctx *d, __u8 metric_dir)
 {
-	__u32 ifindex = skb->ingress_ifindex;
-	int ret;
+	int ret = proxy_sk_assign4(skb, p, proxy_port);
 
-	/* from the tunnel device the inner destination MAC is not ours: the
-	 * stack must take the packet as for this host (harmless elsewhere) */
-	if (bpf_skb_change_type(skb, PACKET_HOST) < 0)
-		return send_drop(skb, d, DROP_WRITE_ERROR, metric_dir);
-	ret = proxy_sk_assign4(skb, p, proxy_port);
 	if (ret)
 		return send_drop(skb, d, ret, metric_dir);
-	skb->mark = MARK_MAGIC_TO_PROXY;
-	send_trace(skb, ct, TRACE_TO_PROXY, d->source, d->src_label, d->dst_label, d->dst_id,
-		   ifindex);
-	update_metrics(skb->len, metric_dir, REASON_FORWARDED);
-	return CTX_ACT_OK;
-}
-
-/* a packet for a socket of the node netns (a proxy's upstream connection):
- * to the stack with MARK_MAGIC_TO_PROXY so it is delivered locally */
-static __always_inline int proxy_to_stack4(struct __sk_buff *skb, const struct ct_result *ct,
-					   struct drop_ctx *d, __u8 metric_dir)
-{
-	__u32 ifindex = skb->ingress_ifindex;
-
-	if (bpf_skb_change_type(skb, PACKET_HOST) < 0)
-		return send_drop(skb, d, DROP_WRITE_ERROR, metric_dir);
-	skb->mark = MARK_MAGIC_TO_PROXY;
-	send_trace(skb, ct, TRACE_TO_PROXY, d->source, d->src_label, d->dst_label, d->dst_id,
-		   ifindex);
-	update_metrics(skb->len, metric_dir, REASON_FORWARDED);
-	return CTX_ACT_OK;
+	return proxy_to_stack4(skb, ct, d, metric_dir);
 }
 
 /* a non-SYN TCP packet that conntrack does not know but whose 4-tuple is a
@@ -160,10 +158,7 @@ static __always_inline bool proxy_reply_to_node_socket4(struct __sk_buff *skb,
 	if (p->ip.protocol != IPPROTO_TCP || p->is_fragment ||
 	    (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
 		return false;
-	t.ipv4.saddr = p->ip.saddr;
-	t.ipv4.daddr = p->ip.daddr;
-	t.ipv4.sport = p->sport;
-	t.ipv4.dport = p->dport;
+	sock_tuple4(p, &t);
 	sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
 	if (!sk)
 		return false;
