@@ -5,7 +5,7 @@ PILUS   := $(VENV)/bin/pilus
 # the packages of every program in src/pilus/programs.tsv (tests/unit/test_programs.py keeps both equal)
 APT_PKGS := bpftool clang curl gcc iperf3 iproute2 ipset iptables iputils-ping libbpf-dev libbpf1 llvm make \
             mount nftables procps python3 python3-pip python3-venv util-linux coreutils dash debianutils \
-            etcd-server prometheus chromium wrk haproxy
+            etcd-server prometheus chromium wrk haproxy dnsmasq-base
 
 .PHONY: setup demo test test-unit test-bpf test-e2e bench lint clean
 
