@@ -336,6 +336,8 @@ class Agent:
         dp = self.datapath
         return AgentProxy(state_dir=cfg.state_dir, policy=self.policy, engine=self.policy_engine,
                           ingress_port=cfg.proxy_ingress_port, egress_port=cfg.proxy_egress_port,
+                          kafka_ingress_port=cfg.proxy_kafka_ingress_port,
+                          kafka_egress_port=cfg.proxy_kafka_egress_port,
                           ipcache_pin_dir=getattr(dp, "pin_root", None),
                           hub=lambda: self.events,  # the events row starts later
                           ready=lambda: self._endpoints_restored, secrets=self.parts.get("secrets"))

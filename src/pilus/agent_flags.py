@@ -49,18 +49,37 @@ class AgentConfig:
     monitor_aggregation: str = "medium"  # traces: none = every packet, medium = per connection
     proxy_ingress_port: int = 15001  # the L7 proxy's listeners (docs/l7.md); policy entries carry them
     proxy_egress_port: int = 15002
+    proxy_kafka_ingress_port: int = 15003
+    proxy_kafka_egress_port: int = 15004
+    tofqdns_proxy_port: int = 15053  # the agent's DNS proxy, UDP and TCP (docs/fqdn.md)
+    tofqdns_min_ttl: int = 0  # 0: the answers' TTLs
+    tofqdns_endpoint_max_ip_per_hostname: int = 1000
+    tofqdns_dns_reject_response_code: str = "refused"  # or nameError (Cilium's values)
 
     def __post_init__(self) -> None:
-        problem = lb_mode_problem(self.bpf_lb_mode, self.routing_mode)
+        problem = lb_mode_problem(self.bpf_lb_mode, self.routing_mode) or proxy_ports_problem(
+            self.proxy_ingress_port, self.proxy_egress_port, self.proxy_kafka_ingress_port,
+            self.proxy_kafka_egress_port, self.tofqdns_proxy_port)
         if problem:
             raise ValueError(problem)
-        if self.proxy_ingress_port == self.proxy_egress_port:
-            raise ValueError(f"--proxy-ingress-port and --proxy-egress-port must differ "
-                             f"(both {self.proxy_ingress_port})")
 
     @property
     def socket_path(self) -> Path:
         return self.state_dir / "pilus.sock"
+
+
+PROXY_PORT_FLAGS = ("--proxy-ingress-port", "--proxy-egress-port", "--proxy-kafka-ingress-port",
+                    "--proxy-kafka-egress-port", "--tofqdns-proxy-port")
+
+
+def proxy_ports_problem(*ports: int) -> str | None:
+    """Why the proxies' ports (in PROXY_PORT_FLAGS order) cannot run together, or None."""
+    seen: dict[int, str] = {}
+    for flag, port in zip(PROXY_PORT_FLAGS, ports, strict=True):
+        if port in seen:
+            return f"{seen[port]} and {flag} must differ (both {port})"
+        seen[port] = flag
+    return None
 
 
 def lb_mode_problem(lb_mode: str, routing_mode: str) -> str | None:
@@ -80,11 +99,11 @@ class _AgentParser(argparse.ArgumentParser):
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
         ns, rest = super().parse_known_args(args, namespace)
-        problem = lb_mode_problem(ns.bpf_lb_mode, ns.routing_mode)
+        problem = lb_mode_problem(ns.bpf_lb_mode, ns.routing_mode) or proxy_ports_problem(
+            ns.proxy_ingress_port, ns.proxy_egress_port, ns.proxy_kafka_ingress_port,
+            ns.proxy_kafka_egress_port, ns.tofqdns_proxy_port)
         if problem:
             self.error(problem)
-        if ns.proxy_ingress_port == ns.proxy_egress_port:
-            self.error(f"--proxy-ingress-port and --proxy-egress-port must differ (both {ns.proxy_ingress_port})")
         return ns, rest
 
 
@@ -161,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the L7 proxy's ingress listener (rules.http of ingress rules; default 15001)")
     p.add_argument("--proxy-egress-port", type=_port, default=15002, metavar="PORT",
                    help="the L7 proxy's egress listener (rules.http of egress rules; default 15002)")
+    p.add_argument("--proxy-kafka-ingress-port", type=_port, default=15003, metavar="PORT",
+                   help="the L7 proxy's Kafka listener for ingress rules.kafka (default 15003)")
+    p.add_argument("--proxy-kafka-egress-port", type=_port, default=15004, metavar="PORT",
+                   help="the L7 proxy's Kafka listener for egress rules.kafka (default 15004)")
+    p.add_argument("--tofqdns-proxy-port", type=_port, default=15053, metavar="PORT",
+                   help="the agent's DNS proxy, UDP and TCP (egress rules.dns; default 15053)")
+    p.add_argument("--tofqdns-min-ttl", type=_nonneg, default=0, metavar="SECONDS",
+                   help="the shortest time an IP learned from DNS stays selected by toFQDNs (default 0: the TTL)")
+    p.add_argument("--tofqdns-endpoint-max-ip-per-hostname", type=_positive, default=1000, metavar="N",
+                   help="IPs kept per name per endpoint; the ones expiring first go beyond it (default 1000)")
+    p.add_argument("--tofqdns-dns-reject-response-code", choices=["refused", "nameError"], default="refused",
+                   help="the answer to a denied DNS query: refused (REFUSED, default) or nameError (NXDOMAIN)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     p.add_argument("--describe", action="store_true", help="print the components and settings, then exit")
     return p
@@ -176,6 +207,18 @@ def _key_value(text: str) -> tuple[str, str]:
 def _port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535, got {text!r}")
+    return int(text)
+
+
+def _nonneg(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number of seconds, got {text!r}")
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
     return int(text)
 
 
@@ -253,4 +296,10 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         monitor_aggregation=args.monitor_aggregation,
         proxy_ingress_port=args.proxy_ingress_port,
         proxy_egress_port=args.proxy_egress_port,
+        proxy_kafka_ingress_port=args.proxy_kafka_ingress_port,
+        proxy_kafka_egress_port=args.proxy_kafka_egress_port,
+        tofqdns_proxy_port=args.tofqdns_proxy_port,
+        tofqdns_min_ttl=args.tofqdns_min_ttl,
+        tofqdns_endpoint_max_ip_per_hostname=args.tofqdns_endpoint_max_ip_per_hostname,
+        tofqdns_dns_reject_response_code=args.tofqdns_dns_reject_response_code,
     )

@@ -1,8 +1,9 @@
 """The agent's ``proxy`` row: the L7 proxy's config from policy, its process, its records.
 
 - Config: after every policy sync the rule sets of every local endpoint
-  (``PolicyEngine.proxy_rule_sets``) become two transparent listeners, ingress and egress
-  (``--proxy-ingress-port`` / ``--proxy-egress-port``), written to
+  (``PolicyEngine.proxy_rule_sets``, HTTP and Kafka) become transparent listeners, HTTP
+  ingress and egress (``--proxy-ingress-port`` / ``--proxy-egress-port``) and, when Kafka
+  rules exist, Kafka ingress and egress (``--proxy-kafka-*-port``), written to
   ``<state-dir>/proxy/config.json`` (tmp + rename, only when it changed); the running proxy
   then reloads it (control command ``reload``). Secrets go to ``secrets.json`` (mode 0600).
 - Process: ``python -m pilus.proxy`` in its own session, pid in ``proxy.pid``, so it
@@ -41,6 +42,8 @@ log = logging.getLogger("pilus.agent.proxy")
 
 INGRESS_PORT = 15001
 EGRESS_PORT = 15002
+KAFKA_INGRESS_PORT = 15003
+KAFKA_EGRESS_PORT = 15004
 BACKOFF_MIN_S = 1.0
 BACKOFF_MAX_S = 10.0
 STABLE_S = 30.0  # a proxy that ran this long restarts after BACKOFF_MIN_S again
@@ -59,22 +62,37 @@ class LocalEndpoint:
     ipv4: str
 
 
+#: the parsers this process serves (DNS is the agent's own proxy, agent_fqdn.py)
+PARSERS = ("http", "kafka")
+RULE_SET_FIELDS = ("endpoint", "port", "end_port", "peers")
+
+
 def build_config(endpoint_rule_sets: Iterable[tuple[LocalEndpoint, list[dict]]],
-                 ingress_port: int, egress_port: int) -> dict:
-    """The proxy config (docs/l7.md): one transparent listener per direction, each with the
-    rule sets of every local endpoint for that direction, bound to the endpoint's IPv4."""
-    rules: dict[str, list[dict]] = {"ingress": [], "egress": []}
+                 ports: dict[str, int]) -> dict:
+    """The proxy config (docs/l7.md): one transparent HTTP listener per direction and, when
+    Kafka rules exist, one Kafka listener per direction, each with the rule sets of every
+    local endpoint for it, bound to the endpoint's IPv4. ``ports``: ``ingress``, ``egress``
+    (HTTP), ``kafka-ingress``, ``kafka-egress``."""
+    rules: dict[tuple[str, str], list[dict]] = {(p, d): [] for p in PARSERS for d in ("ingress", "egress")}
     for ep, sets in sorted(endpoint_rule_sets, key=lambda item: item[0].id):
         for rs in sets:
-            rule = {k: v for k, v in rs.items() if k != "egress"}
+            parser = rs.get("parser", "http")
+            rule = {k: rs[k] for k in RULE_SET_FIELDS if k in rs}
+            rule[parser] = rs.get(parser, [])
             rule["endpoint"] = ep.id
             rule["endpoint_ips"] = [ep.ipv4]  # a rule set never applies to another endpoint
-            rules["egress" if rs.get("egress") else "ingress"].append(rule)
-    return {"listeners": [
-        {"name": f"{direction}:{port}", "port": port, "address": "0.0.0.0", "direction": direction,
-         "transparent": True, "rules": rules[direction]}
-        for direction, port in (("ingress", ingress_port), ("egress", egress_port))
-    ]}
+            rules[(parser, "egress" if rs.get("egress") else "ingress")].append(rule)
+    listeners = []
+    for (parser, direction), sets in rules.items():
+        if parser != "http" and not sets:
+            continue  # the HTTP listeners always exist; others when their rules do
+        port = ports[direction if parser == "http" else f"{parser}-{direction}"]
+        listener = {"name": f"{direction}:{port}", "port": port, "address": "0.0.0.0",
+                    "direction": direction, "transparent": True, "rules": sets}
+        if parser != "http":
+            listener["protocol"] = parser
+        listeners.append(listener)
+    return {"listeners": listeners}
 
 
 def _port_text(rs: dict) -> int | str:
@@ -294,13 +312,15 @@ class AgentProxy:
     """The row: keeps the proxy's config equal to the policy and its process running."""
 
     def __init__(self, *, state_dir: Path, policy, engine, ingress_port: int = INGRESS_PORT,
-                 egress_port: int = EGRESS_PORT, ipcache_pin_dir: Path | None = None,
+                 egress_port: int = EGRESS_PORT, kafka_ingress_port: int = KAFKA_INGRESS_PORT,
+                 kafka_egress_port: int = KAFKA_EGRESS_PORT, ipcache_pin_dir: Path | None = None,
                  hub: Callable[[], Any] = lambda: None, secrets=None,
                  ready: Callable[[], bool] = lambda: True, python: str = sys.executable) -> None:
         self.dir = Path(state_dir) / "proxy"
         self.policy = policy  # PolicySync: its worker thread owns the engine
         self.engine = engine
-        self.ports = {"ingress": ingress_port, "egress": egress_port}
+        self.ports = {"ingress": ingress_port, "egress": egress_port,
+                      "kafka-ingress": kafka_ingress_port, "kafka-egress": kafka_egress_port}
         self.ipcache_pin_dir = ipcache_pin_dir
         self.secrets = secrets  # SecretSync (values(), subscribe(fn)) or None
         self.python = python
@@ -332,10 +352,11 @@ class AgentProxy:
         self._loop = asyncio.get_running_loop()
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
-        ingress, egress = self.ports["ingress"], self.ports["egress"]
+        ports = dict(self.ports)
 
         def set_ports() -> None:
-            self.engine.set_proxy_ports(ingress, egress)
+            self.engine.set_proxy_ports("http", ports["ingress"], ports["egress"])
+            self.engine.set_proxy_ports("kafka", ports["kafka-ingress"], ports["kafka-egress"])
             self.policy._sync_changed()  # entries an L7 rule covers now carry the port
 
         await self.policy._run(set_ports)
@@ -385,7 +406,7 @@ class AgentProxy:
         out = []
         for ep_id, ep in sorted(self.policy.endpoints.items()):
             try:
-                sets = self.engine.proxy_rule_sets(ep_id)
+                sets = [rs for rs in self.engine.proxy_rule_sets(ep_id) if rs.get("parser", "http") in PARSERS]
             except KeyError:  # removed meanwhile
                 continue
             if sets:
@@ -395,7 +416,7 @@ class AgentProxy:
     async def _write_files(self) -> bool:
         """Write config and secrets from the current policy; True when either changed."""
         self._endpoints = await self.policy._run(self._collect)
-        config = build_config(self._endpoints, self.ports["ingress"], self.ports["egress"])
+        config = build_config(self._endpoints, self.ports)
         changed = await asyncio.to_thread(write_if_changed, self.config_path,
                                           json.dumps(config, indent=1, sort_keys=True) + "\n")
         values = dict(self.secrets.values()) if self.secrets is not None else {}

@@ -130,7 +130,7 @@ def test_policy_becomes_proxy_config_and_status(api, node, web):
     server, client, _ = web
     status = wait_for(lambda: _configured(api, server), timeout=30)
     assert status, _proxy(api)
-    assert status["ports"] == {"ingress": 15001, "egress": 15002}
+    assert status["ports"] == {"ingress": 15001, "egress": 15002, "kafka-ingress": 15003, "kafka-egress": 15004}
     pid = status["process"]["pid"]
     # the process the agent runs is the proxy of this node's state dir, in its own session
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")

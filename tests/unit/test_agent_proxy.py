@@ -119,7 +119,7 @@ def test_config_from_the_engine_is_accepted_by_the_proxy(tmp_path):
     ap, sync = _proxy(tmp_path)
 
     async def go():
-        await sync._run(sync.engine.set_proxy_ports, 15001, 15002)
+        await sync._run(sync.engine.set_proxy_ports, "http", 15001, 15002)
         return await ap._write_files()
 
     assert run(go()) is True
@@ -161,7 +161,7 @@ def test_unchanged_policy_writes_nothing_and_secrets_are_private(tmp_path):
     ap.secrets = Secrets()
 
     async def go():
-        await sync._run(sync.engine.set_proxy_ports, 15001, 15002)
+        await sync._run(sync.engine.set_proxy_ports, "http", 15001, 15002)
         first = await ap._write_files()
         inode = ap.config_path.stat().st_ino
         second = await ap._write_files()
@@ -193,10 +193,21 @@ def test_build_config_orders_by_endpoint_and_splits_directions():
     b = LocalEndpoint(3, "default/b", "10.0.0.3")
     sets_a = [{"egress": True, "endpoint": 7, "port": None, "end_port": None, "peers": None, "http": [{}]}]
     sets_b = [{"egress": False, "endpoint": 3, "port": 443, "end_port": None, "peers": [2], "http": []}]
-    doc = build_config([(a, sets_a), (b, sets_b)], 16001, 16002)
-    assert [lst["name"] for lst in doc["listeners"]] == ["ingress:16001", "egress:16002"]
+    ports = {"ingress": 16001, "egress": 16002, "kafka-ingress": 16003, "kafka-egress": 16004}
+    doc = build_config([(a, sets_a), (b, sets_b)], ports)
+    assert [lst["name"] for lst in doc["listeners"]] == ["ingress:16001", "egress:16002"]  # no Kafka rules: no listener
     assert [r["endpoint"] for r in doc["listeners"][0]["rules"]] == [3]
     assert doc["listeners"][1]["rules"][0]["endpoint_ips"] == ["10.0.0.7"]
+    kafka = [{"egress": False, "parser": "kafka", "endpoint": 3, "port": 9092, "end_port": None, "proto": 6,
+              "peers": [5], "kafka": [{"role": "produce", "topic": "t"}]}]
+    doc = build_config([(b, sets_b + kafka)], ports)
+    by_name = {lst["name"]: lst for lst in doc["listeners"]}
+    assert sorted(by_name) == ["egress:16002", "ingress:16001", "ingress:16003"]
+    assert by_name["ingress:16003"]["protocol"] == "kafka" and "protocol" not in by_name["ingress:16001"]
+    assert by_name["ingress:16003"]["rules"] == [{"endpoint": 3, "port": 9092, "end_port": None, "peers": [5],
+                                                  "kafka": [{"role": "produce", "topic": "t"}],
+                                                  "endpoint_ips": ["10.0.0.3"]}]
+    assert [r["port"] for r in by_name["ingress:16001"]["rules"]] == [443]
     assert redirects([(a, sets_a), (b, sets_b)]) == [
         {"endpoint": 3, "name": "default/b", "ingress": [443], "egress": []},
         {"endpoint": 7, "name": "default/a", "ingress": [], "egress": ["any"]},

@@ -16,9 +16,12 @@ from pilus.policy.mapstate import PolicyEntry, PolicyKey
 from pilus.policy.rule import PeerRule, Rule, ServiceSelector
 from pilus.policy.selectorcache import Selector
 
-__all__ = ["CompiledPolicy", "Contribution", "L4Key"]
+__all__ = ["PROXY_PARSERS", "CompiledPolicy", "Contribution", "L4Key"]
 
 L4Key = tuple[int, int, int]  # proto, dport, prefix_len
+
+#: the L7 rule kinds that have a proxy (an l7proto parser has none: plain L4)
+PROXY_PARSERS = ("http", "kafka", "dns")
 
 
 @dataclass(frozen=True)
@@ -31,9 +34,14 @@ class Contribution:
     l7: tuple[tuple[L4Key, L7Rules], ...] = ()
 
     @cached_property
-    def http_keys(self) -> frozenset[L4Key]:
-        """The keys an HTTP rule covers: their traffic is redirected to the L7 proxy."""
-        return frozenset(k for k, rules in self.l7 if rules.http)
+    def proxy_keys(self) -> dict[L4Key, str]:
+        """The keys an HTTP, Kafka or DNS rule covers, with the parser: their traffic is
+        redirected to that parser's proxy (the first port rule naming a key decides)."""
+        out: dict[L4Key, str] = {}
+        for k, rules in self.l7:
+            if rules.parser in PROXY_PARSERS:
+                out.setdefault(k, rules.parser)
+        return out
 
 
 @dataclass

@@ -28,14 +28,12 @@ from pilus.policy.models import (
     network,
 )
 from pilus.policy.rule import ICMPField, PeerRule, PortProtocol, PortRule, Rule, ServiceSelector
-from pilus.policy.selector import CIDRSelector, EndpointSelector, Requirement
+from pilus.policy.selector import CIDRSelector, EndpointSelector, FQDNSelector, Requirement
 
 __all__ = ["L7_WARNING", "SCTP_WARNING", "ConversionError", "Context", "cilium_rule", "np_rule"]
 
 SCTP_WARNING = "SCTP cannot be enforced on this kernel (no CONFIG_IP_SCTP): rule ignored"
-L7_WARNING = (
-    "Kafka, DNS and l7proto rules are accepted but not enforced yet: the port is allowed at L4 (all requests pass)"
-)
+L7_WARNING = "l7proto rules (generic L7 parsers) are not enforced: the port is allowed at L4 (all requests pass)"
 
 
 class Context:
@@ -84,7 +82,7 @@ def _cidr_selectors(
 
 
 def _port_rules(
-    ctx: Context, path: str, rules: list[PortRuleM] | list[PortDenyRuleM] | None, default_proto: str
+    ctx: Context, path: str, rules: list[PortRuleM] | list[PortDenyRuleM] | None, default_proto: str, egress: bool
 ) -> tuple[PortRule, ...]:
     out = []
     for i, pr in enumerate(rules or ()):
@@ -104,7 +102,9 @@ def _port_rules(
         if isinstance(pr, PortRuleM):
             if pr.rules is not None:
                 l7 = _l7_rules(f"{p}.rules", pr.rules)
-                if l7.parser not in ("", "http"):  # HTTP rules are the L7 proxy's
+                if l7.dns and not egress:
+                    raise ConversionError(f"{p}.rules.dns", "DNS rules apply to egress only (the DNS proxy sees a pod's queries)")
+                if l7.l7proto:  # http, kafka and dns rules have proxies; generic parsers do not
                     ctx.warn(f"{p}.rules", L7_WARNING)
             for extra in ("terminatingTLS", "originatingTLS", "serverNames", "listener"):
                 if getattr(pr, extra) is not None:
@@ -138,13 +138,12 @@ def _peer_rule(ctx: Context, path: str, m: Any, egress: bool, deny: bool, matche
     ents = getattr(m, pre + "Entities")
     cidrs, unsupported = _cidr_selectors(ctx, f"{path}.{pre}", getattr(m, pre + "CIDR"), getattr(m, pre + "CIDRSet"))
     has_cidr = getattr(m, pre + "CIDR") is not None or getattr(m, pre + "CIDRSet") is not None
-    for f in ("Groups", "Nodes", "FQDNs"):
-        name = ("to" if f == "FQDNs" else pre) + f
+    for f in ("Groups", "Nodes"):
+        name = pre + f
         if getattr(m, name, None) is not None:
-            if f == "FQDNs" and not egress:
-                continue
             unsupported.append(name)
             ctx.warn(f"{path}.{name}", f"{name} is not supported yet: it selects no peer")
+    fqdns = getattr(m, "toFQDNs", None) if egress else None
     svcs = getattr(m, "toServices", None) if egress else None
     if m.toPorts and m.icmps:
         raise ConversionError(f"{path}.icmps", "icmps cannot be combined with toPorts in one rule (use two rules)")
@@ -156,8 +155,9 @@ def _peer_rule(ctx: Context, path: str, m: Any, egress: bool, deny: bool, matche
         services=None
         if svcs is None
         else tuple(_service_selector(f"{path}.toServices[{i}]", s) for i, s in enumerate(svcs)),
+        fqdns=None if fqdns is None else tuple(FQDNSelector.of(d.matchName or "", d.matchPattern or "") for d in fqdns),
         unsupported=tuple(unsupported),
-        to_ports=_port_rules(ctx, f"{path}.toPorts", m.toPorts, "ANY"),
+        to_ports=_port_rules(ctx, f"{path}.toPorts", m.toPorts, "ANY", egress),
         icmps=_icmps(ctx, f"{path}.icmps", m.icmps),
     )
 

@@ -26,7 +26,7 @@ from typing import Any
 from pilus import protocols
 from pilus.identity.labels import K8S, LABEL_CLUSTER, LABEL_NAMESPACE, RESERVED, Label, LabelError, Labels
 from pilus.identity.reserved import HOST
-from pilus.policy.compiled import CompiledPolicy, Contribution, L4Key
+from pilus.policy.compiled import PROXY_PARSERS, CompiledPolicy, Contribution, L4Key
 from pilus.policy.l7 import L7Rules
 from pilus.policy.mapstate import (
     EndpointPolicy,
@@ -40,7 +40,7 @@ from pilus.policy.mapstate import (
 )
 from pilus.policy.rule import PeerRule, Rule, ServiceSelector, port_range_prefixes
 from pilus.policy.schema import PolicyDoc
-from pilus.policy.selector import CIDRSelector, EndpointSelector, Requirement
+from pilus.policy.selector import CIDRSelector, EndpointSelector, FQDNSelector, Requirement
 from pilus.policy.selectorcache import Selector, SelectorCache
 from pilus.policy.trace import DirectionTrace, TraceResult, run_trace
 
@@ -132,8 +132,8 @@ class PolicyEngine:
         self._services: dict[tuple[str, str], ServiceRef] = {}
         self._svc_labels: dict[tuple[str, str], Labels] = {}
         self._entity_cache: dict[str, tuple[Selector, ...]] = {}
-        #: the L7 proxy's listener ports (ingress, egress); 0: no proxy, HTTP rules stay L4
-        self._proxy_ports = (0, 0)
+        #: each L7 parser's proxy ports (ingress, egress); 0: no proxy, its rules stay L4
+        self._proxy_ports: dict[str, tuple[int, int]] = {p: (0, 0) for p in PROXY_PARSERS}
         self.stats = {"full": 0, "incremental": 0}
 
     # inputs ----------------------------------------------------------------
@@ -179,12 +179,18 @@ class PolicyEngine:
             for sel in ep.by_sel:
                 self._cache.release(sel)
 
-    def set_proxy_ports(self, ingress: int, egress: int) -> None:
-        """The L7 proxy's listener ports: allow entries that an HTTP rule covers carry the
-        direction's port, so the datapath redirects that traffic to the proxy."""
-        if (ingress, egress) != self._proxy_ports:
-            self._proxy_ports = (ingress, egress)
+    def set_proxy_ports(self, parser: str, ingress: int, egress: int) -> None:
+        """One parser's (http, kafka, dns) proxy listener ports: allow entries that its
+        rules cover carry the direction's port, so the datapath redirects that traffic to
+        the proxy (0: no proxy there, the rules stay L4)."""
+        if parser not in PROXY_PARSERS:
+            raise ValueError(f"proxy parser must be one of {', '.join(PROXY_PARSERS)}, got {parser!r}")
+        if (ingress, egress) != self._proxy_ports[parser]:
+            self._proxy_ports[parser] = (ingress, egress)
             self._mark_all()
+
+    def proxy_port(self, parser: str, egress: bool) -> int:
+        return self._proxy_ports.get(parser, (0, 0))[egress]
 
     def set_cluster_named_ports(self, ports: Mapping[str, set[tuple[int, int]]]) -> None:
         new = {k.lower(): {(int(p), int(q)) for p, q in v} for k, v in ports.items()}
@@ -306,39 +312,44 @@ class PolicyEngine:
         return tuple(dict.fromkeys(out))
 
     def proxy_rule_sets(self, ep_id: int) -> list[dict[str, Any]]:
-        """The L7 proxy's rule sets for one endpoint (docs/l7.md, config ``rules``; the
-        caller adds ``endpoint_ips``), ``egress`` saying which listener each is for.
+        """The proxies' rule sets for one endpoint (docs/l7.md, config ``rules``; the
+        caller adds ``endpoint_ips``): ``egress`` and ``parser`` (http, kafka, dns) say
+        which listener each is for, the parser's name holds its rules.
 
-        One per (allow contribution, key with HTTP rules): its peers and its HTTP rules.
-        Besides, every other allow of the same direction whose keys cover that key gives
-        its peers an allow-all set there: the redirect wins over a plain allow, which then
-        means "every request, visible" (Cilium's wildcarded L7 rule)."""
+        One per (allow contribution, key with L7 rules whose proxy has a port): its peers
+        and its rules. Besides, every other allow of the same direction whose keys cover
+        that key gives its peers an allow-all set there: the redirect wins over a plain
+        allow, which then means "every request, visible" (Cilium's wildcarded L7 rule)."""
         ep = self._eps.get(ep_id)
         if ep is None:
             raise KeyError(f"endpoint {ep_id} is not known to the policy engine")
         if ep.dirty:
             self._recompute(ep)
         assert ep.comp is not None
-        if not any(self._proxy_ports):
-            return []
         items = [(sel, c) for sel, _p, c in ep.comp.items if not c.deny]
-        l7_keys = {(c.egress, k) for _sel, c in items for k in c.http_keys}
+        l7_keys = {(c.egress, k): parser for _sel, c in items for k, parser in c.proxy_keys.items()
+                   if self.proxy_port(parser, c.egress)}
         out: list[dict[str, Any]] = []
         for sel, c in items:
             peers = None if sel is None else sorted(self._cache.sels[sel].ids)
-            for egress, k in sorted(l7_keys):
+            for (egress, k), parser in sorted(l7_keys.items()):
                 if egress != c.egress:
                     continue
-                if k in c.http_keys:
-                    http = [h.to_dict() for kk, rules in c.l7 if kk == k for h in rules.http]
+                if c.proxy_keys.get(k) == parser:
+                    rules = [r.to_dict() for kk, l7 in c.l7 if kk == k and l7.parser == parser
+                             for r in getattr(l7, parser)]
                 elif any(covers(PolicyKey(0, egress, *ck), PolicyKey(0, egress, *k)) for ck in c.keys):
-                    http = [{}]
+                    rules = [{}]
                 else:
                     continue
                 lo, hi = port_range(k[1], k[2]) if k[0] and k[2] else (None, None)
-                out.append({"egress": egress, "endpoint": ep_id, "port": lo,
-                            "end_port": hi if hi != lo else None, "peers": peers, "http": http})
+                out.append({"egress": egress, "parser": parser, "endpoint": ep_id, "port": lo,
+                            "end_port": hi if hi != lo else None, "proto": k[0], "peers": peers, parser: rules})
         return out
+
+    def fqdn_selectors(self) -> set[FQDNSelector]:
+        """Every toFQDNs selector of every rule: the names whose IPs need identities."""
+        return {f for p in self._peers() for f in p.fqdns or ()}
 
     def selectors(self) -> list[dict[str, Any]]:
         return sorted(
@@ -408,6 +419,7 @@ class PolicyEngine:
         for ent in peer.entities or ():
             out.extend(self._entity_selectors(ent))
         out.extend(peer.cidrs or ())
+        out.extend(peer.fqdns or ())
         for ss in peer.services or ():
             out.extend(self._service_selectors(ss, reqs))
         out = list(dict.fromkeys(out)) if peer.services else out
@@ -572,9 +584,10 @@ class PolicyEngine:
         return out
 
     def _entry(self, c: Contribution, key: L4Key) -> PolicyEntry:
-        """The map entry of one contribution under one of its keys: an allow that an HTTP
-        rule covers carries the direction's proxy port."""
-        proxy = 0 if c.deny or key not in c.http_keys else self._proxy_ports[c.egress]
+        """The map entry of one contribution under one of its keys: an allow that L7
+        rules cover carries the direction's port of their proxy."""
+        parser = c.proxy_keys.get(key)
+        proxy = 0 if c.deny or parser is None else self.proxy_port(parser, c.egress)
         return PolicyEntry(c.deny, proxy, c.origin)
 
     def _apply_identity(self, ident: int, changed: set[Selector]) -> None:

@@ -275,8 +275,8 @@ class PortRuleKafkaM(_M):
     @field_validator("topic")
     @classmethod
     def _topic(cls, v: str | None) -> str | None:
-        if v is not None and len(v) > 255:
-            raise ValueError("at most 255 characters")
+        if v is not None and len(v) > 249:
+            raise ValueError("at most 249 characters (Kafka's limit for a topic name)")
         if v is not None and not _KAFKA_TOPIC.match(v):
             raise ValueError(f"{v!r} is not a Kafka topic (only [a-zA-Z0-9._-])")
         return v

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pilus.identity.labels import Labels
 from pilus.policy.l7 import L7Rules
-from pilus.policy.selector import CIDRSelector, EndpointSelector
+from pilus.policy.selector import CIDRSelector, EndpointSelector, FQDNSelector
 
 __all__ = [
     "ENTITIES",
@@ -170,8 +170,9 @@ class PeerRule:
     (Cilium). ``services`` (``toServices``) select the backends of the matching
     services, resolved by the engine against its service input (none matching =
     no peer). ``unsupported`` names peer fields that are present but not enforced by
-    pilus (toFQDNs, groups, nodes, cidrGroupRef): they select nothing, so the element
-    never widens to "any peer".
+    pilus (groups, nodes, cidrGroupRef): they select nothing, so the element never
+    widens to "any peer". ``fqdns`` (``toFQDNs``) select the identities of the IPs the
+    DNS proxy learned for matching names.
     """
 
     endpoints: tuple[EndpointSelector, ...] | None = None
@@ -179,6 +180,7 @@ class PeerRule:
     entities: tuple[str, ...] | None = None
     cidrs: tuple[CIDRSelector, ...] | None = None
     services: tuple[ServiceSelector, ...] | None = None
+    fqdns: tuple[FQDNSelector, ...] | None = None
     unsupported: tuple[str, ...] = ()
     to_ports: tuple[PortRule, ...] = ()
     icmps: tuple[ICMPField, ...] = ()
@@ -190,6 +192,7 @@ class PeerRule:
             or self.entities is not None
             or self.cidrs is not None
             or self.services is not None
+            or self.fqdns is not None
             or bool(self.unsupported)
         )
 

@@ -30,13 +30,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from pilus.identity.labels import ANY, CIDR, RESERVED, SOURCES, Label, Labels
+from pilus.identity.labels import ANY, CIDR, FQDN, RESERVED, SOURCES, Label, Labels
 
 __all__ = [
     "IPBLOCK_LABEL",
     "OPERATORS",
     "CIDRSelector",
     "EndpointSelector",
+    "FQDNSelector",
     "Requirement",
     "SelectorError",
     "ipblock_identity_labels",
@@ -264,3 +265,47 @@ class CIDRSelector:
         if self.excepts:
             s += " except " + ",".join(str(e) for e in self.excepts)
         return s
+
+
+@dataclass(frozen=True)
+class FQDNSelector:
+    """A ``toFQDNs`` item (``matchName`` or ``matchPattern``): selects the identities
+    labelled ``fqdn:<key>``, which the agent gives the IPs that the DNS proxy saw in
+    answers for matching names (``pilus.fqdn``); ``key`` is the name or pattern in
+    lower case without the trailing dot. A pattern's ``*`` is Cilium's
+    (``pilus.fqdn.matchpattern``)."""
+
+    key: str
+    pattern: bool = False
+
+    @classmethod
+    def of(cls, match_name: str = "", match_pattern: str = "") -> FQDNSelector:
+        raw = match_pattern or match_name
+        key = raw.lower().rstrip(".") or raw
+        return cls(key, bool(match_pattern) and "*" in key)
+
+    @property
+    def is_wildcard(self) -> bool:
+        return False
+
+    @property
+    def label(self) -> Label:
+        return Label(FQDN, self.key)
+
+    def matches(self, labels: Labels) -> bool:
+        lbl = labels.get(self.key)
+        return lbl is not None and lbl.source == FQDN
+
+    def matches_name(self, name: str) -> bool:
+        """Whether a DNS name (any case, trailing dot or not) is one this selector names."""
+        return _fqdn_regex(self.key).fullmatch(name.lower().rstrip(".") + ".") is not None
+
+    def __str__(self) -> str:
+        return f"fqdn:{self.key}"
+
+
+@lru_cache(maxsize=4096)
+def _fqdn_regex(key: str):
+    from pilus.fqdn.matchpattern import compile_pattern  # the one place of the pattern semantics
+
+    return compile_pattern(key)

@@ -14,11 +14,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pilus.identity.labels import CIDR, RESERVED, Labels
-from pilus.policy.selector import CIDRSelector, EndpointSelector, cidr_of_key, is_ipblock_identity
+from pilus.policy.selector import CIDRSelector, EndpointSelector, FQDNSelector, cidr_of_key, is_ipblock_identity
 
 __all__ = ["Selector", "SelectorCache"]
 
-Selector = EndpointSelector | CIDRSelector
+Selector = EndpointSelector | CIDRSelector | FQDNSelector
 
 
 @dataclass
@@ -137,6 +137,8 @@ class SelectorCache:
                     hi = bisect.bisect_right(bucket, (end, float("inf")))
                     out.update(i for _addr, i in bucket[lo:hi])
             return out
+        if isinstance(sel, FQDNSelector):  # identities with a label of its key (any source)
+            return set().union(*self._by_kv.get(sel.key, {}).values())
         best: set[int] | None = None
         for r in sel.requirements:
             if r.operator == "In":

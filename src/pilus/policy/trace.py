@@ -41,6 +41,10 @@ class TraceSource(Protocol):
     def ipblock_identity(self, addr: ipaddress.IPv4Address) -> tuple[ipaddress.IPv4Network, int] | None: ...
 
 
+PROXY_NAMES = {"http": "HTTP proxy", "kafka": "Kafka proxy", "dns": "DNS proxy"}
+UNITS = {"http": "request", "kafka": "request", "dns": "query"}
+
+
 @dataclass
 class DirectionTrace:
     direction: str
@@ -53,6 +57,9 @@ class DirectionTrace:
     #: allowed, and an HTTP rule covers the port: the L7 proxy judges each request against
     #: these rules ({} = any request: a plain allow of the same peer and port)
     http_rules: list[dict[str, Any]] = field(default_factory=list)
+    #: the same for any proxy: its parser (http, kafka, dns) and rules
+    l7_parser: str = ""
+    l7_rules: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -113,7 +120,7 @@ def _direction(
         covered = eng.ipblock_identity(peer_ip) if uses_ipblock and peer_ip is not None else None
         ipblock_peer = ipblock_identity_labels(covered[0]) if covered else None
         via: dict[str, str] = {}  # origin -> why an ipBlock rule matched
-        l7: list[tuple[str, list[dict[str, Any]]]] = []  # each matching allow's HTTP rules here
+        l7: list[tuple[str, str, list[dict[str, Any]]]] = []  # each matching allow: (origin, parser, L7 rules)
         peer_id = HOST if _is_host(peer) else TRACE_PEER
         # the map entries these rules give this peer (identity 0: any peer)
         entries = {k: e for k, e in comp.static.items() if k.egress == egress and k.identity in (0, peer_id)}
@@ -150,9 +157,12 @@ def _direction(
             )
             (res.denied_by if c.deny else res.allowed_by).append(c.origin)
             if not c.deny:
-                http = [h.to_dict() for k, rules in c.l7 if k in c.http_keys
-                        and PolicyKey(0, egress, *k).matches(proto, dport) for h in rules.http]
-                l7.append((c.origin, http))
+                for k, rules in c.l7:
+                    if c.proxy_keys.get(k) == rules.parser and PolicyKey(0, egress, *k).matches(proto, dport):
+                        l7.append((c.origin, rules.parser, [r.to_dict() for r in getattr(rules, rules.parser)]))
+                        break
+                else:
+                    l7.append((c.origin, "", []))
             if isinstance(sel, CIDRSelector) and sel.ipblock and covered is not None:
                 via.setdefault(c.origin, f"{peer_ip} is covered by ipBlock prefix {covered[0]} (identity {covered[1]})")
         verdict = lookup(normalize(entries), peer_id, egress, proto, dport, covered[1] if covered else 0)
@@ -180,12 +190,16 @@ def _direction(
                 )
             )
             res.reason = why
-        if res.verdict == "allowed" and any(http for _o, http in l7):
-            res.http_rules = [r for _o, http in l7 for r in (http or [{}])]
-            lines.append("    L7: redirected to the HTTP proxy; a request passes when it matches one of:")
-            for origin, http in l7:
-                for r in http or [{}]:
-                    what = json.dumps(r, separators=(",", ":")) if r else "any request (a plain allow: visible)"
+        parser = next((p for _o, p, _r in l7 if p), "")
+        if res.verdict == "allowed" and parser:
+            res.l7_parser = parser
+            res.l7_rules = [r for _o, _p, rules in l7 for r in (rules or [{}])]
+            if parser == "http":
+                res.http_rules = res.l7_rules
+            lines.append(f"    L7: redirected to the {PROXY_NAMES[parser]}; a {UNITS[parser]} passes when it matches one of:")
+            for origin, _p, rules in l7:
+                for r in rules or [{}]:
+                    what = json.dumps(r, separators=(",", ":")) if r else f"any {UNITS[parser]} (a plain allow: visible)"
                     lines.append(f"      {what}  ({origin})")
     lines.append(f"{d.capitalize()} verdict: {res.verdict} ({res.reason})")
     lines.append("")

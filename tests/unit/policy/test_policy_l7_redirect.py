@@ -27,7 +27,7 @@ ingress:
 
 def cluster(policies: str) -> Cluster:
     c = starwars(policies)
-    c.eng.set_proxy_ports(IN, EG)
+    c.eng.set_proxy_ports("http", IN, EG)
     return c
 
 
@@ -134,7 +134,7 @@ egressDeny:
 def test_set_proxy_ports_rewrites_entries():
     c = starwars(L7)
     assert proxy_port(c, "deathstar", "tiefighter", 80) == 0
-    c.eng.set_proxy_ports(IN, EG)
+    c.eng.set_proxy_ports("http", IN, EG)
     assert c.ids["deathstar"] in c.eng.changed_endpoints()
     assert proxy_port(c, "deathstar", "tiefighter", 80) == IN
 

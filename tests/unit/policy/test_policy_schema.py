@@ -260,8 +260,8 @@ ingress:
 
 def l7_rules(rules: str):
     """The typed rules of one port rule with ``rules: <rules>`` (flow YAML)."""
-    doc = parse_policies(cnp(SEL + f"ingress:\n- toPorts:\n  - ports: [{{port: '80', protocol: TCP}}]\n    rules: {rules}\n"))
-    return doc[0].rules[0].ingress[0].to_ports[0].l7
+    doc = parse_policies(cnp(SEL + f"egress:\n- toPorts:\n  - ports: [{{port: '80', protocol: TCP}}]\n    rules: {rules}\n"))
+    return doc[0].rules[0].egress[0].to_ports[0].l7
 
 
 def l7_error(rules: str) -> str:
@@ -287,7 +287,7 @@ def test_typed_l7_rules():
 
 
 def test_l7_rules_are_validated_as_cilium_does():
-    base = "spec.ingress[0].toPorts[0].rules"
+    base = "spec.egress[0].toPorts[0].rules"
     assert f"{base}.http[0].path: not a valid regular expression" in l7_error("{http: [{path: '(['}]}")
     assert f"{base}.http[0].headerMatches[0].mismatch: must be LOG" in l7_error(
         "{http: [{headerMatches: [{name: a, mismatch: DROP}]}]}"
@@ -295,7 +295,8 @@ def test_l7_rules_are_validated_as_cilium_does():
     assert f"{base}.kafka[0]: role and apiKey are mutually exclusive" in l7_error(
         "{kafka: [{role: produce, apiKey: fetch}]}"
     )
-    assert f"{base}.kafka[0].topic: at most 255 characters" in l7_error("{kafka: [{topic: " + "a" * 256 + "}]}")
+    assert f"{base}.kafka[0].topic: at most 249 characters" in l7_error("{kafka: [{topic: " + "a" * 250 + "}]}")
+    assert l7_rules("{kafka: [{topic: " + "a" * 249 + "}]}").kafka[0].topic == "a" * 249
     assert f"{base}.kafka[0].topic: 'a/b' is not a Kafka topic" in l7_error("{kafka: [{topic: 'a/b'}]}")
     assert f"{base}.dns[0]: exactly one of matchName and matchPattern" in l7_error(
         "{dns: [{matchName: a.com, matchPattern: '*.com'}]}"
@@ -304,6 +305,21 @@ def test_l7_rules_are_validated_as_cilium_does():
     assert f"{base}.dns[0].matchName: '*.com' is not a DNS name" in l7_error("{dns: [{matchName: '*.com'}]}")
     assert f"{base}: only one L7 rule type" in l7_error("{http: [{}], dns: [{matchName: a.com}]}")
     assert f"{base}.l7proto: l7 rules need l7proto" in l7_error("{l7: [{cmd: READ}]}")
+
+
+def test_dns_rules_are_egress_only_and_tofqdns_select_by_name():
+    with pytest.raises(PolicyValidationError) as ei:
+        parse_policies(cnp(SEL + "ingress:\n- toPorts:\n  - ports: [{port: '53', protocol: ANY}]\n"
+                                 "    rules: {dns: [{matchName: a.com}]}\n"))
+    assert "spec.ingress[0].toPorts[0].rules.dns: DNS rules apply to egress only" in str(ei.value)
+    doc = parse_policies(cnp(SEL + "egress:\n- toFQDNs: [{matchName: API.GitHub.com.}, {matchPattern: '*.cilium.io'}]\n"
+                                   "  toPorts: [{ports: [{port: '443', protocol: TCP}]}]\n"))
+    peer = doc[0].rules[0].egress[0]
+    assert [str(s) for s in peer.fqdns] == ["fqdn:api.github.com", "fqdn:*.cilium.io"]
+    assert peer.has_l3 and not peer.unsupported
+    with pytest.raises(PolicyValidationError) as ei:
+        parse_policies(cnp(SEL + "egress:\n- toFQDNs: [{matchPattern: 'a b.com'}]\n"))
+    assert "spec.egress[0].toFQDNs[0].matchPattern" in str(ei.value)
 
 
 def test_repository():
