@@ -103,7 +103,8 @@ def _port_rules(
             if pr.rules is not None:
                 l7 = _l7_rules(f"{p}.rules", pr.rules)
                 if l7.dns and not egress:
-                    raise ConversionError(f"{p}.rules.dns", "DNS rules apply to egress only (the DNS proxy sees a pod's queries)")
+                    raise ConversionError(f"{p}.rules.dns",
+                                          "DNS rules apply to egress only (the DNS proxy sees a pod's queries)")
                 if l7.l7proto:  # http, kafka and dns rules have proxies; generic parsers do not
                     ctx.warn(f"{p}.rules", L7_WARNING)
             for extra in ("terminatingTLS", "originatingTLS", "serverNames", "listener"):

@@ -196,10 +196,11 @@ def _direction(
             res.l7_rules = [r for _o, _p, rules in l7 for r in (rules or [{}])]
             if parser == "http":
                 res.http_rules = res.l7_rules
-            lines.append(f"    L7: redirected to the {PROXY_NAMES[parser]}; a {UNITS[parser]} passes when it matches one of:")
+            unit = UNITS[parser]
+            lines.append(f"    L7: redirected to the {PROXY_NAMES[parser]}; a {unit} passes when it matches one of:")
             for origin, _p, rules in l7:
                 for r in rules or [{}]:
-                    what = json.dumps(r, separators=(",", ":")) if r else f"any {UNITS[parser]} (a plain allow: visible)"
+                    what = json.dumps(r, separators=(",", ":")) if r else f"any {unit} (a plain allow: visible)"
                     lines.append(f"      {what}  ({origin})")
     lines.append(f"{d.capitalize()} verdict: {res.verdict} ({res.reason})")
     lines.append("")
