@@ -2,8 +2,9 @@
 
 ``AgentEndpointLookup`` is the ``pilus.hubble.lookup.EndpointLookup`` over the agent's
 own endpoints (by address and id, indexed once per change of the endpoint set), the
-other nodes' endpoints (``IPCacheSync``, from the kvstore) and the identity cache (no
-store access: the flow parser runs for every event and must not wait).
+other nodes' endpoints (``IPCacheSync``, from the kvstore), the identity cache (no
+store access: the flow parser runs for every event and must not wait) and the FQDN cache
+(``dns_names``: a flow's source_names / destination_names).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ class AgentEndpointLookup:
     def endpoint_by_id(self, endpoint_id: int) -> EndpointDetails | None:
         self._index()
         return self._by_id.get(endpoint_id)
+
+    def dns_names(self, ip: str) -> list[str]:
+        """The DNS names the agent's FQDN cache holds for the address (none without one)."""
+        fqdn = getattr(self.agent, "fqdn", None)
+        return fqdn.names_for_ip(ip) if fqdn is not None else []
 
     def identity_labels(self, identity: int) -> list[str]:
         ids = self.agent.identities

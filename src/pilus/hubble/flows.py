@@ -17,13 +17,28 @@ pkg/hubble/parser/threefour):
 (1) EGRESS when the reporting endpoint is the packet's source XOR the packet is a reply,
 else INGRESS; unknown when the CT state is.
 
-L7 events (the proxy's records, pilus.observer.l7) follow Hubble's L7 parser (Cilium
-pkg/hubble/parser/seven): Type L7, event_type 129 (MessageTypeAccessLog), l7.http {code,
-method, url, protocol} (no headers: they may carry secrets), verdict FORWARDED, DROPPED
-(DENIED, with drop_reason_desc POLICY_DENIED) or ERROR. A forwarded request is two flows
-as Cilium's access log makes them: the REQUEST (client -> server, no code) and the
-RESPONSE (server -> client, is_reply, the code and latency_ns); a denied one is its
-REQUEST only, with the 403 the proxy sent.
+L7 events (the proxies' records, pilus.observer.l7) follow Hubble's L7 parser (Cilium
+pkg/hubble/parser/seven): Type L7, event_type 129 (MessageTypeAccessLog), verdict
+FORWARDED, DROPPED (DENIED, with drop_reason_desc POLICY_DENIED) or ERROR; a record is a
+REQUEST flow (client -> server) and, once answered, a RESPONSE flow (server -> client,
+is_reply, latency_ns), as Cilium's access log makes them:
+
+- http: l7.http {code, method, url, protocol}, no headers (they may carry secrets). The
+  REQUEST has no code (a denial: the 403 sent); a RESPONSE when a status was sent.
+  Summary ``HTTP/1.1 GET url`` / ``HTTP/1.1 200 2ms (GET url)``.
+- kafka (one record per (request, topic)): l7.kafka {error_code, api_version, api_key,
+  correlation_id, topic}. The REQUEST has no error code (denied or failed: the one the
+  client got); a RESPONSE when FORWARDED. Summary ``Kafka request produce correlation id 7
+  topic 'deathstar-plans'`` / ``Kafka response ... return code 0``.
+- dns: l7.dns {query, ips, ttl, cnames, observation_source, rcode, qtypes, rrtypes}. The
+  REQUEST has query, qtypes and source (denied: the REFUSED rcode too); a RESPONSE unless
+  DENIED (ERROR: the SERVFAIL the pod got). Summary ``DNS Query api.github.com. A`` /
+  ``DNS Answer "1.2.3.4" TTL: 300 (Proxy api.github.com. A)`` (an rcode: ``RCode: Query
+  Refused``).
+
+A DNS record over UDP has l4.UDP, the others l4.TCP. ``source_names`` /
+``destination_names`` (every flow) are the DNS names of the address that ``dns_names(ip)``
+returns (the agent: its FQDN cache), sorted.
 
 Endpoints: the datapath's identity wins (it is what policy saw); the endpoint behind
 the IP (lookup) gives ID, namespace, pod name and labels; an address that is no known
@@ -32,9 +47,10 @@ endpoint gets its identity's labels (``reserved:world``, a CIDR identity's label
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.protobuf.wrappers_pb2 import BoolValue
@@ -45,7 +61,7 @@ from pilus.datapath.events import DropEvent, Event, PacketSummary, PolicyVerdict
 from pilus.datapath.reasons import TRACE_POINTS
 from pilus.hubble.lookup import EndpointLookup, labels_of
 from pilus.hubble.protos import flow_pb2
-from pilus.observer.l7 import L7Event
+from pilus.observer.l7 import DNSInfo, KafkaInfo, L7Event
 
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806
@@ -55,6 +71,15 @@ MESSAGE_TYPE_DROP = abi.NOTIFY_DROP  # 1
 MESSAGE_TYPE_TRACE = abi.NOTIFY_TRACE  # 4
 MESSAGE_TYPE_POLICY_VERDICT = abi.NOTIFY_POLICY_VERDICT  # 5
 MESSAGE_TYPE_ACCESS_LOG = 129  # L7 records
+
+#: DNS rcodes as Hubble names them (its summaries and dns metrics)
+RCODE_NAMES = {0: "No Error", 1: "Format Error", 2: "Server Failure", 3: "Non-Existent Domain",
+               4: "Not Implemented", 5: "Query Refused", 6: "Name Exists when it should not",
+               7: "RR Set Exists when it should not", 8: "RR Set that should exist does not",
+               9: "Not Authorized", 10: "Name not contained in zone", 11: "DSO-TYPE Not Implemented",
+               16: "Bad OPT Version", 17: "Key not recognized", 18: "Signature out of time window",
+               19: "Bad TKEY Mode", 20: "Duplicate key name", 21: "Algorithm not supported",
+               22: "Bad Truncation", 23: "Bad/missing Server Cookie"}
 
 #: the datapath's observation point -> TraceObservationPoint (by the point's name, so
 #: "to-endpoint" (0) becomes TO_ENDPOINT (101))
@@ -150,8 +175,11 @@ class FlowParser:
     """Events of one node -> Flows. ``cluster_name`` fills Endpoint.cluster_name of the
     endpoints the lookup knows (unless it names another cluster)."""
 
-    def __init__(self, lookup: EndpointLookup, *, node_name: str, cluster_name: str = "default") -> None:
+    def __init__(self, lookup: EndpointLookup, *, node_name: str, cluster_name: str = "default",
+                 dns_names: Callable[[str], Iterable[str]] | None = None) -> None:
         self.lookup = lookup
+        # ip -> DNS names (the FQDN cache); default: the lookup's dns_names, if it has one
+        self.dns_names = dns_names if dns_names is not None else getattr(lookup, "dns_names", None)
         self.node_name = node_name
         self.cluster_name = cluster_name
         self.emitter = flow_pb2.Emitter(name="pilus", version=pilus.__version__)
@@ -165,20 +193,26 @@ class FlowParser:
 
     def l7_flows(self, ev: L7Event) -> list[flow_pb2.Flow]:
         out = [self._l7_flow(ev, flow_pb2.REQUEST)]
-        if ev.verdict != "DENIED" and ev.status:
+        if self._has_response(ev):
             out.append(self._l7_flow(ev, flow_pb2.RESPONSE))
         return out
+
+    @staticmethod
+    def _has_response(ev: L7Event) -> bool:
+        # a denial is its request only (what the proxy answered is on it); HTTP: a status
+        # was sent; Kafka: the broker's answer came back; DNS: an answer (SERVFAIL on error)
+        if ev.verdict == "DENIED":
+            return False
+        if ev.l7 == "kafka":
+            return ev.verdict == "FORWARDED"
+        if ev.l7 == "dns":
+            return True
+        return bool(ev.status)
 
     def _l7_flow(self, ev: L7Event, kind: int) -> flow_pb2.Flow:
         response = kind == flow_pb2.RESPONSE
         src, dst = (ev.destination, ev.source) if response else (ev.source, ev.destination)
-        http = flow_pb2.HTTP(method=ev.method, url=ev.url or ev.path, protocol=ev.protocol)
-        if response or ev.verdict == "DENIED":
-            http.code = ev.status
-        request = f"{ev.method} {ev.url or ev.path}"
-        text = (f"{ev.protocol} {ev.status} {ev.latency_ns // 1_000_000}ms ({request})" if response
-                else f"{ev.protocol} {request}")
-        f = flow_pb2.Flow(uuid=new_uuid(), Type=flow_pb2.L7, node_name=self.node_name, Summary=text)
+        f = flow_pb2.Flow(uuid=new_uuid(), Type=flow_pb2.L7, node_name=self.node_name)
         f.emitter.CopyFrom(self.emitter)
         t = ev.record_time if ev.record_time is not None else ev.time if ev.time is not None else time.time()
         # the record is written when the response ended: the request came latency_ns earlier
@@ -187,13 +221,20 @@ class FlowParser:
             ns = max(f.time.seconds * 1_000_000_000 + f.time.nanos - ev.latency_ns, 0)
             f.time.seconds, f.time.nanos = divmod(ns, 1_000_000_000)
         f.IP.source, f.IP.destination, f.IP.ipVersion = src.ip, dst.ip, flow_pb2.IPv4
-        f.l4.TCP.source_port, f.l4.TCP.destination_port = src.port, dst.port
+        l4 = f.l4.UDP if ev.transport == "udp" else f.l4.TCP
+        l4.source_port, l4.destination_port = src.port, dst.port
         self._fill_endpoint(f.source, src.ip, src.identity)
         self._fill_endpoint(f.destination, dst.ip, dst.identity)
+        self._fill_names(f, src.ip, dst.ip)
         f.l7.type = kind
         if response:
             f.l7.latency_ns = ev.latency_ns
-        f.l7.http.CopyFrom(http)
+        if ev.kafka is not None:
+            f.Summary = self._l7_kafka(f, ev.kafka, ev.verdict, response)
+        elif ev.dns is not None:
+            f.Summary = self._l7_dns(f, ev.dns, ev.verdict, response)
+        else:
+            f.Summary = self._l7_http(f, ev, response)
         f.event_type.type = MESSAGE_TYPE_ACCESS_LOG
         f.verdict = {"FORWARDED": flow_pb2.FORWARDED, "DENIED": flow_pb2.DROPPED}.get(ev.verdict, flow_pb2.ERROR)
         if ev.verdict == "DENIED":
@@ -202,6 +243,52 @@ class FlowParser:
         f.is_reply.CopyFrom(BoolValue(value=response))
         f.reply = response
         return f
+
+    @staticmethod
+    def _l7_http(f: flow_pb2.Flow, ev: L7Event, response: bool) -> str:
+        http = f.l7.http
+        http.method, http.url, http.protocol = ev.method, ev.url or ev.path, ev.protocol
+        if response or ev.verdict == "DENIED":
+            http.code = ev.status
+        request = f"{ev.method} {ev.url or ev.path}"
+        return (f"{ev.protocol} {ev.status} {ev.latency_ns // 1_000_000}ms ({request})" if response
+                else f"{ev.protocol} {request}")
+
+    @staticmethod
+    def _l7_kafka(f: flow_pb2.Flow, k: KafkaInfo, verdict: str, response: bool) -> str:
+        pk = f.l7.kafka
+        pk.api_version, pk.api_key, pk.correlation_id, pk.topic = k.api_version, k.api_key, k.correlation_id, k.topic
+        # Hubble's request carries no error code; a denied request's is the one the client got
+        if response or verdict != "FORWARDED":
+            pk.error_code = k.error_code
+        if response:
+            return (f"Kafka response {k.api_key} correlation id {k.correlation_id} topic '{k.topic}' "
+                    f"return code {k.error_code}")
+        return f"Kafka request {k.api_key} correlation id {k.correlation_id} topic '{k.topic}'"
+
+    @staticmethod
+    def _l7_dns(f: flow_pb2.Flow, d: DNSInfo, verdict: str, response: bool) -> str:
+        pd = f.l7.dns
+        pd.query, pd.observation_source = d.query, d.observation_source
+        pd.qtypes.extend(d.qtypes)
+        qtypes = ",".join(d.qtypes)
+        if not response:
+            if verdict == "DENIED":  # what the pod got instead of an answer (REFUSED)
+                pd.rcode = d.rcode
+            return f"DNS Query {d.query} {qtypes}"
+        pd.ips.extend(d.ips)
+        pd.ttl, pd.rcode = d.ttl, d.rcode
+        pd.cnames.extend(d.cnames)
+        pd.rrtypes.extend(d.rrtypes)
+        if d.rcode:
+            answer = f"RCode: {RCODE_NAMES.get(d.rcode, 'Unknown')}"
+        else:
+            parts = [json.dumps(",".join(d.ips))] if d.ips else []
+            if d.cnames:
+                parts.append("CNAMEs: " + json.dumps(",".join(d.cnames)))
+            answer = " ".join(parts)
+        source = "Proxy" if d.observation_source == "proxy" else "Query"
+        return f"DNS Answer {answer} TTL: {d.ttl} ({source} {d.query} {qtypes})"
 
     def parse(self, event: Event) -> flow_pb2.Flow | None:
         """The Flow of a drop, trace or policy-verdict event (of an L7 event, its first
@@ -230,6 +317,7 @@ class FlowParser:
         src = f.source
         self._fill_endpoint(src, p.src_ip, event.src_identity)
         self._fill_endpoint(f.destination, p.dst_ip, event.dst_identity)
+        self._fill_names(f, p.src_ip, p.dst_ip)
         if event.ifindex:
             f.interface.index = event.ifindex
         if isinstance(event, DropEvent):
@@ -306,6 +394,16 @@ class FlowParser:
         return None
 
     # -- endpoints ----------------------------------------------------------------------
+
+    def _fill_names(self, f: flow_pb2.Flow, src_ip: str | None, dst_ip: str | None) -> None:
+        # Hubble's source_names / destination_names: what the FQDN cache knows of the address
+        names = self.dns_names
+        if names is None:
+            return
+        if src_ip:
+            f.source_names.extend(sorted(names(src_ip)))
+        if dst_ip:
+            f.destination_names.extend(sorted(names(dst_ip)))
 
     def _fill_endpoint(self, ep: flow_pb2.Endpoint, ip: str | None, identity: int) -> None:
         details = self.lookup.endpoint_by_ip(ip) if ip else None

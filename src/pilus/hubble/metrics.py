@@ -14,6 +14,17 @@ whatever the traffic: no addresses, ports or pod names.
           the 403 of a denied request), hubble_http_request_duration_seconds{method, reporter}
           (RESPONSE latency); reporter is "server" for ingress, "client" for egress (Cilium's
           http handler). Methods and status codes are what the proxy parsed: bounded sets.
+  dns     hubble_dns_queries_total{rcode, qtypes, ips_returned} (REQUEST flows; rcode "" or,
+          denied, "Policy denied"), hubble_dns_responses_total{rcode, qtypes, ips_returned}
+          (RESPONSE flows; rcode as Hubble names it, "No Error"), and
+          hubble_dns_response_types_total{type, qtypes} (per answer record type): Cilium's
+          dns handler. No query names (its `query` option): qtypes and counts only.
+  kafka   hubble_kafka_requests_total{topic, api_key, error_code, reporter} and
+          hubble_kafka_request_duration_seconds{topic, api_key, reporter} (Cilium's kafka
+          handler). Cilium counts REQUEST flows, whose error code its parser leaves 0;
+          here each (request, topic) counts once with the code the client got: on its
+          RESPONSE flow, or on its REQUEST flow when it had none (denied, failed). The
+          duration is the RESPONSE's latency. Topics are the broker's: as bounded as it is.
 """
 
 from __future__ import annotations
@@ -27,10 +38,11 @@ from pilus.hubble.flows import (
     MESSAGE_TYPE_DROP,
     MESSAGE_TYPE_POLICY_VERDICT,
     MESSAGE_TYPE_TRACE,
+    RCODE_NAMES,
 )
 from pilus.hubble.protos import flow_pb2
 
-HANDLERS = ("flow", "drop", "tcp", "policy", "http")
+HANDLERS = ("flow", "drop", "tcp", "policy", "http", "dns", "kafka")
 
 _TYPES = {MESSAGE_TYPE_DROP: "Drop", MESSAGE_TYPE_TRACE: "Trace", MESSAGE_TYPE_POLICY_VERDICT: "PolicyVerdict",
           MESSAGE_TYPE_ACCESS_LOG: "L7"}
@@ -54,6 +66,11 @@ def _protocol(f: flow_pb2.Flow) -> str:
                                                                                                     "Unknown")
 
 
+def _reporter(f: flow_pb2.Flow) -> str:
+    # Cilium's http/kafka handlers: the ingress proxy reports as the server
+    return {flow_pb2.INGRESS: "server", flow_pb2.EGRESS: "client"}.get(f.traffic_direction, "unknown")
+
+
 class HubbleMetrics:
     def __init__(self, handlers: Iterable[str]) -> None:
         self.handlers = tuple(handlers)
@@ -63,6 +80,8 @@ class HubbleMetrics:
                             ["source"], registry=self.registry)
         self.flows = self.drops = self.tcp = self.policy = None
         self.http_requests = self.http_responses = self.http_duration = None
+        self.dns_queries = self.dns_responses = self.dns_response_types = None
+        self.kafka_requests = self.kafka_duration = None
         if "flow" in self.handlers:
             self.flows = Counter("hubble_flows_processed_total", "Flows processed",
                                  ["type", "subtype", "verdict"], registry=self.registry)
@@ -82,6 +101,19 @@ class HubbleMetrics:
                                           ["method", "protocol", "status", "reporter"], registry=self.registry)
             self.http_duration = Histogram("hubble_http_request_duration_seconds", "HTTP request latency",
                                            ["method", "reporter"], registry=self.registry)
+        if "dns" in self.handlers:
+            self.dns_queries = Counter("hubble_dns_queries_total", "Number of DNS queries observed",
+                                       ["rcode", "qtypes", "ips_returned"], registry=self.registry)
+            self.dns_responses = Counter("hubble_dns_responses_total", "Number of DNS responses observed",
+                                         ["rcode", "qtypes", "ips_returned"], registry=self.registry)
+            self.dns_response_types = Counter("hubble_dns_response_types_total", "Number of DNS response types",
+                                              ["type", "qtypes"], registry=self.registry)
+        if "kafka" in self.handlers:
+            self.kafka_requests = Counter("hubble_kafka_requests_total", "Count of Kafka requests",
+                                          ["topic", "api_key", "error_code", "reporter"], registry=self.registry)
+            self.kafka_duration = Histogram("hubble_kafka_request_duration_seconds",
+                                            "Kafka request duration in seconds",
+                                            ["topic", "api_key", "reporter"], registry=self.registry)
 
     def _child(self, counter: Counter, key: tuple, labels: Callable[[], tuple[str, ...]]):
         """The counter's child for ``key`` (raw enum numbers), its label strings made once:
@@ -117,18 +149,45 @@ class HubbleMetrics:
                 flow_pb2.TrafficDirection.Name(direction).lower(), _MATCH.get(match, "unknown"),
                 flow_pb2.Verdict.Name(verdict).lower())).inc()
 
-        if self.http_requests is not None and f.Type == flow_pb2.L7 and f.l7.WhichOneof("record") == "http":
-            self._http(f)
+        if f.Type == flow_pb2.L7:
+            record = f.l7.WhichOneof("record")
+            if record == "http" and self.http_requests is not None:
+                self._http(f)
+            elif record == "dns" and self.dns_queries is not None:
+                self._dns(f)
+            elif record == "kafka" and self.kafka_requests is not None:
+                self._kafka(f)
 
     def _http(self, f: flow_pb2.Flow) -> None:
         h, kind = f.l7.http, f.l7.type
-        reporter = {flow_pb2.INGRESS: "server", flow_pb2.EGRESS: "client"}.get(f.traffic_direction, "unknown")
+        reporter = _reporter(f)
         if kind == flow_pb2.REQUEST:
             self.http_requests.labels(h.method, h.protocol, reporter).inc()
         if h.code and (kind == flow_pb2.RESPONSE or f.verdict == flow_pb2.DROPPED):
             self.http_responses.labels(h.method, h.protocol, str(h.code), reporter).inc()
         if kind == flow_pb2.RESPONSE:
             self.http_duration.labels(h.method, reporter).observe(f.l7.latency_ns / 1e9)
+
+    def _dns(self, f: flow_pb2.Flow) -> None:
+        d = f.l7.dns
+        qtypes = ",".join(d.qtypes)
+        if f.verdict == flow_pb2.DROPPED:
+            self.dns_queries.labels("Policy denied", qtypes, str(len(d.ips))).inc()
+        elif f.l7.type == flow_pb2.REQUEST:
+            self.dns_queries.labels("", qtypes, str(len(d.ips))).inc()
+        elif f.l7.type == flow_pb2.RESPONSE:
+            self.dns_responses.labels(RCODE_NAMES.get(d.rcode, ""), qtypes, str(len(d.ips))).inc()
+            for rrtype in d.rrtypes:
+                self.dns_response_types.labels(rrtype, qtypes).inc()
+
+    def _kafka(self, f: flow_pb2.Flow) -> None:
+        k, kind = f.l7.kafka, f.l7.type
+        if kind != flow_pb2.RESPONSE and (kind != flow_pb2.REQUEST or f.verdict == flow_pb2.FORWARDED):
+            return  # a forwarded request counts on its response, which has the broker's code
+        reporter = _reporter(f)
+        self.kafka_requests.labels(k.topic, k.api_key, str(k.error_code), reporter).inc()
+        if kind == flow_pb2.RESPONSE:
+            self.kafka_duration.labels(k.topic, k.api_key, reporter).observe(f.l7.latency_ns / 1e9)
 
     def record_lost(self, source: int, count: int) -> None:
         self.lost.labels(flow_pb2.LostEventSource.Name(source)).inc(count)

@@ -8,6 +8,7 @@ Record fields may come as names or as the datapath's numbers: both print the sam
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from pilus import protocols
@@ -126,8 +127,9 @@ def _policy_proto(proto: int) -> str | int:
 
 
 def _l7_record(ev: L7Event) -> dict[str, Any]:
-    # the proxy's record (docs/l7.md "L7 records"), flattened as the datapath events are
-    return {
+    # the proxy's record (docs/l7.md "L7 records"), flattened as the datapath events are;
+    # the Kafka and DNS details stay one object each, as the proxies wrote them
+    d: dict[str, Any] = {
         "type": ev.kind,
         "direction": ev.direction,
         "endpoint": ev.endpoint,
@@ -139,7 +141,8 @@ def _l7_record(ev: L7Event) -> dict[str, Any]:
         "dst_ip": ev.destination.ip,
         "dport": ev.destination.port,
         "dst_identity": ev.destination.identity,
-        "l7_protocol": "http",
+        "l7_protocol": ev.l7,
+        "transport": ev.transport,
         "protocol": ev.protocol,
         "method": ev.method,
         "url": ev.url,
@@ -153,6 +156,11 @@ def _l7_record(ev: L7Event) -> dict[str, Any]:
         "header_mismatches": [{"name": n, "action": a} for n, a in ev.header_mismatches],
         "record_time": ev.record_time,
     }
+    if ev.kafka is not None:
+        d["kafka"] = dataclasses.asdict(ev.kafka)
+    if ev.dns is not None:
+        d["dns"] = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(ev.dns).items()}
+    return d
 
 
 def event_record(ev: DropEvent | TraceEvent | PolicyVerdictEvent | UnknownEvent | L7Event | LostEvents) -> dict:
@@ -324,9 +332,50 @@ def _label_list(labels) -> str:
     return "[" + " ".join(str(x) for x in labels or ()) + "]"
 
 
+#: DNS rcodes by their number (RFC 1035, 6895), as dig and Cilium's logs name them
+DNS_RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED",
+              6: "YXDOMAIN", 7: "YXRRSET", 8: "NXRRSET", 9: "NOTAUTH", 10: "NOTZONE", 16: "BADVERS"}
+
+
+def dns_rcode(code: Any) -> str:
+    return DNS_RCODES.get(code, f"RCODE{code}") if isinstance(code, int) else str(code or "?")
+
+
+def _l7_detail(ev: dict) -> str:
+    """What follows ``verdict X`` in cilium-dbg's access-log line, per L7 parser."""
+    proto = ev.get("l7_protocol") or "http"
+    if proto == "kafka":
+        k = ev.get("kafka") or {}
+        # cilium-dbg: `<api key> topic <topic> => <error code>`; the rest says which request
+        line = f"{k.get('api_key') or '?'} topic {k.get('topic') or ''} => {k.get('error_code', 0)}"
+        line += f" api-version {k.get('api_version', 0)} correlation-id {k.get('correlation_id', 0)}"
+        if k.get("client_id"):
+            line += f" client-id {k['client_id']}"
+        return line
+    if proto == "dns":
+        d = ev.get("dns") or {}
+        # cilium-dbg: `DNS <source>: <query> <qtypes>`, for an answer `TTL: n Answer: 'ips'`
+        line = (f"DNS {d.get('observation_source') or 'proxy'}: {d.get('query') or '?'} "
+                f"{','.join(d.get('qtypes') or [])}")
+        if ev.get("verdict") == "FORWARDED":
+            line += f" TTL: {d.get('ttl', 0)} Answer: '{','.join(d.get('ips') or [])}'"
+            if d.get("cnames"):
+                line += f" CNAMEs: {','.join(d['cnames'])}"
+        return line + f" => {dns_rcode(d.get('rcode'))}"
+    line = f"{ev.get('method') or '?'} {ev.get('url') or ev.get('path') or ''} => {ev.get('status', 0)}"
+    if ev.get("grpc_status") is not None:
+        line += f" grpc-status {ev['grpc_status']}"
+    mism = ev.get("header_mismatches") or []
+    if mism:  # names and actions only: values may be secrets
+        line += " header-mismatch " + ",".join(f"{m.get('name')}:{m.get('action') or 'FAIL'}" for m in mism)
+    return line
+
+
 def format_l7(ev: dict, labels: Any = None) -> str:
     """cilium-dbg monitor's access-log line: ``<- Request http from 0 ([k8s:org=alliance])
-    to 1753 ([k8s:org=empire]), identity 46765->8283, verdict Denied PUT http://deathstar/v1/exhaust-port => 403``.
+    to 1753 ([k8s:org=empire]), identity 46765->8283, verdict Denied PUT http://deathstar/v1/exhaust-port => 403``;
+    Kafka: ``... verdict Denied produce topic deathstar-plans => 29 api-version 9 correlation-id 7``;
+    DNS: ``... verdict Forwarded DNS proxy: api.github.com. A TTL: 300 Answer: '1.2.3.4' => NOERROR``.
 
     ``labels(identity) -> list[str]`` names the identities (the CLI asks the agent)."""
     def named(identity) -> str:
@@ -335,15 +384,9 @@ def format_l7(ev: dict, labels: Any = None) -> str:
     arrow = "->" if ev.get("direction") == "egress" else "<-"
     sid, did = ev.get("src_identity", 0), ev.get("dst_identity", 0)
     verdict = L7_VERDICTS.get(str(ev.get("verdict")), str(ev.get("verdict") or "unknown").capitalize())
-    line = (f"{arrow} Request {ev.get('l7_protocol') or 'http'} from {ev.get('source_ep', 0)} ({named(sid)}) "
+    return (f"{arrow} Request {ev.get('l7_protocol') or 'http'} from {ev.get('source_ep', 0)} ({named(sid)}) "
             f"to {ev.get('dst_ep', 0)} ({named(did)}), identity {sid}->{did}, verdict {verdict} "
-            f"{ev.get('method') or '?'} {ev.get('url') or ev.get('path') or ''} => {ev.get('status', 0)}")
-    if ev.get("grpc_status") is not None:
-        line += f" grpc-status {ev['grpc_status']}"
-    mism = ev.get("header_mismatches") or []
-    if mism:  # names and actions only: values may be secrets
-        line += " header-mismatch " + ",".join(f"{m.get('name')}:{m.get('action') or 'FAIL'}" for m in mism)
-    return line
+            f"{_l7_detail(ev)}")
 
 
 def format_event(ev: dict, verbose: int = 0, ifnames: dict[int, str] | None = None, labels: Any = None) -> str:
@@ -354,7 +397,8 @@ def format_event(ev: dict, verbose: int = 0, ifnames: dict[int, str] | None = No
     if kind == "l7":
         line = format_l7(ev, labels)
         if verbose:
-            line += (f" ({ev.get('protocol') or '?'}, {ev.get('src_ip')}:{ev.get('sport')} -> "
+            udp = " udp" if ev.get("transport") == "udp" else ""  # TCP unless said (DNS may be UDP)
+            line += (f" ({ev.get('protocol') or '?'}{udp}, {ev.get('src_ip')}:{ev.get('sport')} -> "
                      f"{ev.get('dst_ip')}:{ev.get('dport')}, latency {ev.get('latency_ns', 0)} ns, "
                      f"listener {ev.get('listener') or '?'})")
         return line
