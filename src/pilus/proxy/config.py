@@ -6,6 +6,7 @@
    "port": 15001,                    the port the proxy listens on (TPROXY / datapath target)
    "address": "0.0.0.0",             optional
    "direction": "ingress",           ingress | egress
+   "protocol": "http",               optional; http (default) | kafka: which parser serves it
    "transparent": true,              optional; false = a plain listener (tests, debugging)
    "upstream": "10.0.0.5:80",        optional; only with transparent false: where to forward
    "rules": [                        rule sets; the union of those that apply is enforced
@@ -15,12 +16,15 @@
       "end_port": 89,                optional; with port: the range port..end_port (endPort)
       "peers": [1234, 2],            the peer identities it applies to; null = any peer
       "http": [ {PortRuleHTTP with Cilium's field names}, ... ]}   [] = allow all (visibility)
+      -- or, on a kafka listener --
+      "kafka": [ {PortRuleKafka: role, apiKey, apiVersion, clientID, topic}, ... ]}
    ]}
 ]}
 ```
 
 The local endpoint is the original destination on ingress and the client on egress; the peer
-is the other side. No applicable rule set: the request is denied (403).
+is the other side. No applicable rule set: the request is denied (403; Kafka: the API's
+authorization error). A rule set carries the rules of its listener's protocol only.
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from .http_rules import CompiledHttpRules, HttpRuleError, compile_http_rules, deny_all, rule_from_dict
+from .kafka_rules import CompiledKafkaRules, KafkaRuleError, compile_kafka_rules, kafka_rule_from_dict
 
 __all__ = ["ConfigError", "ListenerConfig", "ProxyConfig", "RuleSet"]
 
 DIRECTIONS = ("ingress", "egress")
+PROTOCOLS = ("http", "kafka")
 
 
 class ConfigError(ValueError):
@@ -50,6 +56,7 @@ class RuleSet:
     peers: frozenset[int] | None
     http: CompiledHttpRules
     end_port: int | None = None  # the range port..end_port (None: port alone)
+    kafka: CompiledKafkaRules = CompiledKafkaRules()
 
     def applies(self, local_ip: str, port: int, peer: int) -> bool:
         return ((self.endpoint_ips is None or local_ip in self.endpoint_ips)
@@ -66,6 +73,14 @@ class ListenerConfig:
     transparent: bool
     upstream: tuple[str, int] | None
     rules: tuple[RuleSet, ...]
+    protocol: str = "http"
+
+    def select_kafka(self, local_ip: str, port: int, peer: int) -> tuple[CompiledKafkaRules, int | None]:
+        """As ``select``, for a kafka listener (no rule set applies: nothing is allowed)."""
+        sets = [r for r in self.rules if r.applies(local_ip, port, peer)]
+        if not sets:
+            return CompiledKafkaRules(), None
+        return CompiledKafkaRules.union(r.kafka for r in sets), sets[0].endpoint
 
     def select(self, local_ip: str, port: int, peer: int) -> tuple[CompiledHttpRules, int | None]:
         """The rules for one request's (endpoint, port, peer) and the endpoint id."""
@@ -110,13 +125,16 @@ def _int(v: Any, where: str, lo: int, hi: int) -> int:
 def _listener(d: Any, where: str) -> ListenerConfig:
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: must be an object")
-    unknown = set(d) - {"name", "port", "address", "direction", "transparent", "upstream", "rules"}
+    unknown = set(d) - {"name", "port", "address", "direction", "protocol", "transparent", "upstream", "rules"}
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown field")
     port = _int(d.get("port"), f"{where}.port", 1, 65535)
     direction = d.get("direction")
     if direction not in DIRECTIONS:
         raise ConfigError(f"{where}.direction: must be ingress or egress")
+    protocol = d.get("protocol", "http")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"{where}.protocol: must be http or kafka")
     address = str(d.get("address", "0.0.0.0"))
     try:
         ipaddress.IPv4Address(address)
@@ -140,14 +158,14 @@ def _listener(d: Any, where: str) -> ListenerConfig:
         raise ConfigError(f"{where}.rules: must be a list")
     return ListenerConfig(
         str(d.get("name") or f"{direction}:{port}"), port, address, direction, transparent, upstream,
-        tuple(_ruleset(r, f"{where}.rules[{i}]") for i, r in enumerate(rules)),
+        tuple(_ruleset(r, f"{where}.rules[{i}]", protocol) for i, r in enumerate(rules)), protocol,
     )
 
 
-def _ruleset(d: Any, where: str) -> RuleSet:
+def _ruleset(d: Any, where: str, protocol: str = "http") -> RuleSet:
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: must be an object")
-    unknown = set(d) - {"endpoint", "endpoint_ips", "port", "end_port", "peers", "http"}
+    unknown = set(d) - {"endpoint", "endpoint_ips", "port", "end_port", "peers", "http", "kafka"}
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown field")
     endpoint = None if d.get("endpoint") is None else _int(d["endpoint"], f"{where}.endpoint", 0, 2**32 - 1)
@@ -172,6 +190,18 @@ def _ruleset(d: Any, where: str) -> RuleSet:
         if not isinstance(peers, list):
             raise ConfigError(f"{where}.peers: must be a list of identities or null (any peer)")
         peers = frozenset(_int(p, f"{where}.peers[{j}]", 0, 2**32 - 1) for j, p in enumerate(peers))
+    other = "http" if protocol == "kafka" else "kafka"
+    if other in d:
+        raise ConfigError(f"{where}.{other}: not on a {protocol} listener")
+    if protocol == "kafka":
+        kafka = d.get("kafka", [])
+        if not isinstance(kafka, list):
+            raise ConfigError(f"{where}.kafka: must be a list")
+        try:
+            krules = compile_kafka_rules([kafka_rule_from_dict(r, f"{where}.kafka[{i}]") for i, r in enumerate(kafka)])
+        except KafkaRuleError as e:
+            raise ConfigError(str(e)) from None
+        return RuleSet(endpoint, ips, port, peers, deny_all(), end_port, krules)
     http = d.get("http", [])
     if not isinstance(http, list):
         raise ConfigError(f"{where}.http: must be a list")

@@ -3,8 +3,9 @@
 Each accepted connection knows its original destination (``getsockname()`` of a socket that a
 TPROXY rule or the datapath delivered to a listener with ``IP_TRANSPARENT``), the client's and
 the destination's security identity (``IdentityResolver``) and so the rules that apply
-(``ListenerConfig.select``). The first bytes decide the protocol: the HTTP/2 preface
-(prior-knowledge h2c, gRPC) goes to ``h2conn``, anything else to ``h1conn``.
+(``ListenerConfig.select``). A ``protocol: kafka`` listener's connections go to ``kafkaconn``;
+on an HTTP listener the first bytes decide: the HTTP/2 preface (prior-knowledge h2c, gRPC)
+goes to ``h2conn``, anything else to ``h1conn``.
 
 Upstream connections keep the client's address: ``IP_TRANSPARENT`` and a bind to the client's
 IP before the connect (on a plain listener, ``transparent: false``, the proxy's own address),
@@ -35,6 +36,7 @@ from .h1conn import serve_h1
 from .h2conn import serve_h2
 from .http_rules import SecretStore
 from .identity import IdentityResolver
+from .kafkaconn import serve_kafka
 from .records import RecordSink
 
 __all__ = ["ProxyServer"]
@@ -103,7 +105,8 @@ class ProxyServer:
             "generation": self.generation,
             "listeners": [
                 {"name": lst.config.name, "address": lst.config.address, "port": lst.config.port,
-                 "direction": lst.config.direction, "transparent": lst.config.transparent,
+                 "direction": lst.config.direction, "protocol": lst.config.protocol,
+                 "transparent": lst.config.transparent,
                  "rule_sets": len(lst.config.rules), **asdict(lst.counters)}
                 for lst in self._listeners.values()
             ],
@@ -135,6 +138,9 @@ class ProxyServer:
             if not lst.config.transparent and lst.config.upstream:
                 orig_dst = lst.config.upstream
             ctx = ConnectionContext(self.parts, lst, client, orig_dst)
+            if lst.config.protocol == "kafka":
+                await serve_kafka(ctx, reader, writer)
+                return
             first = b""
             while len(first) < len(H2_PREFACE) and H2_PREFACE.startswith(first):
                 chunk = await asyncio.wait_for(reader.read(len(H2_PREFACE) - len(first)), HEAD_TIMEOUT)
