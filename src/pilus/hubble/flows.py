@@ -401,9 +401,9 @@ class FlowParser:
         if names is None:
             return
         if src_ip:
-            f.source_names.extend(sorted(names(src_ip)))
+            f.source_names.extend(sorted(names(src_ip) or ()))
         if dst_ip:
-            f.destination_names.extend(sorted(names(dst_ip)))
+            f.destination_names.extend(sorted(names(dst_ip) or ()))
 
     def _fill_endpoint(self, ep: flow_pb2.Endpoint, ip: str | None, identity: int) -> None:
         details = self.lookup.endpoint_by_ip(ip) if ip else None
