@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from pilus import __version__, protocols
 from pilus.agent_flags import AgentConfig, build_parser, config_from_args
+from pilus.agent_fqdn import AgentFQDN
 from pilus.agent_hubble import AgentEndpointLookup, NodePeers
 from pilus.agent_proxy import AgentProxy
 from pilus.api.server import APIServer
@@ -182,7 +183,9 @@ class Agent:
                 lambda: SecretSync(self.store)),
             Row("proxy", "L7 proxy: config from policy, supervised process, records -> events "
                 "(listeners --proxy-ingress-port / --proxy-egress-port; the process outlives the agent)",
-                self._make_proxy),
+                lambda: AgentProxy.for_agent(self)),
+            Row("fqdn", "DNS proxy on --tofqdns-proxy-port (rules.dns) -> DNS cache -> toFQDNs identities "
+                "in the ipcache and policy maps before the answer goes out", lambda: AgentFQDN.for_agent(self)),
             Row("endpoints", "restore saved endpoints, then serve create/delete; feeds service backends",
                 self._make_endpoints, self._start_endpoints, None),
             Row("retries", "writes again map entries whose write failed, after their backoff",
@@ -252,6 +255,10 @@ class Agent:
     @property
     def proxy(self) -> AgentProxy | None:
         return self.parts.get("proxy")
+
+    @property
+    def fqdn(self) -> AgentFQDN | None:
+        return self.parts.get("fqdn")
 
     @property
     def endpoints(self) -> EndpointManager | None:
@@ -330,17 +337,6 @@ class Agent:
     async def _start_policy(self, policy: PolicySync) -> None:
         await policy.start()
         await policy.watch_services(self.services)  # toServices follows service changes
-
-    def _make_proxy(self) -> AgentProxy:
-        cfg = self.cfg
-        dp = self.datapath
-        return AgentProxy(state_dir=cfg.state_dir, policy=self.policy, engine=self.policy_engine,
-                          ingress_port=cfg.proxy_ingress_port, egress_port=cfg.proxy_egress_port,
-                          kafka_ingress_port=cfg.proxy_kafka_ingress_port,
-                          kafka_egress_port=cfg.proxy_kafka_egress_port,
-                          ipcache_pin_dir=getattr(dp, "pin_root", None),
-                          hub=lambda: self.events,  # the events row starts later
-                          ready=lambda: self._endpoints_restored, secrets=self.parts.get("secrets"))
 
     def _make_endpoints(self) -> EndpointManager:
         cfg = self.cfg
@@ -664,7 +660,6 @@ async def _run(cfg: AgentConfig) -> int:
     with stop_deadline():
         await agent.stop()
     return 0
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -340,6 +340,16 @@ class AgentProxy:
         self._tasks: list[asyncio.Task] = []
         self._unsubscribe: Callable[[], None] | None = None
 
+    @classmethod
+    def for_agent(cls, agent) -> AgentProxy:
+        cfg = agent.cfg
+        return cls(state_dir=cfg.state_dir, policy=agent.policy, engine=agent.policy_engine,
+                   ingress_port=cfg.proxy_ingress_port, egress_port=cfg.proxy_egress_port,
+                   kafka_ingress_port=cfg.proxy_kafka_ingress_port, kafka_egress_port=cfg.proxy_kafka_egress_port,
+                   ipcache_pin_dir=getattr(agent.datapath, "pin_root", None),
+                   hub=lambda: agent.events,  # the events row starts later
+                   ready=lambda: agent._endpoints_restored, secrets=agent.parts.get("secrets"))
+
     config_path = property(lambda self: self.dir / "config.json")
     secrets_path = property(lambda self: self.dir / "secrets.json")
     control_path = property(lambda self: self.dir / "control.sock")

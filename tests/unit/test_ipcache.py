@@ -79,7 +79,7 @@ def test_failed_write_stays_pending_in_status_and_retry_writes_it():
     status = cache.status()
     assert (status["pending"], status["errors"], status["state"]) == (1, 1, "Pending")
     assert "no space left" in status["last_error"]
-    assert status["entries"] == {"generated": 0, "kvstore": 0, "local": 1, "restored": 0}
+    assert status["entries"] == {"generated": 0, "fqdn": 0, "kvstore": 0, "local": 1, "restored": 0}
     cache.upsert(NET("10.9.0.0/16"), CIDR_ID, Source.GENERATED)  # other prefixes still get written
     assert NET("10.9.0.0/16") in m.rows
     m.fail.clear()

@@ -31,6 +31,7 @@ from pilus.datapath import (
     Datapath,
 )
 from pilus.endpoint.entries import EndpointEntries
+from pilus.endpoint.fqdn_identities import FQDNIdentities
 from pilus.endpoint.model import Endpoint, endpoint_info, parse_port_spec
 from pilus.identity.allocator import Identity, IdentityAllocator
 from pilus.identity.labels import Label, Labels, parse_labels
@@ -87,6 +88,7 @@ class PolicySync:
         #: named ports of the other nodes' endpoints: name -> {(port, proto number)}
         self._remote_named_ports: dict[str, set[tuple[int, int]]] = {}
         self.cidr_identities: dict[IPv4Network, int] = {}
+        self.fqdn = FQDNIdentities()  # toFQDNs: learned IPs -> local identities (FQDN ipcache claims)
         self.ipblock_identities: dict[IPv4Network, int] = {}
         self._ipblock_restored = False
         self._ipblock_writer: Reconciler | None = None
@@ -146,7 +148,35 @@ class PolicySync:
     def _apply_policies(self, docs) -> None:
         self.engine.set_policies(docs)
         self._refresh_cidr_identities()
+        self._refresh_fqdn_identities()
         self._sync_changed()
+
+    async def set_fqdn_names(self, names: Mapping[str, Iterable[str]]) -> None:
+        """The DNS cache's names and IPs (``pilus.fqdn``): when this returns, the IPs that
+        toFQDNs selectors name have identities in the ipcache and the policy maps allow
+        them, so a DNS answer may be released to the pod."""
+
+        def apply() -> None:
+            self.fqdn.set_names(names)
+            self._refresh_fqdn_identities()
+            self._sync_changed()
+
+        await self._run(apply)
+
+    def _refresh_fqdn_identities(self) -> None:
+        """New identities reach the policy maps before the ipcache hands them to packets;
+        gone ones leave the ipcache first (their IPs fall back to world or a CIDR)."""
+        change = self.fqdn.refresh(self.engine.fqdn_selectors())
+        if not change:
+            return
+        for ip, ident in change.removes.items():
+            self.ipcache.delete(IPv4Network(f"{ip}/32"), Source.FQDN)
+            self.engine.remove_identity(ident)
+        for ident, labels in change.upserts.values():
+            self.engine.upsert_identity(ident, labels)
+        self._sync_changed()
+        for ip, (ident, _labels) in change.upserts.items():
+            self.ipcache.upsert(IPv4Network(f"{ip}/32"), ident, Source.FQDN)
 
     def _identity_event(self, kind: str, ident: Identity) -> None:
         def apply() -> None:

@@ -7,6 +7,7 @@ what the kvstore learned, and both overwrite generated entries:
 
   LOCAL      this node's endpoints, router and node IPs, the world default
   KVSTORE    remote endpoints and nodes (multi-node)
+  FQDN       local identities of the IPs DNS answers gave for toFQDNs selectors
   GENERATED  local CIDR identities of the prefixes policies name
 
 A claim hides the lower ones for its prefix without removing them: when a pod's /32
@@ -45,8 +46,9 @@ Value = tuple[int, IPv4Address | None]
 
 class Source(IntEnum):
     GENERATED = 1  # policy CIDR / ipBlock prefixes (local CIDR identities)
-    KVSTORE = 2  # remote endpoints and nodes (multi-node)
-    LOCAL = 3  # this node's endpoints, router and node IPs, world default
+    FQDN = 2  # IPs the DNS proxy learned for toFQDNs selectors (local FQDN identities)
+    KVSTORE = 3  # remote endpoints and nodes (multi-node)
+    LOCAL = 4  # this node's endpoints, router and node IPs, world default
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ class IPCache:
         claims = self._claims.get(prefix)
         best = claims[max(claims)] if claims else None
         restored = (self._restored or {}).get(prefix)
-        if restored is not None and (best is None or best.source == Source.GENERATED):
+        if restored is not None and (best is None or best.source in (Source.GENERATED, Source.FQDN)):
             return restored
         return best
 

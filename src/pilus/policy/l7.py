@@ -1,9 +1,9 @@
 """Typed L7 rules of a ``toPorts[].rules`` item, with Cilium's field names.
 
-HTTP rules are enforced by the L7 proxy (``PolicyEngine.proxy_rule_sets`` is its
-input; the map entries they cover carry its port); Kafka, DNS and ``l7proto`` rules
-are accepted and validated, and allowed at L4 until their proxies exist. Frozen and
-hashable, like the rest of the internal rules.
+HTTP and Kafka rules are enforced by the L7 proxy, DNS rules by the agent's DNS proxy
+(``PolicyEngine.proxy_rule_sets`` is their input; the map entries they cover carry the
+proxy's port); ``l7proto`` rules are validated and allowed at L4 (no generic parser).
+Frozen and hashable, like the rest of the internal rules.
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ class PortRuleKafka:
     clientID: str = ""  # noqa: N815
     topic: str = ""
 
+    def to_dict(self) -> dict[str, Any]:
+        return _fields(self)
+
 
 @dataclass(frozen=True)
 class PortRuleDNS:
@@ -65,6 +68,9 @@ class PortRuleDNS:
 
     matchName: str = ""  # noqa: N815
     matchPattern: str = ""  # noqa: N815
+
+    def to_dict(self) -> dict[str, Any]:
+        return _fields(self)
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from pilus.fqdn.matchpattern import compile_pattern, normalize
 from pilus.identity.labels import ANY, CIDR, FQDN, RESERVED, SOURCES, Label, Labels
 
 __all__ = [
@@ -298,14 +300,12 @@ class FQDNSelector:
 
     def matches_name(self, name: str) -> bool:
         """Whether a DNS name (any case, trailing dot or not) is one this selector names."""
-        return _fqdn_regex(self.key).fullmatch(name.lower().rstrip(".") + ".") is not None
+        return _fqdn_regex(self.key).fullmatch(normalize(name)) is not None
 
     def __str__(self) -> str:
         return f"fqdn:{self.key}"
 
 
 @lru_cache(maxsize=4096)
-def _fqdn_regex(key: str):
-    from pilus.fqdn.matchpattern import compile_pattern  # the one place of the pattern semantics
-
-    return compile_pattern(key)
+def _fqdn_regex(key: str) -> re.Pattern[str]:
+    return compile_pattern(key)  # pilus.fqdn.matchpattern: the one place of the pattern semantics
