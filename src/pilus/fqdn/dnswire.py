@@ -16,6 +16,7 @@ import dns.message
 import dns.name
 import dns.opcode
 import dns.rcode
+import dns.rdataclass
 import dns.rdatatype
 
 __all__ = ["BadMessage", "DNSAnswer", "DNSQuery", "parse_query", "read_answer", "reply_with_rcode"]
@@ -122,20 +123,18 @@ def read_answer(query: DNSQuery, wire: bytes, *, endpoint: int | None, client_ip
     cnames: list[str] = []
     for _ in range(len(msg.answer)):
         nxt = next((rr for rr in msg.answer if rr.rdtype == dns.rdatatype.CNAME and rr.name == chain[-1]), None)
-        if nxt is None or len(nxt) == 0:
-            break
-        target = next(iter(nxt)).target  # type: ignore[attr-defined]
-        if target in chain:
+        target = getattr(next(iter(nxt), None), "target", None) if nxt is not None else None
+        if not isinstance(target, dns.name.Name) or target in chain:
             break
         chain.append(target)
         cnames.append(target.to_text().lower())
     ips: list[str] = []
     ttls: list[int] = []
     for rr in msg.answer:
-        if rr.rdtype in _ADDRESS_TYPES and rr.name in chain:
+        if rr.rdtype in _ADDRESS_TYPES and rr.rdclass == dns.rdataclass.IN and rr.name in chain:
             for rd in rr:
-                ip = rd.address  # type: ignore[attr-defined]
-                if ip not in ips:
+                ip = getattr(rd, "address", None)  # GenericRdata (an odd class) has none
+                if isinstance(ip, str) and ip not in ips:
                     ips.append(ip)
             ttls.append(rr.ttl)
     rrtypes = tuple(sorted({dns.rdatatype.to_text(rr.rdtype) for rr in msg.answer}))
