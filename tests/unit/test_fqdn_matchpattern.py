@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from pilus.fqdn.matchpattern import NameMatcher, compile_name, compile_pattern, normalize, validate_name, validate_pattern
+from pilus.fqdn.matchpattern import (
+    NameMatcher,
+    compile_name,
+    compile_pattern,
+    normalize,
+    validate_name,
+    validate_pattern,
+)
 from pilus.policy.l7 import PortRuleDNS
 
 PATTERNS = [

@@ -12,10 +12,10 @@ import dns.message
 import dns.rcode
 import dns.rrset
 import pytest
+from aio_helpers import eventually, run
 
 from pilus.fqdn.dnsproxy import DNSProxy
 from pilus.fqdn.rules import DNSPolicy
-from tests.unit.aio_helpers import eventually, run
 
 ZONE = {"api.github.com.": "10.9.9.1", "docs.cilium.io.": "10.9.9.2", "evil.example.com.": "10.6.6.6"}
 IDS = {"127.0.0.1": 2000}

@@ -3,9 +3,14 @@ but BadMessage; the replies the proxy builds; what an answer tells (CNAME chain,
 
 from __future__ import annotations
 
+import contextlib
+
+import dns.flags
 import dns.message
+import dns.opcode
 import dns.rcode
 import dns.rrset
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -44,10 +49,8 @@ def _total(data: bytes) -> None:
     assert isinstance(q, DNSQuery)
     reply_with_rcode(q, dns.rcode.REFUSED)
     for other in REAL:
-        try:
+        with contextlib.suppress(BadMessage):
             read_answer(q, other, endpoint=1, client_ip="10.0.0.1")
-        except BadMessage:
-            pass
 
 
 @settings(max_examples=600, deadline=None)
@@ -68,44 +71,41 @@ def test_mutated_messages_never_raise(base, flips, cut, tail):
     _total(data)
     # the same mutated bytes as an upstream answer to a good query
     q = parse_query(REAL[0])
-    try:
+    with contextlib.suppress(BadMessage):
         read_answer(q, data, endpoint=1, client_ip="10.0.0.1")
-    except BadMessage:
-        pass
 
 
 def test_short_header_is_dropped_and_bad_body_gets_formerr():
-    try:
+    with pytest.raises(BadMessage) as e:
         parse_query(b"\x01\x02\x03")
-        raise AssertionError("parsed")
-    except BadMessage as e:
-        assert e.reply is None
-    bad = _query()[:12] + b"\xc0\x0c\x00\x01\x00\x01"  # a question whose name points at itself (loop)
-    try:
-        parse_query(bad)
-        raise AssertionError("parsed")
-    except BadMessage as e:
-        r = dns.message.from_wire(e.reply)
-        assert r.id == 4242 and r.rcode() == dns.rcode.FORMERR and r.flags & dns.flags.QR
+    assert e.value.reply is None
+    loop = _query()[:12] + b"\xc0\x0c\x00\x01\x00\x01"  # a question name that points at itself
+    with pytest.raises(BadMessage) as e:
+        parse_query(loop)
+    r = dns.message.from_wire(e.value.reply)
+    assert r.id == 4242 and r.rcode() == dns.rcode.FORMERR and r.flags & dns.flags.QR
 
 
 def test_a_response_sent_as_query_is_dropped():
-    try:
+    with pytest.raises(BadMessage) as e:
         parse_query(REAL[2])
-        raise AssertionError("parsed")
-    except BadMessage as e:
-        assert e.reply is None and "response" in e.reason
+    assert e.value.reply is None and "response" in e.value.reason
 
 
 def test_too_long_name_is_formerr():
-    # 5 labels of 63: 320 bytes on the wire, over DNS's 255
-    wire = _query()[:12].replace(b"\x00\x01\x00\x00", b"\x00\x01\x00\x00", 1)
-    qname = (b"\x3f" + b"a" * 63) * 5 + b"\x00"
-    try:
-        parse_query(wire[:12] + qname + b"\x00\x01\x00\x01")
-        raise AssertionError("parsed")
-    except BadMessage as e:
-        assert dns.message.from_wire(e.reply).rcode() == dns.rcode.FORMERR
+    qname = (b"\x3f" + b"a" * 63) * 5 + b"\x00"  # 320 bytes, over DNS's 255
+    with pytest.raises(BadMessage) as e:
+        parse_query(_query()[:12] + qname + b"\x00\x01\x00\x01")
+    assert dns.message.from_wire(e.value.reply).rcode() == dns.rcode.FORMERR
+    assert "NameTooLong" in e.value.reason
+
+
+def test_other_opcodes_get_notimp():
+    q = dns.message.make_query("a.com", "SOA")
+    q.set_opcode(dns.opcode.NOTIFY)
+    with pytest.raises(BadMessage) as e:
+        parse_query(q.to_wire())
+    assert dns.message.from_wire(e.value.reply).rcode() == dns.rcode.NOTIMP
 
 
 def test_refused_reply_echoes_the_question():
@@ -126,17 +126,11 @@ def test_answer_follows_the_cname_chain_only():
 
 def test_answer_for_another_question_or_id_is_refused():
     q = parse_query(_query())
-    other = _answer(_query("evil.com"), ("evil.com.", 60, "A", "6.6.6.6"))
-    for wire in (other, _answer(_query()[:0] + _query(), ("api.github.com.", 60, "A", "1.2.3.4"))[:0] + b"x" * 20):
-        try:
-            read_answer(q, wire, endpoint=1, client_ip="10.0.0.1")
-            raise AssertionError("accepted")
-        except BadMessage:
-            pass
-    mism = bytearray(_answer(_query(), ("api.github.com.", 60, "A", "1.2.3.4")))
-    mism[0] ^= 0xFF
-    try:
-        read_answer(q, bytes(mism), endpoint=1, client_ip="10.0.0.1")
-        raise AssertionError("accepted")
-    except BadMessage as e:
-        assert "id" in e.reason
+    with pytest.raises(BadMessage, match="another question"):
+        read_answer(q, _answer(_query("evil.com"), ("evil.com.", 60, "A", "6.6.6.6")), endpoint=1, client_ip="x")
+    wrong_id = bytearray(_answer(_query(), ("api.github.com.", 60, "A", "1.2.3.4")))
+    wrong_id[0] ^= 0xFF
+    with pytest.raises(BadMessage, match="QR or id"):
+        read_answer(q, bytes(wrong_id), endpoint=1, client_ip="x")
+    with pytest.raises(BadMessage, match="QR or id"):
+        read_answer(q, _query(), endpoint=1, client_ip="x")  # a query is no answer
