@@ -167,7 +167,10 @@ def decide(req: Request, rules: CompiledKafkaRules) -> Decision:
     denied = [(i, t) for i, (t, ok) in enumerate(zip(topics, verdicts, strict=True)) if not ok]
     if not denied:
         return Decision(named, forward=req)
-    if len(denied) == len(topics):
+    spec = api.topics
+    assert spec is not None
+    empty_ok = spec.forward_empty_from is not None and req.api_version >= spec.forward_empty_from
+    if len(denied) == len(topics) and not empty_ok:
         d = Decision(named, denied=denied)
         if not _no_response(req):
             d.local = merge(req, d, None)

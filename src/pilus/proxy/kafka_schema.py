@@ -62,7 +62,9 @@ class TopicSpec:
 
     parts_are_ints: bool = False  # the request lists partitions as bare int32s (OffsetFetch)
     topic_error: bool = False  # the response topic has its own error_code (Metadata)
-    part_defaults: tuple[tuple[str, Any], ...] = ()
+    #: all topics denied: still ask the broker with no topics (Metadata v1+: the client needs
+    #: the broker list, which only the broker has; v0 would read [] as all topics)
+    forward_empty_from: int | None = None
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,7 @@ _METADATA = Api(3, "metadata", 0, 12, 9, (
             F("offline_replicas", "[int32]", 5)]),
         F("topic_authorized_operations", "int32", 8, default=-2147483648)]),
     F("cluster_authorized_operations", "int32", 8, 10, default=-2147483648),
-), TopicSpec(topic_error=True))
+), TopicSpec(topic_error=True, forward_empty_from=1))
 
 _OFFSET_COMMIT = Api(8, "offsetcommit", 0, 9, 8, (
     F("group_id", "string"),

@@ -285,7 +285,7 @@ class _KafkaConnection:
                 "kafka": {"api_key": API_KEY_NAMES.get(req.api_key, str(req.api_key)),
                           "api_version": req.api_version, "correlation_id": req.correlation_id,
                           "client_id": req.client_id or "", "topic": topic,
-                          "error_code": errors.get(topic, errors.get("")) if resp is not None
+                          "error_code": errors.get(topic, errors.get("", 0)) if resp is not None
                           else None if allowed else TOPIC_AUTHORIZATION_FAILED},
             }
             try:
