@@ -15,7 +15,7 @@ from ipaddress import IPv4Network
 
 import pytest
 from lxc_env import EP_A, EP_B, EP_C, enforce, key
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.packet import raw
 
@@ -32,7 +32,7 @@ from pilus.observer.format import event_record
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 ING, EGR = ENDPOINT_F_POLICY_INGRESS, ENDPOINT_F_POLICY_EGRESS
-TCP_, UDP_ = 6, 17
+ICMP_, TCP_ = 1, 6
 WORLD = 2
 IP_TRANSPARENT = 19
 ALLOW_L4 = PolicyEntry(deny=False)
@@ -137,16 +137,17 @@ def test_egress_port_wins_else_destination_ingress_port(dp, free_port):
     assert ct_entry(dp, 81)["proxy_port"] == ingress_port
 
 
-def test_port_without_l7_and_udp_are_not_redirected(dp, events, free_port):
+def test_port_without_l7_and_icmp_are_not_redirected(dp, events, free_port):
+    """(UDP with a proxy port is redirected: test_proxy_udp.py.)"""
     a = enforce(dp, EP_A, EGR)
     dp.policy.sync(a.ep_id, {key(EP_B.identity, True, TCP_, 8080): ALLOW_L4,
-                             key(EP_B.identity, True, UDP_, 53): l7(free_port)})
+                             key(EP_B.identity, True, ICMP_, 8): l7(free_port)})
     assert from_ep(dp, a, tcp(a, EP_B.ipv4, 8080)).retval == TC_ACT_REDIRECT
-    udp = Ether(src=a.mac, dst=a.host_mac) / IP(src=str(a.ipv4), dst=str(EP_B.ipv4)) / UDP(
-        sport=40000, dport=53)
-    # UDP with a proxy port: plain L4 for now (DNS is a later issue)
-    assert from_ep(dp, a, udp).retval == TC_ACT_REDIRECT
-    assert ct_entry(dp, 8080)["flags"] == [] and ct_entry(dp, 53)["flags"] == []
+    ping = Ether(src=a.mac, dst=a.host_mac) / IP(src=str(a.ipv4), dst=str(EP_B.ipv4)) / ICMP(
+        type=8, id=40000)
+    # ICMP with a proxy port: plain L4 (no proxy parses it)
+    assert from_ep(dp, a, ping).retval == TC_ACT_REDIRECT
+    assert ct_entry(dp, 8080)["flags"] == [] and ct_entry(dp, 0)["flags"] == []
     assert drops(events.poll()) == []
 
 

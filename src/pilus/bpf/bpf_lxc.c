@@ -151,7 +151,7 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
 				return send_drop(skb, &di, ret, METRIC_INGRESS);
 			}
 		}
-		proxy_port = proxy_port_tcp(&p, egress_port ? egress_port : ingress_port);
+		proxy_port = proxy_port_l4(&p, egress_port ? egress_port : ingress_port);
 		ret = ct_create4_proxy(skb, &p, CT_EGRESS, src_id,
 				       proxy_port ? CT_F_PROXY_REDIRECT : 0, proxy_port, &ct);
 		if (ret)
@@ -358,7 +358,7 @@ int cil_to_container(struct __sk_buff *skb)
 					    &proxy_port);
 			if (ret)
 				return send_drop(skb, &d, ret, METRIC_INGRESS);
-			proxy_port = proxy_port_tcp(&p, proxy_port);
+			proxy_port = proxy_port_l4(&p, proxy_port);
 			if (proxy_port)
 				flags |= CT_F_PROXY_REDIRECT;
 		}

@@ -66,7 +66,7 @@ static __always_inline int ipv4_ingress_delivery(struct __sk_buff *skb, struct p
 			if (ret)
 				return send_drop(skb, d, ret, METRIC_INGRESS);
 		}
-		proxy_port = proxy_port_tcp(p, proxy_port);
+		proxy_port = proxy_port_l4(p, proxy_port);
 		ret = ct_create4_proxy(skb, p, CT_INGRESS, src_id,
 				       proxy_port ? CT_F_PROXY_REDIRECT : 0, proxy_port, ct);
 		if (ret)

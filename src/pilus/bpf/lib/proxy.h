@@ -9,8 +9,9 @@
  * bpf_sk_assign and the packet goes to the stack with MARK_MAGIC_TO_PROXY,
  * which the node's policy routing delivers locally whatever its destination
  * (`ip rule fwmark 0x200/0xf00 lookup 2004`, `local 0.0.0.0/0 dev lo table
- * 2004`, src/pilus/node/setup.py). TCP only: a UDP/ICMP connection with a
- * proxy port is allowed as plain L4 (DNS is a later issue).
+ * 2004`, src/pilus/node/setup.py). TCP and UDP (the DNS proxy's unconnected
+ * transparent socket: every datagram of a flow goes to it); ICMP and non-first
+ * fragments (no ports) with a proxy port stay plain L4.
  *
  * Marks (Cilium's, mask 0x0F00):
  *   MARK_MAGIC_TO_PROXY       datapath -> stack: deliver locally (to a proxy
@@ -51,15 +52,14 @@ static __always_inline bool mark_from_proxy(__u32 mark)
 	return m == MARK_MAGIC_PROXY_INGRESS || m == MARK_MAGIC_PROXY_EGRESS;
 }
 
-/* only TCP is redirected; everything else with a proxy port stays L4 */
-static __always_inline __be16 proxy_port_tcp(const struct pkt4 *p, __be16 proxy_port)
+/* TCP and UDP are redirected; anything else with a proxy port stays L4 */
+static __always_inline __be16 proxy_port_l4(const struct pkt4 *p, __be16 proxy_port)
 {
-	if (p->ip.protocol != IPPROTO_TCP || p->is_fragment)
+	if ((p->ip.protocol != IPPROTO_TCP && p->ip.protocol != IPPROTO_UDP) || p->is_fragment)
 		return 0;
 	return proxy_port;
 }
 
-/* assign the socket: returns 0 (assigned), 1 (nothing to assign) or a drop reason */
 /* the packet's own 4-tuple, as a socket lookup takes it */
 static __always_inline void sock_tuple4(const struct pkt4 *p, struct bpf_sock_tuple *t)
 {
@@ -69,6 +69,7 @@ static __always_inline void sock_tuple4(const struct pkt4 *p, struct bpf_sock_tu
 	t->ipv4.dport = p->dport;
 }
 
+/* assign the socket: returns 0 (assigned), 1 (nothing to assign) or a drop reason */
 static __always_inline int proxy_assign(struct __sk_buff *skb, struct bpf_sock_tuple *t,
 					bool established)
 {
@@ -91,15 +92,36 @@ static __always_inline int proxy_assign(struct __sk_buff *skb, struct bpf_sock_t
 	return err ? DROP_PROXY_SET_FAILED : 0;
 }
 
-/* the established socket for the packet's 4-tuple (the proxy's accepted one),
- * else the proxy's listener on proxy_port (any address: a 0.0.0.0 listener
- * matches whatever the destination). Returns 0 or a drop reason. */
+/* UDP: the proxy's socket on proxy_port. The lookup with address and peer 0
+ * only matches an unconnected socket bound to 0.0.0.0 (the DNS proxy's), so
+ * its transparent answer sockets (bound to server:53) never take a query. */
+static __always_inline int proxy_sk_assign_udp4(struct __sk_buff *skb, __be16 proxy_port)
+{
+	struct bpf_sock_tuple t = {};
+	struct bpf_sock *sk;
+	long err;
+
+	t.ipv4.dport = proxy_port;
+	sk = bpf_sk_lookup_udp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return DROP_PROXY_LOOKUP_FAILED;
+	err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	return err ? DROP_PROXY_SET_FAILED : 0;
+}
+
+/* TCP: the established socket for the packet's 4-tuple (the proxy's accepted
+ * one), else the proxy's listener on proxy_port (any address: a 0.0.0.0
+ * listener matches whatever the destination); UDP: proxy_sk_assign_udp4.
+ * Returns 0 or a drop reason. */
 static __always_inline int proxy_sk_assign4(struct __sk_buff *skb, const struct pkt4 *p,
 					    __be16 proxy_port)
 {
 	struct bpf_sock_tuple t = {};
 	int ret;
 
+	if (p->ip.protocol == IPPROTO_UDP)
+		return proxy_sk_assign_udp4(skb, proxy_port);
 	sock_tuple4(p, &t);
 	ret = proxy_assign(skb, &t, true);
 	if (ret != 1)
@@ -145,9 +167,30 @@ static __always_inline int proxy_redirect4(struct __sk_buff *skb, const struct p
 	return proxy_to_stack4(skb, ct, d, metric_dir);
 }
 
-/* a non-SYN TCP packet that conntrack does not know but whose 4-tuple is a
- * socket of the node netns: a reply to a proxy's upstream connection that
- * left through the stack (another node's pod, the world) */
+/* UDP: the lookup also returns a socket that is bound to a wildcard address
+ * or not connected (any node service on that port); only one connected to
+ * exactly this tuple, with a proxy's mark, is a proxy's upstream socket */
+static __always_inline bool proxy_reply_to_node_udp4(struct __sk_buff *skb, const struct pkt4 *p)
+{
+	struct bpf_sock_tuple t = {};
+	struct bpf_sock *sk;
+	bool found;
+
+	sock_tuple4(p, &t);
+	sk = bpf_sk_lookup_udp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return false;
+	found = sk->src_ip4 == p->ip.daddr && sk->src_port == bpf_ntohs(p->dport) &&
+		sk->dst_ip4 == p->ip.saddr && sk->dst_port == p->sport &&
+		mark_from_proxy(sk->mark);
+	bpf_sk_release(sk);
+	return found;
+}
+
+/* a packet that conntrack does not know but whose 4-tuple is a socket of the
+ * node netns: a reply to a proxy's upstream connection that left through the
+ * stack (another node's pod, the world). TCP: not a pure SYN, a socket that
+ * is no listener; UDP: proxy_reply_to_node_udp4. */
 static __always_inline bool proxy_reply_to_node_socket4(struct __sk_buff *skb,
 							const struct pkt4 *p)
 {
@@ -155,7 +198,11 @@ static __always_inline bool proxy_reply_to_node_socket4(struct __sk_buff *skb,
 	struct bpf_sock *sk;
 	bool found;
 
-	if (p->ip.protocol != IPPROTO_TCP || p->is_fragment ||
+	if (p->is_fragment)
+		return false;
+	if (p->ip.protocol == IPPROTO_UDP)
+		return proxy_reply_to_node_udp4(skb, p);
+	if (p->ip.protocol != IPPROTO_TCP ||
 	    (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
 		return false;
 	sock_tuple4(p, &t);
