@@ -116,9 +116,10 @@ table ip {NFT_TABLE} {{
   }}
   chain proxy {{
     # a reply for a proxy's transparent upstream socket (found through the
-    # connection's NAT: the socket has the pod's address) is delivered locally
+    # connection's NAT: the socket has the pod's address) is delivered locally;
+    # udp: the DNS proxy's upstream queries to the world
     type filter hook prerouting priority mangle; policy accept;
-    meta l4proto tcp socket transparent 1 socket wildcard 0 meta mark set {PROXY_MARK:#x}
+    meta l4proto {{ tcp, udp }} socket transparent 1 socket wildcard 0 meta mark set {PROXY_MARK:#x}
   }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
