@@ -157,7 +157,7 @@ def _dnsmasq(tmp: Path) -> subprocess.Popen:
             "--no-daemon", "--no-resolv", "--no-hosts", "--conf-file=/dev/null", "--bind-interfaces",
             f"--listen-address={SERVER_IP}", f"--listen-address={OTHER_SERVER}", "--port=53",
             "--address=/api.github.com/10.9.9.1", "--address=/cilium.io/10.9.9.2", "--address=/example.com/10.9.9.3",
-            "--local-ttl=300", "--log-queries", f"--log-facility={tmp / 'dnsmasq.log'}",
+            "--local-ttl=300", "--log-queries=extra", f"--log-facility={tmp / 'dnsmasq.log'}",
             f"--pid-file={tmp / 'dnsmasq.pid'}", "--user=root", "--group=root"]
     proc = subprocess.Popen(["ip", "netns", "exec", NS_SERVER, *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -240,6 +240,9 @@ def test_allowed_names_resolve_and_the_server_sees_the_client(net):
     log = dnsmasq_queries(net)
     assert any(f"query[A] api.github.com from {CLIENT_IP}" in line for line in log), log
     assert any(f"from {CLIENT_IP}" in line and "docs.cilium.io" in line.lower() for line in log), log
+    # --log-queries=extra: "<serial> <ip>/<port> query[...]": the proxy's source ports, above the pods' range
+    ports = [int(line.split(f"{CLIENT_IP}/")[1].split()[0]) for line in log]
+    assert ports and all(51000 <= p <= 60999 for p in ports), ports
     rec = record_for(net, "api.github.com.")
     assert rec["verdict"] == "FORWARDED" and rec["l7"] == "dns" and rec["endpoint"] == 12
     assert rec["source"]["ip"] == CLIENT_IP and rec["source"]["identity"] == 1000
