@@ -16,6 +16,7 @@ from aio_helpers import eventually, run
 
 from pilus.fqdn.dnsproxy import DNSProxy
 from pilus.fqdn.rules import DNSPolicy
+from pilus.observer.l7 import L7Event
 
 ZONE = {"api.github.com.": "10.9.9.1", "docs.cilium.io.": "10.9.9.2", "evil.example.com.": "10.6.6.6"}
 IDS = {"127.0.0.1": 2000}
@@ -100,6 +101,10 @@ def test_allowed_denied_and_records_udp_and_tcp():
             assert rec["l7"] == "dns" and rec["protocol"] == "DNS" and rec["endpoint"] == 12
             assert rec["destination"]["identity"] == 2000 and rec["dns"]["ttl"] == 300
             assert rec["dns"]["qtypes"] == ["A"] and rec["dns"]["rrtypes"] == ["A"]
+            events = [L7Event.from_record(x) for x in records]  # the agent's reader takes them
+            assert [(e.l7, e.transport, e.dns.query, e.verdict) for e in events] == [
+                ("dns", "udp", "api.github.com.", "FORWARDED"), ("dns", "tcp", "docs.cilium.io.", "FORWARDED"),
+                ("dns", "udp", "evil.example.com.", "DENIED")]
             st = proxy.status()
             assert (st["queries"], st["forwarded"], st["denied"], st["tcp_connections"]) == (3, 2, 1, 1)
         finally:
@@ -184,7 +189,16 @@ def test_upstream_failure_is_servfail_and_error_record():
             r = await dns.asyncquery.udp(_q("api.github.com"), "127.0.0.1", port=proxy.port, timeout=10)
             assert r.rcode() == dns.rcode.SERVFAIL
             assert records[0]["verdict"] == "ERROR" and records[0]["dns"]["rcode"] == 2
-            assert proxy.status()["upstream_errors"] == 1
+            # TCP: nothing listens there (refused); the client's connection stays usable
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            for _ in range(2):
+                wire = _q("docs.cilium.io").to_wire()
+                writer.write(len(wire).to_bytes(2, "big") + wire)
+                n = int.from_bytes(await reader.readexactly(2), "big")
+                assert dns.message.from_wire(await reader.readexactly(n)).rcode() == dns.rcode.SERVFAIL
+            writer.close()
+            assert [r["transport"] for r in records] == ["udp", "tcp", "tcp"]
+            assert proxy.status()["upstream_errors"] == 3
         finally:
             await proxy.stop()
             dead.close()
