@@ -197,6 +197,7 @@ def test_upstream_failure_is_servfail_and_error_record():
                 n = int.from_bytes(await reader.readexactly(2), "big")
                 assert dns.message.from_wire(await reader.readexactly(n)).rcode() == dns.rcode.SERVFAIL
             writer.close()
+            await eventually(lambda: len(records) == 3)  # written once the answer went out
             assert [r["transport"] for r in records] == ["udp", "tcp", "tcp"]
             assert proxy.status()["upstream_errors"] == 3
         finally:
@@ -230,6 +231,7 @@ def test_garbage_is_counted_and_the_proxy_keeps_answering():
             n = int.from_bytes(await reader.readexactly(2), "big")
             assert dns.message.from_wire(await reader.readexactly(n)).answer[0][0].address == "10.9.9.1"
             writer.close()
+            await eventually(lambda: records and records[-1]["transport"] == "tcp")
             assert proxy.status()["parse_errors"] == 4 and records[-1]["verdict"] == "FORWARDED"
         finally:
             await close()
