@@ -63,7 +63,8 @@ class Relay:
                             resp.body = clamp_api_versions(resp.body, lambda k: False)
                             framed = encode_response(18, ver, resp)
                             size, body = framed[:4], framed[4:]
-                    self.frames.append({"pass": "clamped" if self.clamp else "native", "client": self.client, "direction": direction, "api_key": key,
+                    self.frames.append({"pass": "clamped" if self.clamp else "native", "client": self.client,
+                                        "direction": direction, "api_key": key,
                                         "api_version": ver, "hex": (size + body).hex()})
                     dst.write(size + body)
                     await dst.drain()
@@ -91,10 +92,16 @@ def run_clients(bootstrap: str, client: str) -> None:
         c.committed(tp)
         c.close()
         print("kafka-python got", sum(len(v) for v in got.values()))
+        # a group member: FindCoordinator, JoinGroup, SyncGroup, Heartbeat, LeaveGroup
+        g = KafkaConsumer("cap-b", bootstrap_servers=bootstrap, client_id="kafka-python-cap", group_id="capgroup3",
+                          enable_auto_commit=False, auto_offset_reset="earliest", heartbeat_interval_ms=300)
+        for _ in range(6):
+            g.poll(timeout_ms=500)
+        g.close()
     else:
         from confluent_kafka import Consumer, Producer, TopicPartition
 
-        p = Producer({"bootstrap.servers": bootstrap, "client.id": "rdkafka-cap"})
+        p = Producer({"bootstrap.servers": bootstrap, "client.id": "rdkafka-cap", "enable.idempotence": True})
         p.produce("cap-a", b"hello-a", partition=0)
         p.produce("cap-b", b"hello-b", partition=0)
         p.flush(10)
