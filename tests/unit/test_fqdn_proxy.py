@@ -161,6 +161,33 @@ def test_on_answer_runs_before_the_client_gets_the_answer():
     run(main())
 
 
+def test_udp_queries_over_the_inflight_limit_are_dropped():
+    async def main():
+        gate = asyncio.Event()
+
+        async def on_answer(a):
+            await gate.wait()
+
+        proxy, up, records, close = await _setup(on_answer=on_answer, max_inflight=1)
+        try:
+            first = asyncio.ensure_future(
+                dns.asyncquery.udp(_q("api.github.com"), "127.0.0.1", port=proxy.port, timeout=10))
+            await eventually(lambda: proxy.status()["answers_pending"] == 1)
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                s.sendto(_q("docs.cilium.io").to_wire(), ("127.0.0.1", proxy.port))
+                await eventually(lambda: proxy.status()["dropped_overload"] == 1)
+            finally:
+                s.close()
+            gate.set()
+            assert (await first).answer[0][0].address == "10.9.9.1"
+            assert up.seen == ["api.github.com."]  # the dropped query never went upstream
+        finally:
+            await close()
+
+    run(main())
+
+
 def test_failing_on_answer_still_answers_and_is_counted():
     async def main():
         async def on_answer(a):

@@ -53,6 +53,7 @@ IP_ORIGDSTADDR = IP_RECVORIGDSTADDR  # the cmsg type has the same number
 MAX_UDP = 65535
 TCP_IDLE_TIMEOUT = 30.0  # a client's TCP connection may idle this long between queries
 MAX_DATAGRAMS_PER_WAKEUP = 256  # so a flood cannot starve the rest of the agent's loop
+MAX_INFLIGHT = 4096  # UDP queries being handled at once (Cilium: --dnsproxy-concurrency-limit)
 REJECT_RCODES = {"REFUSED": dns.rcode.REFUSED, "NXDOMAIN": dns.rcode.NXDOMAIN}
 
 Exchange = Callable[[bytes], Awaitable[bytes]]
@@ -68,6 +69,7 @@ class DNSProxyCounters:
     parse_errors: int = 0
     on_answer_errors: int = 0
     send_errors: int = 0
+    dropped_overload: int = 0  # UDP queries dropped because max_inflight were in flight
     tcp_connections: int = 0
     answers_pending: int = 0  # answers waiting for on_answer right now
     answers_held_ns: int = 0  # total time answers waited for on_answer
@@ -81,7 +83,8 @@ class DNSProxy:
                  address: str = "0.0.0.0", on_answer: Callable[[DNSAnswer], Awaitable[None]] | None = None,
                  sink: Callable[[dict], None] | None = None, reject_rcode: str = "REFUSED",
                  mark: int = MARK_PROXY_EGRESS, upstream_timeout: float = 2.0, transparent: bool = True,
-                 upstream: tuple[str, int] | None = None, name: str = "dns-egress"):
+                 upstream: tuple[str, int] | None = None, name: str = "dns-egress",
+                 max_inflight: int = MAX_INFLIGHT):
         if reject_rcode.upper() not in REJECT_RCODES:
             raise ValueError(f"reject_rcode: {reject_rcode!r} is neither REFUSED nor NXDOMAIN")
         ipaddress.IPv4Address(address)
@@ -100,6 +103,8 @@ class DNSProxy:
         self._timeout = upstream_timeout
         self._transparent = transparent
         self._upstream = upstream
+        self._max_inflight = max_inflight
+        self._inflight = 0
         self._udp: socket.socket | None = None
         self._tcp: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -227,10 +232,20 @@ class DNSProxy:
             except OSError as e:  # e.g. a queued ICMP error: nothing to read for it
                 log.debug("DNS proxy recvmsg: %s", e)
                 continue
+            if self._inflight >= self._max_inflight:  # a flood: drop rather than grow without bound
+                self.counters.dropped_overload += 1
+                continue
             orig = self._upstream or _orig_dst(anc) or sock.getsockname()[:2]
             self._spawn(self._udp_query(data, client[:2], orig))
 
     async def _udp_query(self, data: bytes, client: tuple[str, int], orig: tuple[str, int]) -> None:
+        self._inflight += 1
+        try:
+            await self._udp_query_counted(data, client, orig)
+        finally:
+            self._inflight -= 1
+
+    async def _udp_query_counted(self, data: bytes, client: tuple[str, int], orig: tuple[str, int]) -> None:
         async def send(reply: bytes) -> None:
             try:
                 self._udp_send(reply, orig, client)
