@@ -2,6 +2,7 @@
 
     kafka_client.py LIB BOOTSTRAP produce TOPIC[,TOPIC...] VALUE [AGAIN_TOPIC]
     kafka_client.py LIB BOOTSTRAP consume TOPIC [AGAIN_TOPIC]
+    kafka_client.py raw BOOTSTRAP probe -    (hand-made frames, see raw_probe)
 
 LIB is kafka-python or confluent-kafka. produce sends VALUE to every topic in one batch (one
 flush) and reports per topic the offset or the Kafka error code; consume reads partition 0 from
@@ -139,8 +140,58 @@ def _ck_read(c, tp) -> dict:
     return {"values": values}
 
 
+def raw_probe(bootstrap: str) -> dict:
+    """On one connection: ApiVersions v3 (the answer the proxy clamped), GetTelemetrySubscriptions
+    v0 (an API the codec does not parse), ApiVersions v9 (newer than the codec); each answer's
+    correlation id and what it says. A closed connection ends the probe."""
+    import socket
+
+    from pilus.proxy.kafka_wire import MIN_RESPONSE, FrameReader, Request, decode_response, encode_request, frame
+
+    host, port = bootstrap.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=TIMEOUT)
+    reader = FrameReader(min_frame=MIN_RESPONSE)
+    ready: list[bytes] = []
+
+    def answer() -> bytes | None:
+        while not ready:
+            data = s.recv(65536)
+            if not data:
+                return None
+            ready.extend(reader.feed(data))
+        return ready.pop(0)
+
+    out: dict = {}
+    s.sendall(encode_request(Request(18, 3, 1, "raw", [], {"client_software_name": "raw",
+                                                           "client_software_version": "1", "_tags": []})))
+    a = answer()
+    if a is None:
+        return {"closed_at": "apiversions"}
+    body = decode_response(18, 3, a).body
+    out["apiversions"] = {"error_code": body["error_code"],
+                          "max": {k["api_key"]: k["max_version"] for k in body["api_keys"]}}
+    # GetTelemetrySubscriptions v0: header v2 (client id, no tags), client_instance_id (16 zero bytes), no tags
+    s.sendall(frame(b"\0\x47\0\0\0\0\0\x02\0\x03raw\0" + bytes(16) + b"\0"))
+    a = answer()
+    if a is None:
+        return {**out, "closed_at": "telemetry"}
+    out["telemetry"] = {"correlation_id": int.from_bytes(a[:4], "big"), "size": len(a)}
+    s.sendall(frame(b"\0\x12\0\x09\0\0\0\x03\0\x03raw\0\0\0\0"))
+    a = answer()
+    if a is None:
+        return {**out, "closed_at": "apiversions-v9"}
+    v0 = decode_response(18, 0, a)
+    out["apiversions_v9"] = {"correlation_id": v0.correlation_id, "error_code": v0.body["error_code"],
+                             "api_keys": v0.body["api_keys"]}
+    s.close()
+    return out
+
+
 def main(argv: list[str]) -> int:
     lib, bootstrap, op, what = argv[:4]
+    if lib == "raw":
+        print(json.dumps(raw_probe(bootstrap)), flush=True)
+        return 0
     if op == "produce":
         topics, value = what.split(","), argv[4].encode()
         again = argv[5] if len(argv) > 5 else None

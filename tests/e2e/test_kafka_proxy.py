@@ -199,3 +199,28 @@ def test_consume_rules(net, lib):
     st = control_request(str(net / "control.sock"), "status")
     lst = st["listeners"][0]
     assert lst["protocol"] == "kafka" and lst["denied"] > 0 and lst["forwarded"] > 0 and lst["parse_errors"] == 0
+
+
+def test_versions_clamped_and_unparsed_apis(net):
+    """Hand-made frames: the judge's allow-all rules let an API the codec cannot parse through
+    unparsed; hq's rules do not, so that connection is closed and counted as a parse error."""
+    from pilus.proxy.kafka_schema import API
+
+    before = control_request(str(net / "control.sock"), "status")["listeners"][0]["parse_errors"]
+    got = sh(sys.executable, str(CLIENT), "raw", BOOTSTRAP, "probe", "-", ns=NS_MID, timeout=60)
+    got = json.loads(got.stdout.strip().splitlines()[-1])
+    versions = {int(k): v for k, v in got["apiversions"]["max"].items()}
+    assert got["apiversions"]["error_code"] == 0 and versions[1] == API[1].max  # tansu offers Fetch v13+
+    assert all(v <= API[k].max for k, v in versions.items() if k in API)
+    assert 71 in versions  # allow-all: the unknown API stays advertised
+    assert got["telemetry"]["correlation_id"] == 2 and got["telemetry"]["size"] > 4  # tansu's own answer
+    assert got["apiversions_v9"] == {"correlation_id": 3, "error_code": 35,
+                                     "api_keys": [{"api_key": 18, "min_version": 0, "max_version": API[18].max}]}
+    opaque = records(net, api_key="71", client_id="raw")
+    assert opaque and opaque[0]["verdict"] == "FORWARDED" and opaque[0]["source"]["identity"] == JUDGE_ID
+    # hq: the rules know nothing of API 71 and its ApiVersions answer leaves it out
+    got = json.loads(sh(sys.executable, str(CLIENT), "raw", BOOTSTRAP, "probe", "-", ns=NS_HQ,
+                        timeout=60).stdout.strip().splitlines()[-1])
+    assert "71" not in got["apiversions"]["max"] and got["closed_at"] == "telemetry"
+    after = control_request(str(net / "control.sock"), "status")["listeners"][0]["parse_errors"]
+    assert after == before + 1

@@ -14,6 +14,7 @@ from pilus.proxy.kafka_rules import clamp_api_versions
 from pilus.proxy.kafka_schema import API
 from pilus.proxy.kafka_wire import (
     MAX_FRAME,
+    MIN_RESPONSE,
     FrameReader,
     KafkaCodecError,
     Request,
@@ -152,6 +153,14 @@ def test_frames_split_across_feeds():
 def test_bad_frame_sizes_are_refused(size):
     with pytest.raises(KafkaCodecError, match="frame size"):
         FrameReader().feed(struct.pack(">i", size) + b"x" * 8)
+
+
+def test_responses_may_be_shorter_than_requests():
+    six = frame(b"\0\0\0\x05\0\x1e")  # Heartbeat v0: correlation id and error code
+    with pytest.raises(KafkaCodecError):
+        FrameReader().feed(six)
+    [body] = FrameReader(min_frame=MIN_RESPONSE).feed(six)
+    assert decode_response(12, 0, body).body == {"error_code": 30}
 
 
 def test_the_limit_itself_is_allowed():

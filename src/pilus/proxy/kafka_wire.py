@@ -1,7 +1,7 @@
 """Kafka wire format, sans-I/O: frames, request / response headers and schema-driven bodies.
 
 ``FrameReader.feed(bytes) -> [frame body]`` splits a byte stream on the 4-byte size prefix
-(a frame over ``MAX_FRAME`` bytes, or a size under 8, is an error). ``decode_request`` reads the
+(a frame over ``MAX_FRAME`` bytes, or under a header's fixed part, is an error). ``decode_request`` reads the
 request header (v1, or v2 = with tagged fields for a flexible API version) and, for an API and
 version ``kafka_schema.API`` covers, the body as a dict; ``encode_request`` /
 ``decode_response`` / ``encode_response`` are the other directions. Tagged fields are kept raw
@@ -17,10 +17,12 @@ from typing import Any
 
 from .kafka_schema import API, API_VERSIONS_KEY, F
 
-__all__ = ["MAX_FRAME", "FrameReader", "KafkaCodecError", "Request", "Response", "decode_request",
-           "decode_response", "default_body", "encode_request", "encode_response", "frame"]
+__all__ = ["MAX_FRAME", "MIN_REQUEST", "MIN_RESPONSE", "FrameReader", "KafkaCodecError", "Request", "Response",
+           "decode_request", "decode_response", "default_body", "encode_request", "encode_response", "frame"]
 
 MAX_FRAME = 100 * 1024 * 1024  # Kafka's default socket.request.max.bytes is 100 MiB
+MIN_REQUEST = 8  # api key, version, correlation id
+MIN_RESPONSE = 4  # correlation id (a Heartbeat v0 answer is 6 bytes)
 MAX_ARRAY = 1 << 20  # an array can never be longer than the frame anyway; this bounds a bogus count early
 
 
@@ -31,8 +33,9 @@ class KafkaCodecError(ValueError):
 class FrameReader:
     """Size-prefixed frames out of a byte stream."""
 
-    def __init__(self, max_frame: int = MAX_FRAME):
+    def __init__(self, max_frame: int = MAX_FRAME, min_frame: int = MIN_REQUEST):
         self.max_frame = max_frame
+        self.min_frame = min_frame
         self._buf = bytearray()
 
     @property
@@ -45,8 +48,8 @@ class FrameReader:
         out = []
         while len(self._buf) >= 4:
             (size,) = struct.unpack_from(">i", self._buf)
-            if size < 8 or size > self.max_frame:  # a frame holds at least a header's fixed part
-                raise KafkaCodecError(f"frame size {size} outside 8..{self.max_frame}")
+            if size < self.min_frame or size > self.max_frame:  # at least a header's fixed part
+                raise KafkaCodecError(f"frame size {size} outside {self.min_frame}..{self.max_frame}")
             if len(self._buf) < 4 + size:
                 break
             out.append(bytes(self._buf[4:4 + size]))

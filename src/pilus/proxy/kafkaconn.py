@@ -33,6 +33,7 @@ from .kafka_rules import (
 )
 from .kafka_schema import API, API_VERSIONS_KEY, TOPIC_AUTHORIZATION_FAILED, UNSUPPORTED_VERSION
 from .kafka_wire import (
+    MIN_RESPONSE,
     FrameReader,
     KafkaCodecError,
     Request,
@@ -84,7 +85,7 @@ class _KafkaConnection:
         self.reader = reader
         self.writer = writer
         self.frames = FrameReader()
-        self.up_frames = FrameReader()
+        self.up_frames = FrameReader(min_frame=MIN_RESPONSE)
         self.up_r: asyncio.StreamReader | None = None
         self.up_w: asyncio.StreamWriter | None = None
         self.queue: asyncio.Queue[_Pending | None] = asyncio.Queue(MAX_IN_FLIGHT)
