@@ -49,6 +49,7 @@ bench: setup
 	$(PY) -m bench.policy_resolve
 	$(PY) -m bench.hubble
 	$(PY) -m bench.l7
+	$(PY) -m bench.dns
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
