@@ -110,6 +110,9 @@ def test_ips_matching_and_dump_filters():
     assert c.ips_matching(NameMatcher(names=["api.github.com"])) == {"1.2.3.4"}
     assert c.ips_matching(NameMatcher(allow_all=True)) == {"1.2.3.4", "5.6.7.8", "5.6.7.9", "9.9.9.9"}
     assert [r["fqdn"] for r in c.dump(endpoint=12)] == ["api.github.com.", "docs.cilium.io."]
+    assert [r["fqdn"] for r in c.dump(pattern="**.cilium.io")] == ["docs.cilium.io.", "a.b.cilium.io."]
+    with pytest.raises(ValueError, match="empty label"):
+        c.dump(pattern="a..b")
     assert c.dump(name="DOCS.cilium.io") == [
         {"endpoint": 12, "fqdn": "docs.cilium.io.", "ips": ["5.6.7.8", "5.6.7.9"], "ttl": 300,
          "lookup_time": "2023-11-14T22:13:20Z", "expiration_time": "2023-11-14T22:18:20Z", "source": "lookup"}]

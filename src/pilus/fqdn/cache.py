@@ -181,10 +181,13 @@ class DNSCache:
         with self._lock:
             return set(self._live.get(endpoint, {}).get(normalize(name), {}))
 
-    def dump(self, endpoint: int | None = None, name: str | None = None) -> list[dict[str, Any]]:
+    def dump(self, endpoint: int | None = None, name: str | None = None,
+             pattern: str | None = None) -> list[dict[str, Any]]:
         """``pilus fqdn cache list`` / ``GET /v1/fqdn/cache``: one row per (endpoint, name,
-        lookup) with its IPs; zombies as ``"source": "connection"``."""
+        lookup) with its IPs; zombies as ``"source": "connection"``. ``name``: that name only;
+        ``pattern``: a matchPattern (ValueError when invalid), as ``--matchpattern``."""
         want = None if name is None else normalize(name)
+        sel = None if pattern is None else NameMatcher(patterns=[pattern])
         rows: dict[tuple, set[str]] = {}
         with self._lock:
             for ep, names in self._live.items():
@@ -197,7 +200,8 @@ class DNSCache:
                         rows.setdefault((ep, n, z.lookup_time, z.ttl, z.expires, "connection"), set()).add(ip)
         out = []
         for (ep, n, looked, ttl, expires, source), ips in sorted(rows.items(), key=lambda kv: kv[0][:3] + kv[0][5:]):
-            if (endpoint is None or ep == endpoint) and (want is None or n == want):
+            if ((endpoint is None or ep == endpoint) and (want is None or n == want)
+                    and (sel is None or sel.matches(n))):
                 out.append({"endpoint": ep, "fqdn": n, "ips": sorted(ips, key=ipaddress.ip_address), "ttl": ttl,
                             "lookup_time": rfc3339(looked), "expiration_time": rfc3339(expires), "source": source})
         return out
