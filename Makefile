@@ -50,6 +50,7 @@ bench: setup
 	$(PY) -m bench.hubble
 	$(PY) -m bench.l7
 	$(PY) -m bench.dns
+	$(PY) -m bench.kafka
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
