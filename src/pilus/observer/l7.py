@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 VERDICTS = ("FORWARDED", "DENIED", "ERROR")
 L7_TYPES = ("http", "kafka", "dns")
+DEFAULT_L7 = L7_TYPES[0]  # a record without "l7" is the HTTP proxy's
 TRANSPORTS = ("tcp", "udp")
 
 INT16 = (-(1 << 15), (1 << 15) - 1)
@@ -78,7 +79,7 @@ class L7Event:
     record_time: float | None = None  # when the proxy wrote it (seconds since the epoch)
     time: float | None = None  # when the agent received it
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
-    l7: str = "http"  # L7_TYPES
+    l7: str = DEFAULT_L7  # L7_TYPES
     kafka: KafkaInfo | None = None  # l7 == "kafka"
     dns: DNSInfo | None = None  # l7 == "dns"
     transport: str = "tcp"  # TRANSPORTS (DNS may come over UDP)
@@ -98,7 +99,7 @@ class L7Event:
     def from_record(cls, rec: Any) -> L7Event:
         if not isinstance(rec, dict):
             raise ValueError("an L7 record must be a JSON object")
-        l7 = _str(rec, "l7", "http")
+        l7 = _str(rec, "l7", DEFAULT_L7)
         if l7 not in L7_TYPES:
             raise ValueError(f"l7: {l7!r} is not one of {', '.join(L7_TYPES)}")
         for other in L7_TYPES[1:]:
