@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from pilus.api.errors import MAX_BODY_BYTES, error_response, json_errors
+from pilus.api.fqdn_routes import add_fqdn_routes
 from pilus.api.proxy_routes import add_proxy_routes
 from pilus.api.secret_routes import add_secret_routes
 from pilus.api.service_routes import add_service_routes
@@ -90,6 +91,7 @@ class APIServer:
         r.add_get("/v1/bpf/policy/{ref:.+}", self.bpf_policy)
         add_service_routes(app, self.agent)
         add_proxy_routes(app, self.agent)
+        add_fqdn_routes(app, self.agent)
         add_secret_routes(app, self.agent)
         r.add_get("/v1/namespace", self.namespace_list)
         r.add_put("/v1/namespace/{name}", self.namespace_put)

@@ -13,6 +13,7 @@ import sys
 
 from pilus import __version__
 from pilus.cli import bpf, cluster, common, endpoint, exec_cmd, identity, monitor, node, observe, policy, status
+from pilus.cli import fqdn as fqdn_cmd
 from pilus.cli import namespace as namespace_cmd
 from pilus.cli import proxy as proxy_cmd
 from pilus.cli import secret as secret_cmd
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     service_cmd.register(sub, parent)
     service_cmd.register_bpf_lb_under(sub, parent)
     proxy_cmd.register(sub, parent)
+    fqdn_cmd.register(sub, parent)
     secret_cmd.register(sub, parent)
     ui_cmd.register(sub, parent)
     return parser
