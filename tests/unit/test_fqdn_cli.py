@@ -193,3 +193,46 @@ def test_no_fqdn_cache_is_503(capsys):
         assert a.http("GET", "/v1/fqdn/cache?endpoint=x")[0] == 400
     finally:
         a.stop()
+
+
+class CacheFacade:
+    """``agent.fqdn`` over the DNS proxy's real DNSCache (pilus.fqdn.cache), as the agent
+    wires it: its dump is the API's list, clean forgets rows."""
+
+    def __init__(self, cache) -> None:
+        self.cache = cache
+
+    async def cache_list(self, endpoint: int | None, pattern: str | None) -> list[dict]:
+        return self.cache.dump(endpoint, pattern=pattern)
+
+    async def cache_clean(self, endpoint: int | None) -> int:
+        before = len(self.cache.dump(endpoint))
+        self.cache.clear(endpoint)
+        return before
+
+    def names_for_ip(self, ip: str) -> list[str]:
+        return self.cache.names_for_ip(ip)
+
+
+def test_a_real_dns_cache_through_the_cli(capsys):
+    from pilus.fqdn.cache import DNSCache
+
+    cache = DNSCache()
+    t0 = 1_796_313_600.0  # 2026-12-03T16:00:00Z
+    cache.update(12, "API.GitHub.com", ["140.82.121.6", "140.82.121.5"], 300, t0)
+    cache.update(7, "docs.cilium.io", ["104.16.0.1"], 60, t0)
+    a = Agent(CacheFacade(cache)).start()
+    try:
+        rc, out, _ = run(a, capsys, "list")
+        assert rc == 0
+        assert [line.split() for line in out.splitlines()[1:]] == [
+            ["7", "lookup", "docs.cilium.io.", "60", "2026-12-03T16:01:00Z", "104.16.0.1"],
+            ["12", "lookup", "api.github.com.", "300", "2026-12-03T16:05:00Z", "140.82.121.5,140.82.121.6"]]
+        rc, out, _ = run(a, capsys, "list", "-n", "*.cilium.io", "-o", "json")
+        assert [(e["endpoint"], e["fqdn"], e["lookup_time"]) for e in json.loads(out)] == [
+            (7, "docs.cilium.io.", "2026-12-03T16:00:00Z")]
+        rc, out, _ = run(a, capsys, "clean", "-e", "12", "-f")
+        assert out == "Deleted 1 entries from endpoint 12's FQDN cache\n"
+        assert cache.names_for_ip("140.82.121.6") == [] and cache.names_for_ip("104.16.0.1") == ["docs.cilium.io."]
+    finally:
+        a.stop()
