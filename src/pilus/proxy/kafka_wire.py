@@ -152,14 +152,33 @@ class _W:
 _FIXED = {"int8": (">b", 1), "int16": (">h", 2), "int32": (">i", 4), "int64": (">q", 8), "bool": (">?", 1)}
 
 
+_NUMBERS = {t: struct.Struct(fmt) for t, (fmt, _) in _FIXED.items() if t != "bool"}
+_PLANS: dict[tuple[int, int], tuple[tuple[str, Any], ...]] = {}
+
+
+def _plan(fields: list[F] | tuple[F, ...], version: int) -> tuple[tuple[str, Any], ...]:
+    """The (name, type) of the fields one version carries, worked out once: the schemas are
+    module constants, so their ids are stable (this is the proxy's hottest loop)."""
+    key = (id(fields), version)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = tuple((f.name, f.type) for f in fields if f.present(version))
+    return plan
+
+
 def _read(r: _R, t: Any, flex: bool, version: int) -> Any:
-    if isinstance(t, list):
+    if type(t) is list:
         n = r.length(flex, wide=True)
         return None if n is None else [_read_struct(r, t, flex, version) for _ in range(r._count(n))]
+    num = _NUMBERS.get(t)
+    if num is not None:
+        o = r.o
+        if o + num.size > len(r.b):
+            raise KafkaCodecError(f"truncated at byte {o} (need {num.size})")
+        r.o = o + num.size
+        return num.unpack_from(r.b, o)[0]
     if t == "bool":
         return _bool(r)
-    if t in _FIXED:
-        return r.fixed(*_FIXED[t])
     if t == "string":
         n = r.length(flex)
         if n is None:
@@ -189,9 +208,8 @@ def _bool(r: _R) -> bool:
 
 def _read_struct(r: _R, fields: list[F] | tuple[F, ...], flex: bool, version: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for f in fields:
-        if f.present(version):
-            out[f.name] = _read(r, f.type, flex, version)
+    for name, t in _plan(fields, version):
+        out[name] = _read(r, t, flex, version)
     if flex:
         out["_tags"] = r.tags()
     return out
