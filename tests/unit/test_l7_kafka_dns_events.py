@@ -71,6 +71,7 @@ def test_kafka_and_dns_records_parse_every_field():
     k = L7Event.from_record(kafka_record(verdict="DENIED", error_code=29))
     assert (k.l7, k.protocol, k.transport, k.verdict, k.dns) == ("kafka", "Kafka", "tcp", "DENIED", None)
     assert k.kafka == KafkaInfo("produce", 9, 7, "rdkafka", "deathstar-plans", 29)
+    assert L7Event.from_record(kafka_record(error_code=None)).kafka.error_code is None  # no answer
     d = L7Event.from_record(dns_record())
     assert (d.l7, d.protocol, d.transport, d.kafka, d.endpoint, d.source_ep) == ("dns", "DNS", "udp", None, 14, 14)
     assert d.dns == DNSInfo("api.github.com.", ("A",), ("A",), 0, (GITHUB,), 300, (), "proxy")
@@ -184,6 +185,8 @@ def test_monitor_kafka_lines():
         "-> Request kafka from 12 ([]) to 0 ([]), identity 4001->4002, verdict Denied fetch topic "
         "deathstar-plans => 29 api-version 9")
     assert "(Kafka, 10.200.1.7:40100 -> 10.200.1.8:9092, latency 3000000 ns" in monitor(kafka_record(), verbose=1)
+    assert "verdict Forwarded produce topic deathstar-plans => - api-version 9" in monitor(
+        kafka_record(error_code=None))
 
 
 def test_monitor_dns_lines():
@@ -231,7 +234,10 @@ def test_kafka_forwarded_is_a_request_and_a_response():
         flow_pb2.RESPONSE, True, BROKER, 3_000_000)
     assert resp.Summary == "Kafka response produce correlation id 7 topic 'deathstar-plans' return code 0"
     broker_error = parser().flows(L7Event.from_record(kafka_record(error_code=3)))
-    assert [f.l7.kafka.error_code for f in broker_error] == [0, 3]  # the request has none (Hubble)
+    assert [f.l7.kafka.error_code for f in broker_error] == [3, 3]  # the code the client got, on both
+    # a Produce with acks=0 gets no answer (error_code null): its request only
+    (f,) = parser().flows(L7Event.from_record(kafka_record(error_code=None)))
+    assert (f.l7.type, f.verdict, f.l7.kafka.error_code) == (flow_pb2.REQUEST, flow_pb2.FORWARDED, 0)
 
 
 def test_kafka_denied_is_its_request_dropped_with_the_code():
@@ -376,7 +382,8 @@ def test_kafka_metrics_count_each_topic_once_with_its_code():
     p = parser()
     for rec in (kafka_record(), kafka_record(topic="empire-announce"), kafka_record(),
                 kafka_record(verdict="DENIED", error_code=29, direction="egress"),
-                kafka_record(api_key="apiversions", topic="")):
+                kafka_record(api_key="apiversions", topic=""), kafka_record(error_code=None),
+                kafka_record(topic="empire-announce", error_code=3)):
         for f in p.flows(L7Event.from_record(rec)):
             m.observe(f)
 
@@ -384,7 +391,9 @@ def test_kafka_metrics_count_each_topic_once_with_its_code():
         return m.registry.get_sample_value(name, labels) or 0.0
 
     assert value("hubble_kafka_requests_total", topic="deathstar-plans", api_key="produce", error_code="0",
-                 reporter="server") == 2
+                 reporter="server") == 3  # acks=0 too: counted, with no duration
+    assert value("hubble_kafka_requests_total", topic="empire-announce", api_key="produce", error_code="3",
+                 reporter="server") == 1
     assert value("hubble_kafka_requests_total", topic="empire-announce", api_key="produce", error_code="0",
                  reporter="server") == 1
     assert value("hubble_kafka_requests_total", topic="deathstar-plans", api_key="produce", error_code="29",

@@ -27,8 +27,9 @@ is_reply, latency_ns), as Cilium's access log makes them:
   REQUEST has no code (a denial: the 403 sent); a RESPONSE when a status was sent.
   Summary ``HTTP/1.1 GET url`` / ``HTTP/1.1 200 2ms (GET url)``.
 - kafka (one record per (request, topic)): l7.kafka {error_code, api_version, api_key,
-  correlation_id, topic}. The REQUEST has no error code (denied or failed: the one the
-  client got); a RESPONSE when FORWARDED. Summary ``Kafka request produce correlation id 7
+  correlation_id, topic}; both flows carry the code the client got (Hubble's parser
+  leaves a request's 0: its metrics then count every request as error 0); a RESPONSE
+  when FORWARDED and answered (not a Produce with acks=0). Summary ``Kafka request produce correlation id 7
   topic 'deathstar-plans'`` / ``Kafka response ... return code 0``.
 - dns: l7.dns {query, ips, ttl, cnames, observation_source, rcode, qtypes, rrtypes}. The
   REQUEST has query, qtypes and source (denied: the REFUSED rcode too); a RESPONSE unless
@@ -203,8 +204,8 @@ class FlowParser:
         # was sent; Kafka: the broker's answer came back; DNS: an answer (SERVFAIL on error)
         if ev.verdict == "DENIED":
             return False
-        if ev.l7 == "kafka":
-            return ev.verdict == "FORWARDED"
+        if ev.kafka is not None:  # no code: nothing came back (acks=0, a failed broker)
+            return ev.verdict == "FORWARDED" and ev.kafka.error_code is not None
         if ev.l7 == "dns":
             return True
         return bool(ev.status)
@@ -258,9 +259,9 @@ class FlowParser:
     def _l7_kafka(f: flow_pb2.Flow, k: KafkaInfo, verdict: str, response: bool) -> str:
         pk = f.l7.kafka
         pk.api_version, pk.api_key, pk.correlation_id, pk.topic = k.api_version, k.api_key, k.correlation_id, k.topic
-        # Hubble's request carries no error code; a denied request's is the one the client got
-        if response or verdict != "FORWARDED":
-            pk.error_code = k.error_code
+        # Hubble's parser leaves a request's code 0; the record is written once answered, so
+        # the request carries the code the client got (its metrics count requests)
+        pk.error_code = k.error_code or 0
         if response:
             return (f"Kafka response {k.api_key} correlation id {k.correlation_id} topic '{k.topic}' "
                     f"return code {k.error_code}")

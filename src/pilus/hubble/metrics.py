@@ -21,10 +21,9 @@ whatever the traffic: no addresses, ports or pod names.
           dns handler. No query names (its `query` option): qtypes and counts only.
   kafka   hubble_kafka_requests_total{topic, api_key, error_code, reporter} and
           hubble_kafka_request_duration_seconds{topic, api_key, reporter} (Cilium's kafka
-          handler). Cilium counts REQUEST flows, whose error code its parser leaves 0;
-          here each (request, topic) counts once with the code the client got: on its
-          RESPONSE flow, or on its REQUEST flow when it had none (denied, failed). The
-          duration is the RESPONSE's latency. Topics are the broker's: as bounded as it is.
+          handler): REQUEST flows, one per (request, topic), with the code the client got
+          (pilus flows carry it; Cilium's parser leaves it 0), and the RESPONSE's latency.
+          Topics are the broker's: as bounded as its topic list.
 """
 
 from __future__ import annotations
@@ -182,11 +181,10 @@ class HubbleMetrics:
 
     def _kafka(self, f: flow_pb2.Flow) -> None:
         k, kind = f.l7.kafka, f.l7.type
-        if kind != flow_pb2.RESPONSE and (kind != flow_pb2.REQUEST or f.verdict == flow_pb2.FORWARDED):
-            return  # a forwarded request counts on its response, which has the broker's code
         reporter = _reporter(f)
-        self.kafka_requests.labels(k.topic, k.api_key, str(k.error_code), reporter).inc()
-        if kind == flow_pb2.RESPONSE:
+        if kind == flow_pb2.REQUEST:
+            self.kafka_requests.labels(k.topic, k.api_key, str(k.error_code), reporter).inc()
+        elif kind == flow_pb2.RESPONSE:
             self.kafka_duration.labels(k.topic, k.api_key, reporter).observe(f.l7.latency_ns / 1e9)
 
     def record_lost(self, source: int, count: int) -> None:

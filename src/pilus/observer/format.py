@@ -347,7 +347,8 @@ def _l7_detail(ev: dict) -> str:
     if proto == "kafka":
         k = ev.get("kafka") or {}
         # cilium-dbg: `<api key> topic <topic> => <error code>`; the rest says which request
-        line = f"{k.get('api_key') or '?'} topic {k.get('topic') or ''} => {k.get('error_code', 0)}"
+        code = k.get("error_code")
+        line = f"{k.get('api_key') or '?'} topic {k.get('topic') or ''} => {'-' if code is None else code}"
         line += f" api-version {k.get('api_version', 0)} correlation-id {k.get('correlation_id', 0)}"
         if k.get("client_id"):
             line += f" client-id {k['client_id']}"

@@ -40,7 +40,9 @@ class KafkaInfo:
     correlation_id: int
     client_id: str
     topic: str  # "" for a request without topics
-    error_code: int  # what the client got for this topic (29 TOPIC_AUTHORIZATION_FAILED when denied)
+    # what the client got for this topic (29 TOPIC_AUTHORIZATION_FAILED when denied); None: no
+    # response (a Produce with acks=0, or the broker failed)
+    error_code: int | None
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,7 @@ def _kafka(k: Any) -> KafkaInfo:
         correlation_id=_int(k, "correlation_id", default=0, where="kafka.", bounds=INT32),
         client_id=_name(k, "kafka.client_id", "client_id"),
         topic=_name(k, "kafka.topic", "topic"),
-        error_code=_int(k, "error_code", default=0, where="kafka.", bounds=INT16),
+        error_code=None if k.get("error_code") is None else _int(k, "error_code", where="kafka.", bounds=INT16),
     )
 
 
