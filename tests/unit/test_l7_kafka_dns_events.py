@@ -3,30 +3,40 @@ observer: L7Event.from_record checks every field (a bad one names its path; rand
 only ever raises ValueError), `pilus monitor --type l7` prints cilium-dbg's access-log
 lines and -o json carries the details, Hubble makes l7.kafka / l7.dns REQUEST and
 RESPONSE flows with Hubble's summaries, source/destination_names from the FQDN cache,
-and the dns / kafka metrics count them with Hubble's label names."""
+the dns / kafka metrics count them with Hubble's label names, and record lines the agent
+receives reach GetFlows through the hub and the Hubble part, names and filters included."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import json
+import shutil
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
+import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_hubble_flows import packet, trace
-from test_l7_flows import T0, record
+from test_l7_flows import T0, QuietReader, record
 
 from pilus.agent_hubble import AgentEndpointLookup
+from pilus.agent_proxy import parse_record
 from pilus.cli.observe import format_flow
+from pilus.fqdn.cache import DNSCache
 from pilus.hubble.filters import compile_filter
 from pilus.hubble.flows import MESSAGE_TYPE_ACCESS_LOG, FlowParser
 from pilus.hubble.lookup import EndpointDetails, StaticLookup
 from pilus.hubble.metrics import HubbleMetrics
-from pilus.hubble.protos import flow_pb2, observer_pb2
+from pilus.hubble.part import HubblePart
+from pilus.hubble.protos import flow_pb2, observer_pb2, observer_pb2_grpc
 from pilus.observer.format import event_record, format_event
 from pilus.observer.l7 import DNSInfo, KafkaInfo, L7Event
+from pilus.observer.monitor import EventHub
 
 HQ, BROKER, POD, COREDNS, GITHUB = "10.200.1.7", "10.200.1.8", "10.200.1.9", "10.200.2.53", "140.82.121.6"
 EMPIRE_HQ, KAFKA_ID, POD_ID, DNS_ID, WORLD = 4001, 4002, 4003, 4004, 2
@@ -405,3 +415,59 @@ def test_kafka_metrics_count_each_topic_once_with_its_code():
     assert value("hubble_kafka_request_duration_seconds_sum", topic="deathstar-plans", api_key="produce",
                  reporter="server") == pytest.approx(0.006)
     assert value("hubble_http_requests_total", method="GET", protocol="HTTP/1.1", reporter="server") == 0
+
+
+# -- the agent's path: a record line -> EventHub -> HubblePart -> GetFlows ------------------
+
+
+def test_records_reach_getflows_with_names_and_l7_filters():
+    cache = DNSCache()
+    cache.update(14, "api.github.com", [GITHUB], 300, T0)
+    agent = SimpleNamespace(endpoints=None, parts={}, identities=None, fqdn=cache)
+    sockdir = Path(tempfile.mkdtemp(prefix="l7kd-", dir="/tmp"))  # sun_path holds 107 bytes
+    to_github = record(direction="egress", endpoint=14, url="https://api.github.com/",
+                       source={"ip": POD, "port": 42000, "identity": POD_ID},
+                       destination={"ip": GITHUB, "port": 443, "identity": WORLD})
+    lines = [json.dumps(r).encode() + b"\n" for r in (
+        dns_record(), dns_record(verdict="DENIED", query="evil.example.", rcode=5, ips=()),
+        kafka_record(verdict="DENIED", error_code=29), to_github)]
+
+    async def run():
+        hub = EventHub(QuietReader())
+        part = HubblePart(hub, AgentEndpointLookup(agent), node_name="default/node1",
+                          socket_path=sockdir / "hubble.sock", event_types=frozenset({"drop"}))
+        await hub.start()
+        await part.start()
+        channel = grpc.aio.insecure_channel(f"unix:{part.server.socket_path}")
+        try:
+            for line in lines:
+                hub.publish(parse_record(line))
+            for _ in range(1000):  # the reader task runs on this loop: let it take the events
+                if part.ring.seen_flows >= 6:
+                    break
+                await asyncio.sleep(0.01)
+            assert part.ring.seen_flows == 6 and part.status()["parse_errors"] == 0
+            stub = observer_pb2_grpc.ObserverStub(channel)
+
+            async def summaries(*filters):
+                req = observer_pb2.GetFlowsRequest(number=20, whitelist=list(filters))
+                return [r.flow.Summary async for r in stub.GetFlows(req) if r.HasField("flow")]
+
+            assert await summaries(flow_pb2.FlowFilter(protocol=["dns"], verdict=[flow_pb2.DROPPED])) == [
+                "DNS Query evil.example. A"]
+            assert await summaries(flow_pb2.FlowFilter(dns_query=["github"], reply=[True])) == [
+                'DNS Answer "140.82.121.6" TTL: 300 (Proxy api.github.com. A)']
+            assert await summaries(flow_pb2.FlowFilter(protocol=["kafka"])) == [
+                "Kafka request produce correlation id 7 topic 'deathstar-plans'"]
+            # names from the agent's FQDN cache, through the part's own parser
+            assert await summaries(flow_pb2.FlowFilter(destination_fqdn=["*.github.com"])) == [
+                "HTTP/1.1 GET https://api.github.com/"]
+        finally:
+            await channel.close()
+            await part.stop()
+            await hub.stop()
+
+    try:
+        asyncio.run(run())
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
