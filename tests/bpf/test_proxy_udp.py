@@ -23,7 +23,7 @@ from ipaddress import IPv4Network
 
 import pyroute2
 import pytest
-from lxc_env import EP_A, EP_B, EP_C, enforce, key
+from lxc_env import EP_A, EP_B, EP_C, NODE_IP, POD_CIDR, ROUTER_IP, enforce, key
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import raw
@@ -231,7 +231,7 @@ def cmsg_mark(cmsgs) -> int | None:
 
 @pytest.fixture
 def veth_dp(tmp_path_factory):
-    cfg = DatapathConfig("veth-udp-proxy", "10.200.1.1", "172.30.0.11", "10.200.1.0/24")
+    cfg = DatapathConfig("veth-udp-proxy", ROUTER_IP, NODE_IP, POD_CIDR)
     dp = Datapath(cfg, tmp_path_factory.getbasetemp() / "veth-udp-state", bpffs_root=None)
     dp.load()
     try:
