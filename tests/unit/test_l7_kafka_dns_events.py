@@ -136,6 +136,17 @@ def _set(rec: dict, path: str, value) -> dict:
     ("dns", "dns.cnames", [None], "dns.cnames[0]: must be a string"),
     ("dns", "transport", "sctp", "transport: 'sctp' is neither tcp nor udp"),
     ("dns", "kafka", {"api_key": "fetch"}, "kafka: only in an l7 'kafka' record (this one is 'dns')"),
+    ("dns", "latency_ns", -1, "latency_ns: -1 is not in 0..9223372036854775807"),
+    ("dns", "endpoint", 1 << 16, "endpoint: 65536 is not in 0..65535"),
+    ("dns", "source.port", 70000, "source.port: 70000 is not in 0..65535"),
+    ("dns", "destination.identity", -2, "destination.identity: -2 is not in 0..4294967295"),
+    ("dns", "source.ip", "pod", "source.ip: 'pod' is not an IP address"),
+    ("dns", "dns.query", "api\ud800.", "dns.query: not valid Unicode text"),
+    ("kafka", "listener", "\udfff", "listener: not valid Unicode text"),
+    ("kafka", "time", float("nan"), "time: nan is not seconds since the epoch"),
+    ("kafka", "time", float("inf"), "time: inf is not seconds since the epoch"),
+    ("kafka", "time", -1.5, "time: -1.5 is not seconds since the epoch"),
+    ("kafka", "kafka.client_id", "\ud83d", "kafka.client_id: not valid Unicode text"),
 ])
 def test_bad_records_name_the_field(base, path, value, message):
     rec = _set(kafka_record() if base == "kafka" else dns_record(), path, value)
@@ -144,13 +155,15 @@ def test_bad_records_name_the_field(base, path, value, message):
     assert str(exc.value).startswith(message)
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats() | st.text(max_size=8),
+TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=8)  # lone surrogates too, as JSON allows
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats() | TEXT,
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
                     max_leaves=12)
 PATHS = ["l7", "verdict", "direction", "transport", "source", "source.ip", "kafka", "kafka.api_key",
          "kafka.api_version", "kafka.correlation_id", "kafka.client_id", "kafka.topic", "kafka.error_code",
          "dns", "dns.query", "dns.qtypes", "dns.rrtypes", "dns.rcode", "dns.ips", "dns.ttl", "dns.cnames",
-         "dns.observation_source", "latency_ns", "endpoint"]
+         "dns.observation_source", "latency_ns", "endpoint", "source.port", "destination.identity",
+         "destination.ip", "listener", "status", "grpc_status", "method", "url", "protocol", "time"]
 
 
 @settings(max_examples=400, deadline=None)

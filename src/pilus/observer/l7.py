@@ -19,6 +19,7 @@ TRANSPORTS = ("tcp", "udp")
 
 INT16 = (-(1 << 15), (1 << 15) - 1)
 INT32 = (-(1 << 31), (1 << 31) - 1)
+UINT16 = (0, (1 << 16) - 1)
 UINT32 = (0, (1 << 32) - 1)
 MAX_NAME = 1024  # longer than any DNS name or Kafka topic the proxies accept: a bad record
 MAX_ITEMS = 4096  # answers per DNS record; far above what fits in one DNS message
@@ -123,7 +124,7 @@ class L7Event:
         t = rec.get("time")
         return cls(
             direction=direction,
-            endpoint=_int(rec, "endpoint", default=0),
+            endpoint=_int(rec, "endpoint", default=0, bounds=UINT16),
             source=_peer(rec, "source"),
             destination=_peer(rec, "destination"),
             protocol=_str(rec, "protocol", {"kafka": "Kafka", "dns": "DNS"}.get(l7, "")),
@@ -131,18 +132,29 @@ class L7Event:
             url=_str(rec, "url", ""),
             host=_str(rec, "host", ""),
             path=_str(rec, "path", ""),
-            status=_int(rec, "status", default=0),
+            status=_int(rec, "status", default=0, bounds=(0, 999)),
             verdict=verdict,
-            latency_ns=_int(rec, "latency_ns", default=0),
-            grpc_status=None if grpc is None else _int(rec, "grpc_status"),
+            latency_ns=_int(rec, "latency_ns", default=0, bounds=(0, (1 << 63) - 1)),
+            grpc_status=None if grpc is None else _int(rec, "grpc_status", bounds=INT32),
             listener=_str(rec, "listener", ""),
             header_mismatches=tuple((str(m.get("name", "")), str(m.get("action", ""))) for m in mismatches),
-            record_time=float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else None,
+            record_time=_time(t),
             l7=l7,
             kafka=_kafka(rec.get("kafka")) if l7 == "kafka" else None,
             dns=_dns(rec.get("dns")) if l7 == "dns" else None,
             transport=transport,
         )
+
+
+MAX_TIME = 253_402_300_800  # 10000-01-01: the end of a protobuf Timestamp's range
+
+
+def _time(t: Any) -> float | None:
+    if not isinstance(t, (int, float)) or isinstance(t, bool):
+        return None  # no usable time: the agent's receive time stands in
+    if not 0 <= t < MAX_TIME:  # NaN fails this too
+        raise ValueError(f"time: {t!r} is not seconds since the epoch before year 10000")
+    return float(t)
 
 
 def _kafka(k: Any) -> KafkaInfo:
@@ -187,6 +199,7 @@ def _name(rec: dict, path: str, key: str, *, required: bool = False) -> str:
         raise ValueError(f"{path}: must be a string")
     if len(v) > MAX_NAME:
         raise ValueError(f"{path}: longer than {MAX_NAME} characters")
+    _utf8(v, path)
     return v
 
 
@@ -202,6 +215,7 @@ def _names(rec: dict, key: str) -> tuple[str, ...]:
     for i, item in enumerate(v):
         if not isinstance(item, str) or len(item) > MAX_NAME:
             raise ValueError(f"dns.{key}[{i}]: must be a string of at most {MAX_NAME} characters")
+        _utf8(item, f"dns.{key}[{i}]")
         out.append(item)
     return tuple(out)
 
@@ -212,7 +226,16 @@ def _str(rec: dict, key: str, default: str | None = None) -> str:
         return default
     if not isinstance(v, str):
         raise ValueError(f"{key}: must be a string")
+    _utf8(v, key)
     return v
+
+
+def _utf8(v: str, path: str) -> None:
+    # JSON may carry lone surrogates ("\ud800"); a flow's strings must be UTF-8
+    try:
+        v.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"{path}: not valid Unicode text") from None
 
 
 def _int(rec: dict, key: str, default: int | None = None, *, where: str = "",
@@ -234,4 +257,10 @@ def _peer(rec: dict, key: str) -> L7Peer:
     ip = p.get("ip")
     if not isinstance(ip, str):
         raise ValueError(f"{key}.ip: must be a string")
-    return L7Peer(ip, _int(p, "port", default=0, where=f"{key}."), _int(p, "identity", default=0, where=f"{key}."))
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        raise ValueError(f"{key}.ip: {ip[:64]!r} is not an IP address") from None
+    # bounded as the flow's fields (uint32 identity): a record out of range is a bad record
+    return L7Peer(ip, _int(p, "port", default=0, where=f"{key}.", bounds=UINT16),
+                  _int(p, "identity", default=0, where=f"{key}.", bounds=UINT32))
