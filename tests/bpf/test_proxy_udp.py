@@ -145,6 +145,25 @@ def test_udp_without_proxy_port_and_tcp_redirect_unchanged(dp, events, udp_liste
     assert "ProxyRedirect" in t["flags"]
 
 
+def test_udp_ingress_entry_hairpins_to_the_proxy_port(dp, events):
+    """It falls out of the TCP path: to-container marks the hairpin with the port,
+    from-container then looks for the UDP socket on it (none here: 178)."""
+    port = free_udp_port()
+    c = enforce(dp, EP_C, ING)
+    dp.ipcache.upsert(IPv4Network(f"{EP_C.ipv4}/32"), EP_C.identity)
+    dp.policy.sync(c.ep_id, {key(2, False, UDP_, 5353): l7(port)})
+    pkt = (Ether(src=c.host_mac, dst=c.mac) / IP(src="1.1.1.1", dst=str(c.ipv4))
+           / UDP(sport=40000, dport=5353) / b"query")
+    r = run_skb(dp.prog_fd("cil_to_container"), raw(pkt), ifindex=1)
+    assert (r.retval, r.ctx.mark) == (TC_ACT_REDIRECT, abi.MARK_MAGIC_TO_PROXY | port << 16)
+    (e,) = ct_rows(dp, UDP_, 5353)
+    assert e["flags"] == ["Ingress", "ProxyRedirect"] and e["proxy_port"] == port
+    r = run_skb(dp.prog_fd("cil_from_container"), raw(pkt), ingress_ifindex=c.ifindex,
+                mark=abi.MARK_MAGIC_TO_PROXY | port << 16)
+    assert r.retval == TC_ACT_SHOT
+    assert drops(events.poll()) == [abi.DROP_PROXY_LOOKUP_FAILED]
+
+
 @contextmanager
 def scratch_netns():
     """A namespace of its own for sockets with pod addresses (test runs use the
