@@ -216,6 +216,7 @@ def test_versions_clamped_and_unparsed_apis(net):
     assert got["telemetry"]["correlation_id"] == 2 and got["telemetry"]["size"] > 4  # tansu's own answer
     assert got["apiversions_v9"] == {"correlation_id": 3, "error_code": 35,
                                      "api_keys": [{"api_key": 18, "min_version": 0, "max_version": API[18].max}]}
+    assert not records(net, api_key="apiversions", api_version=9)  # negotiation, not a verdict
     opaque = records(net, api_key="71", client_id="raw")
     assert opaque and opaque[0]["verdict"] == "FORWARDED" and opaque[0]["source"]["identity"] == JUDGE_ID
     # hq: the rules know nothing of API 71 and its ApiVersions answer leaves it out

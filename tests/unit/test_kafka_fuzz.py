@@ -180,3 +180,34 @@ def test_oversized_and_unparsable_frames_count_parse_errors(proxy):
     recs = [r for r in proxy.sink.records if r["kafka"]["correlation_id"] in (5, 6)]
     assert recs and all(r["verdict"] == "DENIED" and r["kafka"]["api_key"] == "heartbeat"
                         and r["kafka"]["error_code"] == 30 and r["l7"] == "kafka" for r in recs)
+
+
+def test_reload_applies_to_an_open_connection():
+    """Deny first; after a reload to allow-all the next request on the same connection goes
+    upstream (nothing listens there: the request is recorded ERROR and the connection closes)."""
+    from pilus.proxy.config import ProxyConfig
+
+    port = free_port()
+
+    def cfg(kafka):
+        return {"listeners": [{"name": "k", "port": port, "address": "127.0.0.1", "direction": "ingress",
+                               "protocol": "kafka", "transparent": False, "upstream": f"127.0.0.1:{free_port()}",
+                               "rules": [{"kafka": kafka}]}]}
+
+    p = ProxyThread(cfg([{"role": "produce"}]))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(encode_request(HEARTBEAT_V4))
+            reader = FrameReader()
+            got: list[bytes] = []
+            while not got:
+                got += reader.feed(s.recv(65536))
+            assert decode_response(12, 4, got[0]).body["error_code"] == 30
+            p.call(p.server.reload(ProxyConfig.from_dict(cfg([]))))
+            s.sendall(encode_request(Request(**{**HEARTBEAT_V4.__dict__, "correlation_id": 8})))
+            assert s.recv(65536) == b""  # closed: the upstream is unreachable
+        lst = p.server.status()["listeners"][0]
+        assert lst["denied"] == 1 and lst["upstream_errors"] == 1
+        assert [r["verdict"] for r in p.sink.records] == ["DENIED", "ERROR"]
+    finally:
+        p.close()

@@ -73,6 +73,7 @@ class _Pending:
     local: bytes | None = None  # the proxy's own answer
     upstream: bool = False  # an answer is due from the broker
     clamp: bool = False  # an ApiVersions answer to clamp
+    recorded: bool = True  # False: version negotiation the proxy answers (not a verdict)
 
 
 class _Closed(Exception):
@@ -166,7 +167,8 @@ class _KafkaConnection:
             api = API[API_VERSIONS_KEY]
             body = default_body(api.response, 0, False, error_code=UNSUPPORTED_VERSION,
                                 api_keys=[{"api_key": api.key, "min_version": api.min, "max_version": api.max}])
-            return _Pending(req, now, local=encode_response(api.key, 0, Response(req.correlation_id, body)))
+            return _Pending(req, now, local=encode_response(api.key, 0, Response(req.correlation_id, body)),
+                            recorded=False)
         if not req.known:
             if rules.allows_opaque(req.api_key, req.api_version, req.client_id):
                 return _Pending(req, now, upstream=True)
@@ -234,7 +236,8 @@ class _KafkaConnection:
             if out:
                 self.writer.write(out)
                 await self.writer.drain()
-            self._record(p, resp, None)
+            if p.recorded:
+                self._record(p, resp, None)
 
     def _answer(self, p: _Pending, body: bytes) -> tuple[bytes, Response | None]:
         """The bytes for the client and the decoded answer (for the record)."""
