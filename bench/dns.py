@@ -3,7 +3,7 @@ from a DNS answer to an allowed connection (toFQDNs). One run, side by side.
 
     python -m bench.dns [--rounds 3] [--duration 3] [--inflight 16] [--names 40] [--json FILE]
 
-One one-node cluster (pods 10.218.0.0/16, underlay 172.31.233.0/24). kube-system/dns runs
+One one-node cluster (pods 10.223.0.0/16, underlay 172.31.235.0/24). kube-system/dns runs
 dnsmasq (cache on, every name of bench.test answered from a hosts file). Two client pods:
 `l4` may reach the DNS pod on port 53 at L4 only (no redirect); `l7` has `rules.dns`
 (matchPattern `*.bench.test`) on port 53, so every query goes through the proxy, plus
@@ -41,8 +41,8 @@ from pathlib import Path
 from bench.run import BenchError, _endpoint, _import_policy, _ip, log
 
 CLUSTER = "dnsb"
-POD_CIDR = IPv4Network("10.218.0.0/16")
-UNDERLAY = IPv4Network("172.31.233.0/24")
+POD_CIDR = IPv4Network("10.223.0.0/16")
+UNDERLAY = IPv4Network("172.31.235.0/24")
 EXT_NS = "pilus-dnsb-ext"
 EXT_IF = "plxdnsb"
 PORT = 8443
@@ -167,8 +167,8 @@ def in_pod(ns: str, script: str, *args: str, timeout: float = 120) -> dict:
 def dns_counters(sock: str) -> dict:
     from pilus.cluster import unix_http
 
-    _s, body = unix_http(sock, "GET", "/v1/fqdn/status", None, timeout=10)
-    return (body or {}).get("proxy", {}) if isinstance(body, dict) else {}
+    _s, body = unix_http(sock, "GET", "/v1/healthz", None, timeout=10)
+    return ((body or {}).get("dns_proxy") or {}).get("proxy", {}) if isinstance(body, dict) else {}
 
 
 def main(argv: list[str] | None = None) -> int:

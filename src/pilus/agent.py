@@ -623,6 +623,8 @@ class Agent:
             else {"ok": False, "disabled": True},
             "proxy": self.proxy.summary() if self.proxy is not None and hasattr(self.proxy, "summary")
             else {"state": "Disabled"},
+            "dns_proxy": self.fqdn.status() if self.fqdn is not None and hasattr(self.fqdn, "status")
+            else {"state": "Disabled"},
             "policy": {
                 "mode": self.cfg.policy_enforcement,
                 "revision": self.policy.revision if self.policy else 0,

@@ -263,7 +263,8 @@ class AgentFQDN:
         return rows
 
     def status(self) -> dict:
-        out = {"port": self.port, "proxy": self.proxy.status(), "names": len(self._names()),
+        out = {"state": "Failure" if self.last_error else "Ok", "port": self.port, "proxy": self.proxy.status(),
+               "names": len(self._names()),
                "records_bad": self.records_bad}
         if self.last_error:
             out["last_error"] = self.last_error
