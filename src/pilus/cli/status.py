@@ -135,6 +135,9 @@ def format_status(h: dict) -> str:
     proxy = h.get("proxy")
     if proxy:
         lines.append(("Proxy", _proxy_line(proxy)))
+    dns = h.get("dns_proxy")
+    if dns:
+        lines.append(("DNS proxy", _dns_line(dns)))
     relay = h.get("relay")
     if relay:
         if relay.get("error"):
@@ -163,6 +166,17 @@ def _proxy_line(p: dict) -> str:
         text = (f"{state}   pid {proc.get('pid')}, {output.or_dash(p.get('listeners'))} listeners, "
                 f"{output.or_dash(p.get('redirects'))} redirects {restarts}")
     return text + (f"; last error: {p['last_error']}" if p.get("last_error") else "")
+
+
+def _dns_line(d: dict) -> str:
+    if _state(d) == "Disabled":
+        return "Disabled"
+    c = d.get("proxy") or {}
+    text = (f"{_state(d)}   port {output.or_dash(d.get('port'))} (UDP, TCP), {output.or_dash(c.get('queries'))} "
+            f"queries: {output.or_dash(c.get('forwarded'))} forwarded, {output.or_dash(c.get('denied'))} denied, "
+            f"{output.or_dash(c.get('upstream_errors'))} upstream errors; "
+            f"{output.or_dash(d.get('names'))} names cached")
+    return text + (f"; last error: {d['last_error']}" if d.get("last_error") else "")
 
 
 def format_brief(h: dict) -> str:
