@@ -28,10 +28,10 @@ def test_agent_flags_reach_the_config(capsys):
     cfg = config_from_args(build_parser().parse_args(base + ["--monitor-aggregation", "none",
                                                              "--hubble-metrics", "flow,drop"]))
     assert cfg.monitor_aggregation == "none" and cfg.hubble_metrics == ("flow", "drop")
-    for bad in (["--monitor-aggregation", "low"], ["--hubble-metrics", "dns"],
+    for bad in (["--monitor-aggregation", "low"], ["--hubble-metrics", "icmp"],
                 ["--hubble-event-buffer-capacity", "4096"], ["--hubble-monitor-events", "l7"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(base + bad)
     err = capsys.readouterr().err
-    assert "invalid choice: 'low'" in err and "unknown Hubble metric 'dns'" in err
+    assert "invalid choice: 'low'" in err and "unknown Hubble metric 'icmp'" in err
     assert "2^k - 1" in err and "expected a list of drop, policy-verdict, trace" in err
