@@ -211,3 +211,49 @@ def test_reload_applies_to_an_open_connection():
         assert [r["verdict"] for r in p.sink.records] == ["DENIED", "ERROR"]
     finally:
         p.close()
+
+
+def test_a_v0_api_versions_answer_is_clamped_too():
+    """A broker that does not speak the client's ApiVersions version answers in v0 (error 35 and
+    its versions); the proxy clamps that list as well. The broker here is a socket that answers
+    that one frame."""
+    import threading
+
+    from pilus.proxy.kafka_schema import API
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    keys = [(0, 0, 11), (1, 0, 17), (18, 0, 3), (71, 0, 0)]
+    answer = struct.pack(">ihi", 0, 35, len(keys)) + b"".join(struct.pack(">hhh", *k) for k in keys)
+
+    def broker():
+        conn, _ = srv.accept()
+        with conn:
+            r = FrameReader()
+            got: list[bytes] = []
+            while not got:
+                got += r.feed(conn.recv(65536))
+            conn.sendall(frame(got[0][4:8] + answer[4:]))  # the request's correlation id
+            conn.recv(1)
+
+    t = threading.Thread(target=broker, daemon=True)
+    t.start()
+    port = free_port()
+    p = ProxyThread({"listeners": [{"name": "k", "port": port, "address": "127.0.0.1", "direction": "ingress",
+                                    "protocol": "kafka", "transparent": False,
+                                    "upstream": f"127.0.0.1:{srv.getsockname()[1]}",
+                                    "rules": [{"kafka": [{"role": "consume"}]}]}]})
+    try:
+        req = Request(18, 3, 41, "c", [], {"client_software_name": "c", "client_software_version": "1", "_tags": []})
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(encode_request(req))
+            r, got = FrameReader(min_frame=4), []
+            while not got:
+                got += r.feed(s.recv(65536))
+        resp = decode_response(18, 0, got[0])
+        assert resp.correlation_id == 41 and resp.body["error_code"] == 35
+        assert [(k["api_key"], k["min_version"], k["max_version"]) for k in resp.body["api_keys"]] == [
+            (0, 0, API[0].max), (1, 0, API[1].max), (18, 0, 3)]  # 71: no rule lets it pass unparsed
+    finally:
+        p.close()
+        srv.close()
+        t.join(5)

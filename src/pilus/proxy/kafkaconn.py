@@ -244,16 +244,16 @@ class _KafkaConnection:
         req = p.req
         if p.decision is None:
             return frame(body), None  # opaque
-        needs_rewrite = p.clamp or bool(p.decision.denied)
+        version = req.api_version
         try:
-            resp = decode_response(req.api_key, req.api_version, body)
+            resp = decode_response(req.api_key, version, body)
         except KafkaCodecError:
-            if needs_rewrite and not p.clamp:
-                raise
-            if p.clamp:  # a broker that does not speak this version answers in v0
-                resp = decode_response(req.api_key, 0, body)
-                return frame(body), resp
-            return frame(body), None
+            if not p.clamp:
+                if p.decision.denied:
+                    raise  # the merge needs the answer's structure
+                return frame(body), None  # forwarded as it came; the record has no error code
+            version = 0  # a broker that does not speak this ApiVersions version answers in v0
+            resp = decode_response(req.api_key, version, body)
         if p.clamp:
             rules, _ = self.rules()
             resp.body = clamp_api_versions(
@@ -262,7 +262,7 @@ class _KafkaConnection:
             resp = merge(req, p.decision, resp)
         else:
             return frame(body), resp
-        return encode_response(req.api_key, req.api_version, resp), resp
+        return encode_response(req.api_key, version, resp), resp
 
     # -- records
 
