@@ -31,7 +31,7 @@ from .kafka_rules import (
     merge,
     topic_errors,
 )
-from .kafka_schema import API, API_VERSIONS_KEY, TOPIC_AUTHORIZATION_FAILED, UNSUPPORTED_VERSION
+from .kafka_schema import API, API_VERSIONS_KEY, UNSUPPORTED_VERSION
 from .kafka_wire import (
     MIN_RESPONSE,
     FrameReader,
@@ -290,7 +290,7 @@ class _KafkaConnection:
                           "api_version": req.api_version, "correlation_id": req.correlation_id,
                           "client_id": req.client_id or "", "topic": topic,
                           "error_code": errors.get(topic, errors.get("", 0)) if resp is not None
-                          else None if allowed else TOPIC_AUTHORIZATION_FAILED},
+                          else None},  # no answer went to the client (acks=0, upstream failure)
             }
             try:
                 ctx.proxy.sink.emit(rec)
