@@ -44,7 +44,7 @@ class AgentConfig:
     hubble_event_buffer_capacity: int = 4095
     #: event types Hubble turns into flows; trace events cost the agent CPU per new connection
     hubble_monitor_events: frozenset[str] = frozenset({"drop", "policy-verdict"})
-    hubble_metrics: tuple[str, ...] = ()  # handlers of Hubble metrics (flow, drop, tcp, policy); () = off
+    hubble_metrics: tuple[str, ...] = ()  # Hubble metrics handlers (hubble.metrics.HANDLERS); () = off
     hubble_metrics_server: tuple[str, int] = ("0.0.0.0", 9965)
     monitor_aggregation: str = "medium"  # traces: none = every packet, medium = per connection
     proxy_ingress_port: int = 15001  # the L7 proxy's listeners (docs/l7.md); policy entries carry them
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "drop,policy-verdict; trace adds forwarded packets of every new connection, at a "
                         "measured cost of half the new connections per second: docs/hubble.md)")
     p.add_argument("--hubble-metrics", type=_hubble_metrics, default=(), metavar="NAME[,NAME]",
-                   help="Hubble metrics to keep: flow, drop, tcp, policy (off by default), served on "
+                   help="Hubble metrics to keep: flow, drop, tcp, policy, http, dns, kafka (off by default), served on "
                         "--hubble-metrics-server")
     p.add_argument("--hubble-metrics-server", type=_listen_addr, default=("0.0.0.0", 9965), metavar="[HOST]:PORT",
                    help="where Hubble metrics are served (default :9965, Cilium's)")

@@ -30,7 +30,6 @@ from typing import Any
 from pilus.agent_proxy import write_if_changed
 from pilus.fqdn.cache import DNSCache
 from pilus.fqdn.dnsproxy import DNSAnswer, DNSProxy
-from pilus.fqdn.matchpattern import compile_pattern
 from pilus.fqdn.rules import DNSPolicy, DNSPolicyError
 from pilus.identity.reserved import WORLD
 from pilus.observer.l7 import L7Event
@@ -249,10 +248,7 @@ class AgentFQDN:
 
     async def cache_list(self, endpoint: int | None = None, pattern: str | None = None) -> list[dict]:
         """The cache's rows; ``pattern``: a name or a matchPattern (ValueError when invalid)."""
-        if not pattern or "*" not in pattern:
-            return self.cache.dump(endpoint=endpoint, name=pattern or None)
-        rx = compile_pattern(pattern)
-        return [row for row in self.cache.dump(endpoint=endpoint) if rx.fullmatch(row["fqdn"])]
+        return self.cache.dump(endpoint=endpoint, pattern=pattern or None)
 
     async def cache_clean(self, endpoint: int | None = None) -> int:
         """Forget an endpoint's (or every) entry; the policy stops selecting their IPs."""

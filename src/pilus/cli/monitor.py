@@ -30,7 +30,7 @@ def format_event(ev: dict, verbose: int = 0, ifnames: dict[int, str] | None = No
 def register(sub, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("monitor", parents=[parent], help="show live datapath events",
                        description="Print drop, trace and policy-verdict events as the "
-                                   "datapath reports them, and the L7 proxy's HTTP requests "
+                                   "datapath reports them, and the proxies' HTTP and Kafka requests and DNS queries "
                                    "(l7), one line each, until Ctrl-C.")
     p.add_argument("-t", "--type", choices=TYPE_CHOICES, default=None,
                    help="only events of this type (default: all)")
