@@ -13,9 +13,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
+from pilus.fqdn.matchpattern import validate_name, validate_pattern
 from pilus.identity.labels import ANY, K8S, Label, LabelError
 from pilus.policy.rule import ENTITIES, ICMP4_TYPES, ICMP6_TYPES
 from pilus.policy.selector import OPERATORS, EndpointSelector, split_key
+from pilus.proxy.kafka_rules import validate_kafka_rule
 
 _SVC_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -285,6 +287,10 @@ class PortRuleKafkaM(_M):
     def _exclusive(self) -> PortRuleKafkaM:
         if self.role and self.apiKey:
             raise ValueError("role and apiKey are mutually exclusive")
+        try:  # the Kafka proxy's own check (API key names, versions): what it refuses, policy refuses
+            validate_kafka_rule(self.model_dump(exclude_none=True), "rule")
+        except ValueError as e:
+            raise ValueError(str(e).removeprefix("rule.")) from None
         return self
 
 
@@ -314,11 +320,6 @@ class ServiceM(_M):
     k8sServiceSelector: K8sServiceSelectorM | None = None
 
 
-# Cilium's FQDN patterns: labels of [-a-zA-Z0-9_] (and * in a pattern), dot-separated
-_DNS_NAME = re.compile(r"^[-a-zA-Z0-9_]+(\.[-a-zA-Z0-9_]+)*\.?$")
-_DNS_PATTERN = re.compile(r"^[-a-zA-Z0-9_*]+(\.[-a-zA-Z0-9_*]+)*\.?$")
-
-
 class PortRuleDNSM(_M):
     """Cilium's PortRuleDNS: exactly one of matchName and matchPattern."""
 
@@ -328,15 +329,21 @@ class PortRuleDNSM(_M):
     @field_validator("matchName")
     @classmethod
     def _name(cls, v: str | None) -> str | None:
-        if v is not None and not _DNS_NAME.match(v):
-            raise ValueError(f"{v!r} is not a DNS name")
+        if v is not None:  # the DNS proxy's and toFQDNs' own check (pilus.fqdn.matchpattern)
+            try:
+                validate_name(v)
+            except ValueError as e:
+                raise ValueError(f"{v[:64]!r} is not a DNS name: {e}") from None
         return v
 
     @field_validator("matchPattern")
     @classmethod
     def _pattern(cls, v: str | None) -> str | None:
-        if v is not None and not _DNS_PATTERN.match(v):
-            raise ValueError(f"{v!r} is not a DNS name pattern")
+        if v is not None:
+            try:
+                validate_pattern(v)
+            except ValueError as e:
+                raise ValueError(f"{v[:64]!r} is not a DNS name pattern: {e}") from None
         return v
 
     @model_validator(mode="after")

@@ -298,6 +298,11 @@ def test_l7_rules_are_validated_as_cilium_does():
     assert f"{base}.kafka[0].topic: at most 249 characters" in l7_error("{kafka: [{topic: " + "a" * 250 + "}]}")
     assert l7_rules("{kafka: [{topic: " + "a" * 249 + "}]}").kafka[0].topic == "a" * 249
     assert f"{base}.kafka[0].topic: 'a/b' is not a Kafka topic" in l7_error("{kafka: [{topic: 'a/b'}]}")
+    # what the Kafka proxy and the DNS proxy would refuse, policy refuses (never a config the proxy rejects)
+    assert f"{base}.kafka[0]: apiKey: unknown API key 'bogus'" in l7_error("{kafka: [{apiKey: bogus}]}")
+    assert f"{base}.kafka[0]: apiVersion: must be a decimal number" in l7_error("{kafka: [{apiVersion: x}]}")
+    assert f"{base}.dns[0].matchPattern: 'a..b' is not a DNS name pattern: empty label" in l7_error(
+        "{dns: [{matchPattern: 'a..b'}]}")
     assert f"{base}.dns[0]: exactly one of matchName and matchPattern" in l7_error(
         "{dns: [{matchName: a.com, matchPattern: '*.com'}]}"
     )
