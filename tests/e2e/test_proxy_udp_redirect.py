@@ -14,7 +14,10 @@ pod from the original destination's address. So the datapath is what is tested:
   the node's `socket transparent` mark),
 - a routed peer outside the node that is not masqueraded (as another node's pod in
   native routing): its answers are conntrack-new in from-netdev and find the upstream
-  socket by its exact tuple (lib/proxy.h proxy_reply_to_node_socket4).
+  socket by its exact tuple (lib/proxy.h proxy_reply_to_node_socket4),
+- (b) a pod on another node through the tunnel (a second node namespace with its own
+  datapath): the VNI carries the client's identity (the server admits only it), the
+  answer is conntrack-new in from-overlay and finds the upstream socket.
 
 Evidence: the responder's log of original destinations, the pod's answer (prefixed by
 the responder; the pod's socket is connected, so it came from server:53), the address
@@ -37,6 +40,7 @@ import pytest
 
 from pilus.datapath import (
     ENDPOINT_F_POLICY_EGRESS,
+    ENDPOINT_F_POLICY_INGRESS,
     Datapath,
     DatapathConfig,
     EndpointInfo,
@@ -330,3 +334,119 @@ def test_udp_to_port_53_goes_through_the_transparent_responder(topo):
     assert {(cip, same_port, sip, 53), (cip, world_port, WORLD_IP, 53),
             (cip, peer_port, PEER_IP, 53), (sip, 53, cip, ups[0][1]),
             (PEER_IP, 53, cip, ups[2][1])} <= to_proxy, traces
+
+
+# ------------------------------------------------------------------ across nodes (tunnel)
+
+N1_IP, N2_IP = IPv4Address("172.30.1.11"), IPv4Address("172.30.1.12")
+CIDR1, CIDR2 = IPv4Network("10.200.1.0/24"), IPv4Network("10.200.2.0/24")
+VXLAN_PORT, VXLAN_DEV = 8472, "pvx0"
+
+
+def build_two_nodes(tag: str, stack: ExitStack):
+    """Nodes n1 / n2 on an underlay veth, each with a collect-metadata VXLAN device and
+    one pod (client on n1, server on n2); returns (n1, n2, client pod, server pod, eps)."""
+    n1, n2, p1, p2 = (f"pilus-u{x}-{tag}" for x in ("a", "b", "c", "s"))
+    for ns in (n1, n2, p1, p2):
+        pyroute2.netns.create(ns)
+        stack.callback(remove_netns, ns)
+    with in_netns(n1), pyroute2.IPRoute() as ipr:
+        ipr.link("add", ifname="und0", kind="veth", peer={"ifname": "und0", "net_ns_fd": n2})
+    eps = []
+    for node, pod, node_ip, cidr, peer_cidr, i in ((n1, p1, N1_IP, CIDR1, CIDR2, 0),
+                                                  (n2, p2, N2_IP, CIDR2, CIDR1, 1)):
+        ip = IPv4Address(int(cidr.network_address) + 5 + i)
+        router = IPv4Address(int(cidr.network_address) + 1)
+        with in_netns(node), pyroute2.IPRoute() as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            und = ipr.link_lookup(ifname="und0")[0]
+            ipr.link("set", index=und, state="up")
+            ipr.addr("add", index=und, address=str(node_ip), prefixlen=24)
+            ipr.link("add", ifname="lxu0", kind="veth", peer={"ifname": "eth0", "net_ns_fd": pod})
+            idx = ipr.link_lookup(ifname="lxu0")[0]
+            ipr.link("set", index=idx, state="up")
+            ipr.route("add", dst=f"{ip}/32", oif=idx)
+            host_mac = _mac(ipr, "lxu0")
+        with in_netns(pod), pyroute2.IPRoute() as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            e0 = ipr.link_lookup(ifname="eth0")[0]
+            ipr.link("set", index=e0, state="up")
+            ipr.addr("add", index=e0, address=str(ip), prefixlen=32)
+            ipr.route("add", dst=f"{router}/32", oif=e0, scope=253)
+            ipr.route("add", dst="0.0.0.0/0", gateway=str(router), oif=e0)
+            pod_mac = _mac(ipr, "eth0")
+        links.set_sysctl("net.ipv4.ip_local_port_range", "{} {}".format(*POD_EPHEMERAL_PORTS), netns=pod)
+        vx = links.create_vxlan(VXLAN_DEV, VXLAN_PORT, 1450, netns=node)
+        with in_netns(node), pyroute2.IPRoute() as ipr:
+            # the node's own traffic to the other node's pods (as node/routes.py)
+            ipr.route("add", dst=str(peer_cidr), oif=vx)
+            ipr.neigh("add", dst=str(ip), lladdr=pod_mac, ifindex=idx, state=0x80)
+        for key, value in (("all.rp_filter", 0), ("default.rp_filter", 0), ("lxu0.rp_filter", 0),
+                           (f"{VXLAN_DEV}.rp_filter", 0), ("lxu0.accept_local", 1)):
+            links.set_sysctl(f"net.ipv4.conf.{key}", value, netns=node)
+        install_proxy_routing(netns=node)
+        eps.append(EndpointInfo(ipv4=ip, ifindex=idx, ep_id=10 + i, identity=2000 + i,
+                                mac=pod_mac, host_mac=host_mac))
+    return n1, n2, p1, p2, eps, vx
+
+
+@pytest.fixture
+def two_nodes(tmp_path_factory):
+    with ExitStack() as stack:
+        n1, n2, p1, p2, (client, server), vx = build_two_nodes(f"{os.getpid() % 100000}", stack)
+        dps = []
+        for node, node_ip, cidr in ((n1, N1_IP, CIDR1), (n2, N2_IP, CIDR2)):
+            router = IPv4Address(int(cidr.network_address) + 1)
+            cfg = DatapathConfig(f"udp-proxy-{node[-12:]}", router, node_ip, cidr,
+                                 tunnel_device=VXLAN_DEV, tunnel_ifindex=vx)
+            dp = Datapath(cfg, tmp_path_factory.getbasetemp() / f"udp-proxy-{node}", bpffs_root=None)
+            with in_netns(node):  # load() attaches bpf_overlay.o to the VXLAN device by name
+                dp.load()
+            stack.callback(dp.close)
+            dps.append(dp)
+        dp1, dp2 = dps
+        client = replace(client, flags=ENDPOINT_F_POLICY_EGRESS)
+        # the server only admits the client's identity: the VNI must carry it
+        server = replace(server, flags=ENDPOINT_F_POLICY_INGRESS)
+        for dp, local, remote, remote_node in ((dp1, client, server, N2_IP), (dp2, server, client, N1_IP)):
+            dp.endpoints.upsert(local)
+            dp.ipcache.upsert(IPv4Network(f"{local.ipv4}/32"), local.identity)
+            dp.ipcache.upsert(IPv4Network(f"{remote.ipv4}/32"), remote.identity, remote_node)
+        dp1.policy.sync(client.ep_id, {
+            PolicyKey(server.identity, True, UDP, 53, 16): PolicyEntry(deny=False, proxy_port=DNS_PROXY_PORT)})
+        dp2.policy.sync(server.ep_id, {PolicyKey(client.identity, False, UDP, 53, 16): PolicyEntry(deny=False)})
+        for dp, node, ep in ((dp1, n1, client), (dp2, n2, server)):
+            with in_netns(node):
+                dp.attach_endpoint(ep.ifindex)
+        echo = UdpEcho(p2, str(server.ipv4), 53)
+        stack.callback(echo.close)
+        responder = TransparentUdpResponder(n1, DNS_PROXY_PORT)
+        stack.callback(responder.close)
+        yield {"dp1": dp1, "dp2": dp2, "client": client, "server": server, "client_pod": p1,
+               "echo": echo, "responder": responder}
+
+
+def test_udp_to_another_nodes_pod_through_the_tunnel(two_nodes):
+    t = two_nodes
+    dp1, dp2, client, server = t["dp1"], t["dp2"], t["client"], t["server"]
+    cip, sip = str(client.ipv4), str(server.ipv4)
+    with dp1.events() as reader:
+        answer, cport = ask(t["client_pod"], sip, 53, b"q-far")
+        evs = reader.poll()
+    r = t["responder"]
+    assert not r.errors, r.errors
+    assert answer == f"proxied:pong:q-far from {cip}".encode()
+    assert [(e["client"], e["orig_dst"]) for e in r.log] == [((cip, cport), (sip, 53))]
+    (up,) = [e["upstream_src"] for e in r.log]
+    assert up[0] == cip and up[1] in UPSTREAM_PORTS
+    assert t["echo"].peers == [up]  # the server pod saw the client's address
+    e = ct(dp1, cip, cport, sip, 53)
+    assert (e["flags"], e["proxy_port"]) == (["ProxyRedirect"], DNS_PROXY_PORT), e
+    # node2 admitted the upstream query under the client's identity (from the VNI)
+    far = ct(dp2, cip, up[1], sip, 53)
+    assert far["flags"] == ["Ingress"] and far["src_identity"] == client.identity, far
+    # node1: the answer was conntrack-new in from-overlay and went to the upstream socket
+    assert not [c for c in dp1.ct.items() if c["sport"] == up[1]]
+    traces = [event_record(x) for x in evs if isinstance(x, TraceEvent)]
+    assert any(x["observation_point"] == "to-proxy" and (x["src_ip"], x["sport"], x["dport"]) == (sip, 53, up[1])
+               for x in traces), traces
