@@ -6,9 +6,10 @@ service in the deathstar reached by tiefighter and xwing, a spoofed packet from
 xwing dropped by the datapath and seen by ``pilus monitor``, Cilium's Star Wars
 L3/L4 policy (tiefighter lands, xwing is dropped, ``pilus observe`` shows the
 dropped flow through the Hubble Relay), its L7 version (landing passes the L7 proxy,
-the exhaust port gets 403 and ``pilus monitor --type l7`` says so), ``pilus policy
-trace`` explaining both, the maps, metrics and status, and finally ``pilus cluster down`` -- always, even on
-failure or Ctrl-C.
+the exhaust port gets 403 and ``pilus monitor --type l7`` says so), DNS rules (the
+agent's DNS proxy answers a name of the empire and refuses another, ``pilus fqdn cache
+list``), ``pilus policy trace`` explaining both, the maps, metrics and status, and finally
+``pilus cluster down`` -- always, even on failure or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -244,6 +245,74 @@ def wait_for_flow(timeout: float = 10) -> bool:
     return False
 
 
+# a two-line `dig`: the answer's addresses, or the DNS status when there are none
+DIG = """import sys, dns.message as m, dns.query as q, dns.rcode as rc
+r = q.udp(m.make_query(sys.argv[1], "A"), sys.argv[2], timeout=3)
+print(sys.argv[1], rc.to_text(r.rcode()), *[a.address for s in r.answer for a in s if s.rdtype == 1])
+"""
+
+POLICY_DNS = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: xwing-dns
+  namespace: default
+spec:
+  description: "xwing may ask the cluster's DNS for the empire's names only"
+  endpointSelector:
+    matchLabels: {class: xwing}
+  egress:
+  - toEndpoints:
+    - matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}
+    toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules:
+        dns:
+        - matchPattern: "*.empire.local"
+"""
+
+
+def dns_chapter(background: list[Background], deathstar_ip: str) -> None:
+    step("DNS-aware policy: a DNS server (dnsmasq) in kube-system on node1, and a rule that lets xwing "
+         "ask it for *.empire.local only; node1's datapath hands xwing's port 53 to the agent's DNS proxy")
+    pilus("--node", NODE1, "endpoint", "create", "kube-system/coredns", "--labels", "k8s-app=kube-dns")
+    dns_ip = endpoint_ip("kube-system/coredns", NODE1)
+    dnsmasq = Background("dnsmasq", ["--node", NODE1, "exec", "kube-system/coredns", "--", "dnsmasq",
+                                     "--no-daemon", "--no-resolv", "--no-hosts", "--bind-interfaces",
+                                     f"--listen-address={dns_ip}", "--local-ttl=300", "--pid-file=",
+                                     f"--address=/deathstar.empire.local/{deathstar_ip}",
+                                     "--address=/rebel-base.example/10.99.0.1"])
+    background.append(dnsmasq)
+    if dnsmasq.wait_line(dnsmasq.err, lambda s: "started" in s, 15) is None:
+        raise DemoError("dnsmasq did not start in kube-system/coredns")
+    policy_file = Path(f"/run/pilus/{CLUSTER}/demo-dns.yaml")
+    policy_file.write_text(POLICY_DNS)
+    print(f"$ cat {policy_file}\n{POLICY_DNS}", end="", flush=True)
+    pilus("policy", "import", str(policy_file))
+    dig = Path(f"/run/pilus/{CLUSTER}/dig.py")
+    dig.write_text(DIG)
+
+    def ask(name: str, shown: bool) -> str:
+        argv = ["exec", "default/xwing", "--", sys.executable, str(dig), name, dns_ip]  # dnspython: pilus's python
+        res = pilus(*argv, capture=True, check=False) if shown else \
+            subprocess.run(pilus_argv(argv), text=True, timeout=30, stdout=subprocess.PIPE)
+        out = (res.stdout or "").strip()
+        if shown:
+            print(out or f"no answer (exit code {res.returncode})", flush=True)
+        return out
+
+    for attempt in range(20):  # the DNS proxy follows the policy within a moment
+        if deathstar_ip in ask("deathstar.empire.local", shown=attempt == 0):
+            break
+        time.sleep(0.5)
+    else:
+        raise DemoError("xwing got no answer for deathstar.empire.local through the DNS proxy")
+    if "REFUSED" not in ask("rebel-base.example", shown=True):
+        raise DemoError("the DNS proxy did not refuse rebel-base.example")
+    note("REFUSED by the DNS proxy on node1: the query never reached dnsmasq")
+    pilus("--node", NODE1, "fqdn", "cache", "list")
+
+
 def run_demo(background: list[Background]) -> None:
     step(f"Create a local cluster '{CLUSTER}' of two nodes: node namespaces, underlay, kvstore, "
          "one agent per node, a VXLAN tunnel between them")
@@ -347,6 +416,8 @@ def run_demo(background: list[Background]) -> None:
     note("403 from the proxy on node2: the request never reached the deathstar")
     mon.stop()
     pilus("--node", NODE2, "proxy", "status")
+
+    dns_chapter(background, deathstar_ip)
 
     step("Explain the verdict without sending a packet, and show the deathstar's policy map")
     pilus("policy", "trace", "--src-endpoint", "default/xwing", "--dst-endpoint", "default/deathstar",
