@@ -22,6 +22,9 @@ L4Key = tuple[int, int, int]  # proto, dport, prefix_len
 
 #: the L7 rule kinds that have a proxy (an l7proto parser has none: plain L4)
 PROXY_PARSERS = ("http", "kafka", "dns")
+#: the protocols each proxy takes; a key of another protocol (UDP under an HTTP rule on an
+#: ANY port) stays a plain allow, as Cilium redirects only what its proxies speak
+PROXY_PROTOCOLS = {"http": (6,), "kafka": (6,), "dns": (6, 17)}
 
 
 @dataclass(frozen=True)
@@ -36,10 +39,11 @@ class Contribution:
     @cached_property
     def proxy_keys(self) -> dict[L4Key, str]:
         """The keys an HTTP, Kafka or DNS rule covers, with the parser: their traffic is
-        redirected to that parser's proxy (the first port rule naming a key decides)."""
+        redirected to that parser's proxy (the first port rule naming a key decides; only
+        the protocols of ``PROXY_PROTOCOLS``)."""
         out: dict[L4Key, str] = {}
         for k, rules in self.l7:
-            if rules.parser in PROXY_PARSERS:
+            if k[0] in PROXY_PROTOCOLS.get(rules.parser, ()):
                 out.setdefault(k, rules.parser)
         return out
 

@@ -70,6 +70,22 @@ def test_kafka_rules_redirect_to_the_kafka_listener():
     assert c.ids["tiefighter"] in by_rules[str([{}])]["peers"]
 
 
+def test_an_any_port_under_kafka_rules_redirects_tcp_only():
+    c = cluster(cnp("kafka-any", """
+endpointSelector: {matchLabels: {class: deathstar}}
+ingress:
+- fromEndpoints: [{matchLabels: {class: tiefighter}}]
+  toPorts:
+  - ports: [{port: "9092", protocol: ANY}]
+    rules:
+      kafka: [{role: produce, topic: deathstar-plans}]
+"""))
+    tie = c.resolve("tiefighter")
+    assert entry(c, "deathstar", tie, False, TCP, 9092).proxy_port == KAFKA_IN
+    udp = entry(c, "deathstar", tie, False, UDP, 9092)
+    assert udp.allowed and udp.proxy_port == 0  # no Kafka over UDP: a plain allow, never a dead redirect
+
+
 def test_dns_rules_redirect_udp_and_tcp_53_to_the_dns_proxy_egress_only():
     c = cluster(DNS_RULES)
     dns_pod = c.resolve("dns")
