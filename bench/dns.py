@@ -26,10 +26,7 @@ end, also on failure.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,7 +35,7 @@ import time
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from bench.run import BenchError, _endpoint, _import_policy, _ip, log
+from bench.run import BenchError, _endpoint, _import_policy, _ip, kill_all, log
 
 CLUSTER = "dnsb"
 POD_CIDR = IPv4Network("10.223.0.0/16")
@@ -235,11 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"first connections failed {row['first']['failed_first']}")
         counters = dns_counters(sock)
     finally:
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(Exception):
-                proc.wait(10)
+        kill_all(procs)
         cluster_down(CLUSTER)
         links.delete_link(EXT_IF)
         links.delete_netns(EXT_NS)

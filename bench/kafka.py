@@ -22,12 +22,9 @@ also on failure. Take /tmp/pilus-e2e.lock around it when e2e tests may run at th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.resources
 import json
-import os
 import random
-import signal
 import socket
 import statistics
 import subprocess
@@ -38,7 +35,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 
 from bench.l7 import cpu_seconds, proxy_counters, proxy_pid
-from bench.run import BenchError, _endpoint, _import_policy, _ip, log
+from bench.run import BenchError, _endpoint, _import_policy, _ip, kill_all, log
 
 CLUSTER = "kfb"
 POD_CIDR = IPv4Network("10.218.0.0/16")
@@ -198,11 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k} {v['rps']:.0f}/s" for k, v in sorted(row.items())))
         after = proxy_counters(sock)
     finally:
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(Exception):
-                proc.wait(10)
+        kill_all(procs)
         cluster_down(CLUSTER)
     summary = summarize(results)
     summary["proxy_counters"] = {k: after.get(k, 0) - before.get(k, 0) for k in after}

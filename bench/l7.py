@@ -25,12 +25,10 @@ may run at the same time.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,7 +37,7 @@ import time
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from bench.run import BenchError, _endpoint, _import_policy, _ip, log
+from bench.run import BenchError, _endpoint, _import_policy, _ip, kill_all, log
 
 CLUSTER = "l7b"
 POD_CIDR = IPv4Network("10.217.0.0/16")
@@ -208,11 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k} {v['rps']:.0f}/s" for k, v in sorted(row.items())))
         after = proxy_counters(sock)
     finally:
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(Exception):
-                proc.wait(10)
+        kill_all(procs)
         cluster_down(CLUSTER)
     summary = summarize(results)
     summary["proxy_counters"] = {k: after.get(k, 0) - before.get(k, 0) for k in after}

@@ -13,10 +13,8 @@ from /proc. Not a pass/fail test; not in `make bench` (yet). Everything is remov
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +22,7 @@ import time
 from pathlib import Path
 
 from bench.l7 import cpu_seconds, wrk
+from bench.run import kill_all
 
 TAG = f"{os.getpid() % 100000}"
 NS_C, NS_M, NS_S = f"pbc{TAG}", f"pbm{TAG}", f"pbs{TAG}"
@@ -151,10 +150,7 @@ backend be
         redirect(HAPROXY_PORT)
         results.append(measure("haproxy", haproxy.pid, args))
     finally:
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        kill_all(procs)
         for ns in (NS_C, NS_M, NS_S):
             sh("ip", "netns", "delete", ns, check=False)
     if args.json:

@@ -105,6 +105,15 @@ class BenchError(Exception):
     pass
 
 
+def kill_all(procs) -> None:
+    """Kill background processes started with start_new_session (their whole group)."""
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            proc.wait(10)
+
+
 # ------------------------------------------------------------------ tools
 
 

@@ -144,19 +144,21 @@ def external(cluster):
 
 
 class EventLog:
-    """Everything `pilus monitor` streams (drops and policy verdicts) while a test runs."""
+    """Everything `pilus monitor` streams (by default drops and policy verdicts; "l7": the
+    proxies' records) while a test runs."""
 
-    def __init__(self, api) -> None:
+    def __init__(self, api, types: str = "drop,policy-verdict", timeout: float = 3.0) -> None:
         self.events: list[dict] = []
-        self._stream = api.stream_monitor(type="drop,policy-verdict")
+        self.timeout = timeout
+        self._stream = api.stream_monitor(type=types)
         threading.Thread(target=self._collect, daemon=True).start()
 
     def _collect(self) -> None:
         for event in self._stream:
             self.events.append(event)
 
-    def find(self, predicate, timeout: float = 3.0) -> dict | None:
-        deadline = time.monotonic() + timeout
+    def find(self, predicate, timeout: float | None = None) -> dict | None:
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while time.monotonic() < deadline:
             for event in list(self.events):
                 if predicate(event):

@@ -70,20 +70,6 @@ spec:
 """
 
 
-class L7Log:
-    def __init__(self, api) -> None:
-        self.events: list[dict] = []
-        self._stream = api.stream_monitor(type="l7")
-        threading.Thread(target=self._collect, daemon=True).start()
-
-    def _collect(self) -> None:
-        for event in self._stream:
-            self.events.append(event)
-
-    def find(self, predicate, timeout: float = 5.0) -> dict | None:
-        return wait_for(lambda: next((e for e in list(self.events) if predicate(e)), None), timeout)
-
-
 @pytest.fixture(scope="module")
 def fq(api, node, external):
     from pilus.datapath import links
@@ -110,7 +96,7 @@ def fq(api, node, external):
         api.request("PUT", "/policy", {"yaml": textwrap.dedent(POLICY)})
         time.sleep(0.5)
         yield {"api": api, "pods": pods, "dns_ip": dns_ip, "dnsmasq_log": log_lines,
-               "drops": EventLog(api), "l7": L7Log(api)}
+               "drops": EventLog(api), "l7": EventLog(api, "l7", 5.0)}
     finally:
         servers.stop()
         if dnsmasq is not None:

@@ -18,13 +18,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import pilus_cli, wait_for
+from .conftest import EventLog, pilus_cli, wait_for
 
 CLIENT = Path(__file__).with_name("kafka_client.py")
 PORT = 9092
@@ -54,19 +53,8 @@ spec:
 """
 
 
-class L7Log:
-    def __init__(self, api) -> None:
-        self.events: list[dict] = []
-        self._stream = api.stream_monitor(type="l7")
-        threading.Thread(target=self._collect, daemon=True).start()
-
-    def _collect(self) -> None:
-        for event in self._stream:
-            self.events.append(event)
-
-    def kafka(self, **match) -> list[dict]:
-        return [e for e in list(self.events) if e.get("kafka")
-                and all(e["kafka"].get(k) == v for k, v in match.items())]
+def kafka_events(log: EventLog, **match) -> list[dict]:
+    return [e for e in list(log.events) if e.get("kafka") and all(e["kafka"].get(k) == v for k, v in match.items())]
 
 
 def sh(ns: str, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
@@ -98,7 +86,7 @@ def kafka(api, node):
                 time.sleep(0.2)
         api.request("DELETE", "/policy?all=true")
         api.request("PUT", "/policy", {"yaml": textwrap.dedent(POLICY)})
-        log = L7Log(api)
+        log = EventLog(api, "l7", 5.0)
         time.sleep(0.5)
         yield {"api": api, "pods": pods, "bootstrap": f"{ip}:{PORT}", "log": log}
     finally:
@@ -135,10 +123,11 @@ def test_hq_produces_to_its_topics_only(kafka, lib):
     assert got["empire-secrets"]["error"] == TOPIC_AUTHORIZATION_FAILED, got
     assert "offset" in got["again:empire-announce"], got  # the same client after the denial
     hq = kafka["pods"]["empire-hq"]["identity"]
-    denied = wait_for(lambda: [e for e in kafka["log"].kafka(topic="empire-secrets") if e["verdict"] == "DENIED"], 5)
+    denied = wait_for(lambda: [e for e in kafka_events(kafka["log"], topic="empire-secrets")
+                               if e["verdict"] == "DENIED"], 5)
     assert denied and all(e["kafka"]["error_code"] == 29 for e in denied), kafka["log"].events[-5:]
     assert denied[0]["src_identity"] == hq and denied[0]["src_ip"] == kafka["pods"]["empire-hq"]["ipv4"]
-    assert wait_for(lambda: [e for e in kafka["log"].kafka(api_key="produce", topic="deathstar-plans")
+    assert wait_for(lambda: [e for e in kafka_events(kafka["log"], api_key="produce", topic="deathstar-plans")
                              if e["verdict"] == "FORWARDED"], 5)
 
 

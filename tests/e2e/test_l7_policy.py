@@ -13,7 +13,6 @@ import json
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -21,26 +20,10 @@ import pytest
 
 from pilus.api.client import Client
 
-from .conftest import probe, two_node_cluster, wait_for
+from .conftest import EventLog, probe, two_node_cluster, wait_for
 
 SUPPORT = Path(__file__).resolve().parents[1] / "unit" / "test_proxy_support.py"
 HTTP, PLAIN, GRPC = 80, 8080, 50051
-
-
-class L7Log:
-    """Every L7 event one node's agent streams while the module runs."""
-
-    def __init__(self, api: Client) -> None:
-        self.events: list[dict] = []
-        self._stream = api.stream_monitor(type="l7")
-        threading.Thread(target=self._collect, daemon=True).start()
-
-    def _collect(self) -> None:
-        for event in self._stream:
-            self.events.append(event)
-
-    def find(self, predicate, timeout: float = 5.0) -> dict | None:
-        return wait_for(lambda: next((e for e in list(self.events) if predicate(e)), None), timeout)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +47,7 @@ def l7():
             for kind, port in (("http", HTTP), ("http", PLAIN), ("grpc", GRPC)):
                 procs.append(_start(pods["deathstar"]["netns"], kind, port))
             yield {"name": name, "api1": api1, "api2": api2, "pods": pods,
-                   "log1": L7Log(api1), "log2": L7Log(api2)}
+                   "log1": EventLog(api1, "l7", 5.0), "log2": EventLog(api2, "l7", 5.0)}
         finally:
             for p in procs:
                 p.kill()

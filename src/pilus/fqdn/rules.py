@@ -15,10 +15,11 @@ names allowed for a query are the union of every set that applies; none applies:
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from pilus.proxy.config import ConfigError, rule_set_scope
 
 from .matchpattern import NameMatcher
 
@@ -68,40 +69,11 @@ class DNSPolicy:
         return len(self.sets)
 
 
-def _int(v: Any, where: str, lo: int, hi: int) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise DNSPolicyError(f"{where}: must be an integer {lo}-{hi}")
-    return v
-
-
 def _ruleset(d: Any, where: str) -> DNSRuleSet:
-    if not isinstance(d, dict):
-        raise DNSPolicyError(f"{where}: must be an object")
-    unknown = set(d) - {"endpoint", "endpoint_ips", "port", "end_port", "peers", "dns"}
-    if unknown:
-        raise DNSPolicyError(f"{where}.{sorted(unknown)[0]}: unknown field")
-    endpoint = None if d.get("endpoint") is None else _int(d["endpoint"], f"{where}.endpoint", 0, 2**32 - 1)
-    ips = d.get("endpoint_ips")
-    if ips is not None:
-        if not isinstance(ips, list):
-            raise DNSPolicyError(f"{where}.endpoint_ips: must be a list of IPv4 addresses or null")
-        for j, ip in enumerate(ips):
-            try:
-                ipaddress.IPv4Address(ip)
-            except ValueError:
-                raise DNSPolicyError(f"{where}.endpoint_ips[{j}]: {str(ip)[:64]!r} is not an IPv4 address") from None
-        ips = frozenset(ips)
-    port = None if d.get("port") is None else _int(d["port"], f"{where}.port", 1, 65535)
-    end_port = None
-    if d.get("end_port") is not None:
-        if port is None:
-            raise DNSPolicyError(f"{where}.end_port: needs port")
-        end_port = _int(d["end_port"], f"{where}.end_port", port, 65535)
-    peers = d.get("peers")
-    if peers is not None:
-        if not isinstance(peers, list):
-            raise DNSPolicyError(f"{where}.peers: must be a list of identities or null (any peer)")
-        peers = frozenset(_int(p, f"{where}.peers[{j}]", 0, 2**32 - 1) for j, p in enumerate(peers))
+    try:
+        endpoint, ips, port, end_port, peers = rule_set_scope(d, where, ("dns",))
+    except ConfigError as e:
+        raise DNSPolicyError(str(e)) from None
     rules = d.get("dns", [])
     if not isinstance(rules, list):
         raise DNSPolicyError(f"{where}.dns: must be a list")

@@ -38,7 +38,7 @@ from typing import Any
 from .http_rules import CompiledHttpRules, HttpRuleError, compile_http_rules, deny_all, rule_from_dict
 from .kafka_rules import CompiledKafkaRules, KafkaRuleError, compile_kafka_rules, kafka_rule_from_dict
 
-__all__ = ["ConfigError", "ListenerConfig", "ProxyConfig", "RuleSet"]
+__all__ = ["ConfigError", "ListenerConfig", "ProxyConfig", "RuleSet", "rule_set_scope"]
 
 DIRECTIONS = ("ingress", "egress")
 PROTOCOLS = ("http", "kafka")
@@ -162,10 +162,14 @@ def _listener(d: Any, where: str) -> ListenerConfig:
     )
 
 
-def _ruleset(d: Any, where: str, protocol: str = "http") -> RuleSet:
+def rule_set_scope(d: Any, where: str, rules: tuple[str, ...]) -> tuple[
+        int | None, frozenset[str] | None, int | None, int | None, frozenset[int] | None]:
+    """The fields that say where a rule set applies, shared by every proxy's rule sets:
+    (endpoint, endpoint_ips, port, end_port, peers); ``rules``: the rule fields the caller
+    reads itself (any other field is refused). ConfigError names the field."""
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: must be an object")
-    unknown = set(d) - {"endpoint", "endpoint_ips", "port", "end_port", "peers", "http", "kafka"}
+    unknown = set(d) - {"endpoint", "endpoint_ips", "port", "end_port", "peers", *rules}
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown field")
     endpoint = None if d.get("endpoint") is None else _int(d["endpoint"], f"{where}.endpoint", 0, 2**32 - 1)
@@ -177,7 +181,7 @@ def _ruleset(d: Any, where: str, protocol: str = "http") -> RuleSet:
             try:
                 ipaddress.IPv4Address(ip)
             except ValueError:
-                raise ConfigError(f"{where}.endpoint_ips[{j}]: not an IPv4 address") from None
+                raise ConfigError(f"{where}.endpoint_ips[{j}]: {str(ip)[:64]!r} is not an IPv4 address") from None
         ips = frozenset(ips)
     port = None if d.get("port") is None else _int(d["port"], f"{where}.port", 1, 65535)
     end_port = None
@@ -190,6 +194,11 @@ def _ruleset(d: Any, where: str, protocol: str = "http") -> RuleSet:
         if not isinstance(peers, list):
             raise ConfigError(f"{where}.peers: must be a list of identities or null (any peer)")
         peers = frozenset(_int(p, f"{where}.peers[{j}]", 0, 2**32 - 1) for j, p in enumerate(peers))
+    return endpoint, ips, port, end_port, peers
+
+
+def _ruleset(d: Any, where: str, protocol: str = "http") -> RuleSet:
+    endpoint, ips, port, end_port, peers = rule_set_scope(d, where, ("http", "kafka"))
     other = "http" if protocol == "kafka" else "kafka"
     if other in d:
         raise ConfigError(f"{where}.{other}: not on a {protocol} listener")
