@@ -91,7 +91,11 @@ class AgentFQDN:
 
         await self._push_names()
         await self.policy._run(set_port)
-        await self.proxy.start()
+        try:
+            await self.proxy.start()
+        except OSError as exc:  # fail closed and say so: DNS rules' queries then drop (178)
+            self.last_error = f"the DNS proxy cannot listen on port {self.port}: {exc}"
+            log.error("%s", self.last_error)
         self.policy.change_callbacks.append(self._policy_changed)
         self._dirty.set()
         self._tasks = [asyncio.create_task(self._run_refresh(), name="fqdn-policy"),
@@ -137,7 +141,6 @@ class AgentFQDN:
         sets = await self.policy._run(self._collect)
         try:
             self.proxy.set_policy(DNSPolicy.from_rule_sets(sets))
-            self.last_error = None
         except DNSPolicyError as exc:  # the engine's output is validated policy: a bug if seen
             self.last_error = f"DNS rules: {exc}"
             log.error("the DNS proxy refused its rules: %s", exc)
