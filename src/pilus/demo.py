@@ -293,7 +293,7 @@ def dns_chapter(background: list[Background], deathstar_ip: str) -> None:
     dig.write_text(DIG)
 
     def ask(name: str, shown: bool) -> str:
-        argv = ["exec", "default/xwing", "--", sys.executable, str(dig), name, dns_ip]  # dnspython: pilus's python
+        argv = ["--node", NODE1, "exec", "default/xwing", "--", sys.executable, str(dig), name, dns_ip]  # dnspython
         res = pilus(*argv, capture=True, check=False) if shown else \
             subprocess.run(pilus_argv(argv), text=True, timeout=30, stdout=subprocess.PIPE)
         out = (res.stdout or "").strip()
