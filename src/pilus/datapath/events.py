@@ -72,38 +72,40 @@ def _mac(b: bytes) -> str:
     return b.hex(":")  # as abi.bytes_to_mac, without a Python loop per byte
 
 
+_ETH = struct.Struct("!6s6sH")
+_IPV4 = struct.Struct("!BxxxxxHBBxx4s4s")  # version/IHL, fragment field, TTL, protocol, addresses
+_PORTS = struct.Struct("!HH")
+_ARP_OP = struct.Struct("!H")
+
+
 def parse_packet(data: bytes) -> PacketSummary:
-    # runs for every event the agent decodes: C-level helpers (inet_ntoa, hex)
-    # instead of IPv4Address and per-byte formatting
+    # runs for every event the agent decodes: precompiled structs and C-level helpers
+    # (inet_ntoa, hex) instead of IPv4Address and per-byte formatting
     s = PacketSummary()
     if len(data) < 14:
         return s
-    s.dst_mac = _mac(data[0:6])
-    s.src_mac = _mac(data[6:12])
-    s.ethertype = struct.unpack("!H", data[12:14])[0]
+    dst_mac, src_mac, s.ethertype = _ETH.unpack_from(data)
+    s.dst_mac, s.src_mac = _mac(dst_mac), _mac(src_mac)
     off = 14
     if s.ethertype == ETH_P_ARP and len(data) >= off + 28:
-        s.arp_op = struct.unpack("!H", data[off + 6 : off + 8])[0]
+        s.arp_op = _ARP_OP.unpack_from(data, off + 6)[0]
         s.src_ip = socket.inet_ntoa(data[off + 14 : off + 18])
         s.dst_ip = socket.inet_ntoa(data[off + 24 : off + 28])
         return s
     if s.ethertype != ETH_P_IP or len(data) < off + 20:
         return s
-    vihl = data[off]
+    vihl, frag, ttl, proto, src, dst = _IPV4.unpack_from(data, off)
     ihl = (vihl & 0x0F) * 4
     if vihl >> 4 != 4 or ihl < 20:
         return s
-    s.ttl = data[off + 8]
-    proto = data[off + 9]
-    frag = struct.unpack("!H", data[off + 6 : off + 8])[0] & 0x1FFF
-    s.src_ip = socket.inet_ntoa(data[off + 12 : off + 16])
-    s.dst_ip = socket.inet_ntoa(data[off + 16 : off + 20])
+    s.ttl = ttl
+    s.src_ip, s.dst_ip = socket.inet_ntoa(src), socket.inet_ntoa(dst)
     s.proto = proto_name(proto)
     l4 = off + ihl
-    if frag:
+    if frag & 0x1FFF:
         return s
     if proto in (6, 17) and len(data) >= l4 + 4:
-        s.sport, s.dport = struct.unpack("!HH", data[l4 : l4 + 4])
+        s.sport, s.dport = _PORTS.unpack_from(data, l4)
         if proto == 6 and len(data) >= l4 + 14:
             s.tcp_flags = tcp_flag_names(data[l4 + 13])
     elif proto == 1 and len(data) >= l4 + 2:

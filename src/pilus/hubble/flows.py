@@ -52,6 +52,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.protobuf.wrappers_pb2 import BoolValue
@@ -60,7 +61,7 @@ import pilus
 from pilus.datapath import abi
 from pilus.datapath.events import DropEvent, Event, PacketSummary, PolicyVerdictEvent, TraceEvent
 from pilus.datapath.reasons import TRACE_POINTS
-from pilus.hubble.lookup import EndpointLookup, labels_of
+from pilus.hubble.lookup import EndpointDetails, EndpointLookup, labels_of
 from pilus.hubble.protos import flow_pb2
 from pilus.observer.l7 import DNSInfo, KafkaInfo, L7Event
 
@@ -159,17 +160,41 @@ def summary(p: PacketSummary) -> str:
     return "IPv4"
 
 
-def layer4(p: PacketSummary) -> flow_pb2.Layer4 | None:
-    if p.proto == "TCP" and p.sport is not None:
+#: a policy verdict's protocol number -> the Layer4 oneof its flow carries
+_POLICY_PROTOS = {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMPv4"}
+
+
+def l4_source(event: Event) -> tuple[str, bool] | None:
+    """The Layer4 oneof a flow of the event carries (TCP, UDP, SCTP, ICMPv4) and whether
+    the captured packet gives it (else: a policy verdict without a usable capture, whose
+    policy says protocol and port); None without one."""
+    p = event.packet
+    if p.proto in ("TCP", "UDP", "SCTP") and p.sport is not None:
+        return p.proto, True
+    if p.proto == "ICMP" and p.icmp_type is not None:
+        return "ICMPv4", True
+    if isinstance(event, PolicyVerdictEvent) and event.policy_proto in _POLICY_PROTOS:
+        return _POLICY_PROTOS[event.policy_proto], False
+    return None
+
+
+def layer4(event: Event) -> flow_pb2.Layer4 | None:
+    source = l4_source(event)
+    if source is None:
+        return None
+    kind, from_packet = source
+    if not from_packet:  # the policy's view: protocol, destination port or ICMP type
+        dport = event.policy_dport
+        if kind == "ICMPv4":
+            return flow_pb2.Layer4(ICMPv4=flow_pb2.ICMPv4(type=dport))
+        return flow_pb2.Layer4(**{kind: getattr(flow_pb2, kind)(destination_port=dport)})
+    p = event.packet
+    if kind == "ICMPv4":
+        return flow_pb2.Layer4(ICMPv4=flow_pb2.ICMPv4(type=p.icmp_type, code=p.icmp_code or 0))
+    if kind == "TCP":
         return flow_pb2.Layer4(TCP=flow_pb2.TCP(source_port=p.sport, destination_port=p.dport or 0,
                                                 flags=tcp_flags(p.tcp_flags)))
-    if p.proto == "UDP" and p.sport is not None:
-        return flow_pb2.Layer4(UDP=flow_pb2.UDP(source_port=p.sport, destination_port=p.dport or 0))
-    if p.proto == "SCTP" and p.sport is not None:
-        return flow_pb2.Layer4(SCTP=flow_pb2.SCTP(source_port=p.sport, destination_port=p.dport or 0))
-    if p.proto == "ICMP" and p.icmp_type is not None:
-        return flow_pb2.Layer4(ICMPv4=flow_pb2.ICMPv4(type=p.icmp_type, code=p.icmp_code or 0))
-    return None
+    return flow_pb2.Layer4(**{kind: getattr(flow_pb2, kind)(source_port=p.sport, destination_port=p.dport or 0)})
 
 
 class FlowParser:
@@ -296,60 +321,91 @@ class FlowParser:
         flow); None for other records."""
         if isinstance(event, L7Event):
             return self.l7_flows(event)[0]
+        cap = self.capture(event)
+        return self.build(cap) if cap is not None else None
+
+    def capture(self, event: Event) -> Capture | None:
+        """What the Flow of a datapath event needs from the agent, taken now (the endpoint
+        and the names behind an address may be gone when someone reads the flow), and the
+        facts the metrics count; None for records that are no flows. ``build`` makes the
+        Flow later, when a reader asks for it."""
         if not isinstance(event, DropEvent | TraceEvent | PolicyVerdictEvent):
             return None
         p = event.packet
-        f = flow_pb2.Flow(uuid=new_uuid(), Type=flow_pb2.L3_L4, node_name=self.node_name, Summary=summary(p))
-        f.emitter.CopyFrom(self.emitter)
+        src = self._resolve(p.src_ip, event.src_identity)
+        dst = self._resolve(p.dst_ip, event.dst_identity)
         t = event.time if event.time is not None else time.time()
         whole = int(t)
-        f.time.seconds, f.time.nanos = whole, min(round((t - whole) * 1e9), 999_999_999)
+        time_ns = whole * 1_000_000_000 + min(round((t - whole) * 1e9), 999_999_999)
+        source = l4_source(event)
+        kind = source[0] if source is not None else ""
+        if isinstance(event, DropEvent):
+            etype, point, verdict, reason = MESSAGE_TYPE_DROP, 0, flow_pb2.DROPPED, event.reason
+            direction = ((flow_pb2.EGRESS if event.source_ep == src.id else flow_pb2.INGRESS)
+                         if event.source_ep else flow_pb2.TRAFFIC_DIRECTION_UNKNOWN)
+            match = 0
+        elif isinstance(event, TraceEvent):
+            etype, verdict, reason = MESSAGE_TYPE_TRACE, flow_pb2.FORWARDED, 0
+            point = OBSERVATION_POINTS.get(event.obs_point, flow_pb2.UNKNOWN_POINT)
+            direction, match = _trace_direction(event, src.id), 0
+        else:
+            etype, point, verdict, reason = MESSAGE_TYPE_POLICY_VERDICT, 0, _policy_verdict(event), 0
+            if verdict == flow_pb2.DROPPED:
+                reason = event.drop_reason
+            direction = {abi.POLICY_INGRESS: flow_pb2.INGRESS,
+                         abi.POLICY_EGRESS: flow_pb2.EGRESS}.get(event.direction, flow_pb2.TRAFFIC_DIRECTION_UNKNOWN)
+            match = event.match_type
+        flags = tuple(p.tcp_flags) if source == ("TCP", True) else ()
+        facts = FlowFacts(etype, point, verdict, reason, kind, flags, direction, match)
+        return Capture(event, time_ns, src, dst, self._names(p.src_ip), self._names(p.dst_ip), facts)
+
+    def build(self, cap: Capture) -> flow_pb2.Flow:
+        """The Flow of a captured event (pure: no lookups)."""
+        event, facts = cap.event, cap.facts
+        p = event.packet
+        f = flow_pb2.Flow(uuid=new_uuid(), Type=flow_pb2.L3_L4, node_name=self.node_name, Summary=summary(p))
+        f.emitter.CopyFrom(self.emitter)
+        f.time.seconds, f.time.nanos = divmod(cap.time_ns, 1_000_000_000)
         if p.src_mac is not None:
             eth = f.ethernet
             eth.source, eth.destination = p.src_mac, p.dst_mac or ""
         if p.ethertype == ETH_P_IP and p.src_ip is not None:
             ip = f.IP
             ip.source, ip.destination, ip.ipVersion = p.src_ip, p.dst_ip or "", flow_pb2.IPv4
-        l4 = layer4(p)
-        if isinstance(event, PolicyVerdictEvent) and l4 is None:
-            l4 = self._policy_layer4(event)
+        l4 = layer4(event)
         if l4 is not None:
             f.l4.CopyFrom(l4)
-        src = f.source
-        self._fill_endpoint(src, p.src_ip, event.src_identity)
-        self._fill_endpoint(f.destination, p.dst_ip, event.dst_identity)
-        self._fill_names(f, p.src_ip, p.dst_ip)
+        _write_endpoint(f.source, cap.src)
+        _write_endpoint(f.destination, cap.dst)
+        f.source_names.extend(cap.src_names)
+        f.destination_names.extend(cap.dst_names)
         if event.ifindex:
             f.interface.index = event.ifindex
+        f.verdict = facts.verdict
+        f.event_type.type = facts.etype
+        if facts.direction:
+            f.traffic_direction = facts.direction
         if isinstance(event, DropEvent):
-            self._drop(f, event, src)
+            f.event_type.sub_type = event.reason
+            f.drop_reason = f.drop_reason_desc = event.reason  # open enum: a code without a name keeps its number
+            if event.line:
+                f.file.line = event.line
         elif isinstance(event, TraceEvent):
-            self._trace(f, event, src)
+            f.event_type.sub_type, f.trace_observation_point = event.obs_point, facts.point
+            self._trace(f, event)
         else:
-            self._verdict(f, event)
+            if facts.verdict == flow_pb2.DROPPED:
+                f.drop_reason = f.drop_reason_desc = facts.drop_reason
+            f.policy_match_type = event.match_type
+            f.proxy_port = event.proxy_port
+            f.is_reply.CopyFrom(BoolValue(value=False))
         return f
 
     # -- per event type ---------------------------------------------------------------
 
     @staticmethod
-    def _drop(f: flow_pb2.Flow, ev: DropEvent, src: flow_pb2.Endpoint) -> None:
-        f.verdict = flow_pb2.DROPPED
-        f.drop_reason = ev.reason
-        f.drop_reason_desc = ev.reason  # open enum: a code without a name keeps its number
-        f.event_type.type, f.event_type.sub_type = MESSAGE_TYPE_DROP, ev.reason
-        if ev.source_ep and ev.source_ep == src.ID:
-            f.traffic_direction = flow_pb2.EGRESS
-        elif ev.source_ep:
-            f.traffic_direction = flow_pb2.INGRESS
-        if ev.line:
-            f.file.line = ev.line
-
-    @staticmethod
-    def _trace(f: flow_pb2.Flow, ev: TraceEvent, src: flow_pb2.Endpoint) -> None:
-        f.verdict = flow_pb2.FORWARDED
-        f.event_type.type, f.event_type.sub_type = MESSAGE_TYPE_TRACE, ev.obs_point
-        f.trace_observation_point = OBSERVATION_POINTS.get(ev.obs_point, flow_pb2.UNKNOWN_POINT)
-        reason = TRACE_REASONS.get(ev.ct_reason & ~TRACE_REASON_ENCRYPT_MASK, flow_pb2.TRACE_REASON_UNKNOWN)
+    def _trace(f: flow_pb2.Flow, ev: TraceEvent) -> None:
+        reason = _trace_reason(ev)
         f.trace_reason = reason
         if ev.ct_reason & TRACE_REASON_ENCRYPT_MASK:
             f.IP.encrypted = True
@@ -358,66 +414,95 @@ class FlowParser:
         is_reply = reason == flow_pb2.REPLY
         f.is_reply.CopyFrom(BoolValue(value=is_reply))
         f.reply = is_reply
-        if ev.source_ep and reason not in (flow_pb2.SRV6_ENCAP, flow_pb2.SRV6_DECAP):
-            from_source = ev.source_ep == src.ID
-            f.traffic_direction = flow_pb2.EGRESS if from_source != is_reply else flow_pb2.INGRESS
-
-    @staticmethod
-    def _verdict(f: flow_pb2.Flow, ev: PolicyVerdictEvent) -> None:
-        f.event_type.type, f.event_type.sub_type = MESSAGE_TYPE_POLICY_VERDICT, 0
-        if ev.verdict < 0:
-            f.verdict = flow_pb2.DROPPED
-            f.drop_reason = ev.drop_reason
-            f.drop_reason_desc = ev.drop_reason
-        elif ev.verdict > 0 or ev.proxy_port:
-            f.verdict = flow_pb2.REDIRECTED
-        elif ev.audited:
-            f.verdict = flow_pb2.AUDIT
-        else:
-            f.verdict = flow_pb2.FORWARDED
-        f.traffic_direction = {abi.POLICY_INGRESS: flow_pb2.INGRESS,
-                               abi.POLICY_EGRESS: flow_pb2.EGRESS}.get(ev.direction, 0)
-        f.policy_match_type = ev.match_type
-        f.proxy_port = ev.proxy_port
-        f.is_reply.CopyFrom(BoolValue(value=False))
-
-    @staticmethod
-    def _policy_layer4(ev: PolicyVerdictEvent) -> flow_pb2.Layer4 | None:
-        # no usable capture: the policy's view (protocol, destination port or ICMP type)
-        if ev.policy_proto == 6:
-            return flow_pb2.Layer4(TCP=flow_pb2.TCP(destination_port=ev.policy_dport))
-        if ev.policy_proto == 17:
-            return flow_pb2.Layer4(UDP=flow_pb2.UDP(destination_port=ev.policy_dport))
-        if ev.policy_proto == 132:
-            return flow_pb2.Layer4(SCTP=flow_pb2.SCTP(destination_port=ev.policy_dport))
-        if ev.policy_proto == 1:
-            return flow_pb2.Layer4(ICMPv4=flow_pb2.ICMPv4(type=ev.policy_dport))
-        return None
 
     # -- endpoints ----------------------------------------------------------------------
 
-    def _fill_names(self, f: flow_pb2.Flow, src_ip: str | None, dst_ip: str | None) -> None:
+    def _names(self, ip: str | None) -> tuple[str, ...]:
         # Hubble's source_names / destination_names: what the FQDN cache knows of the address
         names = self.dns_names
-        if names is None:
-            return
-        if src_ip:
-            f.source_names.extend(sorted(names(src_ip) or ()))
-        if dst_ip:
-            f.destination_names.extend(sorted(names(dst_ip) or ()))
+        return tuple(sorted(names(ip) or ())) if names is not None and ip else ()
+
+    def _fill_names(self, f: flow_pb2.Flow, src_ip: str | None, dst_ip: str | None) -> None:
+        f.source_names.extend(self._names(src_ip))
+        f.destination_names.extend(self._names(dst_ip))
 
     def _fill_endpoint(self, ep: flow_pb2.Endpoint, ip: str | None, identity: int) -> None:
+        _write_endpoint(ep, self._resolve(ip, identity))
+
+    def _resolve(self, ip: str | None, identity: int) -> Resolved:
         details = self.lookup.endpoint_by_ip(ip) if ip else None
         if details is None:
-            ep.identity = identity
-            ep.labels.extend(labels_of(self.lookup, identity))
-            return
+            return Resolved(0, identity, labels=tuple(labels_of(self.lookup, identity)))
         if not identity:
             identity = details.identity  # e.g. a trace, which carries the source's identity only
-        labels = sorted(details.labels) if details.identity == identity else labels_of(self.lookup, identity)
-        ep.ID, ep.identity, ep.namespace, ep.pod_name = details.id, identity, details.namespace, details.pod_name
-        ep.cluster_name = details.cluster_name or self.cluster_name
-        ep.labels.extend(labels or sorted(details.labels))
+        labels = tuple(labels_of(self.lookup, identity)) if details.identity != identity else ()
+        return Resolved(details.id, identity, details, labels or tuple(sorted(details.labels)),
+                        details.cluster_name or self.cluster_name)
 
 
-__all__ = ["FlowParser", "lost_event", "summary", "timestamp"]
+class Resolved(NamedTuple):
+    """One end of a flow as the lookup knew it when the event came."""
+
+    id: int
+    identity: int
+    details: EndpointDetails | None = None
+    labels: tuple[str, ...] = ()
+    cluster_name: str = ""
+
+
+class FlowFacts(NamedTuple):
+    """What the metrics count of a flow, derived once (pilus.hubble.metrics)."""
+
+    etype: int  # event_type.type (MESSAGE_TYPE_*)
+    point: int  # a trace's trace_observation_point (0 for the others)
+    verdict: int
+    drop_reason: int  # drop_reason_desc (0: none)
+    protocol: str  # the l4 oneof: TCP, UDP, ICMPv4, SCTP; "" without one
+    tcp_flags: tuple[str, ...]
+    direction: int  # traffic_direction (policy verdicts and drops)
+    match_type: int  # policy_match_type
+
+
+class Capture(NamedTuple):
+    """A datapath event with what its Flow needs from the agent (FlowParser.capture)."""
+
+    event: Event
+    time_ns: int
+    src: Resolved
+    dst: Resolved
+    src_names: tuple[str, ...]
+    dst_names: tuple[str, ...]
+    facts: FlowFacts
+
+
+def _write_endpoint(ep: flow_pb2.Endpoint, r: Resolved) -> None:
+    ep.identity = r.identity
+    if r.details is not None:
+        d = r.details
+        ep.ID, ep.namespace, ep.pod_name, ep.cluster_name = d.id, d.namespace, d.pod_name, r.cluster_name
+    ep.labels.extend(r.labels)
+
+
+def _trace_reason(ev: TraceEvent) -> int:
+    return TRACE_REASONS.get(ev.ct_reason & ~TRACE_REASON_ENCRYPT_MASK, flow_pb2.TRACE_REASON_UNKNOWN)
+
+
+def _trace_direction(ev: TraceEvent, src_id: int) -> int:
+    # EGRESS when the reporting endpoint is the packet's source XOR the packet is a reply
+    reason = _trace_reason(ev)
+    if reason == flow_pb2.TRACE_REASON_UNKNOWN or not ev.source_ep or reason in (flow_pb2.SRV6_ENCAP,
+                                                                              flow_pb2.SRV6_DECAP):
+        return flow_pb2.TRAFFIC_DIRECTION_UNKNOWN
+    from_source, is_reply = ev.source_ep == src_id, reason == flow_pb2.REPLY
+    return flow_pb2.EGRESS if from_source != is_reply else flow_pb2.INGRESS
+
+
+def _policy_verdict(ev: PolicyVerdictEvent) -> int:
+    if ev.verdict < 0:
+        return flow_pb2.DROPPED
+    if ev.verdict > 0 or ev.proxy_port:
+        return flow_pb2.REDIRECTED
+    return flow_pb2.AUDIT if ev.audited else flow_pb2.FORWARDED
+
+
+__all__ = ["Capture", "FlowFacts", "FlowParser", "lost_event", "summary", "timestamp"]

@@ -1,7 +1,9 @@
 """Hubble metrics: counters of the node's flows, Prometheus on --hubble-metrics-server.
 
 Opt-in by handler name as Cilium's ``--hubble-metrics`` (``flow,drop,tcp,policy``);
-``hubble_lost_events_total`` is always there. Every label takes its value from a fixed
+``hubble_lost_events_total`` is always there. The L3/L4 counters are batched per
+distinct flow facts and added to the counters when the registry is read (single-threaded:
+the event loop counts and serves). Every label takes its value from a fixed
 set (enum names, observation points, TCP flag names), so the cardinality is bounded
 whatever the traffic: no addresses, ports or pod names.
 
@@ -28,7 +30,7 @@ whatever the traffic: no addresses, ports or pod names.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -38,6 +40,7 @@ from pilus.hubble.flows import (
     MESSAGE_TYPE_POLICY_VERDICT,
     MESSAGE_TYPE_TRACE,
     RCODE_NAMES,
+    FlowFacts,
 )
 from pilus.hubble.protos import flow_pb2
 
@@ -59,10 +62,33 @@ def parse_handlers(text: str) -> tuple[str, ...]:
     return names
 
 
-def _protocol(f: flow_pb2.Flow) -> str:
-    which = f.l4.WhichOneof("protocol") if f.HasField("l4") else None
-    return {"TCP": "TCP", "UDP": "UDP", "ICMPv4": "ICMPv4", "ICMPv6": "ICMPv6", "SCTP": "SCTP"}.get(which or "",
-                                                                                                    "Unknown")
+class _FlushFirst:
+    """A collector of nothing that flushes the batched counts when the registry is read
+    (it is registered before the counters, and the registry collects in that order)."""
+
+    def __init__(self, metrics: HubbleMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> list:
+        self.metrics.flush()
+        return []
+
+
+def facts_of(f: flow_pb2.Flow) -> FlowFacts:
+    """A Flow's facts, as FlowParser.capture derives them from an event."""
+    etype = f.event_type.type
+    proto = (f.l4.WhichOneof("protocol") or "") if f.HasField("l4") else ""
+    flags = tuple(n for n in _TCP_FLAGS if getattr(f.l4.TCP.flags, n)) if proto == "TCP" else ()
+    point = f.trace_observation_point if etype == MESSAGE_TYPE_TRACE else 0
+    return FlowFacts(etype, point, f.verdict, f.drop_reason_desc, proto, flags, f.traffic_direction,
+                     f.policy_match_type)
+
+
+def _drop_reason_name(reason: int) -> str:
+    try:
+        return flow_pb2.DropReason.Name(reason)
+    except ValueError:  # open enum: a code without a name keeps its number
+        return str(reason)
 
 
 def _reporter(f: flow_pb2.Flow) -> str:
@@ -74,7 +100,9 @@ class HubbleMetrics:
     def __init__(self, handlers: Iterable[str]) -> None:
         self.handlers = tuple(handlers)
         self.registry = CollectorRegistry()
-        self._children: dict[int, dict[tuple, object]] = {}  # counter -> raw key -> labelled child
+        self._children: dict[FlowFacts, tuple] = {}  # facts -> the labelled counters they add to
+        self._pending: dict[FlowFacts, int] = {}  # facts -> flows counted since the last flush
+        self.registry.register(_FlushFirst(self))  # before the counters: collect() reads in order
         self.lost = Counter("hubble_lost_events_total", "Events lost before they became flows",
                             ["source"], registry=self.registry)
         self.flows = self.drops = self.tcp = self.policy = None
@@ -114,40 +142,9 @@ class HubbleMetrics:
                                             "Kafka request duration in seconds",
                                             ["topic", "api_key", "reporter"], registry=self.registry)
 
-    def _child(self, counter: Counter, key: tuple, labels: Callable[[], tuple[str, ...]]):
-        """The counter's child for ``key`` (raw enum numbers), its label strings made once:
-        the labels are bounded, and looking a child up by strings costs more than the flow."""
-        cache = self._children.setdefault(id(counter), {})
-        child = cache.get(key)
-        if child is None:
-            child = cache[key] = counter.labels(*labels())
-        return child
-
     def observe(self, f: flow_pb2.Flow) -> None:
-        etype, verdict = f.event_type.type, f.verdict
-        if self.flows is not None:
-            point = f.trace_observation_point if etype == MESSAGE_TYPE_TRACE else -1
-            self._child(self.flows, (etype, point, verdict), lambda: (
-                _TYPES.get(etype, "Unknown"),
-                flow_pb2.TraceObservationPoint.Name(point).lower().replace("_", "-") if point >= 0 else "",
-                flow_pb2.Verdict.Name(verdict))).inc()
-        # drop events only: a denied packet is also a DROPPED policy verdict, counted once here
-        if self.drops is not None and etype == MESSAGE_TYPE_DROP:
-            proto = _protocol(f)
-            reason = f.drop_reason_desc
-            self._child(self.drops, (reason, proto),
-                        lambda: (flow_pb2.DropReason.Name(reason), proto)).inc()
-        if self.tcp is not None and f.HasField("l4") and f.l4.WhichOneof("protocol") == "TCP":
-            flags = f.l4.TCP.flags
-            for name in _TCP_FLAGS:
-                if getattr(flags, name):
-                    self._child(self.tcp, (name,), lambda name=name: (name, "IPv4")).inc()
-        if self.policy is not None and etype == MESSAGE_TYPE_POLICY_VERDICT:
-            direction, match = f.traffic_direction, f.policy_match_type
-            self._child(self.policy, (direction, match, verdict), lambda: (
-                flow_pb2.TrafficDirection.Name(direction).lower(), _MATCH.get(match, "unknown"),
-                flow_pb2.Verdict.Name(verdict).lower())).inc()
-
+        """Count a flow (an L7 flow, or any flow a caller made)."""
+        self.observe_facts(facts_of(f))
         if f.Type == flow_pb2.L7:
             record = f.l7.WhichOneof("record")
             if record == "http" and self.http_requests is not None:
@@ -156,6 +153,40 @@ class HubbleMetrics:
                 self._dns(f)
             elif record == "kafka" and self.kafka_requests is not None:
                 self._kafka(f)
+
+    def observe_facts(self, facts: FlowFacts) -> None:
+        """Count an L3/L4 flow by its facts (FlowParser.capture), before or without its Flow.
+        Counted here, published into the counters when they are read (``flush``)."""
+        self._pending[facts] = self._pending.get(facts, 0) + 1
+
+    def flush(self) -> None:
+        """Add the counts batched by observe_facts to the labelled counters."""
+        pending, self._pending = self._pending, {}
+        for facts, n in pending.items():
+            children = self._children.get(facts)
+            if children is None:
+                children = self._children[facts] = self._children_of(facts)
+            for child in children:
+                child.inc(n)
+
+    def _children_of(self, facts: FlowFacts) -> tuple:
+        """The labelled counters one flow with these facts adds to: made once per distinct
+        facts (a bounded set), as looking a child up by label strings costs more than the flow."""
+        etype, point, verdict, reason, proto, flags, direction, match = facts
+        out = []
+        if self.flows is not None:
+            subtype = (flow_pb2.TraceObservationPoint.Name(point).lower().replace("_", "-")
+                       if etype == MESSAGE_TYPE_TRACE else "")
+            out.append(self.flows.labels(_TYPES.get(etype, "Unknown"), subtype, flow_pb2.Verdict.Name(verdict)))
+        # drop events only: a denied packet is also a DROPPED policy verdict, counted once here
+        if self.drops is not None and etype == MESSAGE_TYPE_DROP:
+            out.append(self.drops.labels(_drop_reason_name(reason), proto or "Unknown"))
+        if self.tcp is not None and proto == "TCP":
+            out.extend(self.tcp.labels(name, "IPv4") for name in _TCP_FLAGS if name in flags)
+        if self.policy is not None and etype == MESSAGE_TYPE_POLICY_VERDICT:
+            out.append(self.policy.labels(flow_pb2.TrafficDirection.Name(direction).lower(),
+                                          _MATCH.get(match, "unknown"), flow_pb2.Verdict.Name(verdict).lower()))
+        return tuple(out)
 
     def _http(self, f: flow_pb2.Flow) -> None:
         h, kind = f.l7.http, f.l7.type

@@ -4,7 +4,9 @@ the node's ring -> the gRPC server (pilus.hubble.server).
 The part subscribes to the hub's event types (pilus.observer.monitor; ``event_types``,
 default all: the datapath then emits them for as long as Hubble runs; the L7 proxy's
 records always) and turns each drop, trace, policy verdict and L7 record into flows
-(pilus.hubble.flows) as the hub queues them. What is lost on the way is counted and
+(pilus.hubble.flows) as the hub queues them. A datapath event's flow is captured then
+(its endpoints, names and metric facts) and made on its first read: most flows of a
+busy node are never read, and making one costs more than anything else here. What is lost on the way is counted and
 kept in the ring as LostEvents, which
 GetFlows clients receive as Hubble's do: events the hub could not queue for us
 (OBSERVER_EVENTS_QUEUE) and, sampled once per LOST_POLL_INTERVAL, events the datapath
@@ -22,10 +24,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pilus.hubble.flows import FlowParser
+from pilus.hubble.flows import Capture, FlowParser, lost_event
 from pilus.hubble.lookup import EndpointLookup
 from pilus.hubble.metrics import HubbleMetrics
 from pilus.hubble.protos import flow_pb2
@@ -104,11 +107,19 @@ class HubblePart:
                 self._lost(flow_pb2.OBSERVER_EVENTS_QUEUE, ev.count)
                 continue
             try:
-                flows = self.parser.flows(ev)  # an L7 record may be a request and a response
+                if isinstance(ev, L7Event):  # a request and a response, made now (they are few)
+                    flows, cap = self.parser.l7_flows(ev), None
+                else:
+                    flows, cap = (), self.parser.capture(ev)
             except Exception:  # noqa: BLE001 - one event the parser trips on must not stop the flow log
                 self.parse_errors += 1
                 log.exception("hubble: cannot make a flow of %r", type(ev).__name__)
                 continue
+            if cap is not None:
+                # the Flow is made when someone reads it; the metrics count its facts now
+                self.ring.push_lazy(cap.time_ns, partial(self._build, cap))
+                if self.metrics is not None:
+                    self.metrics.observe_facts(cap.facts)
             for flow in flows:
                 self.ring.push(flow)
                 if self.metrics is not None:
@@ -117,6 +128,14 @@ class HubblePart:
         if now - self._lost_checked >= LOST_POLL_INTERVAL:
             self._lost_checked = now
             self._note_datapath_lost()
+
+    def _build(self, cap: Capture) -> flow_pb2.Flow | flow_pb2.LostEvent:
+        try:
+            return self.parser.build(cap)
+        except Exception:  # noqa: BLE001 - a reader gets the event as lost, not a broken stream
+            self.parse_errors += 1
+            log.exception("hubble: cannot make a flow of %r", type(cap.event).__name__)
+            return lost_event(flow_pb2.UNKNOWN_LOST_EVENT_SOURCE, 1, cap.time_ns / 1e9, cap.time_ns / 1e9)
 
     def _lost(self, source: int, count: int) -> None:
         self.ring.record_lost(source, count)

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 
 from pilus.hubble.flows import lost_event
 from pilus.hubble.protos import flow_pb2
@@ -29,15 +28,29 @@ DEFAULT_CAPACITY = 4095
 RATE_WINDOW = 60.0  # seconds over which flows_rate() counts (Hubble's one minute)
 
 
-@dataclass(frozen=True, slots=True)
 class RingEntry:
-    seq: int
-    time_ns: int
-    message: flow_pb2.Flow | flow_pb2.LostEvent
+    """One entry: a Flow, a LostEvent, or a flow not made yet (``build``, called on the
+    first read: the agent only pays for the protobuf of the flows someone reads)."""
+
+    __slots__ = ("seq", "time_ns", "is_flow", "_message", "_build")
+
+    def __init__(self, seq: int, time_ns: int, message: flow_pb2.Flow | flow_pb2.LostEvent | None = None,
+                 build: Callable[[], flow_pb2.Flow | flow_pb2.LostEvent] | None = None) -> None:
+        self.seq, self.time_ns = seq, time_ns
+        self._message, self._build = message, build
+        self.is_flow = build is not None or isinstance(message, flow_pb2.Flow)
+
+    @property
+    def message(self) -> flow_pb2.Flow | flow_pb2.LostEvent:
+        if self._message is None:
+            self._message = self._build()  # a build that fails answers a LostEvent (FlowRing.push_lazy)
+            self._build = None
+        return self._message
 
     @property
     def flow(self) -> flow_pb2.Flow | None:
-        return self.message if isinstance(self.message, flow_pb2.Flow) else None
+        m = self.message
+        return m if isinstance(m, flow_pb2.Flow) else None
 
 
 class FlowRing:
@@ -57,7 +70,13 @@ class FlowRing:
 
     def push(self, flow: flow_pb2.Flow) -> RingEntry:
         self.seen_flows += 1
-        return self._write(flow, flow.time.ToNanoseconds() if flow.HasField("time") else time.time_ns())
+        return self._write(RingEntry(self._next, flow.time.ToNanoseconds() if flow.HasField("time")
+                                     else time.time_ns(), flow))
+
+    def push_lazy(self, time_ns: int, build: Callable[[], flow_pb2.Flow]) -> RingEntry:
+        """A flow of ``time_ns`` that ``build()`` makes when it is first read."""
+        self.seen_flows += 1
+        return self._write(RingEntry(self._next, time_ns, build=build))
 
     def record_lost(self, source: int, count: int, first: float | None = None,
                     last: float | None = None) -> RingEntry | None:
@@ -69,13 +88,12 @@ class FlowRing:
         self.lost += count
         self.lost_by_source[source] = self.lost_by_source.get(source, 0) + count
         ev = lost_event(source, count, first if first is not None else now, last if last is not None else now)
-        return self._write(ev, int((last if last is not None else now) * 1e9))
+        return self._write(RingEntry(self._next, int((last if last is not None else now) * 1e9), ev))
 
-    def _write(self, message: flow_pb2.Flow | flow_pb2.LostEvent, time_ns: int) -> RingEntry:
-        entry = RingEntry(self._next, time_ns, message)
+    def _write(self, entry: RingEntry) -> RingEntry:
         slot = self._next % self.capacity
         old = self._buf[slot]
-        self._flows_held += (entry.flow is not None) - (old is not None and old.flow is not None)
+        self._flows_held += entry.is_flow - (old is not None and old.is_flow)
         self._buf[slot] = entry
         self._next += 1
         self.wake()
@@ -144,7 +162,7 @@ class FlowRing:
         since_ns = now_ns - int(RATE_WINDOW * 1e9)
         count, last_seen = 0, None
         for entry in self.newest_first():
-            if entry.flow is None:
+            if not entry.is_flow:
                 continue
             if entry.time_ns < since_ns:
                 break
