@@ -289,6 +289,7 @@ class Agent:
             socket_lb=cfg.socket_lb, native_device=self.parts["addresses"].device,
             tunnel_device=self.parts["tunnel"].name, tunnel_ifindex=self.parts["tunnel"].ifindex,
             lb_mode=cfg.bpf_lb_mode, monitor_aggregation=cfg.monitor_aggregation,
+            monitor_aggregation_interval=cfg.monitor_aggregation_interval,
         )
 
     def _make_services(self) -> ServiceManager:

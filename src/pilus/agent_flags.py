@@ -47,6 +47,7 @@ class AgentConfig:
     hubble_metrics: tuple[str, ...] = ()  # Hubble metrics handlers (hubble.metrics.HANDLERS); () = off
     hubble_metrics_server: tuple[str, int] = ("0.0.0.0", 9965)
     monitor_aggregation: str = "medium"  # traces: none = every packet, medium = per connection
+    monitor_aggregation_interval: int = 5  # seconds: a live connection is traced again after this long
     proxy_ingress_port: int = 15001  # the L7 proxy's listeners (docs/l7.md); policy entries carry them
     proxy_egress_port: int = 15002
     proxy_kafka_ingress_port: int = 15003
@@ -173,9 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "--hubble-metrics-server")
     p.add_argument("--hubble-metrics-server", type=_listen_addr, default=("0.0.0.0", 9965), metavar="[HOST]:PORT",
                    help="where Hubble metrics are served (default :9965, Cilium's)")
-    p.add_argument("--monitor-aggregation", default="medium", choices=sorted(MONITOR_AGGREGATION),
-                   help="trace events: none (every packet) or medium (the first packet of each direction "
-                        "of a connection and TCP flag changes; default), as Cilium's levels")
+    p.add_argument("--monitor-aggregation", default="medium", choices=list(MONITOR_AGGREGATION),
+                   help="trace events, Cilium's levels: none (every packet; lowest and low are the same, "
+                        "pilus has no receive-side traces for them to hide) or medium (default; maximum "
+                        "is the same): the first packet of each direction of a connection, its TCP "
+                        "SYN/FIN/RST, and a live connection again every --monitor-aggregation-interval")
+    p.add_argument("--monitor-aggregation-interval", type=_seconds, default=5, metavar="DURATION",
+                   help="how often a live connection is traced again under medium aggregation "
+                        "(default 5s; whole seconds: 30, 30s, 2m, 1h)")
     p.add_argument("--proxy-ingress-port", type=_port, default=15001, metavar="PORT",
                    help="the L7 proxy's ingress listener (rules.http of ingress rules; default 15001)")
     p.add_argument("--proxy-egress-port", type=_port, default=15002, metavar="PORT",
@@ -220,6 +226,17 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
     return int(text)
+
+
+_SECONDS_PER = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def _seconds(text: str) -> int:
+    """A duration in whole seconds, as Go prints them: ``30``, ``30s``, ``2m``, ``1h``."""
+    number, unit = text.rstrip("smh"), text[len(text.rstrip("smh")):]
+    if not number.isdigit() or unit not in _SECONDS_PER or not 1 <= int(number) * _SECONDS_PER[unit] <= 86400:
+        raise argparse.ArgumentTypeError(f"expected a duration of 1s to 24h in whole seconds (5s, 2m), got {text!r}")
+    return int(number) * _SECONDS_PER[unit]
 
 
 def _cidr(text: str) -> IPv4Network:
@@ -294,6 +311,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         hubble_metrics=args.hubble_metrics,
         hubble_metrics_server=args.hubble_metrics_server,
         monitor_aggregation=args.monitor_aggregation,
+        monitor_aggregation_interval=args.monitor_aggregation_interval,
         proxy_ingress_port=args.proxy_ingress_port,
         proxy_egress_port=args.proxy_egress_port,
         proxy_kafka_ingress_port=args.proxy_kafka_ingress_port,

@@ -16,11 +16,18 @@ def _cfg(**kw) -> DatapathConfig:
                           IPv4Network("10.200.1.0/24"), **kw)
 
 
-def test_monitor_aggregation_levels():
-    assert build_config(_cfg()).trace_aggregate == 1  # medium: per connection
-    assert build_config(_cfg(monitor_aggregation="none")).trace_aggregate == 0  # every packet
-    with pytest.raises(ValueError, match="low and maximum are not built"):
-        _cfg(monitor_aggregation="maximum")
+def test_monitor_aggregation_levels_are_ciliums():
+    c = build_config(_cfg())
+    assert (c.trace_aggregate, c.trace_report_interval) == (3, 5)  # medium, every 5 s
+    levels = {name: build_config(_cfg(monitor_aggregation=name)).trace_aggregate
+              for name in ("none", "disabled", "lowest", "low", "medium", "max", "maximum", "enabled")}
+    assert levels == {"none": 0, "disabled": 0, "lowest": 1, "low": 2, "medium": 3, "max": 4, "maximum": 4,
+                      "enabled": 4}
+    assert build_config(_cfg(monitor_aggregation_interval=60)).trace_report_interval == 60
+    with pytest.raises(ValueError, match="monitor aggregation 'high': use one of none, disabled"):
+        _cfg(monitor_aggregation="high")
+    with pytest.raises(ValueError, match="interval 0s: use 1 to 86400"):
+        _cfg(monitor_aggregation_interval=0)
 
 
 def test_agent_flags_reach_the_config(capsys):
@@ -28,10 +35,16 @@ def test_agent_flags_reach_the_config(capsys):
     cfg = config_from_args(build_parser().parse_args(base + ["--monitor-aggregation", "none",
                                                              "--hubble-metrics", "flow,drop"]))
     assert cfg.monitor_aggregation == "none" and cfg.hubble_metrics == ("flow", "drop")
-    for bad in (["--monitor-aggregation", "low"], ["--hubble-metrics", "icmp"],
+    for text, seconds in (("30", 30), ("30s", 30), ("2m", 120), ("1h", 3600)):
+        args = build_parser().parse_args(base + ["--monitor-aggregation", "maximum",
+                                                 "--monitor-aggregation-interval", text])
+        cfg = config_from_args(args)
+        assert (cfg.monitor_aggregation, cfg.monitor_aggregation_interval) == ("maximum", seconds)
+    for bad in (["--monitor-aggregation", "high"], ["--hubble-metrics", "icmp"],
+                ["--monitor-aggregation-interval", "500ms"], ["--monitor-aggregation-interval", "0s"],
                 ["--hubble-event-buffer-capacity", "4096"], ["--hubble-monitor-events", "l7"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(base + bad)
     err = capsys.readouterr().err
-    assert "invalid choice: 'low'" in err and "unknown Hubble metric 'icmp'" in err
+    assert "invalid choice: 'high'" in err and "got '500ms'" in err and "got '0s'" in err and "unknown Hubble metric 'icmp'" in err
     assert "2^k - 1" in err and "expected a list of drop, policy-verdict, trace" in err

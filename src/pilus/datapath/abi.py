@@ -379,6 +379,7 @@ class PilusConfig(_Base):
         ("trace_aggregate", c_uint32),
         ("tunnel_ifindex", c_uint32),  # 0 = native routing
         ("lb_dsr", c_uint32),  # 1 = --bpf-lb-mode dsr (native routing only)
+        ("trace_report_interval", c_uint32),  # seconds (--monitor-aggregation-interval)
     ]
 
 

@@ -13,8 +13,10 @@ from .lb import LbConfig
 LB_MODES = ("snat", "dsr")
 
 
-#: --monitor-aggregation levels built -> pilus_config.trace_aggregate
-MONITOR_AGGREGATION = {"none": 0, "medium": 1}
+#: --monitor-aggregation names -> Cilium's levels (pilus_config.trace_aggregate,
+#: lib/trace.h): from medium (3) on, traces follow conntrack; below, every packet
+MONITOR_AGGREGATION = {"none": 0, "disabled": 0, "lowest": 1, "low": 2, "medium": 3,
+                       "max": 4, "maximum": 4, "enabled": 4}
 
 @dataclass(frozen=True)
 class DatapathConfig:
@@ -40,14 +42,20 @@ class DatapathConfig:
     #: replies come back here) or "dsr" (the frontend travels in an IPv4 option, the
     #: backend's node answers the client directly; native routing only)
     lb_mode: str = "snat"
-    #: Cilium's --monitor-aggregation: "none" traces every packet, "medium" (default) the
-    #: first packet of each direction of a connection and its TCP flag changes
+    #: Cilium's --monitor-aggregation: "none" (and "lowest", "low": pilus has no
+    #: receive-side traces for them to hide) traces every packet; "medium" (default) and
+    #: "maximum" the first packet of each direction of a connection, its TCP SYN/FIN/RST,
+    #: and a live connection again every monitor_aggregation_interval seconds
     monitor_aggregation: str = "medium"
+    monitor_aggregation_interval: int = 5
 
     def __post_init__(self) -> None:
         if self.monitor_aggregation not in MONITOR_AGGREGATION:
-            raise ValueError(f"monitor aggregation {self.monitor_aggregation!r}: use "
-                             f"{' or '.join(MONITOR_AGGREGATION)} (low and maximum are not built)")
+            raise ValueError(f"monitor aggregation {self.monitor_aggregation!r}: use one of "
+                             f"{', '.join(MONITOR_AGGREGATION)}")
+        if not 1 <= self.monitor_aggregation_interval <= 86400:
+            raise ValueError(f"monitor aggregation interval {self.monitor_aggregation_interval}s: "
+                             "use 1 to 86400 seconds")
         if self.lb_mode not in LB_MODES:
             raise ValueError(f"unknown lb mode {self.lb_mode!r}: use one of {', '.join(LB_MODES)}")
         if self.lb_mode == "dsr" and self.tunnel_device:
@@ -68,6 +76,7 @@ def build_config(cfg: DatapathConfig) -> abi.PilusConfig:
     c.ct_close_timeout = 10
     c.ct_lifetime_nontcp = 60
     c.trace_aggregate = MONITOR_AGGREGATION[cfg.monitor_aggregation]
+    c.trace_report_interval = cfg.monitor_aggregation_interval
     c.tunnel_ifindex = cfg.tunnel_ifindex if cfg.tunnel_device else 0
     c.lb_dsr = 1 if cfg.lb_mode == "dsr" else 0
     return c

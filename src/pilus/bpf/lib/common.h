@@ -344,11 +344,13 @@ struct pilus_config {
 	__u32  ct_syn_timeout;
 	__u32  ct_close_timeout;
 	__u32  ct_lifetime_nontcp;
-	__u32  trace_aggregate;   /* 0 = every packet, 1 = CT-aggregated (medium) */
+	__u32  trace_aggregate;   /* Cilium's --monitor-aggregation level (lib/trace.h) */
 	__u32  tunnel_ifindex;    /* the VXLAN device (tunnel mode); 0 = native routing */
 	__u32  lb_dsr;            /* 1: --bpf-lb-mode dsr (native routing only): NodePort to a
 	                           * remote backend carries the frontend in an IPv4 option
 	                           * (lib/nodeport.h) and the backend's node answers directly */
+	__u32  trace_report_interval; /* seconds: CT-aggregated traces report a live connection
+	                               * again after this long (--monitor-aggregation-interval) */
 };
 
 #endif /* __PILUS_COMMON_H */

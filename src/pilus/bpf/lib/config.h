@@ -18,7 +18,8 @@ const volatile struct pilus_config pilus_cfg SEC(".rodata.config") = {
 	.ct_syn_timeout = 60,
 	.ct_close_timeout = 10,
 	.ct_lifetime_nontcp = 60,
-	.trace_aggregate = 1,
+	.trace_aggregate = 3,
+	.trace_report_interval = 5,
 };
 
 #define CFG(field) (pilus_cfg.field)

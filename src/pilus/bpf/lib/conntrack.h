@@ -5,7 +5,8 @@
  * key is CT_ESTABLISHED (tx side), one matching the reversed key is CT_REPLY
  * (rx side), anything else creates an entry (CT_NEW). Monitor aggregation
  * ("medium"): a trace is reported for the first packet of a connection, the
- * first reply, and whenever a TCP SYN/FIN/RST is first seen in a direction. Entries are refreshed
+ * first reply, whenever a TCP SYN/FIN/RST is first seen in a direction, and
+ * again for a direction not reported for trace_report_interval seconds. Entries are refreshed
  * by the datapath and expire by lifetime; deletion is left to LRU eviction and
  * the agent (flush/GC).
  *
@@ -88,6 +89,14 @@ static __always_inline bool icmp_is_error(__u8 type)
 {
 	return type == ICMP_DEST_UNREACH || type == ICMP_SOURCE_QUENCH ||
 	       type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB;
+}
+
+/* monitor aggregation: a direction last reported at `last` is due again */
+static __always_inline bool ct_report_due(__u32 last, __u32 now)
+{
+	__u32 interval = CFG(trace_report_interval);
+
+	return interval && now - last >= interval;
 }
 
 static __always_inline struct ct_entry *ct_lookup_live(struct ipv4_ct_tuple *t, __u32 now)
@@ -213,6 +222,8 @@ static __always_inline int ct_lookup4(struct __sk_buff *skb, const struct pkt4 *
 		fresh = tcp_flags & CT_REPORT_FLAGS & ~seen;
 		if (first)
 			fresh |= 0x100;
+		else if (ct_report_due(e->last_rx_report, now))
+			fresh |= 0x200;
 		if (tcp_flags & ~seen)
 			e->rx_flags_seen = seen | tcp_flags;
 		if (fresh)
@@ -222,6 +233,8 @@ static __always_inline int ct_lookup4(struct __sk_buff *skb, const struct pkt4 *
 		__sync_fetch_and_add(&e->tx_bytes, skb->len);
 		seen = e->tx_flags_seen;
 		fresh = tcp_flags & CT_REPORT_FLAGS & ~seen;
+		if (ct_report_due(e->last_tx_report, now))
+			fresh |= 0x200;
 		if (tcp_flags & ~seen)
 			e->tx_flags_seen = seen | tcp_flags;
 		if (fresh)
