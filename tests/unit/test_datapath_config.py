@@ -46,5 +46,6 @@ def test_agent_flags_reach_the_config(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(base + bad)
     err = capsys.readouterr().err
-    assert "invalid choice: 'high'" in err and "got '500ms'" in err and "got '0s'" in err and "unknown Hubble metric 'icmp'" in err
+    assert "invalid choice: 'high'" in err and "got '500ms'" in err and "got '0s'" in err
+    assert "unknown Hubble metric 'icmp'" in err
     assert "2^k - 1" in err and "expected a list of drop, policy-verdict, trace" in err
