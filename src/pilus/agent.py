@@ -288,6 +288,7 @@ class Agent:
             lb=LbConfig(maglev_table_size=cfg.maglev_table_size),
             socket_lb=cfg.socket_lb, native_device=self.parts["addresses"].device,
             tunnel_device=self.parts["tunnel"].name, tunnel_ifindex=self.parts["tunnel"].ifindex,
+            tunnel_port=cfg.tunnel_port,
             lb_mode=cfg.bpf_lb_mode, monitor_aggregation=cfg.monitor_aggregation,
             monitor_aggregation_interval=cfg.monitor_aggregation_interval,
         )

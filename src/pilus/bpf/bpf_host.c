@@ -175,6 +175,12 @@ int cil_from_netdev(struct __sk_buff *skb)
 	if (pkt4_parse(skb, &p))
 		return CTX_ACT_OK;  /* not ours to judge: the stack decides */
 	d.ifindex = ifindex;
+	/* tunnel mode: the tunnel's own packets (VXLAN to this node) are for the
+	 * stack, which decapsulates them for from-overlay (bpf_overlay.c); no
+	 * service or endpoint lookup for them */
+	if (CFG(tunnel_port) && p.ip.protocol == IPPROTO_UDP && !p.is_fragment &&
+	    p.ip.daddr == CFG(node_ip) && p.dport == bpf_htons((__u16)CFG(tunnel_port)))
+		return CTX_ACT_OK;
 	if (p.ip.daddr == CFG(node_ip) && bpf_ntohs(p.dport) >= NODEPORT_PORT_MIN) {
 		ret = nodeport_reply(skb, &p, &d);
 		if (ret >= 0)

@@ -63,6 +63,7 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
 						const struct endpoint_info *src_ep,
 						struct drop_ctx *d)
 {
+	const struct remote_endpoint_info *dst_info;
 	struct endpoint_info *dst_ep;
 	struct lb4_result svc = {};
 	struct ct_result ct = {};
@@ -94,7 +95,9 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
 	}
 
 	dst_ep = lookup_ip4_endpoint(p.ip.daddr);
-	dst_id_label = resolve_identity4(p.ip.daddr);
+	/* the destination's ipcache entry: its identity, and its node for the
+	 * tunnel and native routing below (one lookup for all three) */
+	dst_id_label = resolve_identity4_info(p.ip.daddr, &dst_info);
 	if (dst_ep && dst_id_label == IDENTITY_WORLD && dst_ep->identity)
 		dst_id_label = dst_ep->identity;
 	d->dst_label = dst_id_label;
@@ -113,7 +116,9 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
 			return send_drop(skb, d, ret, METRIC_EGRESS);
 		if (redo) {
 			dst_ep = lookup_ip4_endpoint(p.ip.daddr);
-			dst_id_label = dst_ep ? dst_ep->identity : resolve_identity4(p.ip.daddr);
+			dst_id_label = resolve_identity4_info(p.ip.daddr, &dst_info);
+			if (dst_ep)
+				dst_id_label = dst_ep->identity;
 			d->dst_label = dst_id_label;
 		}
 		/* a reply to a proxy's upstream connection: its socket is in the
@@ -178,7 +183,7 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
 	/* tunnel mode: a destination behind another node goes into the tunnel
 	 * with this endpoint's identity in the VNI (bpf_overlay.c decapsulates) */
 	if (CFG(tunnel_ifindex)) {
-		__be32 endpoint = tunnel_endpoint4(p.ip.daddr, ipcache_lookup4(p.ip.daddr));
+		__be32 endpoint = tunnel_endpoint4(p.ip.daddr, dst_info);
 
 		if (endpoint) {
 			if (tunnel_set_key4(skb, endpoint, src_id) < 0)
@@ -194,8 +199,6 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb,
 	 * is routed by us, FIB lookup and redirect to the native device; the
 	 * stack's routing and netfilter are skipped (Cilium's BPF host routing) */
 	if (!CFG(tunnel_ifindex)) {
-		const struct remote_endpoint_info *dst_info = ipcache_lookup4(p.ip.daddr);
-
 		if (dst_info && (dst_info->flags & IPCACHE_F_HAS_TUNNEL_EP)) {
 			ret = lb4_fib_redirect(skb, &p);
 			if (ret >= 0) {

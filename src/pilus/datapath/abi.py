@@ -380,6 +380,7 @@ class PilusConfig(_Base):
         ("tunnel_ifindex", c_uint32),  # 0 = native routing
         ("lb_dsr", c_uint32),  # 1 = --bpf-lb-mode dsr (native routing only)
         ("trace_report_interval", c_uint32),  # seconds (--monitor-aggregation-interval)
+        ("tunnel_port", c_uint32),  # tunnel mode: the VXLAN UDP port; 0 = native routing
     ]
 
 

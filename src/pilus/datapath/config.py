@@ -38,6 +38,7 @@ class DatapathConfig:
     #: and bpf_lxc.o encapsulates into; None: native routing
     tunnel_device: str | None = None
     tunnel_ifindex: int = 0
+    tunnel_port: int = 8472  # its UDP port (agent --tunnel-port)
     #: NodePort to another node's backend (agent --bpf-lb-mode): "snat" (to the node IP,
     #: replies come back here) or "dsr" (the frontend travels in an IPv4 option, the
     #: backend's node answers the client directly; native routing only)
@@ -78,5 +79,6 @@ def build_config(cfg: DatapathConfig) -> abi.PilusConfig:
     c.trace_aggregate = MONITOR_AGGREGATION[cfg.monitor_aggregation]
     c.trace_report_interval = cfg.monitor_aggregation_interval
     c.tunnel_ifindex = cfg.tunnel_ifindex if cfg.tunnel_device else 0
+    c.tunnel_port = cfg.tunnel_port if cfg.tunnel_device else 0
     c.lb_dsr = 1 if cfg.lb_mode == "dsr" else 0
     return c

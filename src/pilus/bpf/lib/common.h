@@ -351,6 +351,7 @@ struct pilus_config {
 	                           * (lib/nodeport.h) and the backend's node answers directly */
 	__u32  trace_report_interval; /* seconds: CT-aggregated traces report a live connection
 	                               * again after this long (--monitor-aggregation-interval) */
+	__u32  tunnel_port;       /* tunnel mode: the VXLAN UDP port (host order); 0 = native */
 };
 
 #endif /* __PILUS_COMMON_H */

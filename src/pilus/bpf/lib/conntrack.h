@@ -36,9 +36,13 @@ struct ct_result {
 	__be16 proxy_port; /* the entry's proxy port (CT_F_PROXY_REDIRECT) */
 };
 
+/* seconds of CLOCK_MONOTONIC: the clock of every lifetime in the CT and LB
+ * maps (the agent reads it too, datapath/maps.py). The coarse clock (the
+ * last tick's time: no clock source read per packet) is the same clock at
+ * tick resolution, far below a second. */
 static __always_inline __u32 bpf_now_sec(void)
 {
-	return (__u32)(bpf_ktime_get_ns() / 1000000000ULL);
+	return (__u32)(bpf_ktime_get_coarse_ns() / 1000000000ULL);
 }
 
 static __always_inline void ct_tuple4(const struct pkt4 *p, struct ipv4_ct_tuple *t, bool reverse)

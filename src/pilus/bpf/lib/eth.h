@@ -33,12 +33,15 @@ static __always_inline int eth_load_proto(struct __sk_buff *skb, __be16 *proto)
 	return bpf_skb_load_bytes(skb, offsetof(struct ethhdr, h_proto), proto, sizeof(*proto));
 }
 
+/* both MACs in one write (one helper call per packet, not two) */
 static __always_inline int eth_store_addrs(struct __sk_buff *skb, const __u8 *dst,
 					   const __u8 *src)
 {
-	if (bpf_skb_store_bytes(skb, 0, dst, ETH_ALEN, 0) < 0)
-		return -1;
-	if (bpf_skb_store_bytes(skb, ETH_ALEN, src, ETH_ALEN, 0) < 0)
+	__u8 addrs[2 * ETH_ALEN];
+
+	__builtin_memcpy(addrs, dst, ETH_ALEN);
+	__builtin_memcpy(addrs + ETH_ALEN, src, ETH_ALEN);
+	if (bpf_skb_store_bytes(skb, 0, addrs, sizeof(addrs), 0) < 0)
 		return -1;
 	return 0;
 }

@@ -10,6 +10,7 @@
 #include "common.h"
 #include "config.h"
 #include "ipv4.h"
+#include "eth.h"
 
 /*
  * A reply whose source became a node address (NodePort) must not go through
@@ -42,8 +43,7 @@ static __always_inline int lb4_fib_redirect(struct __sk_buff *skb, struct pkt4 *
 		return -1;
 	if (ret == BPF_FIB_LKUP_RET_NO_NEIGH)
 		return bpf_redirect_neigh(fib.ifindex, NULL, 0, 0);
-	if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0) < 0)
+	if (eth_store_addrs(skb, fib.dmac, fib.smac) < 0)
 		return -1;
 	return bpf_redirect(fib.ifindex, 0);
 }
