@@ -30,6 +30,8 @@ from test_hubble_flows import (
     trace,
     verdict,
 )
+from test_l7_flows import event, record
+from test_l7_kafka_dns_events import dns_record, kafka_record
 
 from pilus.datapath import abi
 from pilus.datapath.events import decode, parse_packet
@@ -39,6 +41,7 @@ from pilus.hubble.metrics import HubbleMetrics
 from pilus.hubble.part import HubblePart
 from pilus.hubble.protos import flow_pb2
 from pilus.hubble.ring import FlowRing
+from pilus.observer.l7 import L7Event
 
 HANDLERS = ["flow", "drop", "tcp", "policy"]
 
@@ -195,3 +198,53 @@ def test_decode_takes_any_record(kind, tail):
     capture = PARSER.capture(ev) if hasattr(ev, "packet") else None
     if capture is not None:
         PARSER.build(capture)
+
+
+# -- L7 records --------------------------------------------------------------------------
+
+ALL_HANDLERS = ["flow", "drop", "tcp", "policy", "http", "dns", "kafka"]
+
+
+def _samples(m: HubbleMetrics) -> list:
+    return sorted((s.name, tuple(sorted(s.labels.items())), s.value) for fam in m.registry.collect()
+                  for s in fam.samples if not s.name.endswith("_created"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["http", "kafka", "dns"]), st.sampled_from(["FORWARDED", "DENIED", "ERROR"]),
+       st.sampled_from(["ingress", "egress"]), st.sampled_from([0, 200, 403, 502]), st.integers(0, 40),
+       st.sampled_from(["produce", "fetch", "metadata"]), st.lists(st.sampled_from(["1.2.3.4", "5.6.7.8"]),
+                                                                   max_size=2),
+       st.sampled_from([None, 0, 29]))
+def test_l7_captures_count_what_their_flows_count(kind, verdict, direction, status, rcode, api_key, ips,
+                                                  error_code):
+    if kind == "http":
+        rec = record(verdict=verdict, status=status, direction=direction)
+    elif kind == "kafka":
+        rec = kafka_record(verdict=verdict, api_key=api_key, error_code=error_code, direction=direction)
+    else:
+        rec = dns_record(verdict=verdict, rcode=rcode % 24, ips=tuple(ips))
+    ev = L7Event.from_record(rec)
+    by_caps, by_flows = HubbleMetrics(ALL_HANDLERS), HubbleMetrics(ALL_HANDLERS)
+    for cap in PARSER.capture_l7(ev):
+        by_caps.observe_l7(cap.facts, cap.l7)
+        f = PARSER.build(cap)
+        by_flows.observe(f)
+        assert f.time.ToNanoseconds() == cap.time_ns
+    assert _samples(by_caps) == _samples(by_flows)
+
+
+def test_l7_flows_are_made_on_first_read(tmp_path):
+    part = _part(tmp_path, HubbleMetrics(ALL_HANDLERS))
+    part.ingest([event(), event(verdict="DENIED", status=403)])
+    entries = list(part.ring.entries())
+    assert len(entries) == 3 and all(e._message is None for e in entries)  # noqa: SLF001
+    assert part.metrics.registry.get_sample_value(
+        "hubble_http_requests_total", {"method": "GET", "protocol": "HTTP/1.1", "reporter": "server"}) == 2
+    assert part.metrics.registry.get_sample_value(
+        "hubble_http_responses_total",
+        {"method": "GET", "protocol": "HTTP/1.1", "status": "403", "reporter": "server"}) == 1
+    request, response, denied = (e.flow for e in entries)
+    assert (request.l7.type, response.l7.type, denied.verdict) == (flow_pb2.REQUEST, flow_pb2.RESPONSE,
+                                                                   flow_pb2.DROPPED)
+    assert response.l7.latency_ns == 2_500_000 and response.source.identity == request.destination.identity

@@ -218,9 +218,28 @@ class FlowParser:
         return [f] if f is not None else []
 
     def l7_flows(self, ev: L7Event) -> list[flow_pb2.Flow]:
-        out = [self._l7_flow(ev, flow_pb2.REQUEST)]
-        if self._has_response(ev):
-            out.append(self._l7_flow(ev, flow_pb2.RESPONSE))
+        return [self.build(cap) for cap in self.capture_l7(ev)]
+
+    def capture_l7(self, ev: L7Event) -> list[Capture]:
+        """The REQUEST capture of an L7 record and, once answered, its RESPONSE capture."""
+        kinds = [flow_pb2.REQUEST] + ([flow_pb2.RESPONSE] if self._has_response(ev) else [])
+        t = ev.record_time if ev.record_time is not None else ev.time if ev.time is not None else time.time()
+        whole = int(t)
+        record_ns = whole * 1_000_000_000 + min(round((t - whole) * 1e9), 999_999_999)
+        verdict = {"FORWARDED": flow_pb2.FORWARDED, "DENIED": flow_pb2.DROPPED}.get(ev.verdict, flow_pb2.ERROR)
+        direction = flow_pb2.INGRESS if ev.direction == "ingress" else flow_pb2.EGRESS
+        facts = FlowFacts(MESSAGE_TYPE_ACCESS_LOG, 0, verdict,
+                          flow_pb2.POLICY_DENIED if ev.verdict == "DENIED" else 0,
+                          "UDP" if ev.transport == "udp" else "TCP", (), direction, 0)
+        client = (self._resolve(ev.source.ip, ev.source.identity), self._names(ev.source.ip))
+        server = (self._resolve(ev.destination.ip, ev.destination.identity), self._names(ev.destination.ip))
+        out = []
+        for kind in kinds:
+            response = kind == flow_pb2.RESPONSE
+            (src, src_names), (dst, dst_names) = (server, client) if response else (client, server)
+            # the record is written when the response ended: the request came latency_ns earlier
+            time_ns = record_ns if response else max(record_ns - ev.latency_ns, 0)
+            out.append(Capture(ev, time_ns, src, dst, src_names, dst_names, facts, l7_facts(ev, kind)))
         return out
 
     @staticmethod
@@ -235,23 +254,20 @@ class FlowParser:
             return True
         return bool(ev.status)
 
-    def _l7_flow(self, ev: L7Event, kind: int) -> flow_pb2.Flow:
+    def _build_l7(self, cap: Capture) -> flow_pb2.Flow:
+        ev, facts, kind = cap.event, cap.facts, cap.l7.kind
         response = kind == flow_pb2.RESPONSE
         src, dst = (ev.destination, ev.source) if response else (ev.source, ev.destination)
         f = flow_pb2.Flow(uuid=new_uuid(), Type=flow_pb2.L7, node_name=self.node_name)
         f.emitter.CopyFrom(self.emitter)
-        t = ev.record_time if ev.record_time is not None else ev.time if ev.time is not None else time.time()
-        # the record is written when the response ended: the request came latency_ns earlier
-        f.time.CopyFrom(timestamp(t))
-        if not response:  # in integer nanoseconds: a float of ~1.7e18 ns has no ns digits
-            ns = max(f.time.seconds * 1_000_000_000 + f.time.nanos - ev.latency_ns, 0)
-            f.time.seconds, f.time.nanos = divmod(ns, 1_000_000_000)
+        f.time.seconds, f.time.nanos = divmod(cap.time_ns, 1_000_000_000)
         f.IP.source, f.IP.destination, f.IP.ipVersion = src.ip, dst.ip, flow_pb2.IPv4
-        l4 = f.l4.UDP if ev.transport == "udp" else f.l4.TCP
+        l4 = f.l4.UDP if facts.protocol == "UDP" else f.l4.TCP
         l4.source_port, l4.destination_port = src.port, dst.port
-        self._fill_endpoint(f.source, src.ip, src.identity)
-        self._fill_endpoint(f.destination, dst.ip, dst.identity)
-        self._fill_names(f, src.ip, dst.ip)
+        _write_endpoint(f.source, cap.src)
+        _write_endpoint(f.destination, cap.dst)
+        f.source_names.extend(cap.src_names)
+        f.destination_names.extend(cap.dst_names)
         f.l7.type = kind
         if response:
             f.l7.latency_ns = ev.latency_ns
@@ -261,11 +277,11 @@ class FlowParser:
             f.Summary = self._l7_dns(f, ev.dns, ev.verdict, response)
         else:
             f.Summary = self._l7_http(f, ev, response)
-        f.event_type.type = MESSAGE_TYPE_ACCESS_LOG
-        f.verdict = {"FORWARDED": flow_pb2.FORWARDED, "DENIED": flow_pb2.DROPPED}.get(ev.verdict, flow_pb2.ERROR)
-        if ev.verdict == "DENIED":
-            f.drop_reason_desc = flow_pb2.POLICY_DENIED
-        f.traffic_direction = flow_pb2.INGRESS if ev.direction == "ingress" else flow_pb2.EGRESS
+        f.event_type.type = facts.etype
+        f.verdict = facts.verdict
+        if facts.drop_reason:
+            f.drop_reason_desc = facts.drop_reason
+        f.traffic_direction = facts.direction
         f.is_reply.CopyFrom(BoolValue(value=response))
         f.reply = response
         return f
@@ -360,7 +376,9 @@ class FlowParser:
         return Capture(event, time_ns, src, dst, self._names(p.src_ip), self._names(p.dst_ip), facts)
 
     def build(self, cap: Capture) -> flow_pb2.Flow:
-        """The Flow of a captured event (pure: no lookups)."""
+        """The Flow of a captured event or L7 record (pure: no lookups)."""
+        if cap.l7 is not None:
+            return self._build_l7(cap)
         event, facts = cap.event, cap.facts
         p = event.packet
         f = flow_pb2.Flow(uuid=new_uuid(), Type=flow_pb2.L3_L4, node_name=self.node_name, Summary=summary(p))
@@ -463,16 +481,54 @@ class FlowFacts(NamedTuple):
     match_type: int  # policy_match_type
 
 
-class Capture(NamedTuple):
-    """A datapath event with what its Flow needs from the agent (FlowParser.capture)."""
+class L7Facts(NamedTuple):
+    """What the http, dns and kafka metrics count of an L7 flow, derived once."""
 
-    event: Event
+    record: str  # http, dns, kafka
+    kind: int  # REQUEST, RESPONSE
+    latency_ns: int = 0  # a RESPONSE's
+    method: str = ""  # http
+    protocol: str = ""
+    code: int = 0  # the status the client got (a REQUEST has one when denied)
+    qtypes: str = ""  # dns: the query types, comma-joined
+    rcode: int = 0
+    ips: int = 0  # addresses in the answer
+    rrtypes: tuple[str, ...] = ()
+    topic: str = ""  # kafka
+    api_key: str = ""
+    error_code: int = 0
+
+
+def l7_facts(ev: L7Event, kind: int) -> L7Facts:
+    """An L7 record's facts as its REQUEST or RESPONSE flow carries them (FlowParser._l7_*)."""
+    response = kind == flow_pb2.RESPONSE
+    latency = ev.latency_ns if response else 0
+    if ev.kafka is not None:
+        k = ev.kafka
+        return L7Facts("kafka", kind, latency, topic=k.topic, api_key=k.api_key, error_code=k.error_code or 0)
+    if ev.dns is not None:
+        d = ev.dns
+        if not response:
+            return L7Facts("dns", kind, latency, qtypes=",".join(d.qtypes),
+                           rcode=d.rcode if ev.verdict == "DENIED" else 0)
+        return L7Facts("dns", kind, latency, qtypes=",".join(d.qtypes), rcode=d.rcode, ips=len(d.ips),
+                       rrtypes=tuple(d.rrtypes))
+    code = ev.status if response or ev.verdict == "DENIED" else 0
+    return L7Facts("http", kind, latency, method=ev.method, protocol=ev.protocol, code=code)
+
+
+class Capture(NamedTuple):
+    """A datapath event (FlowParser.capture) or one flow of an L7 record (capture_l7)
+    with what its Flow needs from the agent."""
+
+    event: Event | L7Event
     time_ns: int
     src: Resolved
     dst: Resolved
     src_names: tuple[str, ...]
     dst_names: tuple[str, ...]
     facts: FlowFacts
+    l7: L7Facts | None = None
 
 
 def _write_endpoint(ep: flow_pb2.Endpoint, r: Resolved) -> None:
@@ -505,4 +561,4 @@ def _policy_verdict(ev: PolicyVerdictEvent) -> int:
     return flow_pb2.AUDIT if ev.audited else flow_pb2.FORWARDED
 
 
-__all__ = ["Capture", "FlowFacts", "FlowParser", "lost_event", "summary", "timestamp"]
+__all__ = ["Capture", "FlowFacts", "FlowParser", "L7Facts", "l7_facts", "lost_event", "summary", "timestamp"]

@@ -41,6 +41,7 @@ from pilus.hubble.flows import (
     MESSAGE_TYPE_TRACE,
     RCODE_NAMES,
     FlowFacts,
+    L7Facts,
 )
 from pilus.hubble.protos import flow_pb2
 
@@ -91,9 +92,24 @@ def _drop_reason_name(reason: int) -> str:
         return str(reason)
 
 
-def _reporter(f: flow_pb2.Flow) -> str:
-    # Cilium's http/kafka handlers: the ingress proxy reports as the server
-    return {flow_pb2.INGRESS: "server", flow_pb2.EGRESS: "client"}.get(f.traffic_direction, "unknown")
+#: Cilium's http/kafka handlers: the ingress proxy reports as the server
+_REPORTER = {flow_pb2.INGRESS: "server", flow_pb2.EGRESS: "client"}
+
+
+def l7_facts_of(f: flow_pb2.Flow) -> L7Facts | None:
+    """An L7 Flow's L7Facts, as FlowParser.capture_l7 derives them from a record."""
+    record, kind, latency = f.l7.WhichOneof("record"), f.l7.type, f.l7.latency_ns
+    if record == "http":
+        h = f.l7.http
+        return L7Facts("http", kind, latency, method=h.method, protocol=h.protocol, code=h.code)
+    if record == "dns":
+        d = f.l7.dns
+        return L7Facts("dns", kind, latency, qtypes=",".join(d.qtypes), rcode=d.rcode, ips=len(d.ips),
+                       rrtypes=tuple(d.rrtypes))
+    if record == "kafka":
+        k = f.l7.kafka
+        return L7Facts("kafka", kind, latency, topic=k.topic, api_key=k.api_key, error_code=k.error_code)
+    return None
 
 
 class HubbleMetrics:
@@ -102,6 +118,7 @@ class HubbleMetrics:
         self.registry = CollectorRegistry()
         self._children: dict[FlowFacts, tuple] = {}  # facts -> the labelled counters they add to
         self._pending: dict[FlowFacts, int] = {}  # facts -> flows counted since the last flush
+        self._l7_children: dict[tuple, object] = {}  # (metric, label values) -> labelled child
         self.registry.register(_FlushFirst(self))  # before the counters: collect() reads in order
         self.lost = Counter("hubble_lost_events_total", "Events lost before they became flows",
                             ["source"], registry=self.registry)
@@ -143,16 +160,12 @@ class HubbleMetrics:
                                             ["topic", "api_key", "reporter"], registry=self.registry)
 
     def observe(self, f: flow_pb2.Flow) -> None:
-        """Count a flow (an L7 flow, or any flow a caller made)."""
-        self.observe_facts(facts_of(f))
-        if f.Type == flow_pb2.L7:
-            record = f.l7.WhichOneof("record")
-            if record == "http" and self.http_requests is not None:
-                self._http(f)
-            elif record == "dns" and self.dns_queries is not None:
-                self._dns(f)
-            elif record == "kafka" and self.kafka_requests is not None:
-                self._kafka(f)
+        """Count a Flow (one a caller made; the part counts captures: observe_facts/_l7)."""
+        l7 = l7_facts_of(f) if f.Type == flow_pb2.L7 else None
+        if l7 is not None:
+            self.observe_l7(facts_of(f), l7)
+        else:
+            self.observe_facts(facts_of(f))
 
     def observe_facts(self, facts: FlowFacts) -> None:
         """Count an L3/L4 flow by its facts (FlowParser.capture), before or without its Flow.
@@ -188,35 +201,50 @@ class HubbleMetrics:
                                           _MATCH.get(match, "unknown"), flow_pb2.Verdict.Name(verdict).lower()))
         return tuple(out)
 
-    def _http(self, f: flow_pb2.Flow) -> None:
-        h, kind = f.l7.http, f.l7.type
-        reporter = _reporter(f)
-        if kind == flow_pb2.REQUEST:
-            self.http_requests.labels(h.method, h.protocol, reporter).inc()
-        if h.code and (kind == flow_pb2.RESPONSE or f.verdict == flow_pb2.DROPPED):
-            self.http_responses.labels(h.method, h.protocol, str(h.code), reporter).inc()
-        if kind == flow_pb2.RESPONSE:
-            self.http_duration.labels(h.method, reporter).observe(f.l7.latency_ns / 1e9)
+    def observe_l7(self, facts: FlowFacts, l7: L7Facts) -> None:
+        """Count an L7 flow: its FlowFacts (observe_facts) and the http/dns/kafka handlers'
+        series of its L7Facts."""
+        self.observe_facts(facts)
+        if l7.record == "http" and self.http_requests is not None:
+            self._http(facts, l7)
+        elif l7.record == "dns" and self.dns_queries is not None:
+            self._dns(facts, l7)
+        elif l7.record == "kafka" and self.kafka_requests is not None:
+            self._kafka(facts, l7)
 
-    def _dns(self, f: flow_pb2.Flow) -> None:
-        d = f.l7.dns
-        qtypes = ",".join(d.qtypes)
-        if f.verdict == flow_pb2.DROPPED:
-            self.dns_queries.labels("Policy denied", qtypes, str(len(d.ips))).inc()
-        elif f.l7.type == flow_pb2.REQUEST:
-            self.dns_queries.labels("", qtypes, str(len(d.ips))).inc()
-        elif f.l7.type == flow_pb2.RESPONSE:
-            self.dns_responses.labels(RCODE_NAMES.get(d.rcode, ""), qtypes, str(len(d.ips))).inc()
+    def _series(self, metric, *labels: str):
+        """The labelled child (made once per label values: the L7 handlers' sets are bounded)."""
+        key = (id(metric), labels)
+        child = self._l7_children.get(key)
+        if child is None:
+            child = self._l7_children[key] = metric.labels(*labels)
+        return child
+
+    def _http(self, facts: FlowFacts, h: L7Facts) -> None:
+        reporter = _REPORTER.get(facts.direction, "unknown")
+        if h.kind == flow_pb2.REQUEST:
+            self._series(self.http_requests, h.method, h.protocol, reporter).inc()
+        if h.code and (h.kind == flow_pb2.RESPONSE or facts.verdict == flow_pb2.DROPPED):
+            self._series(self.http_responses, h.method, h.protocol, str(h.code), reporter).inc()
+        if h.kind == flow_pb2.RESPONSE:
+            self._series(self.http_duration, h.method, reporter).observe(h.latency_ns / 1e9)
+
+    def _dns(self, facts: FlowFacts, d: L7Facts) -> None:
+        if facts.verdict == flow_pb2.DROPPED:
+            self._series(self.dns_queries, "Policy denied", d.qtypes, str(d.ips)).inc()
+        elif d.kind == flow_pb2.REQUEST:
+            self._series(self.dns_queries, "", d.qtypes, str(d.ips)).inc()
+        elif d.kind == flow_pb2.RESPONSE:
+            self._series(self.dns_responses, RCODE_NAMES.get(d.rcode, ""), d.qtypes, str(d.ips)).inc()
             for rrtype in d.rrtypes:
-                self.dns_response_types.labels(rrtype, qtypes).inc()
+                self._series(self.dns_response_types, rrtype, d.qtypes).inc()
 
-    def _kafka(self, f: flow_pb2.Flow) -> None:
-        k, kind = f.l7.kafka, f.l7.type
-        reporter = _reporter(f)
-        if kind == flow_pb2.REQUEST:
-            self.kafka_requests.labels(k.topic, k.api_key, str(k.error_code), reporter).inc()
-        elif kind == flow_pb2.RESPONSE:
-            self.kafka_duration.labels(k.topic, k.api_key, reporter).observe(f.l7.latency_ns / 1e9)
+    def _kafka(self, facts: FlowFacts, k: L7Facts) -> None:
+        reporter = _REPORTER.get(facts.direction, "unknown")
+        if k.kind == flow_pb2.REQUEST:
+            self._series(self.kafka_requests, k.topic, k.api_key, str(k.error_code), reporter).inc()
+        elif k.kind == flow_pb2.RESPONSE:
+            self._series(self.kafka_duration, k.topic, k.api_key, reporter).observe(k.latency_ns / 1e9)
 
     def record_lost(self, source: int, count: int) -> None:
         self.lost.labels(flow_pb2.LostEventSource.Name(source)).inc(count)

@@ -4,9 +4,9 @@ the node's ring -> the gRPC server (pilus.hubble.server).
 The part subscribes to the hub's event types (pilus.observer.monitor; ``event_types``,
 default all: the datapath then emits them for as long as Hubble runs; the L7 proxy's
 records always) and turns each drop, trace, policy verdict and L7 record into flows
-(pilus.hubble.flows) as the hub queues them. A datapath event's flow is captured then
-(its endpoints, names and metric facts) and made on its first read: most flows of a
-busy node are never read, and making one costs more than anything else here. What is lost on the way is counted and
+(pilus.hubble.flows) as the hub queues them. Each flow is captured then (its endpoints,
+names and metric facts) and made on its first read: most flows of a busy node are
+never read, and making one costs more than anything else here. What is lost on the way is counted and
 kept in the ring as LostEvents, which
 GetFlows clients receive as Hubble's do: events the hub could not queue for us
 (OBSERVER_EVENTS_QUEUE) and, sampled once per LOST_POLL_INTERVAL, events the datapath
@@ -107,23 +107,22 @@ class HubblePart:
                 self._lost(flow_pb2.OBSERVER_EVENTS_QUEUE, ev.count)
                 continue
             try:
-                if isinstance(ev, L7Event):  # a request and a response, made now (they are few)
-                    flows, cap = self.parser.l7_flows(ev), None
-                else:
-                    flows, cap = (), self.parser.capture(ev)
+                caps = self.parser.capture_l7(ev) if isinstance(ev, L7Event) else [self.parser.capture(ev)]
             except Exception:  # noqa: BLE001 - one event the parser trips on must not stop the flow log
                 self.parse_errors += 1
                 log.exception("hubble: cannot make a flow of %r", type(ev).__name__)
                 continue
-            if cap is not None:
+            for cap in caps:
+                if cap is None:  # a record that is no flow
+                    continue
                 # the Flow is made when someone reads it; the metrics count its facts now
                 self.ring.push_lazy(cap.time_ns, partial(self._build, cap))
-                if self.metrics is not None:
+                if self.metrics is None:
+                    continue
+                if cap.l7 is not None:
+                    self.metrics.observe_l7(cap.facts, cap.l7)
+                else:
                     self.metrics.observe_facts(cap.facts)
-            for flow in flows:
-                self.ring.push(flow)
-                if self.metrics is not None:
-                    self.metrics.observe(flow)
         now = time.monotonic()
         if now - self._lost_checked >= LOST_POLL_INTERVAL:
             self._lost_checked = now
