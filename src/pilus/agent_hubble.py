@@ -4,7 +4,8 @@
 own endpoints (by address and id, indexed once per change of the endpoint set), the
 other nodes' endpoints (``IPCacheSync``, from the kvstore), the identity cache (no
 store access: the flow parser runs for every event and must not wait) and the FQDN cache
-(``dns_names``: a flow's source_names / destination_names).
+(``dns_names``: a flow's source_names / destination_names) and the services' frontends
+(``service_at``: a flow's source_service / destination_service).
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ class AgentEndpointLookup:
     def endpoint_by_id(self, endpoint_id: int) -> EndpointDetails | None:
         self._index()
         return self._by_id.get(endpoint_id)
+
+    def service_at(self, ip: str, port: int, proto: str) -> tuple[str, str] | None:
+        """The service whose frontend this is (a flow's source/destination_service)."""
+        services = getattr(self.agent, "services", None)
+        return services.service_at(ip, port, proto) if services is not None else None
 
     def dns_names(self, ip: str) -> list[str]:
         """The DNS names the agent's FQDN cache holds for the address (none without one)."""

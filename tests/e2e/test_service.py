@@ -8,11 +8,13 @@ import contextlib
 import threading
 import time
 
+import grpc
 import pytest
 
 from pilus.api.client import APIError
+from pilus.hubble.protos import flow_pb2, observer_pb2, observer_pb2_grpc
 
-from .conftest import EXTERNAL_IP, probe, wait_for
+from .conftest import EXTERNAL_IP, probe, state_dir, wait_for
 
 VIP = "10.96.10.10"
 PORT = 8080
@@ -87,7 +89,7 @@ def test_clusterip_tcp_and_udp_from_a_pod(svc_api, pods, servers, service):
     assert res == {"ok": True, "reply": "hello", "peer": f"{VIP}:53"}
 
 
-def test_service_without_backends_refuses_at_once(svc_api, pods, service):
+def test_service_without_backends_refuses_at_once(svc_api, pods, service, node):
     service(web_yaml(name="nobody", vip="10.96.10.11").replace("app: web", "app: nobody"))
     before = sum(m["packets"] for m in svc_api.bpf_metrics() if m["reason"] == 158)
     t0 = time.monotonic()
@@ -96,6 +98,16 @@ def test_service_without_backends_refuses_at_once(svc_api, pods, service):
     assert time.monotonic() - t0 < 5
     after = sum(m["packets"] for m in svc_api.bpf_metrics() if m["reason"] == 158)
     assert after > before
+    # Hubble's flow of the drop names the service whose frontend the pod asked for
+    want = flow_pb2.FlowFilter(destination_service=["default/nobody"], verdict=[flow_pb2.DROPPED])
+    with grpc.insecure_channel(f"unix:{state_dir(node) / 'hubble.sock'}") as ch:
+        got = [r.flow for r in observer_pb2_grpc.ObserverStub(ch).GetFlows(
+            observer_pb2.GetFlowsRequest(number=5, whitelist=[want]), timeout=10) if r.HasField("flow")]
+    assert got, "no DROPPED flow with destination_service default/nobody"
+    f = got[-1]
+    assert f.drop_reason_desc == flow_pb2.SERVICE_BACKEND_NOT_FOUND
+    assert (f.IP.destination, f.l4.TCP.destination_port) == ("10.96.10.11", 80)
+    assert (f.source.namespace, f.source.pod_name) == ("default", "client")
 
 
 def test_maintenance_backend_gets_no_new_connections(svc_api, pods, servers, service):

@@ -234,3 +234,27 @@ def test_unknown_records_are_no_flows():
 
 def test_summary_of_non_ip():
     assert summary(parse_packet(b"")) == "unknown"
+
+
+# -- services ----------------------------------------------------------------------------
+
+def test_frontend_addresses_name_their_service():
+    vip = "10.96.0.10"
+    lookup = StaticLookup([XWING, DEATHSTAR], services={(vip, 80, "TCP"): ("default", "deathstar"),
+                                                         (vip, 53, "UDP"): ("kube-system", "kube-dns")})
+    parser = FlowParser(lookup, node_name=NODE)
+    # no backend: the drop carries the frontend the pod asked for (Hubble's GetServiceByAddr)
+    f = parser.parse(drop(158, source_ep=5, pkt=packet(dst=vip)))
+    assert (f.destination_service.namespace, f.destination_service.name) == ("default", "deathstar")
+    assert not f.HasField("source_service")
+    # the reverse-translated reply comes from the frontend
+    reply = packet(src=vip, dst=XWING_IP, l4=TCP(sport=80, dport=43512, flags="SA"))
+    f = parser.parse(trace(abi.TRACE_TO_LXC, ct=2, source_ep=5, src_id=1001, pkt=reply))
+    assert (f.source_service.namespace, f.source_service.name) == ("default", "deathstar")
+    # the same address on another port or protocol, ICMP, and a backend address: no service
+    assert not parser.parse(drop(158, pkt=packet(dst=vip, l4=TCP(sport=1, dport=81)))).HasField(
+        "destination_service")
+    f = parser.parse(drop(158, pkt=packet(dst=vip, l4=UDP(sport=5000, dport=53))))
+    assert f.destination_service.name == "kube-dns"
+    assert not parser.parse(drop(158, pkt=packet(dst=vip, l4=ICMP()))).HasField("destination_service")
+    assert not parser.parse(drop(133)).HasField("destination_service")

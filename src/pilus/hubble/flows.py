@@ -206,6 +206,8 @@ class FlowParser:
         self.lookup = lookup
         # ip -> DNS names (the FQDN cache); default: the lookup's dns_names, if it has one
         self.dns_names = dns_names if dns_names is not None else getattr(lookup, "dns_names", None)
+        # (ip, port, proto) -> (namespace, name) of the service with that frontend, if any
+        self.service_at = getattr(lookup, "service_at", None)
         self.node_name = node_name
         self.cluster_name = cluster_name
         self.emitter = flow_pb2.Emitter(name="pilus", version=pilus.__version__)
@@ -237,9 +239,11 @@ class FlowParser:
         for kind in kinds:
             response = kind == flow_pb2.RESPONSE
             (src, src_names), (dst, dst_names) = (server, client) if response else (client, server)
+            src_peer, dst_peer = (ev.destination, ev.source) if response else (ev.source, ev.destination)
             # the record is written when the response ended: the request came latency_ns earlier
             time_ns = record_ns if response else max(record_ns - ev.latency_ns, 0)
-            out.append(Capture(ev, time_ns, src, dst, src_names, dst_names, facts, l7_facts(ev, kind)))
+            services = self._services(src_peer.ip, src_peer.port, dst_peer.ip, dst_peer.port, facts.protocol)
+            out.append(Capture(ev, time_ns, src, dst, src_names, dst_names, facts, l7_facts(ev, kind), services))
         return out
 
     @staticmethod
@@ -268,6 +272,7 @@ class FlowParser:
         _write_endpoint(f.destination, cap.dst)
         f.source_names.extend(cap.src_names)
         f.destination_names.extend(cap.dst_names)
+        _write_services(f, cap.services)
         f.l7.type = kind
         if response:
             f.l7.latency_ns = ev.latency_ns
@@ -373,7 +378,10 @@ class FlowParser:
             match = event.match_type
         flags = tuple(p.tcp_flags) if source == ("TCP", True) else ()
         facts = FlowFacts(etype, point, verdict, reason, kind, flags, direction, match)
-        return Capture(event, time_ns, src, dst, self._names(p.src_ip), self._names(p.dst_ip), facts)
+        services = (self._services(p.src_ip, p.sport, p.dst_ip, p.dport, kind)
+                    if source is not None and source[1] and kind != "ICMPv4" else NO_SERVICES)
+        return Capture(event, time_ns, src, dst, self._names(p.src_ip), self._names(p.dst_ip), facts,
+                       services=services)
 
     def build(self, cap: Capture) -> flow_pb2.Flow:
         """The Flow of a captured event or L7 record (pure: no lookups)."""
@@ -397,6 +405,7 @@ class FlowParser:
         _write_endpoint(f.destination, cap.dst)
         f.source_names.extend(cap.src_names)
         f.destination_names.extend(cap.dst_names)
+        _write_services(f, cap.services)
         if event.ifindex:
             f.interface.index = event.ifindex
         f.verdict = facts.verdict
@@ -434,6 +443,15 @@ class FlowParser:
         f.reply = is_reply
 
     # -- endpoints ----------------------------------------------------------------------
+
+    def _services(self, src_ip: str | None, sport: int | None, dst_ip: str | None, dport: int | None,
+                  proto: str) -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
+        # Hubble's source_service / destination_service: the service whose frontend the address is
+        at = self.service_at
+        if at is None:
+            return NO_SERVICES
+        return (at(src_ip, sport, proto) if src_ip and sport is not None else None,
+                at(dst_ip, dport, proto) if dst_ip and dport is not None else None)
 
     def _names(self, ip: str | None) -> tuple[str, ...]:
         # Hubble's source_names / destination_names: what the FQDN cache knows of the address
@@ -529,6 +547,10 @@ class Capture(NamedTuple):
     dst_names: tuple[str, ...]
     facts: FlowFacts
     l7: L7Facts | None = None
+    services: tuple[tuple[str, str] | None, tuple[str, str] | None] = (None, None)  # (source, destination)
+
+
+NO_SERVICES: tuple[None, None] = (None, None)
 
 
 def _write_endpoint(ep: flow_pb2.Endpoint, r: Resolved) -> None:
@@ -537,6 +559,14 @@ def _write_endpoint(ep: flow_pb2.Endpoint, r: Resolved) -> None:
         d = r.details
         ep.ID, ep.namespace, ep.pod_name, ep.cluster_name = d.id, d.namespace, d.pod_name, r.cluster_name
     ep.labels.extend(r.labels)
+
+
+def _write_services(f: flow_pb2.Flow, services: tuple[tuple[str, str] | None, tuple[str, str] | None]) -> None:
+    src, dst = services
+    if src is not None:
+        f.source_service.namespace, f.source_service.name = src
+    if dst is not None:
+        f.destination_service.namespace, f.destination_service.name = dst
 
 
 def _trace_reason(ev: TraceEvent) -> int:

@@ -4,8 +4,10 @@ Hubble and the agent's endpoints and identities.
 The flow parser asks an ``EndpointLookup`` for the endpoint behind an IP (a local
 endpoint, or a pod of another node that the agent learnt from the kvstore) and for the
 labels of a numeric identity; it is called for every event, so it must answer from
-memory, never wait. ``StaticLookup`` answers from tables (tests, and any caller that
-keeps such tables); the agent passes its own adapter over its endpoints, the other
+memory, never wait. A lookup may also answer ``service_at(ip, port, proto)`` (the
+service behind a frontend) and ``dns_names(ip)``; flows then carry them.
+``StaticLookup`` answers from tables (tests, and any caller that keeps such tables);
+the agent passes its own adapter over its endpoints, the other
 nodes' endpoints and its identity cache.
 """
 
@@ -64,7 +66,9 @@ class StaticLookup:
     identity -> labels. ``add`` and ``remove`` keep the tables current."""
 
     def __init__(self, endpoints: Iterable[EndpointDetails] = (),
-                 identities: Mapping[int, Sequence[str]] | None = None) -> None:
+                 identities: Mapping[int, Sequence[str]] | None = None,
+                 services: Mapping[tuple[str, int, str], tuple[str, str]] | None = None) -> None:
+        self._services = dict(services or {})  # (ip, port, proto) -> (namespace, name)
         self._by_ip: dict[str, EndpointDetails] = {}
         self._by_id: dict[int, EndpointDetails] = {}
         self._identities: dict[int, tuple[str, ...]] = {
@@ -97,4 +101,7 @@ class StaticLookup:
 
     def identity_labels(self, identity: int) -> Sequence[str]:
         return self._identities.get(identity, ())
+
+    def service_at(self, ip: str, port: int, proto: str) -> tuple[str, str] | None:
+        return self._services.get((ip, port, proto))
 

@@ -94,6 +94,8 @@ class ServiceManager:
         self._overrides: dict[tuple[IPv4Address, int], str] = {}  # PATCH backend-state
         self._lb_writer: LbWriter | None = None  # ids and the reconcilers of the LB maps
         self._last_desired: list[FrontendSpec] = []
+        # (the desired list it indexes, (address, port, proto) -> (namespace, name)): service_at
+        self._frontend_index: tuple[list[FrontendSpec] | None, dict] = (None, {})
         #: service key -> (the Service, its frontends): derived frontends are kept until the
         #: service, the endpoints its selector matches or the backend states change
         self._specs: dict[tuple[str, str], tuple[Service, list[FrontendSpec]]] = {}
@@ -156,6 +158,15 @@ class ServiceManager:
                 return self._services[(namespace, name)]
             except KeyError:
                 raise ServiceNotFound(f"service {namespace}/{name} not found") from None
+
+    def service_at(self, ip: str, port: int, proto: str) -> tuple[str, str] | None:
+        """(namespace, name) of the service with this frontend (ClusterIP, external or
+        LoadBalancer IP, NodePort on a node address), as the datapath has it now; None
+        for any other address. Hubble's source/destination_service (GetServiceByAddr)."""
+        desired = self._last_desired
+        if self._frontend_index[0] is not desired:
+            self._frontend_index = (desired, {(str(s.address), s.port, s.proto): s.service for s in desired})
+        return self._frontend_index[1].get((ip, port, proto))
 
     def frontends(self) -> list[dict]:
         """Rows of `pilus service list` (one per frontend, like cilium-dbg)."""
