@@ -15,7 +15,11 @@ Ratios: B-tunnel/A-vxlan and B-native/A-routed, per round, median [IQR] over
 rounds (goal: >= 1.00 for RR and STREAM, >= 0.95 for CRR). Workloads and the
 protocol are bench.run's: RR and CRR (bench/rr.c) and STREAM (iperf3), client
 on CPU 0 and server on CPU 1, every round every (configuration, workload) once
-in random order, a discarded warm-up round. Before the rounds each
+in random order, a discarded warm-up round. Every pilus RR/CRR test also
+records both agents' CPU time per transaction (they are not pinned); after the
+rounds, 3 extra 1 s RR and CRR runs per pilus configuration with
+kernel.bpf_stats_enabled=1 give every program's ns/run and runs per
+transaction on both nodes. Before the rounds each
 configuration must pass a TCP probe across the nodes, and the packets must be
 seen on its cross-node device (vx0 / pilus_vxlan for the tunnels, eth0 for
 routing); a pilus configuration that fails is reported and left out.
@@ -39,14 +43,20 @@ from typing import Any
 
 from bench import crossnode_topo as topo
 from bench.run import (
+    BPF_REPS,
     BUILD,
     RR_PORT,
     BenchError,
     Config,
     _endpoint,
     _ip,
+    agent_pid,
+    bpf_prog_stats,
+    bpf_stats_enabled,
     build_rr,
     check_tools,
+    pilus_prog_ids,
+    process_cpu_s,
     quartiles,
     run_rr,
     run_stream,
@@ -76,7 +86,9 @@ GOALS = {"rr": 1.00, "crr": 0.95, "stream": 1.00}
 METRICS = (("rr", "tps", "RR trans/s", "{:,.0f}"), ("crr", "cps", "CRR conn/s", "{:,.0f}"),
            ("stream", "gbit_s", "STREAM Gbit/s", "{:.2f}"), ("rr", "p50_us", "RR p50 µs", "{:.1f}"),
            ("crr", "p50_us", "CRR p50 µs", "{:.1f}"), ("rr", "cpu_us_per_tx", "RR CPU µs/tr", "{:.1f}"),
-           ("crr", "cpu_us_per_tx", "CRR CPU µs/conn", "{:.1f}"))
+           ("crr", "cpu_us_per_tx", "CRR CPU µs/conn", "{:.1f}"),
+           ("rr", "agents_us_per_tx", "RR agents µs/tr", "{:.1f}"),
+           ("crr", "agents_us_per_tx", "CRR agents µs/c", "{:.1f}"))
 
 
 def log(msg: str) -> None:
@@ -107,6 +119,8 @@ def build_pilus(key: str, name: str, mode: str, underlay: str, pod_cidr: str, ti
     s = _endpoint(n2["socket"], "default/xserver", "app=xserver")
     cfg = Config(key, LABELS[key], c["netns"], s["netns"], _ip(c), _ip(s), workloads=WORKLOADS)
     cfg.node_ns = n1["netns"]
+    cfg.sockets = [n1["socket"], n2["socket"]]  # type: ignore[attr-defined]
+    cfg.agent_pids = [agent_pid(n["socket"]) for n in (n1, n2)]  # type: ignore[attr-defined]
     return cfg, doc
 
 
@@ -128,7 +142,44 @@ def probe(cfg: Config, dev: str) -> dict[str, Any]:
 
 
 def run_one(cfg: Config, wl: str, duration: float, warmup: float) -> dict[str, Any]:
-    return run_stream(cfg, duration) if wl == "stream" else run_rr(cfg, duration, warmup, mode=wl)
+    """One test; for pilus, also both agents' CPU time per transaction (they are not
+    pinned: on 2 CPUs what they spend comes out of the client's or the server's)."""
+    pids = getattr(cfg, "agent_pids", [])
+    a0 = sum(process_cpu_s(p) for p in pids)
+    res = run_stream(cfg, duration) if wl == "stream" else run_rr(cfg, duration, warmup, mode=wl)
+    rate = res.get("tps" if wl == "rr" else "cps")
+    if pids and rate:
+        spent = sum(process_cpu_s(p) for p in pids) - a0
+        res["agents_us_per_tx"] = round(spent / (rate * (duration + warmup)) * 1e6, 2)
+    return res
+
+
+def bpf_cost(cfg: Config, crr: bool, seconds: float = 1.0) -> dict[str, dict[str, float]]:
+    """ns per run, runs and ns per transaction of each program of both nodes during one
+    RR or CRR run (kernel.bpf_stats_enabled; no warm-up, so every run counted belongs to
+    a counted transaction). Keys: "<program>@node1" / "@node2"."""
+    owner = {pid: f"node{i + 1}" for i, sock in enumerate(getattr(cfg, "sockets", []))
+             for pid in pilus_prog_ids(sock)}
+    before = bpf_prog_stats()
+    res = run_rr(cfg, seconds, 0.0, mode="crr" if crr else "rr")
+    after = bpf_prog_stats()
+    txs = res.get("connections" if crr else "transactions") or 1
+    out: dict[str, dict[str, float]] = {}
+    for pid, (name, ns1, cnt1) in after.items():
+        ns0, cnt0 = before.get(pid, (name, 0, 0))[1:]
+        if pid in owner and cnt1 > cnt0:
+            out[f"{name}@{owner[pid]}"] = {"ns_per_run": round((ns1 - ns0) / (cnt1 - cnt0), 1),
+                                          "runs_per_tx": round((cnt1 - cnt0) / txs, 2),
+                                          "ns_per_tx": round((ns1 - ns0) / txs, 1)}
+    return out
+
+
+def median_bpf_cost(samples: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for prog in sorted({p for smp in samples for p in smp}):
+        rows = [smp[prog] for smp in samples if prog in smp]
+        out[prog] = {f: statistics.median(r[f] for r in rows) for f in ("ns_per_run", "runs_per_tx", "ns_per_tx")}
+    return out
 
 
 def summarize(results: dict[str, list[dict]], keys: list[str]) -> dict[str, Any]:
@@ -190,6 +241,15 @@ def print_report(summary: dict[str, Any], keys: list[str], meta: dict[str, Any])
         print(f"warning: CPU steal up to {meta['max_steal_pct']:.1f} % during tests")
     for k, err in meta["pilus_errors"].items():
         print(f"{k} was not measured: {err}")
+    if meta.get("bpf"):
+        print()
+        print(f"BPF per transaction (kernel.bpf_stats_enabled, median of {BPF_REPS} extra 1 s runs; "
+              "program@node: ns/run x runs/tx)")
+        for k, per_wl in meta["bpf"].items():
+            for wl, progs in per_wl.items():
+                total = sum(p["ns_per_tx"] for p in progs.values())
+                cells = ", ".join(f"{n} {p['ns_per_run']:.0f}x{p['runs_per_tx']:g}" for n, p in progs.items())
+                print(f"  {k:<9}{wl.upper():<4}{total / 1000:6.1f} µs/tx: {cells}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,6 +343,13 @@ def main(argv: list[str] | None = None) -> int:
                 line += f" | {k} rr {s['rr']['tps']:,.0f} crr {s['crr']['cps']:,.0f} {s['stream']['gbit_s']:.2f}G"
             log(line)
         meta["max_steal_pct"] = max_steal
+        pilus_cfgs = [c for c in measured if getattr(c, "sockets", None)]
+        if pilus_cfgs:
+            with bpf_stats_enabled() as on:
+                if on:
+                    log(f"BPF run time per program (kernel.bpf_stats_enabled), {BPF_REPS} x RR and CRR")
+                    meta["bpf"] = {c.key: {wl: median_bpf_cost([bpf_cost(c, wl == "crr") for _ in range(BPF_REPS)])
+                                           for wl in ("rr", "crr")} for c in pilus_cfgs}
         meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
         summary = summarize(results, keys)
         print_report(summary, keys, meta)
