@@ -31,6 +31,7 @@ import random
 import socket
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -54,6 +55,7 @@ MAX_UDP = 65535
 TCP_IDLE_TIMEOUT = 30.0  # a client's TCP connection may idle this long between queries
 MAX_DATAGRAMS_PER_WAKEUP = 256  # so a flood cannot starve the rest of the agent's loop
 MAX_INFLIGHT = 4096  # UDP queries being handled at once (Cilium: --dnsproxy-concurrency-limit)
+MAX_REPLY_SOCKETS = 64  # transparent answer sockets kept, one per server address answered as
 REJECT_RCODES = {"REFUSED": dns.rcode.REFUSED, "NXDOMAIN": dns.rcode.NXDOMAIN}
 
 Exchange = Callable[[bytes], Awaitable[bytes]]
@@ -106,6 +108,8 @@ class DNSProxy:
         self._max_inflight = max_inflight
         self._inflight = 0
         self._udp: socket.socket | None = None
+        # server (ip, port) -> the transparent socket answers are sent from, newest last
+        self._reply_socks: OrderedDict[tuple[str, int], socket.socket] = OrderedDict()
         self._tcp: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -135,6 +139,8 @@ class DNSProxy:
         if self._tcp is not None:
             self._tcp.close()
             self._tcp = None
+        while self._reply_socks:
+            self._reply_socks.popitem()[1].close()
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:
@@ -205,18 +211,39 @@ class DNSProxy:
             assert self._udp is not None
             self._udp.sendto(data, dst)
             return
-        # the answer must come from server:53; the socket lives only for this one send, so it
-        # never catches queries meant for the listener
+        s = self._reply_socket(src)
+        try:
+            s.sendto(data, dst)
+        except OSError:
+            self._reply_socks.pop(src, None)
+            s.close()
+            raise
+
+    def _reply_socket(self, src: tuple[str, int]) -> socket.socket:
+        """The answer must come from server:53: a transparent socket bound there, kept for
+        the next answers as that server (making one per answer cost a fifth of a query).
+        It takes no query: the datapath hands queries to the listener by its port, and
+        answers to upstream sockets only to a socket connected to their exact tuple
+        (lib/proxy.h). Nothing reads it, so its receive buffer is the smallest."""
+        s = self._reply_socks.get(src)
+        if s is not None:
+            self._reply_socks.move_to_end(src)
+            return s
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             s.setblocking(False)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
             s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             s.setsockopt(socket.SOL_SOCKET, SO_MARK, self._mark)
             s.bind(src)
-            s.sendto(data, dst)
-        finally:
+        except BaseException:
             s.close()
+            raise
+        self._reply_socks[src] = s
+        if len(self._reply_socks) > MAX_REPLY_SOCKETS:
+            self._reply_socks.popitem(last=False)[1].close()
+        return s
 
     # --- UDP ---------------------------------------------------------------------------------
 
