@@ -168,7 +168,7 @@ class HubbleMetrics:
             self.observe_facts(facts_of(f))
 
     def observe_facts(self, facts: FlowFacts) -> None:
-        """Count an L3/L4 flow by its facts (FlowParser.capture), before or without its Flow.
+        """Count a flow by its facts (FlowParser.capture), before or without its Flow.
         Counted here, published into the counters when they are read (``flush``)."""
         self._pending[facts] = self._pending.get(facts, 0) + 1
 

@@ -6,9 +6,9 @@ default all: the datapath then emits them for as long as Hubble runs; the L7 pro
 records always) and turns each drop, trace, policy verdict and L7 record into flows
 (pilus.hubble.flows) as the hub queues them. Each flow is captured then (its endpoints,
 names and metric facts) and made on its first read: most flows of a busy node are
-never read, and making one costs more than anything else here. What is lost on the way is counted and
-kept in the ring as LostEvents, which
-GetFlows clients receive as Hubble's do: events the hub could not queue for us
+never read, and making one costs more than anything else here. What is lost on the
+way is counted and kept in the ring as LostEvents, which GetFlows clients receive as
+Hubble's do: events the hub could not queue for us
 (OBSERVER_EVENTS_QUEUE) and, sampled once per LOST_POLL_INTERVAL, events the datapath
 could not emit since the part started (PERF_EVENT_RING_BUFFER).
 

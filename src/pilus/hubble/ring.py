@@ -43,7 +43,7 @@ class RingEntry:
     @property
     def message(self) -> flow_pb2.Flow | flow_pb2.LostEvent:
         if self._message is None:
-            self._message = self._build()  # a build that fails answers a LostEvent (FlowRing.push_lazy)
+            self._message = self._build()  # the part's build answers a LostEvent when it fails
             self._build = None
         return self._message
 
