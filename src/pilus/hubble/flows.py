@@ -113,6 +113,12 @@ ICMPV4_TYPES = {0: "EchoReply", 3: "DestinationUnreachable", 4: "SourceQuench", 
 TCP_FLAG_ORDER = ("SYN", "ACK", "RST", "FIN", "PSH", "URG", "ECE", "CWR", "NS")
 
 
+def _to_ns(seconds: float) -> int:
+    # split first: seconds * 1e9 as a float would lose the nanoseconds' last digits
+    whole = int(seconds // 1)
+    return whole * 1_000_000_000 + min(round((seconds - whole) * 1e9), 999_999_999)
+
+
 def timestamp(seconds: float) -> Timestamp:
     # split first: seconds * 1e9 as a float would lose the nanoseconds' last digits
     whole = int(seconds // 1)
@@ -225,9 +231,8 @@ class FlowParser:
     def capture_l7(self, ev: L7Event) -> list[Capture]:
         """The REQUEST capture of an L7 record and, once answered, its RESPONSE capture."""
         kinds = [flow_pb2.REQUEST] + ([flow_pb2.RESPONSE] if self._has_response(ev) else [])
-        t = ev.record_time if ev.record_time is not None else ev.time if ev.time is not None else time.time()
-        whole = int(t)
-        record_ns = whole * 1_000_000_000 + min(round((t - whole) * 1e9), 999_999_999)
+        record_ns = _to_ns(ev.record_time if ev.record_time is not None else
+                           ev.time if ev.time is not None else time.time())
         verdict = {"FORWARDED": flow_pb2.FORWARDED, "DENIED": flow_pb2.DROPPED}.get(ev.verdict, flow_pb2.ERROR)
         direction = flow_pb2.INGRESS if ev.direction == "ingress" else flow_pb2.EGRESS
         facts = FlowFacts(MESSAGE_TYPE_ACCESS_LOG, 0, verdict,
@@ -355,9 +360,7 @@ class FlowParser:
         p = event.packet
         src = self._resolve(p.src_ip, event.src_identity)
         dst = self._resolve(p.dst_ip, event.dst_identity)
-        t = event.time if event.time is not None else time.time()
-        whole = int(t)
-        time_ns = whole * 1_000_000_000 + min(round((t - whole) * 1e9), 999_999_999)
+        time_ns = _to_ns(event.time if event.time is not None else time.time())
         source = l4_source(event)
         kind = source[0] if source is not None else ""
         if isinstance(event, DropEvent):
