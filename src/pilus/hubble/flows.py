@@ -1,8 +1,10 @@
 """Typed datapath events (pilus.datapath.events) -> Hubble ``flow.Flow`` messages.
 
 Pure: an event, the lookup for both ends (pilus.hubble.lookup) and the node's name in,
-a Flow out; no I/O. The mapping follows Hubble's L3/L4 parser (Cilium
-pkg/hubble/parser/threefour):
+a Flow out; no I/O. In two steps: ``capture`` (``capture_l7``) asks the lookup, when the
+event comes, and derives the facts the metrics count (``FlowFacts``, ``L7Facts``);
+``build`` makes the Flow from that capture alone, when a reader first asks for it.
+The mapping follows Hubble's L3/L4 parser (Cilium pkg/hubble/parser/threefour):
 
 | flow field | drop | trace | policy verdict |
 | --- | --- | --- | --- |
