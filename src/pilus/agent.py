@@ -291,6 +291,7 @@ class Agent:
             tunnel_port=cfg.tunnel_port,
             lb_mode=cfg.bpf_lb_mode, monitor_aggregation=cfg.monitor_aggregation,
             monitor_aggregation_interval=cfg.monitor_aggregation_interval,
+            events_rate=cfg.bpf_events_rate_limit, events_burst=cfg.bpf_events_burst_limit,
         )
 
     def _make_services(self) -> ServiceManager:

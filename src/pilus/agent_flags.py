@@ -48,6 +48,9 @@ class AgentConfig:
     hubble_metrics_server: tuple[str, int] = ("0.0.0.0", 9965)
     monitor_aggregation: str = "medium"  # traces: none = every packet, medium = per connection
     monitor_aggregation_interval: int = 5  # seconds: a live connection is traced again after this long
+    #: datapath events per second per CPU, and the burst (0: no limit; docs/hubble.md "Which events")
+    bpf_events_rate_limit: int = 1000
+    bpf_events_burst_limit: int = 200
     proxy_ingress_port: int = 15001  # the L7 proxy's listeners (docs/l7.md); policy entries carry them
     proxy_egress_port: int = 15002
     proxy_kafka_ingress_port: int = 15003
@@ -179,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "pilus has no receive-side traces for them to hide) or medium (default; maximum "
                         "is the same): the first packet of each direction of a connection, its TCP "
                         "SYN/FIN/RST, and a live connection again every --monitor-aggregation-interval")
+    p.add_argument("--bpf-events-default-rate-limit", type=_nonneg_int, default=1000, metavar="N",
+                   dest="bpf_events_rate_limit",
+                   help="datapath events (drops, verdicts, traces) each CPU may send per second; the rest "
+                        "are counted as lost (default 1000; 0: no limit, as Cilium's default)")
+    p.add_argument("--bpf-events-default-burst-limit", type=_nonneg_int, default=200, metavar="N",
+                   dest="bpf_events_burst_limit",
+                   help="events a CPU may send at once above the rate (default 200)")
     p.add_argument("--monitor-aggregation-interval", type=_seconds, default=5, metavar="DURATION",
                    help="how often a live connection is traced again under medium aggregation "
                         "(default 5s; whole seconds: 30, 30s, 2m, 1h)")
@@ -219,6 +229,12 @@ def _port(text: str) -> int:
 def _nonneg(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected a whole number of seconds, got {text!r}")
+    return int(text)
+
+
+def _nonneg_int(text: str) -> int:
+    if not text.isdigit() or int(text) > 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"expected a whole number 0-4294967295, got {text!r}")
     return int(text)
 
 
@@ -312,6 +328,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         hubble_metrics_server=args.hubble_metrics_server,
         monitor_aggregation=args.monitor_aggregation,
         monitor_aggregation_interval=args.monitor_aggregation_interval,
+        bpf_events_rate_limit=args.bpf_events_rate_limit,
+        bpf_events_burst_limit=args.bpf_events_burst_limit,
         proxy_ingress_port=args.proxy_ingress_port,
         proxy_egress_port=args.proxy_egress_port,
         proxy_kafka_ingress_port=args.proxy_kafka_ingress_port,

@@ -293,6 +293,21 @@ def test_event_rate_limit(bpf_state_dir):
         dp.close()
 
 
+def test_event_rate_limit_zero_is_no_limit(bpf_state_dir):
+    dp = make_datapath(bpf_state_dir, events_rate=0, events_burst=0)  # --bpf-events-default-rate-limit 0
+    try:
+        seed(dp)
+        with dp.events() as reader:
+            lost0 = reader.lost()
+            pkt = a_eth() / IP(src="10.200.1.66", dst=str(EP_B.ipv4)) / UDP()
+            for _ in range(300):
+                assert from_a(dp, pkt).retval == TC_ACT_SHOT
+            assert len([e for e in reader.poll() if isinstance(e, DropEvent)]) == 300
+            assert reader.lost() == lost0
+    finally:
+        dp.close()
+
+
 def test_pinned_maps_survive_reload(bpf_state_dir):
     root = Path("/sys/fs/bpf") / f"pilus-test-{uuid.uuid4().hex[:8]}"
     cfg = DatapathConfig("n1", ROUTER_IP, NODE_IP, POD_CIDR)

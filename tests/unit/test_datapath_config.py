@@ -49,3 +49,18 @@ def test_agent_flags_reach_the_config(capsys):
     assert "invalid choice: 'high'" in err and "got '500ms'" in err and "got '0s'" in err
     assert "unknown Hubble metric 'icmp'" in err
     assert "2^k - 1" in err and "expected a list of drop, policy-verdict, trace" in err
+
+
+def test_event_rate_limit_flags_reach_the_datapath(capsys):
+    base = ["--node-name", "n1", "--state-dir", "/tmp/x", "--pod-cidr", "10.200.1.0/24"]
+    cfg = config_from_args(build_parser().parse_args(base))
+    assert (cfg.bpf_events_rate_limit, cfg.bpf_events_burst_limit) == (1000, 200)
+    cfg = config_from_args(build_parser().parse_args(base + ["--bpf-events-default-rate-limit", "0",
+                                                             "--bpf-events-default-burst-limit", "50"]))
+    assert (cfg.bpf_events_rate_limit, cfg.bpf_events_burst_limit) == (0, 50)  # 0: no limit
+    c = build_config(_cfg(events_rate=0, events_burst=50))
+    assert (c.events_rate, c.events_burst) == (0, 50)
+    for bad in ("-1", "1k", "4294967296"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(base + ["--bpf-events-default-rate-limit", bad])
+    assert "expected a whole number 0-4294967295, got '1k'" in capsys.readouterr().err
