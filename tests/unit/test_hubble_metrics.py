@@ -70,3 +70,10 @@ def test_only_the_asked_handlers_and_unknown_ones_refused():
     assert parse_handlers("flow, drop") == ("flow", "drop")
     with pytest.raises(ValueError, match="unknown Hubble metric 'httpV2'"):
         parse_handlers("flow,httpV2")
+
+
+def test_a_flow_no_label_names_does_not_break_the_scrape():
+    m = HubbleMetrics(["flow", "policy"])
+    m.observe(_flow(MESSAGE_TYPE_POLICY_VERDICT, 99))  # a verdict number the enum does not name
+    m.observe(_flow(MESSAGE_TYPE_DROP, flow_pb2.DROPPED, drop_reason_desc=flow_pb2.POLICY_DENIED))
+    assert _value(m, "hubble_flows_processed_total", type="Drop", subtype="", verdict="DROPPED") == 1

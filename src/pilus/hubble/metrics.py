@@ -30,6 +30,7 @@ whatever the traffic: no addresses, ports or pod names.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -44,6 +45,8 @@ from pilus.hubble.flows import (
     L7Facts,
 )
 from pilus.hubble.protos import flow_pb2
+
+log = logging.getLogger(__name__)
 
 HANDLERS = ("flow", "drop", "tcp", "policy", "http", "dns", "kafka")
 
@@ -178,7 +181,12 @@ class HubbleMetrics:
         for facts, n in pending.items():
             children = self._children.get(facts)
             if children is None:
-                children = self._children[facts] = self._children_of(facts)
+                try:
+                    children = self._children_of(facts)
+                except ValueError:  # a value no label names (a caller's flow): not counted, the scrape goes on
+                    log.warning("hubble metrics: cannot label %r", facts)
+                    children = ()
+                self._children[facts] = children
             for child in children:
                 child.inc(n)
 
