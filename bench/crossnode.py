@@ -51,12 +51,12 @@ from bench.run import (
     _endpoint,
     _ip,
     agent_pid,
-    bpf_prog_stats,
     bpf_stats_enabled,
     build_rr,
     check_tools,
+    measure_bpf_cost,
+    median_cost,
     pilus_prog_ids,
-    process_cpu_s,
     quartiles,
     run_rr,
     run_stream,
@@ -119,8 +119,8 @@ def build_pilus(key: str, name: str, mode: str, underlay: str, pod_cidr: str, ti
     s = _endpoint(n2["socket"], "default/xserver", "app=xserver")
     cfg = Config(key, LABELS[key], c["netns"], s["netns"], _ip(c), _ip(s), workloads=WORKLOADS)
     cfg.node_ns = n1["netns"]
-    cfg.sockets = [n1["socket"], n2["socket"]]  # type: ignore[attr-defined]
-    cfg.agent_pids = [agent_pid(n["socket"]) for n in (n1, n2)]  # type: ignore[attr-defined]
+    cfg.agent_pids = tuple(agent_pid(n["socket"]) for n in (n1, n2))
+    cfg.prog_owner = {pid: f"node{i + 1}" for i, n in enumerate((n1, n2)) for pid in pilus_prog_ids(n["socket"])}
     return cfg, doc
 
 
@@ -142,44 +142,12 @@ def probe(cfg: Config, dev: str) -> dict[str, Any]:
 
 
 def run_one(cfg: Config, wl: str, duration: float, warmup: float) -> dict[str, Any]:
-    """One test; for pilus, also both agents' CPU time per transaction (they are not
-    pinned: on 2 CPUs what they spend comes out of the client's or the server's)."""
-    pids = getattr(cfg, "agent_pids", [])
-    a0 = sum(process_cpu_s(p) for p in pids)
-    res = run_stream(cfg, duration) if wl == "stream" else run_rr(cfg, duration, warmup, mode=wl)
-    rate = res.get("tps" if wl == "rr" else "cps")
-    if pids and rate:
-        spent = sum(process_cpu_s(p) for p in pids) - a0
-        res["agents_us_per_tx"] = round(spent / (rate * (duration + warmup)) * 1e6, 2)
-    return res
+    return run_stream(cfg, duration) if wl == "stream" else run_rr(cfg, duration, warmup, mode=wl)
 
 
-def bpf_cost(cfg: Config, crr: bool, seconds: float = 1.0) -> dict[str, dict[str, float]]:
-    """ns per run, runs and ns per transaction of each program of both nodes during one
-    RR or CRR run (kernel.bpf_stats_enabled; no warm-up, so every run counted belongs to
-    a counted transaction). Keys: "<program>@node1" / "@node2"."""
-    owner = {pid: f"node{i + 1}" for i, sock in enumerate(getattr(cfg, "sockets", []))
-             for pid in pilus_prog_ids(sock)}
-    before = bpf_prog_stats()
-    res = run_rr(cfg, seconds, 0.0, mode="crr" if crr else "rr")
-    after = bpf_prog_stats()
-    txs = res.get("connections" if crr else "transactions") or 1
-    out: dict[str, dict[str, float]] = {}
-    for pid, (name, ns1, cnt1) in after.items():
-        ns0, cnt0 = before.get(pid, (name, 0, 0))[1:]
-        if pid in owner and cnt1 > cnt0:
-            out[f"{name}@{owner[pid]}"] = {"ns_per_run": round((ns1 - ns0) / (cnt1 - cnt0), 1),
-                                          "runs_per_tx": round((cnt1 - cnt0) / txs, 2),
-                                          "ns_per_tx": round((ns1 - ns0) / txs, 1)}
-    return out
-
-
-def median_bpf_cost(samples: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for prog in sorted({p for smp in samples for p in smp}):
-        rows = [smp[prog] for smp in samples if prog in smp]
-        out[prog] = {f: statistics.median(r[f] for r in rows) for f in ("ns_per_run", "runs_per_tx", "ns_per_tx")}
-    return out
+def bpf_cost(cfg: Config, crr: bool) -> dict[str, dict]:
+    """Every program of both nodes during one 1 s RR or CRR run, as ``<program>@node1``."""
+    return measure_bpf_cost(cfg, 1.0, set(cfg.prog_owner), crr, owner=cfg.prog_owner)
 
 
 def summarize(results: dict[str, list[dict]], keys: list[str]) -> dict[str, Any]:
@@ -248,7 +216,8 @@ def print_report(summary: dict[str, Any], keys: list[str], meta: dict[str, Any])
         for k, per_wl in meta["bpf"].items():
             for wl, progs in per_wl.items():
                 total = sum(p["ns_per_tx"] for p in progs.values())
-                cells = ", ".join(f"{n} {p['ns_per_run']:.0f}x{p['runs_per_tx']:g}" for n, p in progs.items())
+                cells = ", ".join(f"{n} {p['ns_per_run']:.0f}x{p['runs_per_tx']:g}" for n, p in progs.items()
+                                  if p["ns_per_run"] is not None)  # programs that ran
                 print(f"  {k:<9}{wl.upper():<4}{total / 1000:6.1f} µs/tx: {cells}")
 
 
@@ -343,12 +312,12 @@ def main(argv: list[str] | None = None) -> int:
                 line += f" | {k} rr {s['rr']['tps']:,.0f} crr {s['crr']['cps']:,.0f} {s['stream']['gbit_s']:.2f}G"
             log(line)
         meta["max_steal_pct"] = max_steal
-        pilus_cfgs = [c for c in measured if getattr(c, "sockets", None)]
+        pilus_cfgs = [c for c in measured if c.prog_owner]
         if pilus_cfgs:
             with bpf_stats_enabled() as on:
                 if on:
                     log(f"BPF run time per program (kernel.bpf_stats_enabled), {BPF_REPS} x RR and CRR")
-                    meta["bpf"] = {c.key: {wl: median_bpf_cost([bpf_cost(c, wl == "crr") for _ in range(BPF_REPS)])
+                    meta["bpf"] = {c.key: {wl: median_cost([bpf_cost(c, wl == "crr") for _ in range(BPF_REPS)])
                                            for wl in ("rr", "crr")} for c in pilus_cfgs}
         meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
         summary = summarize(results, keys)

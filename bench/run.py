@@ -171,6 +171,10 @@ class Config:
     probe_ns: str = ""  # iptables configurations: a pod the filter does not allow
     probe_ip: str = ""
     agent_pid: int = 0  # pilus configurations: the agent, whose CPU time is recorded
+    #: more than one node: every agent (not pinned: what they spend comes out of the
+    #: client's or the server's CPU), recorded together as agents_us_per_tx
+    agent_pids: tuple[int, ...] = ()
+    prog_owner: dict[int, str] = field(default_factory=dict)  # their programs' ids -> node (BPF tables)
     monitor_socket: str = ""  # B+pol+mon: a monitor subscriber streams during each test
     servers: list[subprocess.Popen] = field(default_factory=list)
 
@@ -656,12 +660,14 @@ def run_rr(cfg: Config, duration: float, warmup: float, mode: str = "rr") -> dic
     monitor = MonitorStream(cfg.monitor_socket) if cfg.monitor_socket else None
     try:
         c0, a0 = cpu_sample(), process_cpu_s(cfg.agent_pid) if cfg.agent_pid else 0.0
+        all0 = sum(process_cpu_s(p) for p in cfg.agent_pids)
         out = _run_client(
             cfg,
             [str(RR_BIN), RR_MODES[mode], cfg.server_ip, "-p", str(RR_PORT)] + ["-t", str(duration), "-w", str(warmup)],
             timeout=duration + warmup + 20,
         )
         c1, a1 = cpu_sample(), process_cpu_s(cfg.agent_pid) if cfg.agent_pid else 0.0
+        all1 = sum(process_cpu_s(p) for p in cfg.agent_pids)
     finally:
         if monitor is not None:
             monitor.close()
@@ -674,6 +680,8 @@ def run_rr(cfg: Config, duration: float, warmup: float, mode: str = "rr") -> dic
         res["cpu_us_per_tx"] = round(res["busy_s"] / txs * 1e6, 2)
         if cfg.agent_pid:
             res["agent_us_per_tx"] = round((a1 - a0) / txs * 1e6, 2)
+        if cfg.agent_pids:
+            res["agents_us_per_tx"] = round((all1 - all0) / txs * 1e6, 2)
         if monitor is not None:
             res["monitor_events_per_tx"] = round(monitor.events / txs, 2)
     return res
@@ -740,11 +748,13 @@ def pilus_prog_ids(socket_path: str) -> set[int]:
         return set()
 
 
-def measure_bpf_cost(cfg: Config, seconds: float, prog_ids: set[int], crr: bool) -> dict[str, Any]:
+def measure_bpf_cost(cfg: Config, seconds: float, prog_ids: set[int], crr: bool,
+                     owner: dict[int, str] | None = None) -> dict[str, Any]:
     """ns per program invocation during one RR or CRR run (kernel.bpf_stats_enabled;
     the caller enables it). The programs are shared by all endpoints of the node;
     only this configuration carries traffic while it runs. Only the agent's
-    programs count (other clusters may run on this machine)."""
+    programs count (other clusters may run on this machine). ``owner`` (program id ->
+    node) names each program ``<name>@<node>``, for nodes whose programs share names."""
     before = bpf_prog_stats()
     # no warm-up: the programs count every run, so every transaction must count too
     # (a 0.2 s warm-up made 10 packets per connection look like 12 runs)
@@ -757,7 +767,7 @@ def measure_bpf_cost(cfg: Config, seconds: float, prog_ids: set[int], crr: bool)
         runs = cnt1 - cnt0
         # the agent's programs (also those that did not run), else whatever ran a lot
         if (pid in prog_ids) if prog_ids else runs > 100:
-            progs[name] = {
+            progs[f"{name}@{owner[pid]}" if owner and pid in owner else name] = {
                 "ns_per_run": round((ns1 - ns0) / runs, 1) if runs else None,
                 "runs_per_tx": round(runs / txs, 2),
                 "ns_per_tx": round((ns1 - ns0) / txs, 1),

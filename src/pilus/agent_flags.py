@@ -182,11 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "pilus has no receive-side traces for them to hide) or medium (default; maximum "
                         "is the same): the first packet of each direction of a connection, its TCP "
                         "SYN/FIN/RST, and a live connection again every --monitor-aggregation-interval")
-    p.add_argument("--bpf-events-default-rate-limit", type=_nonneg_int, default=1000, metavar="N",
+    p.add_argument("--bpf-events-default-rate-limit", type=_u32, default=1000, metavar="N",
                    dest="bpf_events_rate_limit",
                    help="datapath events (drops, verdicts, traces) each CPU may send per second; the rest "
                         "are counted as lost (default 1000; 0: no limit, as Cilium's default)")
-    p.add_argument("--bpf-events-default-burst-limit", type=_nonneg_int, default=200, metavar="N",
+    p.add_argument("--bpf-events-default-burst-limit", type=_u32, default=200, metavar="N",
                    dest="bpf_events_burst_limit",
                    help="events a CPU may send at once above the rate (default 200)")
     p.add_argument("--monitor-aggregation-interval", type=_seconds, default=5, metavar="DURATION",
@@ -232,7 +232,8 @@ def _nonneg(text: str) -> int:
     return int(text)
 
 
-def _nonneg_int(text: str) -> int:
+def _u32(text: str) -> int:
+    """A count as the datapath holds it (u32); _nonneg is for seconds."""
     if not text.isdigit() or int(text) > 0xFFFFFFFF:
         raise argparse.ArgumentTypeError(f"expected a whole number 0-4294967295, got {text!r}")
     return int(text)

@@ -383,8 +383,7 @@ class FlowParser:
             match = event.match_type
         flags = tuple(p.tcp_flags) if source == ("TCP", True) else ()
         facts = FlowFacts(etype, point, verdict, reason, kind, flags, direction, match)
-        services = (self._services(p.src_ip, p.sport, p.dst_ip, p.dport, kind)
-                    if source is not None and source[1] and kind != "ICMPv4" else NO_SERVICES)
+        services = self._services(p.src_ip, p.sport, p.dst_ip, p.dport, kind)  # no ports: none
         return Capture(event, time_ns, src, dst, self._names(p.src_ip), self._names(p.dst_ip), facts,
                        services=services)
 
@@ -454,7 +453,7 @@ class FlowParser:
         # Hubble's source_service / destination_service: the service whose frontend the address is
         at = self.service_at
         if at is None:
-            return NO_SERVICES
+            return (None, None)
         return (at(src_ip, sport, proto) if src_ip and sport is not None else None,
                 at(dst_ip, dport, proto) if dst_ip and dport is not None else None)
 
@@ -463,32 +462,29 @@ class FlowParser:
         names = self.dns_names
         return tuple(sorted(names(ip) or ())) if names is not None and ip else ()
 
-    def _fill_names(self, f: flow_pb2.Flow, src_ip: str | None, dst_ip: str | None) -> None:
-        f.source_names.extend(self._names(src_ip))
-        f.destination_names.extend(self._names(dst_ip))
-
-    def _fill_endpoint(self, ep: flow_pb2.Endpoint, ip: str | None, identity: int) -> None:
-        _write_endpoint(ep, self._resolve(ip, identity))
-
     def _resolve(self, ip: str | None, identity: int) -> Resolved:
         details = self.lookup.endpoint_by_ip(ip) if ip else None
         if details is None:
-            return Resolved(0, identity, labels=tuple(labels_of(self.lookup, identity)))
+            return Resolved(identity, labels=tuple(labels_of(self.lookup, identity)))
         if not identity:
             identity = details.identity  # e.g. a trace, which carries the source's identity only
         labels = tuple(labels_of(self.lookup, identity)) if details.identity != identity else ()
-        return Resolved(details.id, identity, details, labels or tuple(sorted(details.labels)),
+        return Resolved(identity, details, labels or tuple(sorted(details.labels)),
                         details.cluster_name or self.cluster_name)
 
 
 class Resolved(NamedTuple):
     """One end of a flow as the lookup knew it when the event came."""
 
-    id: int
     identity: int
     details: EndpointDetails | None = None
     labels: tuple[str, ...] = ()
     cluster_name: str = ""
+
+    @property
+    def id(self) -> int:
+        """The local endpoint id (0: no endpoint, or a pod of another node)."""
+        return self.details.id if self.details is not None else 0
 
 
 class FlowFacts(NamedTuple):
@@ -553,9 +549,6 @@ class Capture(NamedTuple):
     facts: FlowFacts
     l7: L7Facts | None = None
     services: tuple[tuple[str, str] | None, tuple[str, str] | None] = (None, None)  # (source, destination)
-
-
-NO_SERVICES: tuple[None, None] = (None, None)
 
 
 def _write_endpoint(ep: flow_pb2.Endpoint, r: Resolved) -> None:

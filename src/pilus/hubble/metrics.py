@@ -165,10 +165,10 @@ class HubbleMetrics:
     def observe(self, f: flow_pb2.Flow) -> None:
         """Count a Flow (one a caller made; the part counts captures: observe_facts/_l7)."""
         l7 = l7_facts_of(f) if f.Type == flow_pb2.L7 else None
-        if l7 is not None:
-            self.observe_l7(facts_of(f), l7)
-        else:
+        if l7 is None:
             self.observe_facts(facts_of(f))
+        else:
+            self.observe_l7(facts_of(f), l7)
 
     def observe_facts(self, facts: FlowFacts) -> None:
         """Count a flow by its facts (FlowParser.capture), before or without its Flow.
